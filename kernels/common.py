@@ -1,0 +1,139 @@
+"""Device helpers shared by every kernel: E4M3 / E2M1 encode and decode, NVFP4 block
+quantization of a register tile, and the 128x4 swizzled scale offset.
+
+Everything is integer/bit arithmetic plus IEEE FP32 ops, so results are bit-identical on
+a GPU and under ``TRITON_INTERPRET=1`` (no reliance on the backend's FP8 conversion).
+Host code and references live in ``fp4comm``; this module imports only Triton.
+"""
+
+import triton
+import triton.language as tl
+
+E4M3_MAX: tl.constexpr = 448.0
+# smallest normal E4M3 (2^-6); below it E4M3 is subnormal with quantum 2^-9
+E4M3_MIN_NORMAL: tl.constexpr = 0.015625
+# adding then subtracting 2^14 rounds an FP32 in [0, 2^-6) to a multiple of 2^-9 (RNE)
+E4M3_SUBNORMAL_MAGIC: tl.constexpr = 16384.0
+E4M3_NAN_BYTE: tl.constexpr = 0x7F
+E4M3_MAX_BYTE: tl.constexpr = 0x7E
+FP32_MAX: tl.constexpr = 3.4028234663852886e38
+GS_NUMERATOR: tl.constexpr = 2688.0  # 448 * 6
+
+
+@triton.jit
+def e4m3_encode(x):
+    """FP32 -> (E4M3 value as FP32, E4M3 byte as int32). RNE, satfinite (|x| >= 448 and Inf
+    -> +-448), NaN -> byte 0x7F, sign kept (also for values that round to zero)."""
+    a = tl.abs(x)
+    bits = a.to(tl.int32, bitcast=True)
+    # normal range: round the 23-bit mantissa to 3 bits, ties to even
+    rbits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000
+    vn = rbits.to(tl.float32, bitcast=True)
+    bn = (((rbits >> 23) - 120) << 3) | ((rbits >> 20) & 7)
+    # subnormal range: multiples of 2^-9
+    vs = (a + E4M3_SUBNORMAL_MAGIC) - E4M3_SUBNORMAL_MAGIC
+    bs = (vs * 512.0).to(tl.int32)
+    is_normal = a >= E4M3_MIN_NORMAL
+    v = tl.where(is_normal, vn, vs)
+    b = tl.where(is_normal, bn, bs)
+    sat = a >= E4M3_MAX
+    v = tl.where(sat, E4M3_MAX, v)
+    b = tl.where(sat, E4M3_MAX_BYTE, b)
+    neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
+    v = tl.where(neg, -v, v)
+    b = tl.where(neg, b | 0x80, b)
+    nan = x != x
+    v = tl.where(nan, x, v)
+    b = tl.where(nan, E4M3_NAN_BYTE, b)
+    return v, b
+
+
+@triton.jit
+def e4m3_decode(b):
+    """E4M3 byte (int32, 0..255) -> FP32 (0x7F / 0xFF -> NaN)."""
+    e = (b >> 3) & 15
+    m = b & 7
+    vn = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    vs = m.to(tl.float32) * 0.001953125
+    v = tl.where(e == 0, vs, vn)
+    v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    return tl.where((b & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def e2m1_encode(v):
+    """FP32 -> E2M1 code (int32, 0..15): RNE (ties to the even code), satfinite, sign bit
+    kept for negatives that round to zero. NaN -> a zero magnitude (callers mask it)."""
+    a = tl.abs(v)
+    code = (
+        (a > 0.25).to(tl.int32)
+        + (a >= 0.75).to(tl.int32)
+        + (a > 1.25).to(tl.int32)
+        + (a >= 1.75).to(tl.int32)
+        + (a > 2.5).to(tl.int32)
+        + (a >= 3.5).to(tl.int32)
+        + (a > 5.0).to(tl.int32)
+    )
+    sign = ((v.to(tl.int32, bitcast=True) >> 31) & 1) & (v == v).to(tl.int32)
+    return code | (sign << 3)
+
+
+@triton.jit
+def e2m1_decode(c):
+    """E2M1 code (int32, 0..15) -> FP32 in {0, 0.5, 1, 1.5, 2, 3, 4, 6} with sign."""
+    e = (c >> 1) & 3
+    m = (c & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * tl.where(e == 1, 0.5, tl.where(e == 2, 1.0, 2.0)))
+    return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def nvfp4_global_scale(vmax):
+    """Per-token encode scale from the per-block finite maxima ``vmax`` [NB] (FP32):
+    ``gs = 2688 / amax`` clamped to FP32_MAX; an all-zero row gets 1."""
+    amax = tl.max(vmax, axis=0)
+    gs = tl.minimum(tl.math.div_rn(GS_NUMERATOR, tl.maximum(amax, 1e-38)), FP32_MAX)
+    return tl.where(amax > 0, gs, 1.0)
+
+
+@triton.jit
+def nvfp4_block_stats(xf):
+    """For an FP32 tile [NB, 16]: (finite |x| max per block [NB], non-finite flag per block [NB])."""
+    finite = tl.abs(xf) < float("inf")  # False for NaN and +-Inf
+    vmax = tl.max(tl.where(finite, tl.abs(xf), 0.0), axis=1)
+    bad = tl.max((~finite).to(tl.int32), axis=1) != 0
+    return vmax, bad
+
+
+@triton.jit
+def nvfp4_quantize_tile(xf, vmax, bad, gs):
+    """Quantize an FP32 tile [NB, 16] whose blocks have finite maxima ``vmax`` and non-finite
+    flags ``bad`` with encode scale ``gs`` (scalar). Returns (packed bytes [NB, 8] uint8,
+    scale bytes [NB] uint8). Follows DESIGN.md section 3 step by step:
+    ``sf = e4m3(gs * vmax / 6)``, ``inv = gs / sf`` (0 if sf == 0), ``q = e2m1(x * inv)``."""
+    sfv, sfb = e4m3_encode(tl.math.div_rn(gs * vmax, 6.0))
+    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    codes = e2m1_encode(xf * inv[:, None])
+    codes = tl.where(bad[:, None], 0, codes)
+    sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
+    nb: tl.constexpr = xf.shape[0]
+    lo, hi = tl.split(tl.reshape(codes, (nb, 8, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    return packed, sfb.to(tl.uint8)
+
+
+@triton.jit
+def nvfp4_dequantize_tile(packed, sfb, gs):
+    """Packed bytes [NB, 8] (uint8), scale bytes [NB] (int32), encode scale ``gs`` -> FP32 [NB, 16]
+    with ``x = e2m1(q) * float(sf) / gs``."""
+    p = packed.to(tl.int32)
+    nb: tl.constexpr = p.shape[0]
+    codes = tl.reshape(tl.join(p & 15, p >> 4), (nb, 16))
+    sf = e4m3_decode(sfb)
+    return tl.math.div_rn(e2m1_decode(codes) * sf[:, None], gs + tl.zeros_like(sf)[:, None])
+
+
+@triton.jit
+def swizzled_sf_offset(e, m, k, MT, KT):
+    """Byte offset of scale (m, k) of expert e in the 128x4 layout (MT = Mp/128, KT = Kp/4)."""
+    return ((e * MT + m // 128) * KT + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4

@@ -1,0 +1,157 @@
+"""Quantize / dequantize kernels: NVFP4 (linear or swizzled scales; static, per-row or
+per-token global scale) and DeepEP-style FP8 block. One program per row; the row is held
+in registers as a [blocks, block_size] tile so per-token amax costs no second pass."""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    e4m3_decode,
+    e4m3_encode,
+    nvfp4_block_stats,
+    nvfp4_dequantize_tile,
+    nvfp4_global_scale,
+    nvfp4_quantize_tile,
+    swizzled_sf_offset,
+)
+
+# global-scale modes
+GS_STATIC: tl.constexpr = 0  # one scalar for the whole tensor (gs_ptr[0])
+GS_PER_ROW: tl.constexpr = 1  # caller-given, gs_ptr[row]
+GS_PER_TOKEN: tl.constexpr = 2  # computed here from the row's amax, written to gs_ptr[row]
+
+
+@triton.jit
+def nvfp4_quantize_kernel(
+    x_ptr,  # [N, H] bf16/fp16/fp32, rows contiguous
+    q_ptr,  # [N, H/2] uint8
+    sf_ptr,  # uint8: [N, KSF] linear, or swizzled [E, Mp, Kp]
+    gs_ptr,  # fp32: [1] static, [N] per row / per token (output for GS_PER_TOKEN)
+    N,
+    H,
+    KSF,
+    M,  # rows per swizzle slab (the last lead dim)
+    MT,  # ceil(M / 128)
+    KT,  # ceil(KSF / 4)
+    GS_MODE: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+    NB: tl.constexpr,  # power of two >= KSF
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB)
+    col = tl.arange(0, 16)
+    bmask = blk < KSF
+    offs = blk[:, None] * 16 + col[None, :]
+    xf = tl.load(x_ptr + row * H + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
+    vmax, bad = nvfp4_block_stats(xf)
+    if GS_MODE == 2:
+        gs = nvfp4_global_scale(vmax)
+        tl.store(gs_ptr + row, gs)
+    elif GS_MODE == 1:
+        gs = tl.load(gs_ptr + row)
+    else:
+        gs = tl.load(gs_ptr)
+    packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
+    qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(q_ptr + row * (H // 2) + qoffs, packed, mask=bmask[:, None])
+    if SWIZZLE:
+        e = row // M
+        m = row % M
+        sf_off = swizzled_sf_offset(e, m, blk.to(tl.int64), MT, KT)
+    else:
+        sf_off = row * KSF + blk
+    tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+
+
+@triton.jit
+def nvfp4_dequantize_kernel(
+    q_ptr,
+    sf_ptr,
+    gs_ptr,
+    out_ptr,  # [N, H] output dtype
+    N,
+    H,
+    KSF,
+    M,
+    MT,
+    KT,
+    GS_PER_ROW: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+    NB: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB)
+    bmask = blk < KSF
+    qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+    packed = tl.load(q_ptr + row * (H // 2) + qoffs, mask=bmask[:, None], other=0)
+    if SWIZZLE:
+        sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
+    else:
+        sf_off = row * KSF + blk
+    sfb = tl.load(sf_ptr + sf_off, mask=bmask, other=0).to(tl.int32)
+    if GS_PER_ROW:
+        gs = tl.load(gs_ptr + row)
+    else:
+        gs = tl.load(gs_ptr)
+    x = nvfp4_dequantize_tile(packed, sfb, gs)
+    offs = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out_ptr + row * H + offs, x.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
+
+
+@triton.jit
+def ue8m0_round_up(s):
+    """Smallest power of two >= s (s positive, normal FP32)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_block_quantize_kernel(
+    x_ptr,  # [N, H]
+    q_ptr,  # [N, H] uint8 (E4M3 bytes)
+    s_ptr,  # [N, H / BLOCK] fp32, decode direction
+    N,
+    H,
+    NBLK,
+    BLOCK: tl.constexpr,
+    NB: tl.constexpr,  # power of two >= NBLK
+    UE8M0: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB)
+    bmask = blk < NBLK
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    xf = tl.load(x_ptr + row * H + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
+    finite = tl.abs(xf) < float("inf")
+    bad = tl.max((~finite).to(tl.int32), axis=1) != 0
+    amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
+    sf = tl.math.div_rn(amax, 448.0)
+    if UE8M0:
+        sf = ue8m0_round_up(sf)
+    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+    _, qb = e4m3_encode(xf * inv[:, None])
+    qb = tl.where(bad[:, None], 0x7F, qb)
+    sf = tl.where(bad, float("nan"), sf)
+    tl.store(q_ptr + row * H + offs, qb.to(tl.uint8), mask=bmask[:, None])
+    tl.store(s_ptr + row * NBLK + blk, sf, mask=bmask)
+
+
+@triton.jit
+def fp8_block_dequantize_kernel(
+    q_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    H,
+    NBLK,
+    BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB)
+    bmask = blk < NBLK
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    qb = tl.load(q_ptr + row * H + offs, mask=bmask[:, None], other=0).to(tl.int32)
+    s = tl.load(s_ptr + row * NBLK + blk, mask=bmask, other=0.0)
+    x = e4m3_decode(qb) * s[:, None]
+    tl.store(out_ptr + row * H + offs, x.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
