@@ -1,0 +1,66 @@
+"""Validation and small helpers shared by the attention host modules."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_choice, check_tensor
+from ..reference.attention import KV_DTYPES, KV_FORMATS
+
+FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
+FORMAT_CODE = {"bf16": 0, "fp8": 1, "int8": 2}
+
+
+def check_format(kv_format: str) -> None:
+    check_choice("kv_format", kv_format, KV_FORMATS)
+
+
+def check_kv_cache(name: str, cache: object, kv_format: str, device: torch.device | None = None) -> torch.Tensor:
+    """``[num_blocks, block_size, num_kv_heads, head_dim]`` in the dtype of ``kv_format``,
+    last dim contiguous."""
+    check_tensor(name, cache, dtype=KV_DTYPES[kv_format], ndim=4, device=device)
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{name}: the last (head_dim) dim must be contiguous, got strides {tuple(cache.stride())}")
+    if cache.shape[1] <= 0 or cache.shape[0] <= 0:
+        raise ValueError(f"{name}: num_blocks and block_size must be > 0, got shape {list(cache.shape)}")
+    return cache
+
+
+def check_scale_cache(name: str, sc: object, k_cache: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, block_size, num_kv_heads]`` FP32 matching ``k_cache``."""
+    if sc is None:
+        raise ValueError(f"{name}: required for dynamic kv formats ([num_blocks, block_size, num_kv_heads] float32)")
+    nb, bs, h, _ = k_cache.shape
+    return check_tensor(name, sc, dtype=torch.float32, shape=(nb, bs, h), device=k_cache.device)
+
+
+def check_static_scale(name: str, scale: object, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """A decode-direction scale per tensor (0-dim or ``[1]``) or per KV head ``[Hkv]``,
+    float32, finite and > 0. Returns a 1-dim FP32 tensor (``[1]`` or ``[Hkv]``)."""
+    if scale is None:
+        raise ValueError(f"{name}: required for static fp8/int8 kv formats (decode-direction scale, x ~= q * scale)")
+    check_tensor(name, scale, dtype=torch.float32, device=device)
+    if not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] in (1, num_kv_heads))):
+        raise ValueError(f"{name}: expected a 0-dim, [1] or [num_kv_heads={num_kv_heads}] tensor, got {list(scale.shape)}")
+    if not bool(((scale > 0) & scale.isfinite()).all()):
+        raise ValueError(f"{name}: scales must be finite and > 0")
+    return scale.reshape(-1)
+
+
+def check_slot_mapping(slot_mapping: object, num_tokens: int, num_slots: int, device: torch.device) -> torch.Tensor:
+    check_tensor("slot_mapping", slot_mapping, dtype=(torch.int32, torch.int64), shape=(num_tokens,), device=device)
+    if num_tokens and int(slot_mapping.max()) >= num_slots:
+        raise ValueError(
+            f"slot_mapping: entries must be < num_blocks * block_size = {num_slots} (negative = skip), "
+            f"got max {int(slot_mapping.max())}"
+        )
+    return slot_mapping
+
+
+def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 1-element placeholder for pointer arguments a kernel variant never reads."""
+    return torch.ones(1, dtype=dtype, device=device)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
