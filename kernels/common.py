@@ -92,7 +92,7 @@ def nvfp4_global_scale(vmax):
     """Per-token encode scale from the per-block finite maxima ``vmax`` [NB] (FP32):
     ``gs = 2688 / amax`` clamped to FP32_MAX; an all-zero row gets 1."""
     amax = tl.max(vmax, axis=0)
-    gs = tl.minimum(tl.math.div_rn(GS_NUMERATOR, tl.maximum(amax, 1e-38)), FP32_MAX)
+    gs = tl.minimum(tl.math.div_rn(tl.zeros_like(amax) + GS_NUMERATOR, tl.where(amax > 0, amax, 1.0)), FP32_MAX)
     return tl.where(amax > 0, gs, 1.0)
 
 
@@ -111,7 +111,7 @@ def nvfp4_quantize_tile(xf, vmax, bad, gs):
     flags ``bad`` with encode scale ``gs`` (scalar). Returns (packed bytes [NB, 8] uint8,
     scale bytes [NB] uint8). Follows DESIGN.md section 3 step by step:
     ``sf = e4m3(gs * vmax / 6)``, ``inv = gs / sf`` (0 if sf == 0), ``q = e2m1(x * inv)``."""
-    sfv, sfb = e4m3_encode(tl.math.div_rn(gs * vmax, 6.0))
+    sfv, sfb = e4m3_encode(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
     inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
     codes = e2m1_encode(xf * inv[:, None])
     codes = tl.where(bad[:, None], 0, codes)
@@ -137,3 +137,22 @@ def nvfp4_dequantize_tile(packed, sfb, gs):
 def swizzled_sf_offset(e, m, k, MT, KT):
     """Byte offset of scale (m, k) of expert e in the 128x4 layout (MT = Mp/128, KT = Kp/4)."""
     return ((e * MT + m // 128) * KT + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4
+
+
+@triton.jit
+def to_bf16_rne(x):
+    """FP32 -> BF16 rounding to nearest even on every backend. (``.to(tl.bfloat16)`` is RNE on
+    GPUs but truncates under TRITON_INTERPRET=1; rounding the bits first makes the final
+    conversion exact on both.)"""
+    bits = x.to(tl.int32, bitcast=True)
+    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r).to(tl.bfloat16)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask):
+    """Store FP32 ``x`` into ``ptr``'s element type (BF16 with RNE on every backend)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr, to_bf16_rne(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)

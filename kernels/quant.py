@@ -8,6 +8,7 @@ import triton.language as tl
 from .common import (
     e4m3_decode,
     e4m3_encode,
+    store_rounded,
     nvfp4_block_stats,
     nvfp4_dequantize_tile,
     nvfp4_global_scale,
@@ -95,7 +96,7 @@ def nvfp4_dequantize_kernel(
         gs = tl.load(gs_ptr)
     x = nvfp4_dequantize_tile(packed, sfb, gs)
     offs = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-    tl.store(out_ptr + row * H + offs, x.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
+    store_rounded(out_ptr + row * H + offs, x, bmask[:, None])
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def fp8_block_quantize_kernel(
     finite = tl.abs(xf) < float("inf")
     bad = tl.max((~finite).to(tl.int32), axis=1) != 0
     amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
-    sf = tl.math.div_rn(amax, 448.0)
+    sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
     if UE8M0:
         sf = ue8m0_round_up(sf)
     inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
@@ -154,4 +155,4 @@ def fp8_block_dequantize_kernel(
     qb = tl.load(q_ptr + row * H + offs, mask=bmask[:, None], other=0).to(tl.int32)
     s = tl.load(s_ptr + row * NBLK + blk, mask=bmask, other=0.0)
     x = e4m3_decode(qb) * s[:, None]
-    tl.store(out_ptr + row * H + offs, x.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
+    store_rounded(out_ptr + row * H + offs, x, bmask[:, None])

@@ -1,0 +1,354 @@
+"""Device code of paged attention over bf16 / fp8 / int8 KV caches and of MLA decode.
+Host side: :mod:`fp4comm.attention.paged` and :mod:`fp4comm.attention.mla`.
+
+Layout of one program of :func:`paged_attention_kernel`: sequence ``seq``, a tile of
+``BLOCK_Q`` of its query tokens, KV head ``kvh``, split ``split``. The ``group`` query heads
+sharing ``kvh`` are packed into the M dim of the tile (row ``m`` = token ``m // GROUP_PAD``,
+head ``m % GROUP_PAD``), so each K/V tile read from the cache serves every head of the group.
+K/V tiles are gathered key by key through the block table (any ``block_size``), dequantized
+in registers to BF16 (exact for E4M3 and int8), fed to BF16 ``tl.dot`` with FP32
+accumulation; the softmax is online, in FP32, base 2. Per-tensor / per-(sequence, head)
+descales are folded into the score scale (``q_descale * k_descale``) and into the output
+(``v_descale``); per-key dynamic scales multiply the score columns (K) and the
+probabilities (V) before the second dot.
+"""
+
+import triton
+import triton.language as tl
+
+from .kv_cache import bf16_rne
+
+
+@triton.jit
+def _to_bf16(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return bf16_rne(x)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """One step of the online softmax (base 2) over score tile ``s`` ``[M, N]`` (masked = -inf).
+
+    Returns ``(p, alpha, m_new, l_new)``. Rows that have seen only -inf keep ``m = -inf`` and
+    get ``p = 0``, ``alpha = 0``: no ``-inf - -inf`` NaN, ever.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
+            out_ptr, stride_ot, stride_oh,
+            ws_o_ptr, stride_wss, stride_wst, stride_wsh,
+            ws_lse_ptr, stride_lss, stride_lst,
+            NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Normalize and store one tile: straight to ``out`` (one split) or, with splits, the
+    normalized partial output and its base-2 log-sum-exp to the workspace."""
+    inv = tl.where(l_i > 0.0, v_descale / l_i, 0.0)
+    o = acc * inv[:, None]
+    if NUM_SPLITS == 1:
+        ptrs = out_ptr + rows_t[:, None] * stride_ot + rows_h[:, None] * stride_oh + offs_d[None, :]
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(ptrs, _to_bf16(o, INTERPRET), mask=row_ok[:, None])
+        else:
+            tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        ptrs = ws_o_ptr + split * stride_wss + rows_t[:, None] * stride_wst + rows_h[:, None] * stride_wsh
+        tl.store(ptrs + offs_d[None, :], o, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(ws_lse_ptr + split * stride_lss + rows_t * stride_lst + rows_h, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_tile(
+    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Keys ``[start, start + BLOCK_N)`` (clipped to ``k_end``): gather, dequantize, score,
+    mask, online-softmax update. Returns ``(m_i, l_i, acc)``."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < k_end
+    page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+    in_blk = (offs_n % block_size).to(tl.int64)
+    k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
+    k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+    if DYNAMIC:
+        ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
+        s = s * (ks * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
+    ok = n_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= pos[:, None])
+    if USE_WINDOW:
+        ok = ok & (offs_n[None, :] > pos[:, None] - window)
+    s = tl.where(ok, s, float("-inf"))
+    p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+    v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
+    v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    if DYNAMIC:
+        vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
+        p = p * vs[None, :]
+    acc = tl.dot(_to_bf16(p, INTERPRET), v.to(tl.bfloat16), acc * alpha[:, None])
+    return m_i, l_i, acc
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr, kc_ptr, vc_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    bt_ptr, seq_lens_ptr, cu_q_ptr,
+    qd_ptr, kd_ptr, vd_ptr, ksc_ptr, vsc_ptr,
+    sm_scale_log2, group, block_size, window, num_q_tiles,
+    stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
+    stride_bt,
+    stride_qds, stride_qdh, stride_kds, stride_kdh, stride_vds, stride_vdh,
+    stride_ot, stride_oh,
+    stride_wss, stride_wst, stride_wsh,
+    stride_lss, stride_lst,
+    HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``.
+
+    ``sm_scale_log2 = softmax_scale * log2(e)``; ``window`` is the sliding window in keys
+    (used when ``USE_WINDOW``). Descale pointers are read at ``seq * stride_s + kvh * stride_h``
+    (strides 0 for per-tensor). Workspace: ``ws_o [NUM_SPLITS, T, Hq, HEAD_DIM]`` FP32 and
+    ``ws_lse [NUM_SPLITS, T, Hq]`` FP32, only written when ``NUM_SPLITS > 1``.
+    """
+    pid = tl.program_id(0)
+    seq = pid // num_q_tiles
+    qt = pid % num_q_tiles
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    L = tl.load(seq_lens_ptr + seq)
+    if qt * BLOCK_Q < q_len:
+        BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = qt * BLOCK_Q + offs_m // GROUP_PAD
+        g = offs_m % GROUP_PAD
+        row_ok = (tok < q_len) & (g < group)
+        rows_h = kvh * group + g
+        rows_t = (q_start + tok).to(tl.int64)
+        pos = L - q_len + tok  # absolute position of each query row
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + rows_t[:, None] * stride_qt + rows_h[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        q = q.to(tl.bfloat16)  # bf16 as is; E4M3 -> BF16 is exact
+        q_descale = tl.load(qd_ptr + seq * stride_qds + kvh * stride_qdh)
+        k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
+        v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
+        qk_scale = sm_scale_log2 * q_descale * k_descale
+
+        # keys this tile may see: [lo, hi)
+        last_tok = tl.minimum(q_len, (qt + 1) * BLOCK_Q)
+        if CAUSAL:
+            hi = L - q_len + last_tok
+        else:
+            hi = L
+        if USE_WINDOW:
+            lo = tl.maximum(L - q_len + qt * BLOCK_Q - window + 1, 0)
+        else:
+            lo = 0
+        hi = tl.maximum(hi, lo)
+        per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        k_begin = lo + split * per_split
+        k_end = tl.minimum(hi, k_begin + per_split)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        if INTERPRET:
+            start = k_begin
+            while start < k_end:
+                m_i, l_i, acc = _attend_tile(
+                    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, INTERPRET)
+                start += BLOCK_N
+        else:
+            for start in range(k_begin, k_end, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(
+                    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, INTERPRET)
+
+        _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
+                out_ptr, stride_ot, stride_oh, ws_o_ptr, stride_wss, stride_wst, stride_wsh,
+                ws_lse_ptr, stride_lss, stride_lst, NUM_SPLITS, INTERPRET)
+
+
+@triton.jit
+def combine_splits_kernel(
+    ws_o_ptr, ws_lse_ptr, out_ptr, num_splits,
+    stride_wss, stride_wst, stride_wsh, stride_lss, stride_lst, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid ``(T, H)``: merge the split partial outputs of one (token, head) by their
+    base-2 log-sum-exp. All splits empty -> zeros."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(ws_lse_ptr + offs_s * stride_lss + t * stride_lst + h, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_use)
+    den = tl.sum(w, 0)
+    o = tl.load(ws_o_ptr + offs_s[:, None] * stride_wss + t * stride_wst + h * stride_wsh + offs_d[None, :],
+                mask=s_ok[:, None], other=0.0)
+    res = tl.sum(w[:, None] * o, 0) * tl.where(den > 0.0, 1.0 / den, 0.0)
+    ptrs = out_ptr + t * stride_ot + h * stride_oh + offs_d
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptrs, _to_bf16(res, INTERPRET))
+    else:
+        tl.store(ptrs, res.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- MLA
+@triton.jit
+def _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c,
+                    stride_c8b, stride_c8s, stride_c16b, stride_c16s, stride_c32b, stride_c32s,
+                    CHUNK: tl.constexpr, GROUP: tl.constexpr, SCALE_OFF32: tl.constexpr, IS_FP8: tl.constexpr):
+    """Latent chunk ``CHUNK`` (``GROUP`` values) of ``BLOCK_N`` keys: raw codes and the
+    per-key FP32 scale (1 for bf16)."""
+    if IS_FP8:
+        rows = page * stride_c8b + in_blk * stride_c8s + CHUNK * GROUP
+        k = tl.load(c8_ptr + rows[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
+        sc = tl.load(c32_ptr + page * stride_c32b + in_blk * stride_c32s + SCALE_OFF32 + CHUNK, mask=n_ok, other=0.0)
+    else:
+        rows = page * stride_c16b + in_blk * stride_c16s + CHUNK * GROUP
+        k = tl.load(c16_ptr + rows[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
+        sc = n_ok.to(tl.float32)  # unused for bf16
+    return k.to(tl.bfloat16), sc
+
+
+@triton.jit
+def _mla_pv(acc, p, alpha, k, sc, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    if IS_FP8:
+        p = p * sc[None, :]
+    return tl.dot(_to_bf16(p, INTERPRET), k, acc * alpha[:, None])
+
+
+@triton.jit
+def _mla_store(acc, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh,
+               CHUNK: tl.constexpr, GROUP: tl.constexpr, TO_WS: tl.constexpr, INTERPRET: tl.constexpr):
+    o = acc * inv[:, None]
+    ptrs = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + CHUNK * GROUP + offs_c[None, :]
+    if TO_WS:
+        tl.store(ptrs, o, mask=h_ok[:, None])
+    else:
+        tl.store(ptrs, _to_bf16(o, INTERPRET), mask=h_ok[:, None])
+
+
+@triton.jit
+def mla_decode_kernel(
+    ql_ptr, qr_ptr, c8_ptr, c32_ptr, c16_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    bt_ptr, seq_lens_ptr, sm_scale_log2, num_heads, block_size,
+    stride_qls, stride_qlh, stride_qrs, stride_qrh,
+    stride_c8b, stride_c8s, stride_c32b, stride_c32s, stride_c16b, stride_c16s,
+    stride_bt, stride_os, stride_oh,
+    stride_wss, stride_wst, stride_wsh, stride_lss, stride_lst,
+    IS_FP8: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, ROPE: tl.constexpr, SCALE_OFF32: tl.constexpr, ROPE_OFF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Grid ``(num_seqs, cdiv(num_heads, BLOCK_H), NUM_SPLITS)``. The latent (512 = 4 chunks
+    of ``GROUP``) is both key and value; the score is ``q_latent . latent + q_rope . rope``.
+    With fp8, each chunk's per-key scale multiplies its partial score (QK) and the
+    probabilities of its PV dot, so the E4M3 codes enter the dots exactly."""
+    seq = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
+    h_ok = heads < num_heads
+    L = tl.load(seq_lens_ptr + seq)
+    offs_c = tl.arange(0, GROUP)
+    offs_r = tl.arange(0, ROPE)
+    qb = ql_ptr + seq.to(tl.int64) * stride_qls + heads[:, None] * stride_qlh + offs_c[None, :]
+    q0 = tl.load(qb, mask=h_ok[:, None], other=0.0).to(tl.bfloat16)
+    q1 = tl.load(qb + GROUP, mask=h_ok[:, None], other=0.0).to(tl.bfloat16)
+    q2 = tl.load(qb + 2 * GROUP, mask=h_ok[:, None], other=0.0).to(tl.bfloat16)
+    q3 = tl.load(qb + 3 * GROUP, mask=h_ok[:, None], other=0.0).to(tl.bfloat16)
+    qr = tl.load(qr_ptr + seq.to(tl.int64) * stride_qrs + heads[:, None] * stride_qrh + offs_r[None, :],
+                 mask=h_ok[:, None], other=0.0).to(tl.bfloat16)
+
+    per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    k_begin = split * per_split
+    k_end = tl.minimum(L, k_begin + per_split)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, GROUP], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(k_begin, k_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_end
+        page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+        in_blk = (offs_n % block_size).to(tl.int64)
+        k0, s0 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 0, GROUP, SCALE_OFF32, IS_FP8)
+        k1, s1 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 1, GROUP, SCALE_OFF32, IS_FP8)
+        k2, s2 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 2, GROUP, SCALE_OFF32, IS_FP8)
+        k3, s3 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 3, GROUP, SCALE_OFF32, IS_FP8)
+        rope = tl.load(c16_ptr + (page * stride_c16b + in_blk * stride_c16s + ROPE_OFF16)[:, None] + offs_r[None, :],
+                       mask=n_ok[:, None], other=0.0)
+        s = tl.dot(qr, tl.trans(rope))
+        if IS_FP8:
+            s += tl.dot(q0, tl.trans(k0)) * s0[None, :]
+            s += tl.dot(q1, tl.trans(k1)) * s1[None, :]
+            s += tl.dot(q2, tl.trans(k2)) * s2[None, :]
+            s += tl.dot(q3, tl.trans(k3)) * s3[None, :]
+        else:
+            s = tl.dot(q0, tl.trans(k0), s)
+            s = tl.dot(q1, tl.trans(k1), s)
+            s = tl.dot(q2, tl.trans(k2), s)
+            s = tl.dot(q3, tl.trans(k3), s)
+        s = tl.where(n_ok[None, :], s * sm_scale_log2, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+        acc0 = _mla_pv(acc0, p, alpha, k0, s0, IS_FP8, INTERPRET)
+        acc1 = _mla_pv(acc1, p, alpha, k1, s1, IS_FP8, INTERPRET)
+        acc2 = _mla_pv(acc2, p, alpha, k2, s2, IS_FP8, INTERPRET)
+        acc3 = _mla_pv(acc3, p, alpha, k3, s3, IS_FP8, INTERPRET)
+
+    inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    if NUM_SPLITS == 1:
+        _mla_store(acc0, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh, 0, GROUP, False, INTERPRET)
+        _mla_store(acc1, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh, 1, GROUP, False, INTERPRET)
+        _mla_store(acc2, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh, 2, GROUP, False, INTERPRET)
+        _mla_store(acc3, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh, 3, GROUP, False, INTERPRET)
+    else:
+        ws = ws_o_ptr + split * stride_wss
+        _mla_store(acc0, inv, ws, seq, heads, h_ok, offs_c, stride_wst, stride_wsh, 0, GROUP, True, INTERPRET)
+        _mla_store(acc1, inv, ws, seq, heads, h_ok, offs_c, stride_wst, stride_wsh, 1, GROUP, True, INTERPRET)
+        _mla_store(acc2, inv, ws, seq, heads, h_ok, offs_c, stride_wst, stride_wsh, 2, GROUP, True, INTERPRET)
+        _mla_store(acc3, inv, ws, seq, heads, h_ok, offs_c, stride_wst, stride_wsh, 3, GROUP, True, INTERPRET)
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(ws_lse_ptr + split * stride_lss + seq * stride_lst + heads, lse, mask=h_ok)

@@ -1,0 +1,227 @@
+"""Masked grouped GEMM: ``c[e, :m_e] = a[e, :m_e] @ b[e].T`` for every expert ``e``.
+
+One kernel; ``tl.constexpr`` switches pick the operand formats:
+
+  A (activations ``[E, max_m, K]``)          B (weights ``[E, N, K]``)
+  FMT_BF16   bf16                            bf16
+  FMT_FP8    E4M3 + FP32 scale per 1x128     E4M3 + FP32 scale per 128x128 block
+  FMT_NVFP4  E2M1 + E4M3 scale per 1x16      E2M1 + E4M3 scale per 1x16
+             (linear or 128x4-swizzled),     (linear or swizzled), gs static,
+             gs static or per row            per expert or per row of B
+
+Hopper has no FP4 tensor cores (and Triton 3.6 ``tl.dot_scaled`` does not lower NVFP4
+there), so quantized operands are decoded in registers and fed to BF16 ``tl.dot`` with
+FP32 accumulation. The decode keeps every product exact and moves rounding out of the
+K loop where the algebra allows:
+
+  * NVFP4 element x block scale, ``e2m1(q) * float(sf)``, has at most 6 significant bits,
+    so it is exact in BF16; the global scale ``gs`` is constant along K (per row of A, per
+    expert or row of B), so it is divided out of the FP32 accumulator once per tile
+    (``div_rn``), never per element;
+  * E4M3 values are exact in BF16; an FP8 block scale is constant over a 128-wide K block
+    (BLOCK_K divides 128), so each K step's partial product is multiplied by
+    ``sA[row] * sB[col]`` in FP32 before it is added (the DeepGEMM "promotion" scheme).
+
+Hence the kernel's only roundings are FP32 accumulation and the final cast.
+
+E2M1 decode: code bits ``s e e m`` shifted into an FP16 bit pattern (``m`` -> mantissa
+bit 9, ``ee`` -> exponent bits 10-11, ``s`` -> bit 15) give ``value * 2^-14`` exactly
+(``ee == 0`` lands on the FP16 subnormal ``m * 2^-15``); the ``2^14`` is folded into the
+block scale. Shift, mask, convert: no select chain.
+
+Scheduling: the grid is ``(m_programs * n_tiles, E)`` with the m index fastest, so the
+programs sharing one weight tile run together (B from HBM once, A re-read from L2).
+Each program loops over its m tiles ``pid_m, pid_m + m_programs, ...`` below
+``masked_m[e]``: with ``LOOP_M`` one program walks all m tiles of its (expert, n tile)
+(decode: a single tile, nothing else launched per expert); without it each program owns
+one m tile (prefill). A program whose first row is at or past ``masked_m[e]`` runs zero
+iterations, so an expert with no rows reads none of its weights.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import e4m3_decode, swizzled_sf_offset
+
+FMT_BF16: tl.constexpr = 0
+FMT_FP8: tl.constexpr = 1
+FMT_NVFP4: tl.constexpr = 2
+
+# global-scale modes of an NVFP4 operand
+GS_STATIC: tl.constexpr = 0  # gs_ptr[0]
+GS_PER_EXPERT: tl.constexpr = 1  # gs_ptr[e] (B only)
+GS_PER_ROW: tl.constexpr = 2  # gs_ptr[e * rows + row]
+
+
+@triton.jit
+def e2m1_decode_scaled(c):
+    """E2M1 code (int32, 0..15) -> FP32 ``value * 2^-14`` (exact, via an FP16 bit pattern)."""
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nvfp4_tile(data_ptr, sf_ptr, e, rows, row_mask, k0, K, KSF, MT, KT, SWIZZLED: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode an NVFP4 tile [BLOCK_R, BLOCK_K] (rows ``rows`` of expert ``e``, columns
+    ``k0 .. k0 + BLOCK_K``) to BF16 ``e2m1(q) * float(sf)`` (exact; no global scale).
+
+    ``data_ptr`` points at the expert's first byte (rows of K/2 bytes); ``sf_ptr`` at the
+    start of the scale buffer (linear ``[rows, KSF]`` per expert already offset, or the whole
+    swizzled buffer, addressed with ``e``). Masked-out rows / columns decode to 0."""
+    NBK: tl.constexpr = BLOCK_K // 16
+    g = tl.arange(0, NBK)
+    j = tl.arange(0, 8)
+    kbyte = k0 // 2 + g[:, None] * 8 + j[None, :]  # [NBK, 8]
+    ptrs = data_ptr + rows[:, None, None] * (K // 2) + kbyte[None, :, :]
+    mask = row_mask[:, None, None] & (kbyte < K // 2)[None, :, :]
+    packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)  # [R, NBK, 8]
+    kb = k0 // 16 + g  # scale column
+    if SWIZZLED:
+        sf_off = swizzled_sf_offset(e, rows[:, None], kb[None, :], MT, KT)
+    else:
+        sf_off = rows[:, None] * KSF + kb[None, :]
+    sfb = tl.load(sf_ptr + sf_off, mask=row_mask[:, None] & (kb < KSF)[None, :], other=0).to(tl.int32)
+    sf = e4m3_decode(sfb) * 16384.0  # folds the 2^14 of e2m1_decode_scaled; exact
+    lo = e2m1_decode_scaled(packed & 15) * sf[:, :, None]
+    hi = e2m1_decode_scaled(packed >> 4) * sf[:, :, None]
+    return tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K)).to(tl.bfloat16)
+
+
+@triton.jit
+def grouped_gemm_masked_kernel(
+    a_ptr,  # bf16 [E, max_m, K] | e4m3 [E, max_m, K] | uint8 [E, max_m, K/2]
+    a_sf_ptr,  # fp8: fp32 [E, max_m, K/128]; nvfp4: uint8 linear [E, max_m, K/16] or swizzled
+    a_gs_ptr,  # nvfp4: fp32 [1] (static) or [E, max_m]
+    b_ptr,  # bf16 [E, N, K] | e4m3 [E, N, K] | uint8 [E, N, K/2]
+    b_sf_ptr,  # fp8: fp32 [E, cdiv(N, 128), K/128]; nvfp4: uint8 linear [E, N, K/16] or swizzled
+    b_gs_ptr,  # nvfp4: fp32 [1] | [E] | [E, N]
+    c_ptr,  # [E, max_m, N] out dtype
+    masked_m_ptr,  # int32 [E]
+    N,
+    K: tl.constexpr,  # constexpr: fixed per layer, and the K loop needs a Python bound under the interpreter
+    MAX_M,
+    A_KSF,  # scale columns of A: K/16 (nvfp4) or K/128 (fp8)
+    A_MT,  # swizzled A: cdiv(max_m, 128)
+    A_KT,  # swizzled A: cdiv(K/16, 4)
+    B_KSF,
+    B_MT,  # swizzled B: cdiv(N, 128); fp8 B: cdiv(N, 128) (scale rows)
+    B_KT,
+    M_BUCKET,  # autotune key only
+    A_FMT: tl.constexpr,
+    A_SWIZZLED: tl.constexpr,
+    A_GS_MODE: tl.constexpr,
+    B_FMT: tl.constexpr,
+    B_SWIZZLED: tl.constexpr,
+    B_GS_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOOP_M: tl.constexpr,
+    M_ITERS: tl.constexpr,  # m tiles a program visits: 1, or >= cdiv(max_m, BLOCK_M) with LOOP_M
+):
+    e = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    if LOOP_M:
+        m_programs = 1
+    else:
+        m_programs = tl.cdiv(MAX_M, BLOCK_M)
+    pid_m = pid % m_programs
+    pid_n = pid // m_programs
+    m = tl.minimum(tl.load(masked_m_ptr + e), MAX_M)  # clamp: never touch rows >= max_m
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+
+    # per-expert bases (int64: E * N * K exceeds 2^31 at real shapes)
+    if A_FMT == FMT_NVFP4:
+        a_base = a_ptr + e * MAX_M * (K // 2)
+    else:
+        a_base = a_ptr + e * MAX_M * K
+    if B_FMT == FMT_NVFP4:
+        b_base = b_ptr + e * N * (K // 2)
+    else:
+        b_base = b_ptr + e * N * K
+    if A_SWIZZLED:
+        a_sf_base = a_sf_ptr
+    else:
+        a_sf_base = a_sf_ptr + e * MAX_M * A_KSF
+    if B_SWIZZLED:
+        b_sf_base = b_sf_ptr
+    elif B_FMT == FMT_FP8:
+        b_sf_base = b_sf_ptr + e * B_MT * B_KSF
+    else:
+        b_sf_base = b_sf_ptr + e * N * B_KSF
+
+    # loop-invariant B-side factor
+    b_gs = 1.0
+    if B_FMT == FMT_NVFP4:
+        if B_GS_MODE == GS_STATIC:
+            b_gs = tl.load(b_gs_ptr)
+        elif B_GS_MODE == GS_PER_EXPERT:
+            b_gs = tl.load(b_gs_ptr + e)
+        else:
+            b_gs = tl.load(b_gs_ptr + e * N + offs_n, mask=n_mask, other=1.0)[None, :]
+
+    # Loop bounds are compile-time (the interpreter cannot take tensor bounds); tiles at or
+    # past the expert's row count skip all work, so an empty expert reads no weights.
+    for it in range(M_ITERS):
+        m0 = (pid_m + it * m_programs) * BLOCK_M
+        if m0 < m:
+            _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m, offs_n, n_mask, N, K, MAX_M,
+                  A_KSF, A_MT, A_KT, B_KSF, B_MT, B_KT, A_FMT, A_SWIZZLED, A_GS_MODE, B_FMT, B_SWIZZLED,
+                  BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m, offs_n, n_mask, N,
+          K: tl.constexpr, MAX_M, A_KSF, A_MT, A_KT, B_KSF, B_MT, B_KT,
+          A_FMT: tl.constexpr, A_SWIZZLED: tl.constexpr, A_GS_MODE: tl.constexpr,
+          B_FMT: tl.constexpr, B_SWIZZLED: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile [BLOCK_M, BLOCK_N] of expert ``e`` at rows ``m0 ..``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        # ---- A tile [BLOCK_M, BLOCK_K] (bf16)
+        if A_FMT == FMT_NVFP4:
+            a = _nvfp4_tile(a_base, a_sf_base, e, offs_m, m_mask, k0, K, A_KSF, A_MT, A_KT,
+                            A_SWIZZLED, BLOCK_M, BLOCK_K)
+        else:
+            a = tl.load(a_base + offs_m[:, None] * K + kk[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.bfloat16)
+        # ---- B tile as [BLOCK_K, BLOCK_N] (bf16)
+        if B_FMT == FMT_NVFP4:
+            b = tl.trans(_nvfp4_tile(b_base, b_sf_base, e, offs_n, n_mask, k0, K, B_KSF, B_MT, B_KT,
+                                     B_SWIZZLED, BLOCK_N, BLOCK_K))
+        else:
+            b = tl.load(b_base + offs_n[None, :] * K + kk[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0).to(tl.bfloat16)
+        # ---- multiply-accumulate
+        if A_FMT == FMT_FP8 or B_FMT == FMT_FP8:
+            part = tl.dot(a, b)
+            if A_FMT == FMT_FP8:
+                sa = tl.load(a_sf_base + offs_m * A_KSF + k0 // 128, mask=m_mask, other=0.0)
+                part = part * sa[:, None]
+            if B_FMT == FMT_FP8:
+                sb = tl.load(b_sf_base + (offs_n // 128) * B_KSF + k0 // 128, mask=n_mask, other=0.0)
+                part = part * sb[None, :]
+            acc += part
+        else:
+            acc = tl.dot(a, b, acc)
+    # ---- global scales (constant along K): divided out once per tile
+    if A_FMT == FMT_NVFP4:
+        if A_GS_MODE == GS_STATIC:
+            a_gs = tl.load(a_gs_ptr)
+            acc = tl.math.div_rn(acc, a_gs + tl.zeros_like(acc))
+        else:
+            a_gs = tl.load(a_gs_ptr + e * MAX_M + offs_m, mask=m_mask, other=1.0)
+            acc = tl.math.div_rn(acc, a_gs[:, None] + tl.zeros_like(acc))
+    if B_FMT == FMT_NVFP4:
+        acc = tl.math.div_rn(acc, b_gs + tl.zeros_like(acc))
+    c_ptrs = c_ptr + e * MAX_M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
