@@ -61,6 +61,17 @@ def e2m1_decode_scaled(c):
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """``acc + a @ b`` for BF16 tiles with FP32 accumulation. ``DOT_F32`` (interpreter only:
+    its BF16 dot is wrong, numpy multiplies the raw bit patterns) widens the exact BF16
+    values to FP32 and uses an IEEE FP32 dot: the same products, FP32 sums."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _nvfp4_tile(data_ptr, sf_ptr, e, rows, row_mask, k0, K, KSF, MT, KT, SWIZZLED: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode an NVFP4 tile [BLOCK_R, BLOCK_K] (rows ``rows`` of expert ``e``, columns
@@ -119,6 +130,7 @@ def grouped_gemm_masked_kernel(
     BLOCK_K: tl.constexpr,
     LOOP_M: tl.constexpr,
     M_ITERS: tl.constexpr,  # m tiles a program visits: 1, or >= cdiv(max_m, BLOCK_M) with LOOP_M
+    DOT_F32: tl.constexpr = False,  # interpreter only, see _dot
 ):
     e = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
@@ -170,7 +182,7 @@ def grouped_gemm_masked_kernel(
         if m0 < m:
             _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m, offs_n, n_mask, N, K, MAX_M,
                   A_KSF, A_MT, A_KT, B_KSF, B_MT, B_KT, A_FMT, A_SWIZZLED, A_GS_MODE, B_FMT, B_SWIZZLED,
-                  BLOCK_M, BLOCK_N, BLOCK_K)
+                  BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
 
 
 @triton.jit
@@ -178,7 +190,7 @@ def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m,
           K: tl.constexpr, MAX_M, A_KSF, A_MT, A_KT, B_KSF, B_MT, B_KT,
           A_FMT: tl.constexpr, A_SWIZZLED: tl.constexpr, A_GS_MODE: tl.constexpr,
           B_FMT: tl.constexpr, B_SWIZZLED: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
     """One output tile [BLOCK_M, BLOCK_N] of expert ``e`` at rows ``m0 ..``."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -203,7 +215,7 @@ def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m,
                         mask=n_mask[None, :] & k_mask[:, None], other=0.0).to(tl.bfloat16)
         # ---- multiply-accumulate
         if A_FMT == FMT_FP8 or B_FMT == FMT_FP8:
-            part = tl.dot(a, b)
+            part = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)
             if A_FMT == FMT_FP8:
                 sa = tl.load(a_sf_base + offs_m * A_KSF + k0 // 128, mask=m_mask, other=0.0)
                 part = part * sa[:, None]
@@ -212,7 +224,7 @@ def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m,
                 part = part * sb[None, :]
             acc += part
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, DOT_F32)
     # ---- global scales (constant along K): divided out once per tile
     if A_FMT == FMT_NVFP4:
         if A_GS_MODE == GS_STATIC:
