@@ -41,7 +41,7 @@ iterations, so an expert with no rows reads none of its weights.
 import triton
 import triton.language as tl
 
-from .common import e4m3_decode, swizzled_sf_offset
+from .common import e4m3_decode, store_rounded, swizzled_sf_offset
 
 FMT_BF16: tl.constexpr = 0
 FMT_FP8: tl.constexpr = 1
@@ -236,4 +236,4 @@ def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m,
     if B_FMT == FMT_NVFP4:
         acc = tl.math.div_rn(acc, b_gs + tl.zeros_like(acc))
     c_ptrs = c_ptr + e * MAX_M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_rounded(c_ptrs, acc, m_mask[:, None] & n_mask[None, :])
