@@ -1,0 +1,562 @@
+"""Low-latency (decode) dispatch and combine: no host sync, fixed buffers, CUDA-graph capturable.
+
+.. code-block:: python
+
+    ll = LowLatencyBuffer(cfg, mem=symmem)          # backend="nvlink" (default)
+    out = ll.dispatch(x, topk_ids, topk_weights)     # x BF16 [T, H], T <= max_tokens_per_rank
+    y = ll.combine(expert_out, out.handle)           # expert_out BF16 [E_local, max_m, H] -> [T, H]
+
+    # overlap: send now, receive later (``hook()`` launches the receive half)
+    out, hook = ll.dispatch(x, topk_ids, topk_weights, async_finish=True)
+    ...; hook()                                      # out's tensors are valid after this
+
+How it works (``kernels/nvlink.py``): the send kernel quantizes each token once and stores
+one message row per ``(token, k)`` straight into the slot region
+``[buffer parity, local expert, source rank, position]`` of the rank owning the expert;
+the last program publishes one flag ``(seq << 32) | count`` per (expert, source). The
+receive kernel waits for its experts' flags (acquire, bounded spin) and compacts the slots
+into the masked layout ``[E_local, max_m, ...]`` ordered by (source rank, source token),
+so the result is deterministic. ``masked_m`` stays on the device. Combine goes back
+per row into slot ``t * K + k`` of the source rank's buffer and is reduced there with the
+top-k weights in FP32 (``k`` ascending).
+
+Sequence numbers live in a device tensor (the send kernel reads "last finished + 1", the
+receive kernel advances it), so a captured graph replays correctly, flags never need
+resetting, and the two slot buffers alternate by the parity of the sequence number.
+
+Backends:
+* ``"nvlink"``: symmetric memory (:mod:`fp4comm.ep.symmem`: NVSHMEM on GPUs, an emulated
+  world on CPU).
+* ``"torch"``: the same kernels write into local staging buffers that two fixed-size
+  ``all_to_all_single`` calls move (rows, then flags); no host sync, works on any
+  process group whose device Triton can run on (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+  Moves ``R * E_local * max_tokens_per_rank`` rows a call whatever the routing: a
+  fallback, not a fast path.
+
+Errors: kernels never hang. A peer whose flag does not arrive within ``timeout_spins``
+reads leaves a status code; :meth:`LowLatencyBuffer.check` (a host sync) raises
+``TimeoutError`` naming the peer, or ``ValueError`` for a top-k id outside ``[-1, E)``
+(skipped by the kernels) or an overflowing slot region (duplicate ids in one token beyond
+``max_tokens_per_rank``). With ``sync_check=True`` (the default on CPU) every receive half
+calls it; on GPUs call it yourself after a step (or a graph replay) to keep the hot path
+free of host syncs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_choice, check_positive_int, check_tensor
+from .._runtime import cdiv, round_up
+from .message import MessageLayout
+from .symmem import SymmetricMemory
+
+__all__ = [
+    "LowLatencyConfig",
+    "LowLatencyHandle",
+    "LowLatencyDispatchOutput",
+    "LowLatencyBuffer",
+]
+
+PAYLOAD_CODE = {"nvfp4": 0, "fp8": 1, "bf16": 2}
+BACKENDS = ("nvlink", "torch")
+DEFAULT_TIMEOUT_SPINS = 1 << 24  # ~ seconds of acquire reads on a GPU
+EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class LowLatencyConfig:
+    """Sizes of a :class:`LowLatencyBuffer` (fixed for its lifetime).
+
+    Attributes:
+        hidden: ``H`` (multiple of 16; of 128 for ``fp8``).
+        num_experts: ``E`` (multiple of the number of ranks).
+        num_topk: ``K``.
+        max_tokens_per_rank: ``T_max``, at most 512 is the intended range.
+        payload: dispatch wire format ``"nvfp4" | "fp8" | "bf16"``.
+        scale_layout: ``"linear"`` or ``"swizzled"`` (128x4, nvfp4 only) for the output scales.
+        combine_payload: combine wire format ``"bf16"`` (exact) or ``"fp8"`` / ``"nvfp4"``
+            (quantized per row on the expert side, dequantized and reduced on the source side).
+        timeout_spins: acquire reads before a wait gives up (``None``: a default by device).
+    """
+
+    hidden: int
+    num_experts: int
+    num_topk: int
+    max_tokens_per_rank: int
+    payload: str = "nvfp4"
+    scale_layout: str = "linear"
+    combine_payload: str = "bf16"
+    timeout_spins: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("hidden", self.hidden, multiple_of=16)
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("num_topk", self.num_topk)
+        check_positive_int("max_tokens_per_rank", self.max_tokens_per_rank)
+        check_choice("payload", self.payload, tuple(PAYLOAD_CODE))
+        check_choice("combine_payload", self.combine_payload, tuple(PAYLOAD_CODE))
+        check_choice("scale_layout", self.scale_layout, ("linear", "swizzled"))
+        if self.scale_layout == "swizzled" and self.payload != "nvfp4":
+            raise ValueError(f"scale_layout: 'swizzled' needs payload='nvfp4', got payload={self.payload!r}")
+        if "fp8" in (self.payload, self.combine_payload) and self.hidden % 128:
+            raise ValueError(f"hidden: must be a multiple of 128 for an fp8 wire format, got {self.hidden}")
+
+
+@dataclass
+class LowLatencyHandle:
+    """What :meth:`LowLatencyBuffer.combine` needs from the dispatch that produced it.
+
+    Attributes:
+        src_rank: ``[E_local, max_m]`` int32, source rank of each received row.
+        src_slot: ``[E_local, max_m]`` int32, ``t * K + k`` of the row on its source.
+        masked_m: ``[E_local]`` int32 (device), valid rows per local expert.
+        topk_ids: ``[T, K]`` int32, this rank's routing of the dispatch (source side).
+        topk_weights: ``[T, K]`` float32.
+        call: index of the dispatch on this buffer (a stale handle is refused).
+    """
+
+    src_rank: torch.Tensor
+    src_slot: torch.Tensor
+    masked_m: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    call: int
+
+
+@dataclass
+class LowLatencyDispatchOutput:
+    """Masked per-expert layout on the receiving rank (``max_m = R * T_max``, rounded up to
+    128 for swizzled scales). Rows ``>= masked_m[e]`` are unspecified.
+
+    Attributes:
+        x: ``[E_local, max_m, H/2]`` uint8 (nvfp4), ``[E_local, max_m, H]`` float8_e4m3fn (fp8)
+            or bfloat16 (bf16).
+        scales: nvfp4: float8_e4m3fn ``[E_local, max_m, H/16]`` (linear) or
+            ``[E_local, max_m, round_up(H/16, 4)]`` in 128x4 order (swizzled); fp8: float32
+            ``[E_local, max_m, H/128]``; bf16: ``None``.
+        global_scale: ``[E_local, max_m]`` float32 encode scales (nvfp4) or ``None``.
+        masked_m: ``[E_local]`` int32 on the device.
+        topk_weights: ``[E_local, max_m]`` float32, the routing weight of each row.
+        handle: :class:`LowLatencyHandle` for combine.
+    """
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    global_scale: torch.Tensor | None
+    masked_m: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: LowLatencyHandle
+
+
+@dataclass
+class _Geometry:
+    """Strides (in rows / flag words) the kernels index with, for one direction."""
+
+    slot_b: int
+    slot_e: int
+    slot_s: int
+    flag_b: int
+    flag_e: int
+    flag_s: int
+    src_slot: int
+
+
+class LowLatencyBuffer:
+    """Fixed buffers + kernels for low-latency dispatch/combine on one rank.
+
+    Args:
+        config: :class:`LowLatencyConfig`.
+        mem: symmetric memory of this rank (``backend="nvlink"``); an
+            :class:`~fp4comm.ep.symmem.EmulatedMemory` on CPU.
+        group: ``torch.distributed`` group (``backend="torch"``; with ``"nvlink"`` and no
+            ``mem``, NVSHMEM is initialised over it).
+        backend: ``"nvlink"`` or ``"torch"``.
+        device: device of the torch backend's tensors (default: the current CUDA device, or
+            CPU when CUDA is absent).
+        sync_check: call :meth:`check` after every receive half (a host sync).
+    """
+
+    def __init__(
+        self,
+        config: LowLatencyConfig,
+        *,
+        mem: SymmetricMemory | None = None,
+        group=None,
+        backend: str = "nvlink",
+        device: torch.device | None = None,
+        sync_check: bool | None = None,
+    ) -> None:
+        check_choice("backend", backend, BACKENDS)
+        self.config = cfg = config
+        self.backend = backend
+        if backend == "nvlink":
+            if mem is None:
+                from .symmem import init_nvshmem
+
+                mem = init_nvshmem(group)
+            self.mem = mem
+            self.rank, self.world_size, self.device = mem.rank, mem.world_size, mem.device
+            self._num_sms = mem.num_sms()
+        else:
+            import torch.distributed as dist
+
+            self.mem = None
+            self.group = group
+            self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+                device = device or torch.device("cpu")
+            self.device = device
+            self._num_sms = (
+                torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            )
+        if self.device.type == "cpu":
+            from .._runtime import triton_interpreting
+
+            if not triton_interpreting():
+                raise ValueError("device: the low-latency kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
+        R = self.world_size
+        if cfg.num_experts % R:
+            raise ValueError(f"num_experts: must be a multiple of the number of ranks {R}, got {cfg.num_experts}")
+        self.num_local_experts = EL = cfg.num_experts // R
+        self.sync_check = (self.device.type == "cpu") if sync_check is None else sync_check
+        spins = cfg.timeout_spins
+        if spins is None:
+            spins = EMULATED_TIMEOUT_SPINS if self.device.type == "cpu" else DEFAULT_TIMEOUT_SPINS
+        self.timeout_spins = spins
+
+        H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
+        self.layout = MessageLayout(cfg.payload, H, K)
+        self.clayout = MessageLayout(cfg.combine_payload, H, 1)
+        self.crow_bytes = self.clayout.meta_offset + (16 if cfg.combine_payload == "nvfp4" else 0)
+        self.max_m = R * TMAX
+        if cfg.scale_layout == "swizzled":
+            self.max_m = round_up(self.max_m, 128)
+        RB, CRB = self.layout.row_bytes, self.crow_bytes
+        dev = self.device
+        i64 = torch.int64
+        if backend == "nvlink":
+            nbuf = 2
+            self._slots = mem.alloc((nbuf * EL * R * TMAX * RB // 8,), i64)
+            self._dflags = mem.alloc((nbuf * EL * R,), i64)
+            self._crows = mem.alloc((nbuf * TMAX * K * CRB // 8,), i64)
+            self._cflags = mem.alloc((nbuf * R,), i64)
+            geo = _Geometry(EL * R * TMAX, R * TMAX, TMAX, EL * R, R, 1, self.rank)
+            self._dsend = self._drecv = geo
+            self._dsend_tables = (self._slots.peer_ptrs, self._dflags.peer_ptrs)
+            self._drecv_bufs = (self._slots.local, self._dflags.local)
+            self._csend_tables = (self._crows.peer_ptrs, self._cflags.peer_ptrs)
+            self._crecv_bufs = (self._crows.local, self._cflags.local)
+            self._cgeo = dict(cb=TMAX * K, cs=0, cflag_b=R, cflag_s=1)
+        else:
+            nbuf = 1
+            self._stage = {
+                "dsend": torch.zeros(R, EL * TMAX * RB // 8, dtype=i64, device=dev),
+                "drecv": torch.zeros(R, EL * TMAX * RB // 8, dtype=i64, device=dev),
+                "dfsend": torch.zeros(R, EL, dtype=i64, device=dev),
+                "dfrecv": torch.zeros(R, EL, dtype=i64, device=dev),
+                "csend": torch.zeros(R, TMAX * K * CRB // 8, dtype=i64, device=dev),
+                "crecv": torch.zeros(R, TMAX * K * CRB // 8, dtype=i64, device=dev),
+                "cfsend": torch.zeros(R, 1, dtype=i64, device=dev),
+                "cfrecv": torch.zeros(R, 1, dtype=i64, device=dev),
+            }
+            st = self._stage
+
+            def table(t: torch.Tensor) -> torch.Tensor:
+                return torch.tensor([t[r].data_ptr() for r in range(R)], dtype=i64, device=dev)
+
+            self._dsend = _Geometry(0, TMAX, 0, 0, 1, 0, 0)
+            self._drecv = _Geometry(0, TMAX, EL * TMAX, 0, 1, EL, 0)
+            self._dsend_tables = (table(st["dsend"]), table(st["dfsend"]))
+            self._drecv_bufs = (st["drecv"], st["dfrecv"])
+            self._csend_tables = (table(st["csend"]), table(st["cfsend"]))
+            self._crecv_bufs = (st["crecv"], st["cfrecv"])
+            self._cgeo = dict(cb=0, cs=TMAX * K, cflag_b=0, cflag_s=1, send_cs=0, send_flag_s=0)
+        self.nbuf = nbuf
+        # device-side state: sequence numbers, arrival counters, status codes
+        self._epoch = torch.zeros(4, dtype=i64, device=dev)
+        self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
+        self._status = torch.zeros(4, dtype=torch.int32, device=dev)
+        self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
+        self._calls = 0
+        self._phase = "idle"  # idle -> dispatch_sent -> dispatched -> combine_sent -> idle
+        self._destroyed = False
+
+    # ------------------------------------------------------------------ helpers
+    def _nb(self, payload: str) -> int:
+        H = self.config.hidden
+        if payload == "nvfp4":
+            return _next_pow2(max(H // 16, 8))
+        if payload == "fp8":
+            return _next_pow2(H // 128)
+        return _next_pow2(H // 16)
+
+    def _warps(self) -> int:
+        return 8 if self.config.hidden >= 2048 else 4
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("LowLatencyBuffer: used after destroy()")
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def check(self) -> None:
+        """Read the status the kernels left (a host sync), clear it, and raise on errors:
+        ``TimeoutError`` naming the peer whose flag never came, ``ValueError`` for bad
+        ``topk_ids`` or a slot overflow."""
+        st = self._status.tolist()
+        if not any(st):
+            return
+        self._status.zero_()
+        if st[0]:
+            raise TimeoutError(
+                f"rank {self.rank}: low-latency dispatch timed out waiting for rank {st[0] - 1} "
+                f"({self.timeout_spins} spins); is that rank alive and calling dispatch?"
+            )
+        if st[1]:
+            raise TimeoutError(
+                f"rank {self.rank}: low-latency combine timed out waiting for rank {st[1] - 1} "
+                f"({self.timeout_spins} spins); is that rank alive and calling combine?"
+            )
+        if st[3]:
+            raise ValueError(
+                f"topk_ids: values must lie in [-1, {self.config.num_experts}), found {st[3] - 1} (those entries were skipped)"
+            )
+        if st[2]:
+            raise ValueError(
+                f"topk_ids: more than max_tokens_per_rank={self.config.max_tokens_per_rank} rows for local expert "
+                f"{st[2] - 1} of one destination (duplicate ids in a token?); extra rows were dropped"
+            )
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, async_finish: bool = False
+    ) -> LowLatencyDispatchOutput | tuple[LowLatencyDispatchOutput, Callable[[], LowLatencyDispatchOutput]]:
+        """Send + receive. ``x`` BF16 ``[T, H]``, ``topk_ids`` int32/int64 ``[T, K]`` in
+        ``[-1, E)``, ``topk_weights`` float32 ``[T, K]``. With ``async_finish=True`` returns
+        ``(out, hook)``: only the send half ran; ``hook()`` launches the receive half, after
+        which ``out``'s tensors hold the result."""
+        pending = self.dispatch_send(x, topk_ids, topk_weights)
+        if async_finish:
+            return pending, lambda: self.dispatch_recv(pending)
+        return self.dispatch_recv(pending)
+
+    def dispatch_send(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> LowLatencyDispatchOutput:
+        """Send half: quantize and store every ``(token, k)`` row into its expert's slot on the
+        owning rank. Returns the output object (its tensors are filled by :meth:`dispatch_recv`)."""
+        self._check_alive()
+        if self._phase not in ("idle", "dispatched"):
+            raise RuntimeError(f"dispatch_send: the previous call is unfinished (state {self._phase!r})")
+        cfg = self.config
+        H, K, E, TMAX = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank
+        check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device, contiguous=True)
+        T = x.shape[0]
+        if x.shape[1] != H:
+            raise ValueError(f"x: expected hidden size {H}, got shape {list(x.shape)}")
+        if T > TMAX:
+            raise ValueError(f"x: {T} tokens exceed max_tokens_per_rank={TMAX}")
+        check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64), shape=(T, K), device=self.device)
+        check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(T, K), device=self.device)
+        ids = topk_ids.to(torch.int32).contiguous()
+        wts = topk_weights.to(torch.float32).contiguous()
+        EL, R, MM = self.num_local_experts, self.world_size, self.max_m
+        dev = self.device
+        out = self._alloc_dispatch_out(EL, MM)
+        L = self.layout
+        geo = self._dsend
+        rows_t, flags_t = self._dsend_tables
+        from ..kernels.nvlink import ll_dispatch_send_kernel
+
+        grid = (max(1, min(T, 2 * self._num_sms)),)
+        xin = x.view(torch.int64) if cfg.payload == "bf16" else x
+        ll_dispatch_send_kernel[grid](
+            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._counter[0:1], self._status,
+            geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
+            H=H, K=K, KP=_next_pow2(K), E=E, EP=_next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
+            PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
+            SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
+            CHUNK=256, NPROG=grid[0], num_warps=self._warps(),
+        )  # fmt: skip
+        if self.backend == "torch":
+            self._a2a(self._stage["drecv"], self._stage["dsend"])
+            self._a2a(self._stage["dfrecv"], self._stage["dfsend"])
+        out.handle.topk_ids, out.handle.topk_weights = ids, wts
+        self._calls += 1
+        out.handle.call = self._calls
+        self._phase = "dispatch_sent"
+        del dev
+        return out
+
+    def _alloc_dispatch_out(self, EL: int, MM: int) -> LowLatencyDispatchOutput:
+        cfg, dev = self.config, self.device
+        H = cfg.hidden
+        if cfg.payload == "nvfp4":
+            x = torch.empty(EL, MM, H // 2, dtype=torch.uint8, device=dev)
+            ksf = H // 16
+            if cfg.scale_layout == "swizzled":
+                scales = torch.empty(EL, MM, round_up(ksf, 4), dtype=torch.float8_e4m3fn, device=dev)
+            else:
+                scales = torch.empty(EL, MM, ksf, dtype=torch.float8_e4m3fn, device=dev)
+            gs = torch.empty(EL, MM, dtype=torch.float32, device=dev)
+        elif cfg.payload == "fp8":
+            x = torch.empty(EL, MM, H, dtype=torch.float8_e4m3fn, device=dev)
+            scales = torch.empty(EL, MM, H // 128, dtype=torch.float32, device=dev)
+            gs = None
+        else:
+            x = torch.empty(EL, MM, H, dtype=torch.bfloat16, device=dev)
+            scales = gs = None
+        masked_m = torch.empty(EL, dtype=torch.int32, device=dev)
+        handle = LowLatencyHandle(
+            src_rank=torch.empty(EL, MM, dtype=torch.int32, device=dev),
+            src_slot=torch.empty(EL, MM, dtype=torch.int32, device=dev),
+            masked_m=masked_m,
+            topk_ids=None,  # type: ignore[arg-type]
+            topk_weights=None,  # type: ignore[arg-type]
+            call=0,
+        )
+        w = torch.empty(EL, MM, dtype=torch.float32, device=dev)
+        return LowLatencyDispatchOutput(x=x, scales=scales, global_scale=gs, masked_m=masked_m, topk_weights=w, handle=handle)
+
+    def dispatch_recv(self, out: LowLatencyDispatchOutput) -> LowLatencyDispatchOutput:
+        """Receive half: wait for the flags of this rank's experts and compact the slots into
+        ``out`` (masked layout)."""
+        self._check_alive()
+        if self._phase != "dispatch_sent" or out.handle.call != self._calls:
+            raise RuntimeError("dispatch_recv: call it once, after the dispatch_send that returned `out`")
+        cfg = self.config
+        H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
+        EL, R, MM = self.num_local_experts, self.world_size, self.max_m
+        L, geo = self.layout, self._drecv
+        slots, flags = self._drecv_bufs
+        from ..kernels.nvlink import ll_dispatch_recv_kernel
+
+        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        swz = cfg.scale_layout == "swizzled"
+        ksf = H // 16
+        sf = out.scales.view(torch.uint8) if cfg.payload == "nvfp4" else (out.scales if out.scales is not None else self._dummy)
+        ll_dispatch_recv_kernel[(EL, nsplit)](
+            slots.data_ptr(), flags, self._epoch, self._status,
+            out.x.view(torch.int64), sf, out.global_scale if out.global_scale is not None else self._dummy,
+            out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights,
+            geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
+            cdiv(MM, 128), cdiv(ksf, 4), self.timeout_spins,
+            R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
+            NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
+            SRC_OFF=L.src_offset, SWIZZLE=swz, NSPLIT=nsplit, num_warps=self._warps(),
+        )  # fmt: skip
+        self._phase = "dispatched"
+        if self.sync_check and not self._capturing():
+            self.check()
+        return out
+
+    # ------------------------------------------------------------------ combine
+    def combine(
+        self, expert_out: torch.Tensor, handle: LowLatencyHandle, *, async_finish: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """``expert_out`` BF16 ``[E_local, max_m, H]`` (rows ``< masked_m[e]`` are read) ->
+        BF16 ``[T, H]``: ``y[t] = sum_k w[t, k] * expert_out[row of (t, k)]`` (FP32, k ascending;
+        tokens with every id ``-1`` get zeros). ``async_finish=True``: ``(y, hook)``, see
+        :meth:`dispatch`."""
+        y = self.combine_send(expert_out, handle)
+        if async_finish:
+            return y, lambda: self.combine_recv(y, handle)
+        return self.combine_recv(y, handle)
+
+    def combine_send(self, expert_out: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
+        """Send half of combine; returns the (not yet filled) output ``[T, H]`` BF16."""
+        self._check_alive()
+        if self._phase != "dispatched":
+            raise RuntimeError(f"combine_send: needs a finished dispatch first (state {self._phase!r})")
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        if handle.call != self._calls:
+            raise ValueError("handle: stale (from an earlier dispatch on this buffer)")
+        cfg = self.config
+        H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
+        check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(EL, MM, H), device=self.device, contiguous=True)
+        from ..kernels.nvlink import ll_combine_send_kernel
+
+        g = self._cgeo
+        rows_t, flags_t = self._csend_tables
+        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
+        ll_combine_send_kernel[(EL, nsplit)](
+            yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._counter[1:2],
+            self.rank if self.backend == "nvlink" else 0, g["cb"], g.get("send_cs", g["cs"]),
+            g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), MM,
+            H=H, R=R, RP=_next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
+            NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
+            E_LOCAL=EL, NSPLIT=nsplit, num_warps=self._warps(),
+        )  # fmt: skip
+        if self.backend == "torch":
+            self._a2a(self._stage["crecv"], self._stage["csend"])
+            self._a2a(self._stage["cfrecv"], self._stage["cfsend"])
+        self._phase = "combine_sent"
+        T = handle.topk_ids.shape[0]
+        return torch.empty(T, H, dtype=torch.bfloat16, device=self.device)
+
+    def combine_recv(self, y: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
+        """Receive half of combine: wait for every expert rank, reduce into ``y``."""
+        self._check_alive()
+        if self._phase != "combine_sent":
+            raise RuntimeError(f"combine_recv: call it once, after combine_send (state {self._phase!r})")
+        cfg = self.config
+        H, K, E, R = cfg.hidden, cfg.num_topk, cfg.num_experts, self.world_size
+        T = handle.topk_ids.shape[0]
+        rows, flags = self._crecv_bufs
+        g = self._cgeo
+        from ..kernels.nvlink import ll_combine_recv_kernel
+
+        grid = (max(1, min(T, 2 * self._num_sms)),)
+        ll_combine_recv_kernel[grid](
+            rows.data_ptr(), flags, self._epoch, self._status, handle.topk_ids, handle.topk_weights, y, T,
+            g["cb"], g["cs"], g["cflag_b"], g["cflag_s"], self.timeout_spins,
+            H=H, K=K, E=E, E_LOCAL=self.num_local_experts, R=R, NBUF=self.nbuf,
+            CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
+            BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
+            CSCALE_OFF=self.clayout.scale_offset, NPROG=grid[0], num_warps=self._warps(),
+        )  # fmt: skip
+        self._phase = "idle"
+        if self.sync_check and not self._capturing():
+            self.check()
+        return y
+
+    # ------------------------------------------------------------------ misc
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_to_all_single(out, inp, group=self.group)
+
+    def wire_bytes(self, num_tokens: int, routed_pairs: int | None = None) -> dict[str, int]:
+        """Bytes a rank puts on the wire for ``routed_pairs`` (token, expert) pairs
+        (default ``num_tokens * K``): dispatch rows and combine rows (to all ranks, self
+        included)."""
+        n = num_tokens * self.config.num_topk if routed_pairs is None else routed_pairs
+        return {"dispatch": n * self.layout.row_bytes, "combine": n * self.crow_bytes}
+
+    def destroy(self) -> None:
+        """Free the symmetric buffers (collective on NVSHMEM). Idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self.mem is not None:
+            for t in (self._slots, self._dflags, self._crows, self._cflags):
+                self.mem.free(t)
+        self._stage = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()

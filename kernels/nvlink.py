@@ -1,0 +1,509 @@
+"""Peer-memory send / receive kernels of the ``nvlink`` backend (and of the low-latency
+``torch`` fallback, which runs the same kernels against local staging buffers).
+
+Addresses come in as int64 tables (``table[r]`` = base address of rank ``r``'s buffer),
+so the same kernel stores into a peer's NVSHMEM memory on GPUs, into an emulated rank's
+host tensor under ``TRITON_INTERPRET=1``, or into a local send buffer. Rows move as int64
+words (every row section is 8-byte aligned, see ``fp4comm/ep/message.py``).
+
+Payload codes (``PAYLOAD`` / ``CPAYLOAD``): 0 = nvfp4 (tile ``[NB, 16]``, one word of codes
+a block), 1 = fp8 (tile ``[NB, 128]``, 16 words a block, FP32 scales), 2 = bf16 (raw words).
+
+Low-latency slots: a row for ``(source token t, top-k index k)`` routed to global expert
+``e`` lands in slot ``b*SLOT_B + (e % E_LOCAL)*SLOT_E + src*SLOT_S + pos`` of rank
+``e // E_LOCAL``, where ``b`` is the double-buffer parity of the call and ``pos`` the number
+of ``(t', k')`` pairs before ``(t, k)`` (row-major) routed to ``e``: so slots of one
+(expert, source) hold that source's tokens in order, and the receiver's compaction is
+deterministic. In low-latency rows the message's ``src_index`` field holds ``t * K + k``.
+Flags carry ``(sequence << 32) | count`` (int64) and are never reset.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    e4m3_decode,
+    e4m3_encode,
+    nvfp4_block_stats,
+    nvfp4_dequantize_tile,
+    nvfp4_global_scale,
+    nvfp4_quantize_tile,
+    swizzled_sf_offset,
+)
+from .sync import arrive_last, flag_store_release, report_timeout, wait_flag_geq
+
+# status slots (int32 [4], local): set by kernels, read by the host
+ST_DISPATCH_TIMEOUT: tl.constexpr = 0  # 1 + source rank whose dispatch flag never came
+ST_COMBINE_TIMEOUT: tl.constexpr = 1  # 1 + expert rank whose combine flag never came
+ST_OVERFLOW: tl.constexpr = 2  # 1 + local expert of a slot region that overflowed
+ST_BAD_ID: tl.constexpr = 3  # 1 + a top-k id outside [-1, E)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _bytes_to_words(b):
+    """[N, 8] bytes (any int type, 0..255) -> [N] int64 little-endian words."""
+    sh = (tl.arange(0, 8) * 8).to(tl.int64)
+    return tl.sum((b.to(tl.int64) & 255) << sh[None, :], axis=1)
+
+
+@triton.jit
+def _words_to_bytes(w):
+    """[N] int64 words -> [N, 8] int32 bytes (little-endian)."""
+    sh = (tl.arange(0, 8) * 8).to(tl.int64)
+    return ((w[:, None] >> sh[None, :]) & 255).to(tl.int32)
+
+
+@triton.jit
+def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr):
+    """Quantize one token row (``x_ptr`` -> its first element; for bf16 ``x_ptr`` is an int64
+    pointer to the row's raw words) into message words.
+
+    Returns ``(pw, sw, gs)``: payload words (nvfp4 ``[NB]``, fp8 ``[NB, 16]``, bf16 ``[NB*4]``),
+    scale words (nvfp4 ``[NB // 8]`` int64, fp8 ``[NB]`` int32 FP32 bits, bf16 unused),
+    the FP32 encode global scale (nvfp4; 1.0 otherwise)."""
+    blk = tl.arange(0, NB)
+    if PAYLOAD == 0:
+        KSF: tl.constexpr = H // 16
+        xf = tl.load(x_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < KSF)[:, None], other=0.0)
+        xf = xf.to(tl.float32)
+        vmax, bad = nvfp4_block_stats(xf)
+        gs = nvfp4_global_scale(vmax)
+        packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
+        pw = _bytes_to_words(packed)
+        sw = _bytes_to_words(tl.reshape(sfb, (NB // 8, 8)))
+    elif PAYLOAD == 1:
+        NBLK: tl.constexpr = H // 128
+        xf = tl.load(x_ptr + blk[:, None] * 128 + tl.arange(0, 128)[None, :], mask=(blk < NBLK)[:, None], other=0.0)
+        xf = xf.to(tl.float32)
+        finite = tl.abs(xf) < float("inf")
+        bad = tl.max((~finite).to(tl.int32), axis=1) != 0
+        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
+        sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
+        inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+        _, qb = e4m3_encode(xf * inv[:, None])
+        qb = tl.where(bad[:, None], 0x7F, qb)
+        sf = tl.where(bad, float("nan"), sf)
+        pw = tl.reshape(_bytes_to_words(tl.reshape(qb, (NB * 16, 8))), (NB, 16))
+        sw = sf.to(tl.int32, bitcast=True)
+        gs = 1.0
+    else:
+        pw = tl.load(x_ptr + tl.arange(0, NB * 4), mask=tl.arange(0, NB * 4) < H // 4, other=0)
+        sw = 0
+        gs = 1.0
+    return pw, sw, gs
+
+
+@triton.jit
+def _store_row(
+    row_addr, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
+):
+    """Store payload + scales (+ gs at ``SCALE_OFF`` + scale bytes rounded to 16 for nvfp4,
+    i.e. the message's ``gs_offset``) of one row at byte address ``row_addr`` (int64)."""
+    wp = row_addr.to(tl.pointer_type(tl.int64))
+    blk = tl.arange(0, NB)
+    if PAYLOAD == 0:
+        KSF: tl.constexpr = H // 16
+        tl.store(wp + blk, pw, mask=blk < KSF)
+        sblk = tl.arange(0, NB // 8)
+        tl.store(wp + SCALE_OFF // 8 + sblk, sw, mask=sblk < (KSF + 7) // 8)
+        GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
+        tl.store((row_addr + GS_OFF).to(tl.pointer_type(tl.float32)), gs)
+    elif PAYLOAD == 1:
+        NBLK: tl.constexpr = H // 128
+        tl.store(wp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], pw, mask=(blk < NBLK)[:, None])
+        tl.store((row_addr + SCALE_OFF).to(tl.pointer_type(tl.int32)) + blk, sw, mask=blk < NBLK)
+    else:
+        w = tl.arange(0, NB * 4)
+        tl.store(wp + w, pw, mask=w < H // 4)
+
+
+@triton.jit
+def _load_row_f32(row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr):
+    """Dequantize one row at byte address ``row_addr`` to an FP32 tile ``[NB, BS]``
+    (BS = 16 for nvfp4/bf16, 128 for fp8); blocks past ``H`` read as 0."""
+    wp = row_addr.to(tl.pointer_type(tl.int64))
+    blk = tl.arange(0, NB)
+    if PAYLOAD == 0:
+        KSF: tl.constexpr = H // 16
+        pw = tl.load(wp + blk, mask=blk < KSF, other=0)
+        sblk = tl.arange(0, NB // 8)
+        sw = tl.load(wp + SCALE_OFF // 8 + sblk, mask=sblk < (KSF + 7) // 8, other=0)
+        sfb = tl.reshape(_words_to_bytes(sw), (NB,))
+        sfb = tl.where(blk < KSF, sfb, 0)
+        GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
+        gs = tl.load((row_addr + GS_OFF).to(tl.pointer_type(tl.float32)))
+        v = nvfp4_dequantize_tile(_words_to_bytes(pw), sfb, gs)
+    elif PAYLOAD == 1:
+        NBLK: tl.constexpr = H // 128
+        pw = tl.load(wp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < NBLK)[:, None], other=0)
+        qb = tl.reshape(_words_to_bytes(tl.reshape(pw, (NB * 16,))), (NB, 128))
+        s = tl.load((row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32)) + blk, mask=blk < NBLK, other=0.0)
+        v = e4m3_decode(qb) * s[:, None]
+    else:
+        bp = row_addr.to(tl.pointer_type(tl.bfloat16))
+        v = tl.load(bp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < H // 16)[:, None], other=0.0)
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """FP32 -> BF16 round-to-nearest-even on GPUs and under the interpreter alike."""
+    bits = x.to(tl.int32, bitcast=True)
+    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r).to(tl.bfloat16)
+
+
+# ----------------------------------------------------------------------------- low latency: dispatch
+@triton.jit
+def ll_dispatch_send_kernel(
+    x_ptr,  # [T, H] bf16 (int64 view [T, H/4] for the bf16 payload)
+    ids_ptr,  # [T, K] int32
+    w_ptr,  # [T, K] fp32
+    T,
+    rows_table,  # [R] int64: base address of rank d's slot rows
+    flags_table,  # [R] int64: base address of rank d's int64 flags
+    epoch_ptr,  # [4] int64 local: [0] last finished dispatch (written by recv), [1] in flight
+    counter_ptr,  # int32 local arrival counter
+    status_ptr,  # [4] int32 local
+    SRC_SLOT,  # this rank's index along the slots' source axis
+    SLOT_B,
+    SLOT_E,
+    SLOT_S,
+    FLAG_B,
+    FLAG_E,
+    FLAG_S,
+    TMAX,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    E: tl.constexpr,
+    EP: tl.constexpr,  # power of two > E
+    E_LOCAL: tl.constexpr,
+    NBUF: tl.constexpr,
+    PAYLOAD: tl.constexpr,
+    NB: tl.constexpr,
+    ROW_BYTES: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    IDS_OFF: tl.constexpr,
+    W_OFF: tl.constexpr,
+    SRC_OFF: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NPROG,  # grid size (tl.num_programs is not a scalar under the interpreter)
+):
+    """One program per token (persistent loop): quantize the row once, store it into the
+    slot of each of its top-k experts on the owning rank; the last program to finish
+    publishes ``(seq << 32) | count`` for every (expert, this source)."""
+    pid = tl.program_id(0)
+    nprog = NPROG
+    seq = tl.load(epoch_ptr) + 1
+    b = seq % NBUF
+    kk = tl.arange(0, KP)
+    t = pid
+    while t < T:
+        t64 = t.to(tl.int64)
+        if PAYLOAD == 2:
+            pw, sw, gs = _encode_row(x_ptr + t64 * (H // 4), H, PAYLOAD, NB)
+        else:
+            pw, sw, gs = _encode_row(x_ptr + t64 * H, H, PAYLOAD, NB)
+        ids = tl.load(ids_ptr + t64 * K + kk, mask=kk < K, other=-1)
+        wts = tl.load(w_ptr + t64 * K + kk, mask=kk < K, other=0.0)
+        bad = (ids < -1) | (ids >= E)
+        if tl.sum(bad.to(tl.int32), axis=0) > 0:
+            report_timeout(status_ptr + ST_BAD_ID, 1 + tl.max(tl.where(bad, ids, -1), axis=0))
+        ids = tl.where(bad, -1, ids)
+        # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
+        flat = t64 * K + kk
+        pos = tl.zeros([KP], dtype=tl.int32)
+        c = 0
+        while c < t * K + K:
+            offs = c + tl.arange(0, CHUNK)
+            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
+            hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
+            pos += tl.sum(hit.to(tl.int32), axis=1)
+            c += CHUNK
+        for k in tl.static_range(K):
+            e = tl.sum(tl.where(kk == k, ids, 0), axis=0)  # -1 when not routed
+            p = tl.sum(tl.where(kk == k, pos, 0), axis=0)
+            if e >= 0:
+                if p < TMAX:
+                    d = e // E_LOCAL
+                    le = e % E_LOCAL
+                    slot = b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + p
+                    row_addr = tl.load(rows_table + d) + slot.to(tl.int64) * ROW_BYTES
+                    _store_row(row_addr, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
+                    ip = (row_addr + IDS_OFF).to(tl.pointer_type(tl.int32))
+                    tl.store(ip + kk, ids, mask=kk < K)
+                    fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
+                    tl.store(fp + kk, wts, mask=kk < K)
+                    tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), (t * K + k).to(tl.int32))
+                else:
+                    report_timeout(status_ptr + ST_OVERFLOW, 1 + e % E_LOCAL)
+        t += nprog
+    if arrive_last(counter_ptr, nprog):
+        # counts per global expert, then one flag per (expert, this source) on its owner
+        ex = tl.arange(0, EP)
+        cnt = tl.zeros([EP], dtype=tl.int32)
+        c = 0
+        while c < T * K:
+            offs = c + tl.arange(0, CHUNK)
+            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
+            ok = (v >= 0) & (v < E) & (offs < T * K)
+            cnt += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
+            c += CHUNK
+        cnt = tl.minimum(cnt, TMAX)
+        d = ex // E_LOCAL
+        le = ex % E_LOCAL
+        fbase = tl.load(flags_table + d, mask=ex < E, other=0)
+        faddr = fbase + (b * FLAG_B + le * FLAG_E + SRC_SLOT * FLAG_S).to(tl.int64) * 8
+        val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
+        tl.debug_barrier()
+        tl.atomic_xchg(faddr.to(tl.pointer_type(tl.int64)), val, mask=ex < E, sem="release", scope="sys")
+        tl.store(epoch_ptr + 1, seq)
+
+
+@triton.jit
+def ll_dispatch_recv_kernel(
+    slots_ptr,  # int64 address of this rank's slot rows (as an int64 tensor's data)
+    flags_ptr,  # [..] int64 local flags
+    epoch_ptr,
+    status_ptr,
+    out_x_ptr,  # int64 view of [E_LOCAL, MAXM, payload_bytes]
+    out_sf_ptr,  # nvfp4: uint8 linear [E_LOCAL, MAXM, KSF] or swizzled [E_LOCAL, MAXM_P, KP4]; fp8: fp32
+    out_gs_ptr,  # [E_LOCAL, MAXM] fp32 (nvfp4)
+    masked_m_ptr,  # [E_LOCAL] int32
+    src_rank_ptr,  # [E_LOCAL, MAXM] int32
+    src_slot_ptr,  # [E_LOCAL, MAXM] int32 (t * K + k on the source)
+    out_w_ptr,  # [E_LOCAL, MAXM] fp32
+    SLOT_B,
+    SLOT_E,
+    SLOT_S,
+    FLAG_B,
+    FLAG_E,
+    FLAG_S,
+    TMAX,
+    MAXM,
+    MT,
+    KT,
+    max_spins,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    NBUF: tl.constexpr,
+    PAYLOAD: tl.constexpr,
+    NB: tl.constexpr,
+    ROW_BYTES: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    W_OFF: tl.constexpr,
+    SRC_OFF: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+    NSPLIT,  # grid dim 1
+):
+    """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, then copy its
+    slots into the masked layout ordered by (source rank, source token)."""
+    le = tl.program_id(0)
+    j = tl.program_id(1)
+    nsplit = NSPLIT
+    seq = tl.load(epoch_ptr + 1)
+    b = seq % NBUF
+    rr = tl.arange(0, RP)
+    cnt = tl.zeros([RP], dtype=tl.int32)
+    for s in tl.static_range(R):
+        fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
+        v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins)
+        if not ok:
+            report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
+        c = tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0)
+        cnt = tl.where(rr == s, tl.minimum(c, TMAX), cnt)
+    start = tl.cumsum(cnt, axis=0) - cnt
+    if j == 0:
+        tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
+    base = slots_ptr.to(tl.int64)
+    blk = tl.arange(0, NB)
+    KSF: tl.constexpr = H // 16
+    for s in tl.static_range(R):
+        c_s = tl.sum(tl.where(rr == s, cnt, 0), axis=0)
+        st = tl.sum(tl.where(rr == s, start, 0), axis=0)
+        i = j
+        while i < c_s:
+            slot = (b * SLOT_B + le * SLOT_E + s * SLOT_S + i).to(tl.int64)
+            row_addr = base + slot * ROW_BYTES
+            wp = row_addr.to(tl.pointer_type(tl.int64))
+            m = (st + i).to(tl.int64)
+            orow = le.to(tl.int64) * MAXM + m
+            if PAYLOAD == 0:
+                PW: tl.constexpr = H // 16
+                w = tl.arange(0, NB)
+                tl.store(out_x_ptr + orow * PW + w, tl.load(wp + w, mask=w < PW), mask=w < PW)
+                sblk = tl.arange(0, NB // 8)
+                sw = tl.load(wp + SCALE_OFF // 8 + sblk, mask=sblk < (KSF + 7) // 8, other=0)
+                sfb = tl.reshape(_words_to_bytes(sw), (NB,)).to(tl.uint8)
+                if SWIZZLE:
+                    kq = tl.arange(0, NB)
+                    off = swizzled_sf_offset(le.to(tl.int64), m, kq.to(tl.int64), MT, KT)
+                    tl.store(out_sf_ptr + off, tl.where(kq < KSF, sfb, 0), mask=kq < KT * 4)
+                else:
+                    tl.store(out_sf_ptr + orow * KSF + blk, sfb, mask=blk < KSF)
+                GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
+                tl.store(out_gs_ptr + orow, tl.load((row_addr + GS_OFF).to(tl.pointer_type(tl.float32))))
+            elif PAYLOAD == 1:
+                PW1: tl.constexpr = H // 8
+                w = tl.arange(0, NB * 16)
+                tl.store(out_x_ptr + orow * PW1 + w, tl.load(wp + w, mask=w < PW1), mask=w < PW1)
+                NBLK: tl.constexpr = H // 128
+                sp = (row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32))
+                tl.store(out_sf_ptr + orow * NBLK + blk, tl.load(sp + blk, mask=blk < NBLK), mask=blk < NBLK)
+            else:
+                PW2: tl.constexpr = H // 4
+                w = tl.arange(0, NB * 4)
+                tl.store(out_x_ptr + orow * PW2 + w, tl.load(wp + w, mask=w < PW2), mask=w < PW2)
+            tk = tl.load((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)))
+            kidx = tk % K
+            tl.store(src_rank_ptr + orow, s)
+            tl.store(src_slot_ptr + orow, tk)
+            tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + kidx))
+            i += nsplit
+    if (le == 0) & (j == 0):
+        tl.store(epoch_ptr, seq)
+
+
+# ----------------------------------------------------------------------------- low latency: combine
+@triton.jit
+def ll_combine_send_kernel(
+    y_ptr,  # [E_LOCAL, MAXM, H] bf16 (int64 view for the bf16 wire)
+    masked_m_ptr,
+    src_rank_ptr,
+    src_slot_ptr,
+    rows_table,  # [R] int64: base of rank s's combine rows
+    flags_table,  # [R] int64: base of rank s's combine flags
+    epoch_ptr,  # [4] int64: [2] last finished combine, [3] in flight
+    counter_ptr,
+    SRC_SLOT,
+    CB,  # rows per buffer parity
+    CS,  # rows per source-slot block (0 on NVLink, T_MAX*K for the torch staging buffer)
+    FLAG_B,
+    FLAG_S,
+    MAXM,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    NBUF: tl.constexpr,
+    CPAYLOAD: tl.constexpr,
+    NB: tl.constexpr,
+    CROW_BYTES: tl.constexpr,
+    CSCALE_OFF: tl.constexpr,
+    E_LOCAL: tl.constexpr,
+    NSPLIT,
+):
+    """Grid ``(E_LOCAL, NSPLIT)``: send each valid expert-output row (quantized per token
+    for fp8 / nvfp4 wires) to slot ``t * K + k`` of its source rank; the last program
+    publishes ``seq`` to every rank."""
+    le = tl.program_id(0)
+    j = tl.program_id(1)
+    nsplit = NSPLIT
+    nprog = E_LOCAL * NSPLIT
+    seq = tl.load(epoch_ptr + 2) + 1
+    b = seq % NBUF
+    n = tl.load(masked_m_ptr + le)
+    i = j
+    while i < n:
+        orow = le.to(tl.int64) * MAXM + i
+        s = tl.load(src_rank_ptr + orow)
+        slot = tl.load(src_slot_ptr + orow).to(tl.int64)
+        row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + slot).to(tl.int64) * CROW_BYTES
+        if CPAYLOAD == 2:
+            pw, sw, gs = _encode_row(y_ptr + orow * (H // 4), H, CPAYLOAD, NB)
+        else:
+            pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
+        _store_row(row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
+        i += nsplit
+    if arrive_last(counter_ptr, nprog):
+        rr = tl.arange(0, RP)
+        fbase = tl.load(flags_table + rr, mask=rr < R, other=0)
+        faddr = fbase + (b * FLAG_B + SRC_SLOT * FLAG_S).to(tl.int64) * 8
+        tl.atomic_xchg(
+            faddr.to(tl.pointer_type(tl.int64)), tl.zeros([RP], tl.int64) + seq, mask=rr < R, sem="release", scope="sys"
+        )
+        tl.store(epoch_ptr + 3, seq)
+
+
+@triton.jit
+def ll_combine_recv_kernel(
+    rows_ptr,  # this rank's combine rows (int64 address)
+    flags_ptr,  # int64 local flags
+    epoch_ptr,
+    status_ptr,
+    ids_ptr,  # [T, K] int32
+    w_ptr,  # [T, K] fp32
+    out_ptr,  # [T, H] bf16
+    T,
+    CB,
+    CS,
+    FLAG_B,
+    FLAG_S,
+    max_spins,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    E_LOCAL: tl.constexpr,
+    R: tl.constexpr,
+    NBUF: tl.constexpr,
+    CPAYLOAD: tl.constexpr,
+    NB: tl.constexpr,
+    BS: tl.constexpr,
+    CROW_BYTES: tl.constexpr,
+    CSCALE_OFF: tl.constexpr,
+    NPROG,
+):
+    """Persistent over tokens: wait for every expert rank's flag, then
+    ``out[t] = sum_k w[t, k] * y(t, k)`` in FP32 (k ascending), rounded to BF16."""
+    pid = tl.program_id(0)
+    nprog = NPROG
+    seq = tl.load(epoch_ptr + 3)
+    b = seq % NBUF
+    for s in tl.static_range(R):
+        _, ok = wait_flag_geq(flags_ptr + b * FLAG_B + s * FLAG_S, seq, max_spins)
+        if not ok:
+            report_timeout(status_ptr + ST_COMBINE_TIMEOUT, s + 1)
+    base = rows_ptr.to(tl.int64)
+    blk = tl.arange(0, NB)
+    col = tl.arange(0, BS)
+    t = pid
+    while t < T:
+        t64 = t.to(tl.int64)
+        acc = tl.zeros([NB, BS], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(ids_ptr + t64 * K + k)
+            if (e >= 0) & (e < E):
+                w = tl.load(w_ptr + t64 * K + k)
+                s = e // E_LOCAL
+                row_addr = base + (b * CB + s * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
+                acc = acc + w * _load_row_f32(row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
+        offs = blk[:, None] * BS + col[None, :]
+        tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
+        t += nprog
+    if pid == 0:
+        tl.store(epoch_ptr + 2, seq)
+
+
+# ----------------------------------------------------------------------------- high throughput
+@triton.jit
+def signal_wait_kernel(
+    flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
+    flags_ptr,  # this rank's flag array
+    status_ptr,
+    rank,
+    epoch,
+    max_spins,
+    STATUS_SLOT: tl.constexpr,
+):
+    """Grid ``(R,)``: program ``p`` tells rank ``p`` that this rank's rows for it (stored by
+    earlier kernels on this stream) are complete, then waits for rank ``p``'s rows to it."""
+    p = tl.program_id(0)
+    dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
+    flag_store_release(dst, epoch.to(tl.int64))
+    _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins)
+    if not ok:
+        report_timeout(status_ptr + STATUS_SLOT, p + 1)
