@@ -12,7 +12,10 @@
 * :func:`ep_combine_source_kernel`: source side, FP32 sum of a token's per-rank partial
   rows in rank order, BF16 out.
 
-Message row byte layout: ``fp4comm/ep/message.py``. All row offsets are int64.
+Message row byte layout: ``fp4comm/ep/message.py``. All row offsets are int64. Loops with
+runtime bounds are ``while`` loops: Triton 3.6's interpreter holds scalars as 1-element
+numpy arrays, which numpy 2 refuses as ``range()`` bounds. BF16 results are rounded with
+``to_bf16_rne`` (the interpreter's cast truncates).
 Reductions are written ``acc = acc + w * v``; launch them with ``enable_fp_fusion=False``
 so the GPU rounds the product and the sum separately, like the plain-torch reference.
 """
@@ -20,7 +23,14 @@ so the GPU rounds the product and the sum separately, like the plain-torch refer
 import triton
 import triton.language as tl
 
-from .common import e4m3_encode, nvfp4_block_stats, nvfp4_global_scale, nvfp4_quantize_tile, swizzled_sf_offset
+from .common import (
+    e4m3_encode,
+    nvfp4_block_stats,
+    nvfp4_global_scale,
+    nvfp4_quantize_tile,
+    swizzled_sf_offset,
+    to_bf16_rne,
+)
 
 PAYLOAD_NVFP4: tl.constexpr = 0
 PAYLOAD_FP8: tl.constexpr = 1
@@ -98,7 +108,8 @@ def ep_pack_kernel(
         hmask = hh < H
         xb = tl.load(x_ptr + t * H + hh, mask=hmask, other=0.0)
 
-    for r in range(R):
+    r = 0
+    while r < R:
         off = tl.load(rank_offset_ptr + t * R + r)
         if off >= 0:
             row = tl.load(dest_row_base_ptr + r) + off.to(tl.int64)
@@ -115,6 +126,7 @@ def ep_pack_kernel(
             tl.store((base + IDS_OFF).to(tl.pointer_type(tl.int32)) + kk, ids, mask=kk < K)
             tl.store((base + W_OFF).to(tl.pointer_type(tl.float32)) + kk, wts, mask=kk < K)
             tl.store((base + SRC_OFF).to(tl.pointer_type(tl.int32)), t.to(tl.int32))
+        r += 1
 
 
 @triton.jit
@@ -135,7 +147,8 @@ def ep_permute_index_kernel(
     e = tl.program_id(0)
     eg = EXPERT_BASE + e
     carry = tl.zeros((), tl.int32)
-    for start in range(0, N, BLOCK_N):
+    start = 0
+    while start < N:
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < N
         idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
@@ -150,6 +163,7 @@ def ep_permute_index_kernel(
             tl.store(slot_map_ptr + n.to(tl.int64) * K + k, e * MAX_M + slot, mask=m & (slot < MAX_M))
             dup += m.to(tl.int32)
         carry += tl.sum(hits, axis=0)
+        start += BLOCK_N
     tl.store(masked_m_ptr + e, carry)
 
 
@@ -185,10 +199,12 @@ def ep_permute_kernel(
         slot = tl.load(slot_map_ptr + n * K + k)
         if slot >= 0:
             s64 = slot.to(tl.int64)
-            for c in range(0, PAYLOAD_WORDS, BLOCK_W):
+            c = 0
+            while c < PAYLOAD_WORDS:
                 w = c + tl.arange(0, BLOCK_W)
                 wm = w < PAYLOAD_WORDS
                 tl.store(x_ptr + s64 * PAYLOAD_WORDS + w, tl.load(src_w + w, mask=wm), mask=wm)
+                c += BLOCK_W
             if PAYLOAD == 0:
                 sfb = tl.load(row + SCALE_OFF + j, mask=jm)
                 if SWIZZLE:
@@ -227,7 +243,7 @@ def ep_combine_expert_kernel(
             acc = acc + w * v
     s = tl.load(src_rank_ptr + n)
     base = tl.load(out_table_ptr + s).to(tl.pointer_type(tl.bfloat16))
-    tl.store(base + tl.load(out_row_ptr + n) * H + h, acc.to(tl.bfloat16), mask=hm)
+    tl.store(base + tl.load(out_row_ptr + n) * H + h, to_bf16_rne(acc), mask=hm)
 
 
 @triton.jit
@@ -243,9 +259,11 @@ def ep_combine_source_kernel(
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     acc = tl.zeros((BLOCK_H,), tl.float32)
-    for r in range(R):
+    r = 0
+    while r < R:
         off = tl.load(rank_offset_ptr + t * R + r)
         if off >= 0:
             base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
             acc = acc + tl.load(base + off.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * H + h, acc.to(tl.bfloat16), mask=hm)
+        r += 1
+    tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)

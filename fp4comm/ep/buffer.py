@@ -1,0 +1,662 @@
+"""``EPBuffer``: expert-parallel dispatch (BF16 tokens -> masked per-expert NVFP4 / FP8 / BF16
+layout on the expert's rank) and combine (expert outputs -> weighted top-k sum per token).
+
+Flow of one dispatch (``T`` tokens, ``R`` ranks, ``E`` experts, ``El = E // R`` local):
+
+1. layout from ``topk_ids`` (:func:`~fp4comm.ep.get_dispatch_layout`), then **one** small
+   all-gather of ``[error code, id-range flag, per-rank counts, per-expert counts]`` so every
+   rank knows every count (split sizes, ``max_m``, capacity) and every rank's input errors:
+   bad input raises the same error on every rank, before any payload moves;
+2. pack: each token is quantized once in registers and stored as one message row per
+   destination rank (``fp4comm/ep/message.py``) through the backend's destination table;
+3. transport (backend); 4. permute into the masked layout (deterministic order).
+
+Combine sends one BF16 row per (token, rank) back and reduces on the source. The exact
+rounding order is in :meth:`EPBuffer.combine` and ``fp4comm/reference/ep.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .._checks import check_choice, check_positive_int
+from .._runtime import IMPLS, cdiv, round_up, use_triton
+from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
+from ..reference import ep as ref
+from .backend import EPBackend, TransferPlan, pointer_table
+from .layout import _layout
+from .message import PAYLOADS, MessageLayout
+
+#: backend name -> "module:Class" (imported on first use). One line per backend.
+BACKENDS: dict[str, str] = {
+    "torch": "fp4comm.ep.backend_torch:TorchBackend",
+    "nvlink": "fp4comm.ep.backend_nvlink:NVLinkBackend",
+}
+
+#: masked-layout rows are a multiple of this (block-scaled GEMM tiles, 128x4 scale swizzle)
+MAX_M_ALIGN = 128
+
+
+def get_backend_class(name: str) -> type[EPBackend]:
+    """The backend class registered as ``name``; ``ImportError`` (with the reason) if its
+    module cannot be imported on this machine, ``ValueError`` if ``name`` is unknown."""
+    check_choice("backend", name, list(BACKENDS))
+    mod, _, cls = BACKENDS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"backend: {name!r} is not available here ({BACKENDS[name]}: {exc})") from exc
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose module imports on this machine."""
+    out = []
+    for name in BACKENDS:
+        try:
+            get_backend_class(name)
+            out.append(name)
+        except ImportError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- config / handle
+@dataclass(frozen=True)
+class EPConfig:
+    """Static configuration of an :class:`EPBuffer` (identical on every rank).
+
+    Attributes:
+        hidden: ``H``, a multiple of 16 (of 128 for ``payload="fp8"``).
+        num_experts: ``E``, a multiple of the world size.
+        num_topk: ``K``.
+        max_tokens_per_rank: largest ``T`` a rank may dispatch.
+        payload: ``"nvfp4"`` | ``"fp8"`` | ``"bf16"``, the wire and masked-layout format.
+        scale_layout: nvfp4 scales in the masked layout, ``"swizzled"`` (128x4) or ``"linear"``.
+        backend: key of :data:`BACKENDS`.
+        max_m: ``None``: rows per expert derived per call (largest local count rounded up
+            to 128, at least 128; shapes vary between calls). An int (multiple of 128):
+            fixed rows per expert (static shapes, e.g. for CUDA graphs); a call routing more
+            than ``max_m`` pairs to one expert raises on every rank.
+        max_recv_tokens: receive capacity in message rows per rank (fixed buffers of the
+            ``nvlink`` backend); default ``R * max_tokens_per_rank`` (never overflows).
+        fp8_ue8m0: fp8 scales rounded up to powers of two.
+        impl: ``"auto"`` | ``"triton"`` | ``"reference"`` (see ``fp4comm._runtime``).
+    """
+
+    hidden: int
+    num_experts: int
+    num_topk: int
+    max_tokens_per_rank: int
+    payload: str = "nvfp4"
+    scale_layout: str = "swizzled"
+    backend: str = "torch"
+    max_m: int | None = None
+    max_recv_tokens: int | None = None
+    fp8_ue8m0: bool = False
+    impl: str = "auto"
+
+    def encode(self, world_size: int) -> list[int]:
+        """Integers compared across ranks at construction (invalid values encode as -1)."""
+
+        def code(v, choices):
+            return choices.index(v) if v in choices else -1
+
+        def num(v):
+            return v if isinstance(v, int) and not isinstance(v, bool) else -1
+
+        return [
+            num(self.hidden),
+            num(self.num_experts),
+            num(self.num_topk),
+            num(self.max_tokens_per_rank),
+            code(self.payload, PAYLOADS),
+            code(self.scale_layout, SCALE_LAYOUTS),
+            code(self.backend, list(BACKENDS)),
+            -2 if self.max_m is None else num(self.max_m),
+            -2 if self.max_recv_tokens is None else num(self.max_recv_tokens),
+            int(bool(self.fp8_ue8m0)),
+            world_size,
+        ]
+
+    ENCODED_NAMES = (
+        "hidden",
+        "num_experts",
+        "num_topk",
+        "max_tokens_per_rank",
+        "payload",
+        "scale_layout",
+        "backend",
+        "max_m",
+        "max_recv_tokens",
+        "fp8_ue8m0",
+        "group (world size)",
+    )
+
+
+_BUFFER_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class EPHandle:
+    """What :meth:`EPBuffer.combine` needs from the dispatch that produced it.
+
+    Valid until the buffer's next ``dispatch`` or ``destroy`` (``generation`` is checked).
+
+    Attributes:
+        buffer_id, generation: identify the dispatch.
+        plan: row counts between every pair of ranks.
+        num_tokens: ``T`` of this rank's dispatch.
+        rank_offset: ``[T, R]`` int32, row of token ``t`` in the block sent to rank ``r``, -1 if not sent.
+        slot_map: ``[N_recv, K]`` int32, ``e_local * max_m + slot`` of each received ``(row, k)``
+            pair routed to a local expert, -1 otherwise (the map back).
+        slot_weights: ``[El * max_m]`` float32, weight of each slot (the dispatch output's
+            ``topk_weights``, flattened).
+        src_rank: ``[N_recv]`` int32, source rank of each received row.
+        src_row: ``[N_recv]`` int64, row of each received row within its source's block.
+        max_m: rows per expert of the masked layout.
+    """
+
+    buffer_id: int
+    generation: int
+    plan: TransferPlan
+    num_tokens: int
+    rank_offset: torch.Tensor
+    slot_map: torch.Tensor
+    slot_weights: torch.Tensor
+    src_rank: torch.Tensor
+    src_row: torch.Tensor
+    max_m: int
+
+
+@dataclass
+class DispatchOutput:
+    """Result of :meth:`EPBuffer.dispatch` on the expert side (``El`` local experts).
+
+    Attributes:
+        x: masked layout ``[El, max_m, H/2]`` uint8 (nvfp4, two E2M1 codes a byte, even
+            element low nibble), ``[El, max_m, H]`` float8_e4m3fn (fp8) or bfloat16 (bf16).
+            Rows ``>= masked_m[e]`` are uninitialized.
+        scales: nvfp4: ``[El, max_m, round_up(H/16, 4)]`` float8_e4m3fn in 128x4 swizzled order
+            (``scale_layout="swizzled"``) or ``[El, max_m, H/16]`` (linear), padding zero;
+            fp8: ``[El, max_m, H/128]`` float32 (decode direction, padding 0); bf16: None.
+        global_scale: nvfp4: ``[El, max_m]`` float32 encode-direction ``gs`` of each row
+            (padding rows 1); else None.
+        masked_m: ``[El]`` int32 on the device, rows used per expert.
+        topk_weights: ``[El, max_m]`` float32, the gate weight of each row's (token, expert)
+            pair (padding 0).
+        handle: :class:`EPHandle` for :meth:`EPBuffer.combine`.
+        payload, scale_layout, hidden: formats of the above.
+    """
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    global_scale: torch.Tensor | None
+    masked_m: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: EPHandle
+    payload: str
+    scale_layout: str
+    hidden: int
+    num_recv_tokens: int = field(default=0)
+
+    @property
+    def max_m(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def activations(self):
+        """The masked layout as :class:`~fp4comm.formats.NVFP4Tensor` (shape
+        ``[El, max_m, H]``, per-row global scale), :class:`~fp4comm.formats.FP8BlockTensor`,
+        or the BF16 tensor: what ``grouped_gemm_masked(a, b, masked_m)`` takes."""
+        El, M = self.x.shape[:2]
+        if self.payload == "nvfp4":
+            return NVFP4Tensor(
+                data=self.x,
+                scales=self.scales,
+                global_scale=self.global_scale,
+                scale_layout=self.scale_layout,
+                shape=torch.Size((El, M, self.hidden)),
+            )
+        if self.payload == "fp8":
+            return FP8BlockTensor(data=self.x, scales=self.scales, block=FP8_BLOCK, ue8m0=False)
+        return self.x
+
+
+# ----------------------------------------------------------------------------- errors
+class _InputError:
+    """An input error found on this rank, held until every rank has exchanged codes."""
+
+    ARGS = ("x", "topk_ids", "topk_weights", "global_scale", "expert_out", "handle")
+
+    def __init__(self, arg: str, exc: Exception) -> None:
+        self.arg, self.exc = arg, exc
+
+    @property
+    def code(self) -> int:
+        return 1 + self.ARGS.index(self.arg)
+
+
+def _raise_collective(codes: list[int], local: _InputError | None, rank: int, what: str) -> None:
+    """Raise on every rank if any rank reported an error code (this rank's own error first)."""
+    if local is not None:
+        raise local.exc
+    for r, c in enumerate(codes):
+        if c:
+            arg = _InputError.ARGS[c - 1]
+            raise ValueError(f"{arg}: invalid on rank {r} (see that rank's error); {what} did nothing")
+
+
+# ----------------------------------------------------------------------------- launch heuristics
+def _row_launch(elems: int) -> int:
+    """num_warps for one-row-per-program kernels holding ``elems`` FP32 values in registers:
+    ~32 values a thread keeps H=7168 (8192 padded) at 8 warps without spilling."""
+    return max(1, min(8, triton_next_pow2(elems) // 1024))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- buffer
+class EPBuffer:
+    """Expert-parallel dispatch / combine over a process group.
+
+    Args:
+        group: ``torch.distributed`` process group (``None``: the default group).
+        hidden, num_experts, num_topk, max_tokens_per_rank, payload, backend, scale_layout,
+        max_m, max_recv_tokens, fp8_ue8m0, impl: see :class:`EPConfig`.
+        device: where tensors live; default ``cuda:<current>`` for NCCL groups, else CPU.
+
+    Construction is collective: one small all-gather checks that every rank passed the
+    same configuration and the same error is raised on every rank otherwise.
+    Use as a context manager or call :meth:`destroy`.
+    """
+
+    def __init__(
+        self,
+        group=None,
+        hidden: int = 0,
+        num_experts: int = 0,
+        num_topk: int = 0,
+        max_tokens_per_rank: int = 0,
+        payload: str = "nvfp4",
+        backend: str = "torch",
+        scale_layout: str = "swizzled",
+        *,
+        max_m: int | None = None,
+        max_recv_tokens: int | None = None,
+        fp8_ue8m0: bool = False,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("group: torch.distributed is not initialized (call init_process_group first)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        if device is None:
+            nccl = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = torch.device(device)
+        self.config = EPConfig(
+            hidden, num_experts, num_topk, max_tokens_per_rank, payload, scale_layout, backend,
+            max_m, max_recv_tokens, fp8_ue8m0, impl,
+        )  # fmt: skip
+        self._check_config_across_ranks()
+        self._validate_config()
+        cfg = self.config
+        self.num_local_experts = cfg.num_experts // self.num_ranks
+        self.msg = MessageLayout(cfg.payload, cfg.hidden, cfg.num_topk)
+        self.max_recv_tokens = cfg.max_recv_tokens or self.num_ranks * cfg.max_tokens_per_rank
+        self.backend: EPBackend | None = get_backend_class(cfg.backend)(group, self.device, cfg)
+        self._id = next(_BUFFER_IDS)
+        self._generation = 0
+
+    # ---- construction checks
+    def _check_config_across_ranks(self) -> None:
+        mine = torch.tensor(self.config.encode(self.num_ranks), dtype=torch.int64, device=self.device)
+        allv = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        dist.all_gather(allv, mine, group=self.group)
+        allv = torch.stack(allv).cpu()
+        for j, name in enumerate(EPConfig.ENCODED_NAMES):
+            col = allv[:, j].tolist()
+            if len(set(col)) > 1:
+                raise ValueError(f"{name}: differs across ranks (rank -> value code: {col}); every rank must pass the same")
+
+    def _validate_config(self) -> None:
+        cfg = self.config
+        check_positive_int("hidden", cfg.hidden, multiple_of=NVFP4_BLOCK)
+        check_positive_int("num_experts", cfg.num_experts)
+        check_positive_int("num_topk", cfg.num_topk)
+        check_positive_int("max_tokens_per_rank", cfg.max_tokens_per_rank)
+        check_choice("payload", cfg.payload, PAYLOADS)
+        check_choice("scale_layout", cfg.scale_layout, SCALE_LAYOUTS)
+        check_choice("backend", cfg.backend, list(BACKENDS))
+        check_choice("impl", cfg.impl, IMPLS)
+        if cfg.num_experts % self.num_ranks:
+            raise ValueError(f"num_experts: must be a multiple of the world size {self.num_ranks}, got {cfg.num_experts}")
+        if cfg.payload == "fp8" and cfg.hidden % FP8_BLOCK:
+            raise ValueError(f"hidden: must be a multiple of {FP8_BLOCK} for payload='fp8', got {cfg.hidden}")
+        if cfg.max_m is not None:
+            check_positive_int("max_m", cfg.max_m, multiple_of=MAX_M_ALIGN)
+        if cfg.max_recv_tokens is not None:
+            check_positive_int("max_recv_tokens", cfg.max_recv_tokens)
+        use_triton(self.device, cfg.impl)  # raises for impl="triton" where it cannot run
+
+    # ---- lifecycle
+    def destroy(self) -> None:
+        """Free the backend's resources; the buffer (and its handles) cannot be used after."""
+        if self.backend is not None:
+            self.backend.destroy()
+            self.backend = None
+        self._generation += 1
+
+    def __enter__(self) -> EPBuffer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def _alive(self) -> EPBackend:
+        if self.backend is None:
+            raise RuntimeError("EPBuffer: used after destroy()")
+        return self.backend
+
+    @property
+    def _triton(self) -> bool:
+        return use_triton(self.device, self.config.impl)
+
+    # ---- dispatch
+    def _validate_dispatch(self, x, topk_ids, topk_weights, global_scale) -> _InputError | None:
+        cfg, dev = self.config, self.device
+        checks = (
+            ("x", lambda: self._check_x(x)),
+            ("topk_ids", lambda: self._check_tk("topk_ids", topk_ids, x, (torch.int32, torch.int64))),
+            ("topk_weights", lambda: self._check_tk("topk_weights", topk_weights, x, (torch.float32, torch.bfloat16, torch.float16))),
+            ("global_scale", lambda: self._check_gs(global_scale, x)),
+        )  # fmt: skip
+        del cfg, dev
+        for arg, fn in checks:
+            try:
+                fn()
+            except (TypeError, ValueError) as exc:
+                return _InputError(arg, exc)
+        return None
+
+    def _check_x(self, x) -> None:
+        from .._checks import check_tensor
+
+        cfg = self.config
+        check_tensor("x", x, dtype=torch.bfloat16, shape=(None, cfg.hidden), device=self.device, contiguous=True)
+        if x.shape[0] > cfg.max_tokens_per_rank:
+            raise ValueError(f"x: {x.shape[0]} tokens exceed max_tokens_per_rank={cfg.max_tokens_per_rank}")
+
+    def _check_tk(self, name, t, x, dtypes) -> None:
+        from .._checks import check_tensor
+
+        check_tensor(name, t, dtype=dtypes, shape=(x.shape[0], self.config.num_topk), device=self.device)
+
+    def _check_gs(self, gs, x) -> None:
+        from .._checks import check_tensor
+
+        if isinstance(gs, str):
+            check_choice("global_scale", gs, ["per_token"])
+            return
+        if self.config.payload != "nvfp4":
+            raise ValueError(f"global_scale: only payload='nvfp4' takes a global scale, got {type(gs).__name__}")
+        if isinstance(gs, torch.Tensor):
+            check_tensor("global_scale", gs, dtype=torch.float32, device=self.device)
+            if gs.dim() != 0 and tuple(gs.shape) != (x.shape[0],):
+                raise ValueError(f"global_scale: expected a 0-dim tensor or shape [{x.shape[0]}], got {list(gs.shape)}")
+            return
+        if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not (float(gs) > 0 and float(gs) < float("inf")):
+            raise ValueError(f"global_scale: must be 'per_token', a positive finite float or a tensor, got {gs!r}")
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, global_scale="per_token") -> DispatchOutput:
+        """Send each token to the ranks of its experts and lay it out per local expert.
+
+        Args:
+            x: ``[T, H]`` bfloat16, ``T <= max_tokens_per_rank``, contiguous.
+            topk_ids: ``[T, K]`` int32/int64 global expert ids in ``[-1, E)``; -1 = not routed.
+            topk_weights: ``[T, K]`` float32 (bf16/fp16 are converted), gate weights.
+            global_scale: nvfp4 encode scale ``gs``: ``"per_token"`` (``2688 / amax`` of each
+                token, default), a float or 0-dim float32 tensor (static, calibrated), or a
+                ``[T]`` float32 tensor (per token, caller-given). Other payloads: ``"per_token"``.
+
+        Returns:
+            :class:`DispatchOutput`. Collective: every rank must call it (with ``T = 0`` if it
+            has no tokens). Any bad input, on any rank, raises on every rank before data moves.
+        """
+        backend = self._alive()
+        cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
+        err = self._validate_dispatch(x, topk_ids, topk_weights, global_scale)
+        if err is None:
+            lay = _layout(topk_ids, E, R)
+            range_bad = ((topk_ids < -1) | (topk_ids >= E)).any().long().reshape(1)
+            meta = torch.cat([
+                torch.zeros(1, dtype=torch.int64, device=self.device), range_bad,
+                lay.num_tokens_per_rank.long(), lay.num_tokens_per_expert.long(),
+            ])  # fmt: skip
+        else:
+            meta = torch.zeros(2 + R + E, dtype=torch.int64, device=self.device)
+            meta[0] = err.code
+        allm = backend.exchange_meta(meta)  # [R, 2 + R + E] on CPU
+        _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch")
+        if bool(allm[:, 1].any()):
+            bad = [r for r in range(R) if allm[r, 1]]
+            raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; dispatch did nothing")
+        counts = allm[:, 2 : 2 + R]
+        experts = allm[:, 2 + R :].sum(0)
+        recv_rows = counts.sum(0)
+        if bool((recv_rows > self.max_recv_tokens).any()):
+            r = int(torch.argmax(recv_rows))
+            raise ValueError(
+                f"max_recv_tokens: receive overflow, rank {r} would receive {int(recv_rows[r])} rows "
+                f"> capacity {self.max_recv_tokens}; dispatch did nothing"
+            )
+        if cfg.max_m is not None and bool((experts > cfg.max_m).any()):
+            e = int(torch.argmax(experts))
+            raise ValueError(
+                f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
+                f"> max_m={cfg.max_m}; dispatch did nothing"
+            )
+        local = experts[self.rank * El : (self.rank + 1) * El]
+        max_m = cfg.max_m if cfg.max_m is not None else ref.round_max_m(local)
+        plan = TransferPlan(self.rank, tuple(tuple(c) for c in counts.tolist()), self.msg.row_bytes, cfg.hidden)
+
+        self._generation += 1
+        triton_on = self._triton
+        weights = topk_weights.float().contiguous()
+        ids = topk_ids.contiguous()
+
+        def pack(dests: list[torch.Tensor]) -> None:
+            if plan.num_send == 0:
+                return
+            if triton_on:
+                self._launch_pack(x, ids, weights, global_scale, lay.rank_offset, dests)
+            else:
+                rows = ref.pack_rows_ref(self.msg, x, ids, weights, lay.rank_offset, global_scale, cfg.fp8_ue8m0)
+                for d, part in zip(dests, rows.split(plan.send_counts)):
+                    d.copy_(part)
+
+        recv = backend.dispatch_rows(plan, pack)
+        out = self._permute(recv, plan, max_m, triton_on)
+        src_rank = torch.repeat_interleave(
+            torch.arange(R, dtype=torch.int32, device=self.device),
+            torch.tensor(plan.recv_counts, device=self.device),
+        )
+        offs = torch.tensor(plan.recv_offsets, dtype=torch.int64, device=self.device)
+        src_row = torch.arange(plan.num_recv, dtype=torch.int64, device=self.device) - offs[src_rank.long()]
+        x_out, scales, gs, w, masked_m, slot_map = out
+        handle = EPHandle(
+            self._id, self._generation, plan, x.shape[0], lay.rank_offset, slot_map, w.reshape(-1),
+            src_rank, src_row, max_m,
+        )  # fmt: skip
+        return DispatchOutput(
+            x=x_out, scales=scales, global_scale=gs, masked_m=masked_m, topk_weights=w, handle=handle,
+            payload=cfg.payload, scale_layout=cfg.scale_layout, hidden=cfg.hidden, num_recv_tokens=plan.num_recv,
+        )  # fmt: skip
+
+    def _launch_pack(self, x, ids, weights, global_scale, rank_offset, dests) -> None:
+        from ..kernels.dispatch import ep_pack_kernel
+
+        cfg, msg, R = self.config, self.msg, self.num_ranks
+        T, H = x.shape
+        if cfg.payload == "nvfp4":
+            if isinstance(global_scale, str):
+                gs_mode, gs = 2, weights  # unused pointer
+            elif isinstance(global_scale, torch.Tensor) and global_scale.dim() == 1:
+                gs_mode, gs = 1, global_scale.float().contiguous()
+            else:
+                gs_mode = 0
+                gs = torch.as_tensor(global_scale, dtype=torch.float32, device=self.device).reshape(1)
+            nb, elems = triton_next_pow2(H // NVFP4_BLOCK), triton_next_pow2(H // NVFP4_BLOCK) * NVFP4_BLOCK
+        elif cfg.payload == "fp8":
+            gs_mode, gs = 2, weights
+            nb, elems = triton_next_pow2(H // FP8_BLOCK), triton_next_pow2(H // FP8_BLOCK) * FP8_BLOCK
+        else:
+            gs_mode, gs = 2, weights
+            nb = elems = triton_next_pow2(H)
+        table = pointer_table(dests, self.device)
+        base = torch.zeros(R, dtype=torch.int64, device=self.device)
+        ep_pack_kernel[(T,)](
+            x, ids, weights, gs, rank_offset, table, base, R, H,
+            msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
+            K=cfg.num_topk, KP=triton_next_pow2(cfg.num_topk), PAYLOAD=PAYLOADS.index(cfg.payload),
+            GS_MODE=gs_mode, UE8M0=cfg.fp8_ue8m0, NB=nb, num_warps=_row_launch(elems),
+        )  # fmt: skip
+
+    def _permute(self, recv: torch.Tensor, plan: TransferPlan, max_m: int, triton_on: bool):
+        """Received rows -> (x, scales, global_scale, topk_weights, masked_m, slot_map)."""
+        cfg, msg, El, dev = self.config, self.msg, self.num_local_experts, self.device
+        N, K, H = plan.num_recv, cfg.num_topk, cfg.hidden
+        base = self.rank * El
+        if not triton_on:
+            ids = recv[:, msg.ids_offset : msg.ids_offset + 4 * K].contiguous().view(torch.int32)
+            slot_map, masked_m = ref.permute_index_ref(ids, base, El, max_m)
+            lay = ref.permute_ref(msg, recv, slot_map, El, max_m, cfg.scale_layout)
+            return lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, slot_map
+
+        from ..kernels.dispatch import ep_permute_index_kernel, ep_permute_kernel
+
+        pdtype = {"nvfp4": torch.uint8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[cfg.payload]
+        x = torch.empty(El, max_m, msg.payload_bytes // torch.empty(0, dtype=pdtype).element_size(), dtype=pdtype, device=dev)
+        ksf = msg.num_scales
+        if cfg.payload == "nvfp4":
+            cols = round_up(ksf, 4) if cfg.scale_layout == "swizzled" else ksf
+            scales = torch.zeros(El, max_m, cols, dtype=torch.uint8, device=dev)
+            gs = torch.ones(El, max_m, dtype=torch.float32, device=dev)
+        elif cfg.payload == "fp8":
+            scales = torch.zeros(El, max_m, ksf, dtype=torch.float32, device=dev)
+            gs = None
+        else:
+            scales = gs = None
+        w = torch.zeros(El, max_m, dtype=torch.float32, device=dev)
+        masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
+        slot_map = torch.full((N, K), -1, dtype=torch.int32, device=dev)
+        if N > 0:
+            ep_permute_index_kernel[(El,)](
+                recv, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, base, max_m,
+                K=K, BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
+            )  # fmt: skip
+            dummy = w
+            ep_permute_kernel[(N,)](
+                recv, slot_map, x.view(torch.uint8).view(torch.int32),
+                scales if scales is not None else dummy, gs if gs is not None else dummy, w,
+                msg.row_bytes, msg.payload_bytes // 4, msg.scale_offset, msg.gs_offset, msg.weights_offset,
+                max(ksf, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
+                K=K, PAYLOAD=PAYLOADS.index(cfg.payload), SWIZZLE=cfg.scale_layout == "swizzled",
+                BLOCK_W=min(1024, triton_next_pow2(msg.payload_bytes // 4)),
+                SF_BLOCK=triton_next_pow2(max(ksf, 1)),
+            )  # fmt: skip
+        if cfg.payload == "nvfp4":
+            scales = scales.view(torch.float8_e4m3fn)
+        del H
+        return x, scales, gs, w, masked_m, slot_map
+
+    # ---- combine
+    def _validate_combine(self, expert_out, handle) -> _InputError | None:
+        from .._checks import check_tensor
+
+        if not isinstance(handle, EPHandle):
+            return _InputError("handle", TypeError(f"handle: expected an EPHandle, got {type(handle).__name__}"))
+        if handle.buffer_id != self._id:
+            return _InputError("handle", ValueError("handle: comes from a different EPBuffer"))
+        if handle.generation != self._generation:
+            return _InputError(
+                "handle",
+                ValueError(
+                    f"handle: stale (from dispatch #{handle.generation}, the buffer is at #{self._generation}); "
+                    "a handle is valid until the next dispatch"
+                ),
+            )
+        try:
+            shape = (self.num_local_experts, handle.max_m, self.config.hidden)
+            check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=shape, device=self.device, contiguous=True)
+        except (TypeError, ValueError) as exc:
+            return _InputError("expert_out", exc)
+        return None
+
+    def combine(self, expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
+        """Weighted sum of the expert outputs of each token, back on its source rank.
+
+        Args:
+            expert_out: ``[El, max_m, H]`` bfloat16, row ``m`` of expert ``e`` is the output for
+                the dispatch output's row ``(e, m)``; rows ``>= masked_m[e]`` are ignored.
+            handle: ``DispatchOutput.handle`` of this buffer's latest dispatch.
+
+        Returns:
+            ``[T, H]`` bfloat16: ``y_t = sum_k w_k * expert_out[slot(t, k)]`` with ``w_k`` the
+            dispatched ``topk_weights``; tokens whose ids are all -1 get zeros.
+
+        Rounding order (bit-exact with ``fp4comm.reference.ep``): on the expert's rank, per
+        received row, FP32 ``acc = acc + w_k * float(out)`` over its local ``k`` ascending
+        (product and sum rounded separately, no FMA), rounded once to BF16 and sent (one row
+        per (token, rank)); on the source, FP32 ``acc = acc + float(partial_r)`` over ranks
+        ascending, rounded once to BF16. So the result differs from an all-FP32 sum by at
+        most the BF16 roundings of the per-rank partials and of the total.
+        Collective; a bad argument on any rank raises on every rank before data moves.
+        """
+        backend = self._alive()
+        err = self._validate_combine(expert_out, handle)
+        meta = torch.tensor([0 if err is None else err.code], dtype=torch.int64, device=self.device)
+        codes = backend.exchange_meta(meta)[:, 0].tolist()
+        _raise_collective(codes, err, self.rank, "combine")
+        plan, H, K = handle.plan, self.config.hidden, self.config.num_topk
+        triton_on = self._triton
+        block_h = min(1024, triton_next_pow2(H))
+
+        def reduce(dests: list[torch.Tensor]) -> None:
+            if plan.num_recv == 0:
+                return
+            if triton_on:
+                from ..kernels.dispatch import ep_combine_expert_kernel
+
+                ep_combine_expert_kernel[(plan.num_recv, cdiv(H, block_h))](
+                    expert_out, handle.slot_map, handle.slot_weights, pointer_table(dests, self.device),
+                    handle.src_rank, handle.src_row, H, K=K, BLOCK_H=block_h,
+                    num_warps=_row_launch(block_h), enable_fp_fusion=False,
+                )  # fmt: skip
+            else:
+                part = ref.combine_expert_ref(expert_out, handle.slot_map, handle.slot_weights)
+                for d, p in zip(dests, part.split(plan.recv_counts)):
+                    d.copy_(p)
+
+        parts = backend.combine_rows(plan, reduce)
+        T = handle.num_tokens
+        if not triton_on:
+            return ref.combine_source_ref(parts, handle.rank_offset, H)
+        from ..kernels.dispatch import ep_combine_source_kernel
+
+        y = torch.empty(T, H, dtype=torch.bfloat16, device=self.device)
+        if T:
+            ep_combine_source_kernel[(T, cdiv(H, block_h))](
+                pointer_table(parts, self.device), handle.rank_offset, y, self.num_ranks, H,
+                BLOCK_H=block_h, num_warps=_row_launch(block_h), enable_fp_fusion=False,
+            )  # fmt: skip
+        return y
