@@ -11,6 +11,12 @@ accumulation; the softmax is online, in FP32, base 2. Per-tensor / per-(sequence
 descales are folded into the score scale (``q_descale * k_descale``) and into the output
 (``v_descale``); per-key dynamic scales multiply the score columns (K) and the
 probabilities (V) before the second dot.
+
+``INTERPRET`` (constexpr, True only under ``TRITON_INTERPRET=1``): Triton 3.6's interpreter
+holds scalars as 1-element numpy arrays, which numpy 2 refuses as ``range()`` bounds, so
+the key loop is a ``while`` there; compiled code keeps the ``for`` loop that Triton
+software-pipelines (``num_stages``). It also selects explicit BF16 rounding (see
+:func:`_to_bf16`) and FP32 dots of the BF16 tiles (see :func:`_dot`). Loop bodies live in one helper each, so both paths run the same code.
 """
 
 import triton
@@ -21,10 +27,35 @@ from .kv_cache import bf16_rne
 
 @triton.jit
 def _to_bf16(x, INTERPRET: tl.constexpr):
+    """FP32 -> BF16 (RNE). The GPU cast rounds to nearest even; the interpreter's truncates,
+    so under it the rounding is done explicitly."""
     if INTERPRET:
         return bf16_rne(x)
     else:
         return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _kv_to_bf16(x):
+    """Dequantize a cache tile to BF16 (exact for E4M3 and int8). int8 goes through FP32:
+    one more convert on the GPU, and the interpreter's direct int -> BF16 cast is wrong."""
+    if x.dtype == tl.int8:
+        return x.to(tl.float32).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` for BF16 ``a``, ``b`` with FP32 accumulation.
+
+    Triton 3.6's interpreter keeps BF16 tensors as raw uint16 and its ``tl.dot`` multiplies
+    those bit patterns; under it the (exact) FP32 upcasts are multiplied instead.
+    """
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -50,7 +81,7 @@ def _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
             NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr):
     """Normalize and store one tile: straight to ``out`` (one split) or, with splits, the
     normalized partial output and its base-2 log-sum-exp to the workspace."""
-    inv = tl.where(l_i > 0.0, v_descale / l_i, 0.0)
+    inv = tl.where(l_i > 0.0, v_descale / tl.maximum(l_i, 1e-30), 0.0)
     o = acc * inv[:, None]
     if NUM_SPLITS == 1:
         ptrs = out_ptr + rows_t[:, None] * stride_ot + rows_h[:, None] * stride_oh + offs_d[None, :]
@@ -82,7 +113,7 @@ def _attend_tile(
     in_blk = (offs_n % block_size).to(tl.int64)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
     k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+    s = _dot(q, tl.trans(_kv_to_bf16(k)), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRET)
     if DYNAMIC:
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
         s = s * (ks * qk_scale)[None, :]
@@ -100,7 +131,7 @@ def _attend_tile(
     if DYNAMIC:
         vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
         p = p * vs[None, :]
-    acc = tl.dot(_to_bf16(p, INTERPRET), v.to(tl.bfloat16), acc * alpha[:, None])
+    acc = _dot(_to_bf16(p, INTERPRET), _kv_to_bf16(v), acc * alpha[:, None], INTERPRET)
     return m_i, l_i, acc
 
 
@@ -220,7 +251,7 @@ def combine_splits_kernel(
     den = tl.sum(w, 0)
     o = tl.load(ws_o_ptr + offs_s[:, None] * stride_wss + t * stride_wst + h * stride_wsh + offs_d[None, :],
                 mask=s_ok[:, None], other=0.0)
-    res = tl.sum(w[:, None] * o, 0) * tl.where(den > 0.0, 1.0 / den, 0.0)
+    res = tl.sum(w[:, None] * o, 0) * tl.where(den > 0.0, 1.0 / tl.maximum(den, 1e-30), 0.0)
     ptrs = out_ptr + t * stride_ot + h * stride_oh + offs_d
     if out_ptr.dtype.element_ty == tl.bfloat16:
         tl.store(ptrs, _to_bf16(res, INTERPRET))
@@ -250,7 +281,7 @@ def _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c,
 def _mla_pv(acc, p, alpha, k, sc, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr):
     if IS_FP8:
         p = p * sc[None, :]
-    return tl.dot(_to_bf16(p, INTERPRET), k, acc * alpha[:, None])
+    return _dot(_to_bf16(p, INTERPRET), k, acc * alpha[:, None], INTERPRET)
 
 
 @triton.jit
@@ -262,6 +293,50 @@ def _mla_store(acc, inv, out_ptr, seq, heads, h_ok, offs_c, stride_os, stride_oh
         tl.store(ptrs, o, mask=h_ok[:, None])
     else:
         tl.store(ptrs, _to_bf16(o, INTERPRET), mask=h_ok[:, None])
+
+
+@triton.jit
+def _mla_tile(
+    start, k_end, q0, q1, q2, q3, qr, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2, bt_row, block_size,
+    offs_c, offs_r, c8_ptr, c32_ptr, c16_ptr,
+    stride_c8b, stride_c8s, stride_c32b, stride_c32s, stride_c16b, stride_c16s,
+    IS_FP8: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SCALE_OFF32: tl.constexpr,
+    ROPE_OFF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Keys ``[start, start + BLOCK_N)`` of one MLA decode program (see :func:`mla_decode_kernel`)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < k_end
+    page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+    in_blk = (offs_n % block_size).to(tl.int64)
+    k0, s0 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                             stride_c16b, stride_c16s, stride_c32b, stride_c32s, 0, GROUP, SCALE_OFF32, IS_FP8)
+    k1, s1 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                             stride_c16b, stride_c16s, stride_c32b, stride_c32s, 1, GROUP, SCALE_OFF32, IS_FP8)
+    k2, s2 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                             stride_c16b, stride_c16s, stride_c32b, stride_c32s, 2, GROUP, SCALE_OFF32, IS_FP8)
+    k3, s3 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
+                             stride_c16b, stride_c16s, stride_c32b, stride_c32s, 3, GROUP, SCALE_OFF32, IS_FP8)
+    rope = tl.load(c16_ptr + (page * stride_c16b + in_blk * stride_c16s + ROPE_OFF16)[:, None] + offs_r[None, :],
+                   mask=n_ok[:, None], other=0.0)
+    zero = tl.zeros([qr.shape[0], BLOCK_N], tl.float32)
+    s = _dot(qr, tl.trans(rope), zero, INTERPRET)
+    if IS_FP8:
+        s += _dot(q0, tl.trans(k0), zero, INTERPRET) * s0[None, :]
+        s += _dot(q1, tl.trans(k1), zero, INTERPRET) * s1[None, :]
+        s += _dot(q2, tl.trans(k2), zero, INTERPRET) * s2[None, :]
+        s += _dot(q3, tl.trans(k3), zero, INTERPRET) * s3[None, :]
+    else:
+        s = _dot(q0, tl.trans(k0), s, INTERPRET)
+        s = _dot(q1, tl.trans(k1), s, INTERPRET)
+        s = _dot(q2, tl.trans(k2), s, INTERPRET)
+        s = _dot(q3, tl.trans(k3), s, INTERPRET)
+    s = tl.where(n_ok[None, :], s * sm_scale_log2, float("-inf"))
+    p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+    acc0 = _mla_pv(acc0, p, alpha, k0, s0, IS_FP8, INTERPRET)
+    acc1 = _mla_pv(acc1, p, alpha, k1, s1, IS_FP8, INTERPRET)
+    acc2 = _mla_pv(acc2, p, alpha, k2, s2, IS_FP8, INTERPRET)
+    acc3 = _mla_pv(acc3, p, alpha, k3, s3, IS_FP8, INTERPRET)
+    return m_i, l_i, acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -305,38 +380,22 @@ def mla_decode_kernel(
     acc2 = tl.zeros([BLOCK_H, GROUP], tl.float32)
     acc3 = tl.zeros([BLOCK_H, GROUP], tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(k_begin, k_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_end
-        page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
-        in_blk = (offs_n % block_size).to(tl.int64)
-        k0, s0 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
-                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 0, GROUP, SCALE_OFF32, IS_FP8)
-        k1, s1 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
-                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 1, GROUP, SCALE_OFF32, IS_FP8)
-        k2, s2 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
-                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 2, GROUP, SCALE_OFF32, IS_FP8)
-        k3, s3 = _mla_load_chunk(c8_ptr, c16_ptr, c32_ptr, page, in_blk, n_ok, offs_c, stride_c8b, stride_c8s,
-                                 stride_c16b, stride_c16s, stride_c32b, stride_c32s, 3, GROUP, SCALE_OFF32, IS_FP8)
-        rope = tl.load(c16_ptr + (page * stride_c16b + in_blk * stride_c16s + ROPE_OFF16)[:, None] + offs_r[None, :],
-                       mask=n_ok[:, None], other=0.0)
-        s = tl.dot(qr, tl.trans(rope))
-        if IS_FP8:
-            s += tl.dot(q0, tl.trans(k0)) * s0[None, :]
-            s += tl.dot(q1, tl.trans(k1)) * s1[None, :]
-            s += tl.dot(q2, tl.trans(k2)) * s2[None, :]
-            s += tl.dot(q3, tl.trans(k3)) * s3[None, :]
-        else:
-            s = tl.dot(q0, tl.trans(k0), s)
-            s = tl.dot(q1, tl.trans(k1), s)
-            s = tl.dot(q2, tl.trans(k2), s)
-            s = tl.dot(q3, tl.trans(k3), s)
-        s = tl.where(n_ok[None, :], s * sm_scale_log2, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        acc0 = _mla_pv(acc0, p, alpha, k0, s0, IS_FP8, INTERPRET)
-        acc1 = _mla_pv(acc1, p, alpha, k1, s1, IS_FP8, INTERPRET)
-        acc2 = _mla_pv(acc2, p, alpha, k2, s2, IS_FP8, INTERPRET)
-        acc3 = _mla_pv(acc3, p, alpha, k3, s3, IS_FP8, INTERPRET)
+    if INTERPRET:
+        start = k_begin
+        while start < k_end:
+            m_i, l_i, acc0, acc1, acc2, acc3 = _mla_tile(
+                start, k_end, q0, q1, q2, q3, qr, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2, bt_row, block_size,
+                offs_c, offs_r, c8_ptr, c32_ptr, c16_ptr,
+                stride_c8b, stride_c8s, stride_c32b, stride_c32s, stride_c16b, stride_c16s,
+                IS_FP8, BLOCK_N, GROUP, SCALE_OFF32, ROPE_OFF16, INTERPRET)
+            start += BLOCK_N
+    else:
+        for start in range(k_begin, k_end, BLOCK_N):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _mla_tile(
+                start, k_end, q0, q1, q2, q3, qr, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2, bt_row, block_size,
+                offs_c, offs_r, c8_ptr, c32_ptr, c16_ptr,
+                stride_c8b, stride_c8s, stride_c32b, stride_c32s, stride_c16b, stride_c16s,
+                IS_FP8, BLOCK_N, GROUP, SCALE_OFF32, ROPE_OFF16, INTERPRET)
 
     inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
     if NUM_SPLITS == 1:

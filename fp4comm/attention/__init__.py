@@ -16,6 +16,7 @@ All scales are decode direction (``x ~= q * scale``). Each op takes ``impl="auto
 
 from ..reference.attention import KV_DTYPES, KV_FORMATS, MLA_BF16_SLOT, MLA_FP8_SLOT_BYTES
 from .kv_cache import KVCache, calibrate_kv_scales, write_kv_cache, write_tiles
+from .paged import AttentionTiles, attention_tiles, paged_attention, select_num_kv_splits
 
 __all__ = [
     "KV_FORMATS",
@@ -26,4 +27,8 @@ __all__ = [
     "calibrate_kv_scales",
     "write_kv_cache",
     "write_tiles",
+    "AttentionTiles",
+    "attention_tiles",
+    "paged_attention",
+    "select_num_kv_splits",
 ]

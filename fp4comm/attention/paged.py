@@ -1,0 +1,325 @@
+"""Paged attention over bf16 / fp8 / int8 KV caches: varlen prefill, decode, chunked prefill.
+
+One kernel serves every case: the ``q_len`` queries of sequence ``i`` are the *last*
+``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
+paged cache (write them first with :func:`fp4comm.attention.write_kv_cache`). Prefill is
+``q_len == seq_len``, decode ``q_len == 1``, chunked prefill anything in between.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_positive_int, check_same_device, check_tensor
+from .._runtime import cdiv, triton_interpreting, use_triton
+from ..reference import attention as ref
+from ._common import check_format, check_kv_cache, check_scale_cache, dummy, next_pow2
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+Q_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+#: Keys a split must cover at least: below this, the combine pass and the per-program
+#: prologue (Q load, descales) cost more than the parallelism gains.
+MIN_KEYS_PER_SPLIT = 512
+MAX_KV_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    """Launch parameters of :func:`paged_attention`'s kernel (see :func:`attention_tiles`)."""
+
+    block_q: int  # query tokens a program
+    group_pad: int  # query heads per KV head, padded to a power of two
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+    @property
+    def block_m(self) -> int:
+        return self.block_q * self.group_pad
+
+
+def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
+    """Tile sizes of the paged-attention kernel, in one place with the reasons.
+
+    * Rows (M) are (token, head-of-the-GQA-group) pairs, so one K/V tile read serves the
+      whole group. ``tl.dot`` needs M >= 16; prefill tiles are M = 128 rows for head dims
+      <= 128 (the flash-attention sweet spot on Hopper: 8 warps, acc 64 regs/thread) and
+      64 for 256 (the accumulator doubles). Decode (few query rows) uses the smallest M
+      that holds ``max_seqlen_q * group_pad`` rows, >= 16: padding rows is wasted MMA work
+      but decode is bound by cache bytes, not by MMA.
+    * Keys per step (N): decode streams the cache, so it takes the largest tile that
+      keeps 2-3 stages of K and V in shared memory: 128 keys of 1-byte fp8/int8 at
+      head_dim <= 128 (2 x 16 KB a stage), 64 for bf16, halved at head_dim 256. Prefill
+      uses N = 64 (32 at 256) to keep registers for the 128-row accumulator.
+    * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200.
+    """
+    group_pad = next_pow2(group)
+    prefill_m = 128 if head_dim <= 128 else 64
+    block_m = min(max(next_pow2(max(1, max_seqlen_q) * group_pad), 16), prefill_m)
+    block_m = max(block_m, group_pad)
+    block_q = block_m // group_pad
+    decode = block_m <= 32
+    one_byte = ref.base_format(kv_format) in ("fp8", "int8")
+    if decode:
+        block_n = (128 if one_byte else 64) if head_dim <= 128 else (64 if one_byte else 32)
+    else:
+        block_n = 64 if head_dim <= 128 else 32
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 3 if head_dim <= 128 else 2
+    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages)
+
+
+def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
+    """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
+
+    Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
+    each streaming megabytes; with fewer than ~4 resident programs per SM the HBM pipe is
+    not kept full and the last wave idles. So: split only when the grid is below
+    ``4 * num_sms`` programs, by the factor that reaches it, but never so far that a split
+    covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (then the extra combine pass and the
+    repeated prologue cost more than they gain); at most :data:`MAX_KV_SPLITS`, rounded
+    down to a power of two (each value is a separate compiled kernel).
+    """
+    target = 4 * num_sms
+    if num_programs >= target or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
+        return 1
+    splits = min(cdiv(target, max(1, num_programs)), max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS)
+    return 1 << (max(1, splits).bit_length() - 1)
+
+
+def check_descale(name: str, d: object, num_seqs: int, num_kv_heads: int, device: torch.device):
+    """A descale: ``None`` (1), 0-dim / ``[1]`` (per tensor), ``[num_kv_heads]`` or
+    ``[num_seqs, num_kv_heads]``, float32. Returns ``(tensor, stride_seq, stride_head)``."""
+    if d is None:
+        return dummy(device), 0, 0
+    check_tensor(name, d, dtype=torch.float32, device=device)
+    if d.dim() == 0 or (d.dim() == 1 and d.shape[0] == 1):
+        return d.reshape(1), 0, 0
+    if d.dim() == 1 and d.shape[0] == num_kv_heads:
+        return d, 0, d.stride(0)
+    if d.dim() == 2 and tuple(d.shape) == (num_seqs, num_kv_heads):
+        return d, d.stride(0), d.stride(1)
+    raise ValueError(
+        f"{name}: expected a 0-dim, [1], [num_kv_heads={num_kv_heads}] or [num_seqs={num_seqs}, "
+        f"num_kv_heads={num_kv_heads}] float32 tensor, got shape {list(d.shape)}"
+    )
+
+
+def check_block_table(block_table, seq_lens, num_blocks: int, block_size: int) -> None:
+    """Entries a sequence uses (the first ``cdiv(seq_len, block_size)`` of its row) must
+    lie in ``[0, num_blocks)``; the rest of the row is never read. One device sync."""
+    if block_table.numel() == 0:
+        return
+    need = (seq_lens.long() + block_size - 1) // block_size
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < need[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table: entry [{i}, {j}] = {int(block_table[i, j])} is out of range [0, {num_blocks}) "
+            f"(sequence {i} uses its first {int(need[i])} entries)"
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    kv_format: str,
+    softmax_scale: float,
+    causal: bool = True,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    max_seqlen_q: int | None = None,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    check_indices: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of varlen queries over a paged, possibly quantized, KV cache.
+
+    Args:
+        q: ``[T, num_heads, head_dim]`` ``bfloat16`` or ``float8_e4m3fn`` (then give
+            ``q_descale``); ``head_dim`` in 64 / 128 / 256; last dim contiguous. The queries of
+            sequence ``i`` are rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``.
+        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the dtype of
+            ``kv_format``; ``num_heads % num_kv_heads == 0`` (GQA / MQA).
+        block_table: ``[num_seqs, max_blocks]`` ``int32``: block of each page of each sequence.
+        seq_lens: ``[num_seqs]`` ``int32``: tokens of each sequence in the cache (the queries
+            included; 0 = empty).
+        cu_seqlens_q: ``[num_seqs + 1]`` ``int32``, cumulative query counts, ``[0] == 0``,
+            ``[-1] == T``.
+        kv_format: ``"bf16" | "fp8" | "int8" | "fp8_dynamic" | "int8_dynamic"``.
+        softmax_scale: multiplies ``q . k`` (typically ``head_dim ** -0.5``).
+        causal: query at position ``p = seq_len - q_len + j`` sees keys ``<= p``; else all keys.
+        q_descale, k_descale, v_descale: decode-direction FP32 factors (true value = stored *
+            descale): 0-dim / ``[1]`` per tensor, ``[num_kv_heads]`` per KV head, or
+            ``[num_seqs, num_kv_heads]``; every element is honoured. ``None`` = 1. For static
+            fp8/int8 caches pass the cache's ``k_scale`` / ``v_scale`` here. ``q_descale *
+            k_descale`` is folded into the score scale, ``v_descale`` into the output.
+        k_scale_cache, v_scale_cache: dynamic formats: ``[num_blocks, block_size,
+            num_kv_heads]`` FP32 per-(token, head) scales written by ``write_kv_cache``.
+        sliding_window: ``w`` keys (the query's own position included), or ``None``.
+        max_seqlen_q: the longest query run; computed from ``cu_seqlens_q`` (one device sync)
+            when ``None``. Passing a smaller value than the truth leaves rows uncomputed.
+        num_kv_splits: force the split-KV factor (power of two); ``None`` =
+            :func:`select_num_kv_splits`.
+        out: optional ``[T, num_heads, head_dim]`` ``bfloat16`` output buffer.
+        check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
+            entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
+        impl: ``"auto" | "triton" | "reference"``.
+
+    Returns:
+        ``[T, num_heads, head_dim]`` ``bfloat16``. Queries with no key to attend (a sequence
+        whose ``q_len`` exceeds ``seq_len``, e.g. padded decode rows with ``seq_len == 0``)
+        give zeros, never NaN.
+    """
+    check_format(kv_format)
+    check_tensor("q", q, dtype=Q_DTYPES, ndim=3)
+    dev = q.device
+    T, Hq, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head_dim must be one of {list(SUPPORTED_HEAD_DIMS)}, got {D}")
+    if q.stride(-1) != 1:
+        raise ValueError("q: the last (head_dim) dim must be contiguous")
+    check_kv_cache("k_cache", k_cache, kv_format, dev)
+    nb, bs, Hkv, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"k_cache: head_dim {Dk} differs from q's {D}")
+    check_kv_cache("v_cache", v_cache, kv_format, dev)
+    check_tensor("v_cache", v_cache, shape=(nb, bs, Hkv, D))
+    if Hq % Hkv:
+        raise ValueError(f"q: num_heads ({Hq}) must be a multiple of num_kv_heads ({Hkv})")
+    check_tensor("block_table", block_table, dtype=torch.int32, ndim=2, device=dev)
+    S = block_table.shape[0]
+    check_tensor("seq_lens", seq_lens, dtype=torch.int32, shape=(S,), device=dev)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, dtype=torch.int32, shape=(S + 1,), device=dev)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
+        math.isfinite(softmax_scale) and softmax_scale > 0
+    ):
+        raise ValueError(f"softmax_scale: must be a finite number > 0, got {softmax_scale!r}")
+    if sliding_window is not None:
+        check_positive_int("sliding_window", sliding_window)
+    qd = check_descale("q_descale", q_descale, S, Hkv, dev)
+    kd = check_descale("k_descale", k_descale, S, Hkv, dev)
+    vd = check_descale("v_descale", v_descale, S, Hkv, dev)
+    dynamic = ref.is_dynamic(kv_format)
+    if dynamic:
+        check_scale_cache("k_scale_cache", k_scale_cache, k_cache)
+        check_scale_cache("v_scale_cache", v_scale_cache, k_cache)
+    else:
+        for name, s in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
+            if s is not None:
+                raise ValueError(f"{name}: only used by dynamic kv formats, got kv_format={kv_format!r}")
+    if out is not None:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(T, Hq, D), device=dev)
+        if out.stride(-1) != 1:
+            raise ValueError("out: the last dim must be contiguous")
+    if num_kv_splits is not None:
+        check_positive_int("num_kv_splits", num_kv_splits)
+        if num_kv_splits & (num_kv_splits - 1):
+            raise ValueError(f"num_kv_splits: must be a power of two, got {num_kv_splits}")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                      cu_seqlens_q=cu_seqlens_q)
+    if check_indices:
+        _check_lengths(seq_lens, cu_seqlens_q, T, block_table.shape[1] * bs)
+        check_block_table(block_table, seq_lens, nb, bs)
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if S else 0
+    else:
+        check_positive_int("max_seqlen_q", max_seqlen_q, allow_zero=True)
+
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=torch.bfloat16, device=dev)
+    if T == 0:
+        return out
+    if not use_triton(dev, impl):
+        out.copy_(ref.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, kv_format,
+                                      float(softmax_scale), causal, q_descale, k_descale, v_descale,
+                                      k_scale_cache, v_scale_cache, sliding_window))
+        return out
+    if max_seqlen_q == 0:
+        return out.zero_()
+
+    from fp4comm.kernels import attention as _k
+
+    tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format)
+    num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
+    if num_kv_splits is None:
+        num_kv_splits = select_num_kv_splits(S * num_q_tiles * Hkv, block_table.shape[1] * bs, _num_sms(dev))
+    if num_kv_splits > 1:
+        ws_o = torch.empty(num_kv_splits, T, Hq, D, dtype=torch.float32, device=dev)
+        ws_lse = torch.empty(num_kv_splits, T, Hq, dtype=torch.float32, device=dev)
+    else:
+        ws_o, ws_lse = dummy(dev).view(1, 1, 1, 1), dummy(dev).view(1, 1, 1)
+    ksc = k_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
+    vsc = v_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
+    exact = triton_interpreting() and dev.type == "cpu"
+    grid = (S * num_q_tiles, Hkv, num_kv_splits)
+    _k.paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, ws_o, ws_lse,
+        block_table, seq_lens, cu_seqlens_q,
+        qd[0], kd[0], vd[0], ksc, vsc,
+        float(softmax_scale) * math.log2(math.e), Hq // Hkv, bs, sliding_window or 0, num_q_tiles,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ksc.stride(0), ksc.stride(1), ksc.stride(2),
+        vsc.stride(0), vsc.stride(1), vsc.stride(2),
+        block_table.stride(0),
+        qd[1], qd[2], kd[1], kd[2], vd[1], vd[2],
+        out.stride(0), out.stride(1),
+        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2),
+        ws_lse.stride(0), ws_lse.stride(1),
+        HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
+        DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
+        NUM_SPLITS=num_kv_splits, INTERPRET=exact,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if num_kv_splits > 1:
+        combine_splits(ws_o, ws_lse, out, exact)
+    return out
+
+
+def combine_splits(ws_o: torch.Tensor, ws_lse: torch.Tensor, out: torch.Tensor, exact: bool) -> None:
+    """Merge ``ws_o [splits, T, H, D]`` / ``ws_lse [splits, T, H]`` (base 2) into ``out [T, H, D]``."""
+    from fp4comm.kernels import attention as _k
+
+    splits, T, H, D = ws_o.shape
+    _k.combine_splits_kernel[(T, H)](
+        ws_o, ws_lse, out, splits,
+        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2), ws_lse.stride(0), ws_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, SPLITS_PAD=next_pow2(splits), INTERPRET=exact, num_warps=4 if D >= 256 else 2,
+    )
+
+
+def _check_lengths(seq_lens: torch.Tensor, cu: torch.Tensor, T: int, max_len: int) -> None:
+    if seq_lens.numel() and int(seq_lens.min()) < 0:
+        raise ValueError("seq_lens: entries must be >= 0")
+    if seq_lens.numel() and int(seq_lens.max()) > max_len:
+        raise ValueError(
+            f"seq_lens: max {int(seq_lens.max())} exceeds the block table's capacity "
+            f"(max_blocks * block_size = {max_len})"
+        )
+    if int(cu[0]) != 0 or int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens_q: must start at 0 and end at T = {T}, got {int(cu[0])} .. {int(cu[-1])}")
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError("cu_seqlens_q: must be non-decreasing")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small grids keep the CPU tests fast
