@@ -246,3 +246,94 @@ def test_gpu_heuristic_and_autotuned_agree(expected_m):
     for e in range(E):
         m = int(mm[e])
         torch.testing.assert_close(x[e, :m], y[e, :m], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- silu_and_mul
+from fp4comm.formats import unswizzle_scales  # noqa: E402
+from fp4comm.moe import silu_and_mul  # noqa: E402
+from fp4comm.reference.moe import silu_and_mul_ref  # noqa: E402
+
+
+def _act_input(E, M, N, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(E, M, 2 * N, generator=g) * 3
+    x[0, 1, 5] = 40.0  # saturating sigmoid, outlier in the row
+    x[0, 2, 7] = -40.0
+    return x.bfloat16().to(device)
+
+
+@pytest.mark.parametrize("E,M,N", [(2, 24, 48), (3, 9, 256), (1, 130, 32)], ids=["48", "256", "130rows"])
+def test_silu_and_mul_bf16(device, E, M, N):
+    x = _act_input(E, M, N, device)
+    mm = torch.tensor([M, 3, 0][:E], dtype=torch.int32, device=device)
+    out = silu_and_mul(x, mm)
+    assert out.shape == (E, M, N) and out.dtype == torch.bfloat16
+    for e in range(E):
+        m = int(mm[e])
+        ref = silu_and_mul_ref(x[e, :m].cpu())
+        # one rounding to BF16 (<= half an ulp, <= 2^-8 relative) of an FP32 value within ulps of torch's
+        torch.testing.assert_close(out[e, :m].cpu().float(), ref, rtol=2**-8 * 1.01, atol=1e-30)
+
+
+@pytest.mark.parametrize("scale_layout", ["swizzled", "linear"])
+@pytest.mark.parametrize("gs", ["per_token", 50.0], ids=["per-token-gs", "static-gs"])
+@pytest.mark.parametrize("N", [64, 80])
+def test_silu_and_mul_nvfp4_bit_exact(device, scale_layout, gs, N):
+    # fused quantization == reference quantizer applied to the kernel's own BF16 output
+    E, M = 3, 40
+    x = _act_input(E, M, N, device)
+    mm = torch.tensor([40, 0, 17], dtype=torch.int32, device=device)
+    y = silu_and_mul(x, mm).cpu()
+    q = silu_and_mul(x, mm, quantize="nvfp4", global_scale=gs, scale_layout=scale_layout)
+    assert isinstance(q, NVFP4Tensor) and q.shape == (E, M, N) and q.scale_layout == scale_layout
+    for e in range(E):
+        y[e, int(mm[e]):] = 0  # rows the kernel never writes: compare layouts with zero rows
+    ref = quantize_nvfp4_ref(y, gs, scale_layout=scale_layout)
+    ksf = N // 16
+    q_sf = q.scales.cpu().view(torch.uint8)
+    r_sf = ref.scales.view(torch.uint8)
+    if scale_layout == "swizzled":
+        assert torch.equal(q_sf, r_sf)  # whole buffer, padding included (zero)
+        q_sf, r_sf = unswizzle_scales(q_sf, M, ksf), unswizzle_scales(r_sf, M, ksf)
+    for e in range(E):
+        m = int(mm[e])
+        assert torch.equal(q.data[e, :m].cpu(), ref.data[e, :m])
+        assert torch.equal(q_sf[e, :m], r_sf[e, :m])
+        if gs == "per_token":
+            assert torch.equal(q.global_scale[e, :m].cpu(), ref.global_scale[e, :m])
+    if gs != "per_token":
+        assert q.global_scale.dim() == 0 and float(q.global_scale) == gs
+
+
+def test_silu_and_mul_rows_untouched_and_reference(device):
+    E, M, N = 2, 16, 32
+    x = _act_input(E, M, N, device)
+    mm = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    q = silu_and_mul(x, mm, quantize="nvfp4")
+    assert torch.all(q.global_scale.cpu()[0, 5:] == 1) and torch.all(q.global_scale.cpu()[1] == 1)
+    r = silu_and_mul(x, mm, quantize="nvfp4", impl="reference")
+    assert torch.equal(q.data[0, :5].cpu(), r.data[0, :5].cpu())
+
+
+def test_silu_and_mul_bad_inputs(device):
+    x = torch.randn(2, 8, 64, device=device).bfloat16()
+    mm = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="^x: expected 3 dims"):
+        silu_and_mul(x[0], mm)
+    with pytest.raises(ValueError, match="^x: last dim must be even"):
+        silu_and_mul(x[..., :63].contiguous(), mm)
+    with pytest.raises(ValueError, match="^x: N = x.shape"):
+        silu_and_mul(x[..., :40].contiguous(), mm, quantize="nvfp4")
+    with pytest.raises(ValueError, match="^quantize: must be one of"):
+        silu_and_mul(x, mm, quantize="fp8")
+    with pytest.raises(TypeError, match="^masked_m: dtype"):
+        silu_and_mul(x, mm.float())
+    with pytest.raises(ValueError, match="^global_scale: must be finite"):
+        silu_and_mul(x, mm, quantize="nvfp4", global_scale=-1.0)
+    with pytest.raises(ValueError, match="^global_scale: a tensor must be a 0-dim"):
+        silu_and_mul(x, mm, quantize="nvfp4", global_scale=torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="^masked_m: is on meta"):
+        silu_and_mul(x, mm.to("meta"))
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match=r"^masked_m: values must lie in \[0, max_m=8\]"):
+            silu_and_mul(x, torch.tensor([9, 0], dtype=torch.int32))
