@@ -88,12 +88,17 @@ def e2m1_decode(c):
 
 
 @triton.jit
-def nvfp4_global_scale(vmax):
-    """Per-token encode scale from the per-block finite maxima ``vmax`` [NB] (FP32):
-    ``gs = 2688 / amax`` clamped to FP32_MAX; an all-zero row gets 1."""
-    amax = tl.max(vmax, axis=0)
+def nvfp4_gs_from_amax(amax):
+    """Encode scale from a row's finite amax (elementwise): ``gs = 2688 / amax`` clamped to
+    FP32_MAX; an all-zero row gets 1."""
     gs = tl.minimum(tl.math.div_rn(tl.zeros_like(amax) + GS_NUMERATOR, tl.where(amax > 0, amax, 1.0)), FP32_MAX)
     return tl.where(amax > 0, gs, 1.0)
+
+
+@triton.jit
+def nvfp4_global_scale(vmax):
+    """Per-token encode scale of one row from its per-block finite maxima ``vmax`` [NB]."""
+    return nvfp4_gs_from_amax(tl.max(vmax, axis=0))
 
 
 @triton.jit
@@ -108,7 +113,7 @@ def nvfp4_block_stats(xf):
 @triton.jit
 def nvfp4_quantize_tile(xf, vmax, bad, gs):
     """Quantize an FP32 tile [NB, 16] whose blocks have finite maxima ``vmax`` and non-finite
-    flags ``bad`` with encode scale ``gs`` (scalar). Returns (packed bytes [NB, 8] uint8,
+    flags ``bad`` with encode scale ``gs`` (a scalar, or [NB] one per block's row). Returns (packed bytes [NB, 8] uint8,
     scale bytes [NB] uint8). Follows DESIGN.md section 3 step by step:
     ``sf = e4m3(gs * vmax / 6)``, ``inv = gs / sf`` (0 if sf == 0), ``q = e2m1(x * inv)``."""
     sfv, sfb = e4m3_encode(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
@@ -124,13 +129,14 @@ def nvfp4_quantize_tile(xf, vmax, bad, gs):
 
 @triton.jit
 def nvfp4_dequantize_tile(packed, sfb, gs):
-    """Packed bytes [NB, 8] (uint8), scale bytes [NB] (int32), encode scale ``gs`` -> FP32 [NB, 16]
+    """Packed bytes [NB, 8] (uint8), scale bytes [NB] (int32), encode scale ``gs`` (scalar or
+    [NB]) -> FP32 [NB, 16]
     with ``x = e2m1(q) * float(sf) / gs``."""
     p = packed.to(tl.int32)
     nb: tl.constexpr = p.shape[0]
     codes = tl.reshape(tl.join(p & 15, p >> 4), (nb, 16))
     sf = e4m3_decode(sfb)
-    return tl.math.div_rn(e2m1_decode(codes) * sf[:, None], gs + tl.zeros_like(sf)[:, None])
+    return tl.math.div_rn(e2m1_decode(codes) * sf[:, None], (gs + tl.zeros_like(sf))[:, None])
 
 
 @triton.jit

@@ -11,7 +11,7 @@ from .common import (
     store_rounded,
     nvfp4_block_stats,
     nvfp4_dequantize_tile,
-    nvfp4_global_scale,
+    nvfp4_gs_from_amax,
     nvfp4_quantize_tile,
     swizzled_sf_offset,
 )
@@ -37,28 +37,31 @@ def nvfp4_quantize_kernel(
     GS_MODE: tl.constexpr,
     SWIZZLE: tl.constexpr,
     NB: tl.constexpr,  # power of two >= KSF
+    ROWS: tl.constexpr,  # rows per program (power of two)
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.arange(0, NB)
+    # the tile is [ROWS * NB, 16]: tile block i is block (i % NB) of row (i // NB)
+    i = tl.arange(0, ROWS * NB)
+    row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
+    blk = i % NB
+    bmask = (blk < KSF) & (row < N)
     col = tl.arange(0, 16)
-    bmask = blk < KSF
-    offs = blk[:, None] * 16 + col[None, :]
-    xf = tl.load(x_ptr + row * H + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
+    xf = tl.load(x_ptr + row[:, None] * H + blk[:, None] * 16 + col[None, :], mask=bmask[:, None], other=0.0)
+    xf = xf.to(tl.float32)
     vmax, bad = nvfp4_block_stats(xf)
     if GS_MODE == 2:
-        gs = nvfp4_global_scale(vmax)
-        tl.store(gs_ptr + row, gs)
+        amax = tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1)
+        gs_row = nvfp4_gs_from_amax(amax)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        tl.store(gs_ptr + rows, gs_row, mask=rows < N)
+        gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
     elif GS_MODE == 1:
-        gs = tl.load(gs_ptr + row)
+        gs = tl.load(gs_ptr + row, mask=row < N, other=1.0)
     else:
         gs = tl.load(gs_ptr)
     packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
-    qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tl.store(q_ptr + row * (H // 2) + qoffs, packed, mask=bmask[:, None])
+    tl.store(q_ptr + row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=bmask[:, None])
     if SWIZZLE:
-        e = row // M
-        m = row % M
-        sf_off = swizzled_sf_offset(e, m, blk.to(tl.int64), MT, KT)
+        sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
         sf_off = row * KSF + blk
     tl.store(sf_ptr + sf_off, sfb, mask=bmask)
@@ -79,24 +82,24 @@ def nvfp4_dequantize_kernel(
     GS_PER_ROW: tl.constexpr,
     SWIZZLE: tl.constexpr,
     NB: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.arange(0, NB)
-    bmask = blk < KSF
-    qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-    packed = tl.load(q_ptr + row * (H // 2) + qoffs, mask=bmask[:, None], other=0)
+    i = tl.arange(0, ROWS * NB)
+    row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
+    blk = i % NB
+    bmask = (blk < KSF) & (row < N)
+    packed = tl.load(q_ptr + row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :], mask=bmask[:, None], other=0)
     if SWIZZLE:
         sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
         sf_off = row * KSF + blk
     sfb = tl.load(sf_ptr + sf_off, mask=bmask, other=0).to(tl.int32)
     if GS_PER_ROW:
-        gs = tl.load(gs_ptr + row)
+        gs = tl.load(gs_ptr + row, mask=row < N, other=1.0)
     else:
         gs = tl.load(gs_ptr)
     x = nvfp4_dequantize_tile(packed, sfb, gs)
-    offs = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-    store_rounded(out_ptr + row * H + offs, x, bmask[:, None])
+    store_rounded(out_ptr + row[:, None] * H + blk[:, None] * 16 + tl.arange(0, 16)[None, :], x, bmask[:, None])
 
 
 @triton.jit
