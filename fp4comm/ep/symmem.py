@@ -149,8 +149,8 @@ class EmulatedMemory(SymmetricMemory):
     def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> SymmetricTensor:
         shape = tuple(int(s) for s in shape)
         index = self._count
-        self._count += 1
         tensors = self.world._get(index, shape, dtype)
+        self._count += 1
         self._live.append(index)
         ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=self.device)
         st = SymmetricTensor(local=tensors[self.rank], peer_ptrs=ptrs, peers=list(tensors))
