@@ -7,8 +7,16 @@ optional dependency (nvshmem4py, mpi4py) only matters when its feature is used.
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# In an installed wheel ``fp4comm/kernels`` exists. From a plain source checkout (repo root
+# on sys.path, nothing installed) map ``fp4comm.kernels`` to the top-level ``kernels/``.
+_here = os.path.dirname(os.path.abspath(__file__))
+_root = os.path.dirname(_here)
+if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(os.path.join(_root, "kernels", "common.py")):
+    __path__.append(_root)  # noqa: F821 - package __path__
 
 # public name -> module that defines it
 _LAZY = {
