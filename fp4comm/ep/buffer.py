@@ -252,14 +252,231 @@ def _raise_collective(codes: list[int], local: _InputError | None, rank: int, wh
 
 
 # ----------------------------------------------------------------------------- launch heuristics
-def _row_launch(elems: int) -> int:
-    """num_warps for one-row-per-program kernels holding ``elems`` FP32 values in registers:
-    ~32 values a thread keeps H=7168 (8192 padded) at 8 warps without spilling."""
+def _row_warps(elems: int) -> int:
+    """num_warps for kernels holding one row of ``elems`` FP32 values in registers: ~32 values
+    a thread, so H=7168 (8192 padded) runs at 8 warps without spilling, tiny rows at 1."""
     return max(1, min(8, triton_next_pow2(elems) // 1024))
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- local steps
+# Host wrappers of the kernels in ``kernels/dispatch.py`` (Triton) with the plain-torch twin
+# from ``fp4comm.reference.ep`` (``impl``). Every backend reuses them; they do no
+# validation (EPBuffer validates) and never communicate.
+
+
+def pack_rows(
+    msg: MessageLayout,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    rank_offset: torch.Tensor,
+    dests: list[torch.Tensor],
+    *,
+    global_scale="per_token",
+    ue8m0: bool = False,
+    dest_row_base: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """Quantize ``x`` once per token and store its message row into every destination.
+
+    Args:
+        msg: the row layout (payload, H, K).
+        x: ``[T, H]`` bfloat16 contiguous; ``topk_ids`` ``[T, K]`` int32/int64;
+            ``topk_weights`` ``[T, K]`` float32.
+        rank_offset: ``[T, R]`` int32, row of token ``t`` in destination ``r``, -1 = not sent
+            (:class:`~fp4comm.ep.DispatchLayout`).
+        dests: ``R`` uint8 tensors; token ``t`` goes to row ``dest_row_base[r] + rank_offset[t, r]``
+            of ``dests[r]`` (rows of ``msg.row_bytes``). Any memory the kernel can store to:
+            a local send buffer or a peer's symmetric buffer.
+        global_scale: nvfp4 ``gs``: ``"per_token"``, a float / 0-dim float32 tensor, or ``[T]``.
+        dest_row_base: ``[R]`` int64 on the device (default zeros).
+    """
+    T, H = x.shape
+    R = rank_offset.shape[1]
+    dev = x.device
+    if T == 0:
+        return
+    if not use_triton(dev, impl):
+        rows = ref.pack_rows_ref(msg, x, topk_ids, topk_weights, rank_offset, global_scale, ue8m0)
+        counts = (rank_offset >= 0).sum(0).tolist()
+        bases = [0] * R if dest_row_base is None else dest_row_base.tolist()
+        for d, part, b in zip(dests, rows.split(counts), bases):
+            d.view(-1, msg.row_bytes)[b : b + part.shape[0]].copy_(part)
+        return
+    from ..kernels.dispatch import ep_pack_kernel
+
+    gs_mode, gs = 2, topk_weights  # gs pointer unused unless GS_MODE 0 / 1
+    if msg.payload == "nvfp4":
+        nb = triton_next_pow2(H // NVFP4_BLOCK)
+        elems = nb * NVFP4_BLOCK
+        if isinstance(global_scale, torch.Tensor) and global_scale.dim() == 1:
+            gs_mode, gs = 1, global_scale.float().contiguous()
+        elif not isinstance(global_scale, str):
+            gs_mode, gs = 0, torch.as_tensor(global_scale, dtype=torch.float32, device=dev).reshape(1)
+    elif msg.payload == "fp8":
+        nb = triton_next_pow2(H // FP8_BLOCK)
+        elems = nb * FP8_BLOCK
+    else:
+        nb = elems = triton_next_pow2(H)
+    base = torch.zeros(R, dtype=torch.int64, device=dev) if dest_row_base is None else dest_row_base
+    ep_pack_kernel[(T,)](
+        x, topk_ids.contiguous(), topk_weights.contiguous(), gs, rank_offset.contiguous(),
+        pointer_table(dests, dev), base, R, H,
+        msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
+        K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
+        GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
+    )  # fmt: skip
+
+
+@dataclass
+class PermuteResult:
+    """Output of :func:`permute_rows` (shapes: :class:`DispatchOutput`; ``slot_map`` ``[N, K]``
+    int32 = ``e_local * max_m + slot`` or -1; ``masked_m`` ``[El]`` int32)."""
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    global_scale: torch.Tensor | None
+    topk_weights: torch.Tensor
+    masked_m: torch.Tensor
+    slot_map: torch.Tensor
+
+
+def permute_rows(
+    msg: MessageLayout,
+    rows: torch.Tensor,
+    *,
+    expert_base: int,
+    num_local_experts: int,
+    max_m: int,
+    scale_layout: str = "swizzled",
+    impl: str = "auto",
+) -> PermuteResult:
+    """Received message rows -> masked per-expert layout, deterministic.
+
+    Args:
+        rows: ``[N, msg.row_bytes]`` uint8, in receive order (source rank, then source token).
+        expert_base: global id of this rank's first expert; ``num_local_experts``: ``El``.
+        max_m: rows per expert (multiple of 128); pairs past it are dropped (callers check
+            capacity first).
+
+    Each ``(row n, k)`` routed to a local expert takes the next slot of that expert in the
+    order (n, k) ascending. Payload rows ``>= masked_m`` are left uninitialized by the Triton
+    path (zero in the reference); scales are zero there, ``global_scale`` 1, weights 0.
+    """
+    El, K, dev = num_local_experts, msg.num_topk, rows.device
+    N = rows.shape[0]
+    if not use_triton(dev, impl):
+        ids = rows[:, msg.ids_offset : msg.ids_offset + 4 * K].contiguous().view(torch.int32)
+        slot_map, masked_m = ref.permute_index_ref(ids, expert_base, El, max_m)
+        lay = ref.permute_ref(msg, rows, slot_map, El, max_m, scale_layout)
+        return PermuteResult(lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, slot_map)
+
+    from ..kernels.dispatch import ep_permute_index_kernel, ep_permute_kernel
+
+    pdtype, pcols = {
+        "nvfp4": (torch.uint8, msg.hidden // 2),
+        "fp8": (torch.float8_e4m3fn, msg.hidden),
+        "bf16": (torch.bfloat16, msg.hidden),
+    }[msg.payload]
+    x = torch.empty(El, max_m, pcols, dtype=pdtype, device=dev)
+    ksf = msg.num_scales
+    scales = gs = None
+    if msg.payload == "nvfp4":
+        cols = round_up(ksf, 4) if scale_layout == "swizzled" else ksf
+        scales = torch.zeros(El, max_m, cols, dtype=torch.uint8, device=dev)
+        gs = torch.ones(El, max_m, dtype=torch.float32, device=dev)
+    elif msg.payload == "fp8":
+        scales = torch.zeros(El, max_m, ksf, dtype=torch.float32, device=dev)
+    w = torch.zeros(El, max_m, dtype=torch.float32, device=dev)
+    masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
+    slot_map = torch.full((N, K), -1, dtype=torch.int32, device=dev)
+    if N > 0:
+        ep_permute_index_kernel[(El,)](
+            rows, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, max_m,
+            K=K, BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
+        )  # fmt: skip
+        words = msg.payload_bytes // 4
+        ep_permute_kernel[(N,)](
+            rows, slot_map, x.view(torch.uint8).view(torch.int32),
+            w if scales is None else scales, w if gs is None else gs, w,
+            msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
+            max(ksf, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
+            K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled",
+            BLOCK_W=min(1024, triton_next_pow2(words)), SF_BLOCK=triton_next_pow2(max(ksf, 1)),
+            num_warps=4,
+        )  # fmt: skip
+    if msg.payload == "nvfp4":
+        scales = scales.view(torch.float8_e4m3fn)
+    return PermuteResult(x, scales, gs, w, masked_m, slot_map)
+
+
+def combine_expert(
+    expert_out: torch.Tensor,
+    slot_map: torch.Tensor,
+    slot_weights: torch.Tensor,
+    dests: list[torch.Tensor],
+    src_rank: torch.Tensor,
+    src_row: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> None:
+    """Expert side of combine: one BF16 partial row per received row.
+
+    Args:
+        expert_out: ``[El, max_m, H]`` bfloat16 contiguous.
+        slot_map: ``[N, K]`` int32 (:class:`PermuteResult`); ``slot_weights``: ``[El * max_m]`` float32.
+        dests: per source rank ``s``, a ``[n_s, H]`` bfloat16 tensor (local or a peer's);
+            received row ``n`` is written to row ``src_row[n]`` of ``dests[src_rank[n]]``.
+        src_rank: ``[N]`` int32; ``src_row``: ``[N]`` int64.
+
+    Row value: FP32 ``acc = acc + w_k * float(out[slot])`` over local ``k`` ascending, one BF16
+    rounding (RNE) at the end; no FMA (bit-exact with :func:`~fp4comm.reference.ep.combine_expert_ref`).
+    """
+    N = slot_map.shape[0]
+    H = expert_out.shape[-1]
+    if N == 0:
+        return
+    if not use_triton(expert_out.device, impl):
+        part = ref.combine_expert_ref(expert_out, slot_map, slot_weights)
+        for s, d in enumerate(dests):
+            m = src_rank == s
+            if bool(m.any()):
+                d[src_row[m]] = part[m]
+        return
+    from ..kernels.dispatch import ep_combine_expert_kernel
+
+    bh = min(1024, triton_next_pow2(H))
+    ep_combine_expert_kernel[(N, cdiv(H, bh))](
+        expert_out, slot_map, slot_weights, pointer_table(dests, expert_out.device), src_rank, src_row, H,
+        K=slot_map.shape[1], BLOCK_H=bh, num_warps=_row_warps(bh), enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def combine_source(
+    parts: list[torch.Tensor], rank_offset: torch.Tensor, hidden: int, *, impl: str = "auto"
+) -> torch.Tensor:
+    """Source side of combine: ``parts[r]`` ``[n_r, H]`` bfloat16 partial rows back from rank
+    ``r`` (in the order the dispatch rows were sent; local or a peer's memory),
+    ``rank_offset`` ``[T, R]`` int32 -> ``[T, H]`` bfloat16, FP32 sum over ranks ascending, one
+    BF16 rounding; tokens sent nowhere get zeros."""
+    T = rank_offset.shape[0]
+    dev = rank_offset.device
+    if not use_triton(dev, impl):
+        return ref.combine_source_ref(parts, rank_offset, hidden)
+    from ..kernels.dispatch import ep_combine_source_kernel
+
+    y = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
+    if T:
+        bh = min(1024, triton_next_pow2(hidden))
+        ep_combine_source_kernel[(T, cdiv(hidden, bh))](
+            pointer_table(parts, dev), rank_offset.contiguous(), y, rank_offset.shape[1], hidden,
+            BLOCK_H=bh, num_warps=_row_warps(bh), enable_fp_fusion=False,
+        )  # fmt: skip
+    return y
 
 
 # ----------------------------------------------------------------------------- buffer
@@ -367,10 +584,6 @@ class EPBuffer:
             raise RuntimeError("EPBuffer: used after destroy()")
         return self.backend
 
-    @property
-    def _triton(self) -> bool:
-        return use_triton(self.device, self.config.impl)
-
     # ---- dispatch
     def _validate_dispatch(self, x, topk_ids, topk_weights, global_scale) -> _InputError | None:
         cfg, dev = self.config, self.device
@@ -470,114 +683,36 @@ class EPBuffer:
         plan = TransferPlan(self.rank, tuple(tuple(c) for c in counts.tolist()), self.msg.row_bytes, cfg.hidden)
 
         self._generation += 1
-        triton_on = self._triton
+        impl = cfg.impl
         weights = topk_weights.float().contiguous()
         ids = topk_ids.contiguous()
 
         def pack(dests: list[torch.Tensor]) -> None:
-            if plan.num_send == 0:
-                return
-            if triton_on:
-                self._launch_pack(x, ids, weights, global_scale, lay.rank_offset, dests)
-            else:
-                rows = ref.pack_rows_ref(self.msg, x, ids, weights, lay.rank_offset, global_scale, cfg.fp8_ue8m0)
-                for d, part in zip(dests, rows.split(plan.send_counts)):
-                    d.copy_(part)
+            pack_rows(
+                self.msg, x, ids, weights, lay.rank_offset, dests,
+                global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
+            )  # fmt: skip
 
         recv = backend.dispatch_rows(plan, pack)
-        out = self._permute(recv, plan, max_m, triton_on)
+        p = permute_rows(
+            self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
+            scale_layout=cfg.scale_layout, impl=impl,
+        )  # fmt: skip
         src_rank = torch.repeat_interleave(
             torch.arange(R, dtype=torch.int32, device=self.device),
-            torch.tensor(plan.recv_counts, device=self.device),
+            torch.tensor(plan.recv_counts, dtype=torch.int64, device=self.device),
         )
         offs = torch.tensor(plan.recv_offsets, dtype=torch.int64, device=self.device)
         src_row = torch.arange(plan.num_recv, dtype=torch.int64, device=self.device) - offs[src_rank.long()]
-        x_out, scales, gs, w, masked_m, slot_map = out
         handle = EPHandle(
-            self._id, self._generation, plan, x.shape[0], lay.rank_offset, slot_map, w.reshape(-1),
-            src_rank, src_row, max_m,
+            self._id, self._generation, plan, x.shape[0], lay.rank_offset, p.slot_map,
+            p.topk_weights.reshape(-1), src_rank, src_row, max_m,
         )  # fmt: skip
         return DispatchOutput(
-            x=x_out, scales=scales, global_scale=gs, masked_m=masked_m, topk_weights=w, handle=handle,
-            payload=cfg.payload, scale_layout=cfg.scale_layout, hidden=cfg.hidden, num_recv_tokens=plan.num_recv,
+            x=p.x, scales=p.scales, global_scale=p.global_scale, masked_m=p.masked_m, topk_weights=p.topk_weights,
+            handle=handle, payload=cfg.payload, scale_layout=cfg.scale_layout, hidden=cfg.hidden,
+            num_recv_tokens=plan.num_recv,
         )  # fmt: skip
-
-    def _launch_pack(self, x, ids, weights, global_scale, rank_offset, dests) -> None:
-        from ..kernels.dispatch import ep_pack_kernel
-
-        cfg, msg, R = self.config, self.msg, self.num_ranks
-        T, H = x.shape
-        if cfg.payload == "nvfp4":
-            if isinstance(global_scale, str):
-                gs_mode, gs = 2, weights  # unused pointer
-            elif isinstance(global_scale, torch.Tensor) and global_scale.dim() == 1:
-                gs_mode, gs = 1, global_scale.float().contiguous()
-            else:
-                gs_mode = 0
-                gs = torch.as_tensor(global_scale, dtype=torch.float32, device=self.device).reshape(1)
-            nb, elems = triton_next_pow2(H // NVFP4_BLOCK), triton_next_pow2(H // NVFP4_BLOCK) * NVFP4_BLOCK
-        elif cfg.payload == "fp8":
-            gs_mode, gs = 2, weights
-            nb, elems = triton_next_pow2(H // FP8_BLOCK), triton_next_pow2(H // FP8_BLOCK) * FP8_BLOCK
-        else:
-            gs_mode, gs = 2, weights
-            nb = elems = triton_next_pow2(H)
-        table = pointer_table(dests, self.device)
-        base = torch.zeros(R, dtype=torch.int64, device=self.device)
-        ep_pack_kernel[(T,)](
-            x, ids, weights, gs, rank_offset, table, base, R, H,
-            msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
-            K=cfg.num_topk, KP=triton_next_pow2(cfg.num_topk), PAYLOAD=PAYLOADS.index(cfg.payload),
-            GS_MODE=gs_mode, UE8M0=cfg.fp8_ue8m0, NB=nb, num_warps=_row_launch(elems),
-        )  # fmt: skip
-
-    def _permute(self, recv: torch.Tensor, plan: TransferPlan, max_m: int, triton_on: bool):
-        """Received rows -> (x, scales, global_scale, topk_weights, masked_m, slot_map)."""
-        cfg, msg, El, dev = self.config, self.msg, self.num_local_experts, self.device
-        N, K, H = plan.num_recv, cfg.num_topk, cfg.hidden
-        base = self.rank * El
-        if not triton_on:
-            ids = recv[:, msg.ids_offset : msg.ids_offset + 4 * K].contiguous().view(torch.int32)
-            slot_map, masked_m = ref.permute_index_ref(ids, base, El, max_m)
-            lay = ref.permute_ref(msg, recv, slot_map, El, max_m, cfg.scale_layout)
-            return lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, slot_map
-
-        from ..kernels.dispatch import ep_permute_index_kernel, ep_permute_kernel
-
-        pdtype = {"nvfp4": torch.uint8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[cfg.payload]
-        x = torch.empty(El, max_m, msg.payload_bytes // torch.empty(0, dtype=pdtype).element_size(), dtype=pdtype, device=dev)
-        ksf = msg.num_scales
-        if cfg.payload == "nvfp4":
-            cols = round_up(ksf, 4) if cfg.scale_layout == "swizzled" else ksf
-            scales = torch.zeros(El, max_m, cols, dtype=torch.uint8, device=dev)
-            gs = torch.ones(El, max_m, dtype=torch.float32, device=dev)
-        elif cfg.payload == "fp8":
-            scales = torch.zeros(El, max_m, ksf, dtype=torch.float32, device=dev)
-            gs = None
-        else:
-            scales = gs = None
-        w = torch.zeros(El, max_m, dtype=torch.float32, device=dev)
-        masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
-        slot_map = torch.full((N, K), -1, dtype=torch.int32, device=dev)
-        if N > 0:
-            ep_permute_index_kernel[(El,)](
-                recv, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, base, max_m,
-                K=K, BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
-            )  # fmt: skip
-            dummy = w
-            ep_permute_kernel[(N,)](
-                recv, slot_map, x.view(torch.uint8).view(torch.int32),
-                scales if scales is not None else dummy, gs if gs is not None else dummy, w,
-                msg.row_bytes, msg.payload_bytes // 4, msg.scale_offset, msg.gs_offset, msg.weights_offset,
-                max(ksf, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
-                K=K, PAYLOAD=PAYLOADS.index(cfg.payload), SWIZZLE=cfg.scale_layout == "swizzled",
-                BLOCK_W=min(1024, triton_next_pow2(msg.payload_bytes // 4)),
-                SF_BLOCK=triton_next_pow2(max(ksf, 1)),
-            )  # fmt: skip
-        if cfg.payload == "nvfp4":
-            scales = scales.view(torch.float8_e4m3fn)
-        del H
-        return x, scales, gs, w, masked_m, slot_map
 
     # ---- combine
     def _validate_combine(self, expert_out, handle) -> _InputError | None:
@@ -627,36 +762,12 @@ class EPBuffer:
         meta = torch.tensor([0 if err is None else err.code], dtype=torch.int64, device=self.device)
         codes = backend.exchange_meta(meta)[:, 0].tolist()
         _raise_collective(codes, err, self.rank, "combine")
-        plan, H, K = handle.plan, self.config.hidden, self.config.num_topk
-        triton_on = self._triton
-        block_h = min(1024, triton_next_pow2(H))
+        plan, impl = handle.plan, self.config.impl
 
         def reduce(dests: list[torch.Tensor]) -> None:
-            if plan.num_recv == 0:
-                return
-            if triton_on:
-                from ..kernels.dispatch import ep_combine_expert_kernel
-
-                ep_combine_expert_kernel[(plan.num_recv, cdiv(H, block_h))](
-                    expert_out, handle.slot_map, handle.slot_weights, pointer_table(dests, self.device),
-                    handle.src_rank, handle.src_row, H, K=K, BLOCK_H=block_h,
-                    num_warps=_row_launch(block_h), enable_fp_fusion=False,
-                )  # fmt: skip
-            else:
-                part = ref.combine_expert_ref(expert_out, handle.slot_map, handle.slot_weights)
-                for d, p in zip(dests, part.split(plan.recv_counts)):
-                    d.copy_(p)
+            combine_expert(
+                expert_out, handle.slot_map, handle.slot_weights, dests, handle.src_rank, handle.src_row, impl=impl
+            )
 
         parts = backend.combine_rows(plan, reduce)
-        T = handle.num_tokens
-        if not triton_on:
-            return ref.combine_source_ref(parts, handle.rank_offset, H)
-        from ..kernels.dispatch import ep_combine_source_kernel
-
-        y = torch.empty(T, H, dtype=torch.bfloat16, device=self.device)
-        if T:
-            ep_combine_source_kernel[(T, cdiv(H, block_h))](
-                pointer_table(parts, self.device), handle.rank_offset, y, self.num_ranks, H,
-                BLOCK_H=block_h, num_warps=_row_launch(block_h), enable_fp_fusion=False,
-            )  # fmt: skip
-        return y
+        return combine_source(parts, handle.rank_offset, self.config.hidden, impl=impl)
