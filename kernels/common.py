@@ -9,15 +9,15 @@ Host code and references live in ``fp4comm``; this module imports only Triton.
 import triton
 import triton.language as tl
 
-E4M3_MAX: tl.constexpr = 448.0
+E4M3_MAX = tl.constexpr(448.0)
 # smallest normal E4M3 (2^-6); below it E4M3 is subnormal with quantum 2^-9
-E4M3_MIN_NORMAL: tl.constexpr = 0.015625
+E4M3_MIN_NORMAL = tl.constexpr(0.015625)
 # adding then subtracting 2^14 rounds an FP32 in [0, 2^-6) to a multiple of 2^-9 (RNE)
-E4M3_SUBNORMAL_MAGIC: tl.constexpr = 16384.0
-E4M3_NAN_BYTE: tl.constexpr = 0x7F
-E4M3_MAX_BYTE: tl.constexpr = 0x7E
-FP32_MAX: tl.constexpr = 3.4028234663852886e38
-GS_NUMERATOR: tl.constexpr = 2688.0  # 448 * 6
+E4M3_SUBNORMAL_MAGIC = tl.constexpr(16384.0)
+E4M3_NAN_BYTE = tl.constexpr(0x7F)
+E4M3_MAX_BYTE = tl.constexpr(0x7E)
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+GS_NUMERATOR = tl.constexpr(2688.0)  # 448 * 6
 
 
 @triton.jit

@@ -17,9 +17,9 @@ from .common import (
 )
 
 # global-scale modes
-GS_STATIC: tl.constexpr = 0  # one scalar for the whole tensor (gs_ptr[0])
-GS_PER_ROW: tl.constexpr = 1  # caller-given, gs_ptr[row]
-GS_PER_TOKEN: tl.constexpr = 2  # computed here from the row's amax, written to gs_ptr[row]
+GS_STATIC = tl.constexpr(0)  # one scalar for the whole tensor (gs_ptr[0])
+GS_PER_ROW = tl.constexpr(1)  # caller-given, gs_ptr[row]
+GS_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, written to gs_ptr[row]
 
 
 @triton.jit
