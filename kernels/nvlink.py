@@ -33,10 +33,10 @@ from .common import (
 from .sync import arrive_last, flag_store_release, report_timeout, wait_flag_geq
 
 # status slots (int32 [4], local): set by kernels, read by the host
-ST_DISPATCH_TIMEOUT: tl.constexpr = 0  # 1 + source rank whose dispatch flag never came
-ST_COMBINE_TIMEOUT: tl.constexpr = 1  # 1 + expert rank whose combine flag never came
-ST_OVERFLOW: tl.constexpr = 2  # 1 + local expert of a slot region that overflowed
-ST_BAD_ID: tl.constexpr = 3  # 1 + a top-k id outside [-1, E)
+ST_DISPATCH_TIMEOUT = tl.constexpr(0)  # 1 + source rank whose dispatch flag never came
+ST_COMBINE_TIMEOUT = tl.constexpr(1)  # 1 + expert rank whose combine flag never came
+ST_OVERFLOW = tl.constexpr(2)  # 1 + local expert of a slot region that overflowed
+ST_BAD_ID = tl.constexpr(3)  # 1 + a top-k id outside [-1, E)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -489,7 +489,7 @@ def ll_combine_recv_kernel(
 
 
 # ----------------------------------------------------------------------------- high throughput
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
 def signal_wait_kernel(
     flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
     flags_ptr,  # this rank's flag array
@@ -498,12 +498,17 @@ def signal_wait_kernel(
     epoch,
     max_spins,
     STATUS_SLOT: tl.constexpr,
+    SIGNAL: tl.constexpr,
+    WAIT: tl.constexpr,
 ):
     """Grid ``(R,)``: program ``p`` tells rank ``p`` that this rank's rows for it (stored by
-    earlier kernels on this stream) are complete, then waits for rank ``p``'s rows to it."""
+    earlier kernels on this stream) are complete (``SIGNAL``), then waits for rank ``p``'s
+    rows to this rank (``WAIT``; a timeout records ``1 + p``)."""
     p = tl.program_id(0)
-    dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
-    flag_store_release(dst, epoch.to(tl.int64))
-    _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins)
-    if not ok:
-        report_timeout(status_ptr + STATUS_SLOT, p + 1)
+    if SIGNAL:
+        dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
+        flag_store_release(dst, epoch.to(tl.int64))
+    if WAIT:
+        _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins)
+        if not ok:
+            report_timeout(status_ptr + STATUS_SLOT, p + 1)

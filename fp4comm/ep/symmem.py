@@ -34,6 +34,7 @@ __all__ = [
     "NvshmemMemory",
     "EmulatedWorld",
     "EmulatedMemory",
+    "ShmMemory",
     "init_nvshmem",
     "finalize",
     "nvshmem_available",
@@ -174,6 +175,75 @@ class EmulatedMemory(SymmetricMemory):
     def close(self) -> None:
         for index in list(self._live):
             self._release(index)
+
+
+# ----------------------------------------------------------------------------- CPU processes
+class ShmMemory(SymmetricMemory):
+    """CPU ranks in separate processes of one host (a gloo group): each buffer is a file in
+    ``/dev/shm`` mapped (``MAP_SHARED``) by every rank, so a peer address is valid in this
+    process and interpreter kernels can store into peers. For tests of collective APIs
+    (``EPBuffer(backend="nvlink")`` on CPU); the interpreter cannot spin on a peer, so
+    callers put a ``barrier()`` between their signal and wait kernels."""
+
+    emulated = True
+
+    def __init__(self, group=None, device: torch.device | str = "cpu") -> None:
+        import os
+        import uuid
+
+        import torch.distributed as dist
+
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.device = torch.device(device)
+        obj = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        self._token = obj[0]
+        self._dir = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+        self._count = 0
+        self._live: list[SymmetricTensor] = []
+
+    def _path(self, index: int, rank: int) -> str:
+        return f"{self._dir}/fp4comm-{self._token}-{index}-{rank}"
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> SymmetricTensor:
+        import math
+        import os
+
+        shape = tuple(int(s) for s in shape)
+        nbytes = max(16, math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+        index = self._count
+        self._count += 1
+
+        def view(rank: int) -> torch.Tensor:
+            raw = torch.from_file(self._path(index, rank), shared=True, size=nbytes, dtype=torch.uint8)
+            return raw[: math.prod(shape) * torch.empty(0, dtype=dtype).element_size()].view(dtype).view(shape)
+
+        with open(self._path(index, self.rank), "wb") as f:
+            f.truncate(nbytes)
+        local = view(self.rank)
+        local.zero_()
+        self.barrier()
+        peers = [local if p == self.rank else view(p) for p in range(self.world_size)]
+        self.barrier()
+        os.unlink(self._path(index, self.rank))  # mappings stay valid
+        ptrs = torch.tensor([v.data_ptr() for v in peers], dtype=torch.int64, device=self.device)
+        st = SymmetricTensor(local=local, peer_ptrs=ptrs, peers=peers)
+        self._live.append(st)
+        return st
+
+    def free(self, t: SymmetricTensor) -> None:
+        if t in self._live:
+            self._live.remove(t)
+            t.peers = []
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        self._live.clear()
 
 
 # ----------------------------------------------------------------------------- NVSHMEM

@@ -1,0 +1,145 @@
+"""``backend="nvlink"``: message rows stored straight into peers' symmetric memory.
+
+High-throughput path of :class:`~fp4comm.ep.EPBuffer` inside one NVLink domain:
+
+* dispatch: the buffer's fused pack kernel (quantize once, one row per destination rank)
+  gets, as its destination table, **peer views** of every receiver's symmetric receive
+  buffer at the offset where this source's block belongs (``TransferPlan.offset_in_receiver``:
+  blocks of lower source ranks first). So rows land on the receiver already grouped by
+  source rank, no staging copy, no all-to-all. Then one tiny kernel (grid ``R``) writes a
+  flag per (source, receiver) with a release store at system scope and waits, acquire with
+  a bounded spin, for the flags of every source; the permute kernel reads the received rows.
+* combine: the buffer's expert-side reduce kernel stores each partial BF16 row into the
+  source rank's symmetric combine buffer (block of this rank at the source's
+  ``send_offsets``), same flag exchange, then the source-side reduce runs on local memory.
+
+Flags hold a call counter (epoch) and are never reset: ``flag >= epoch`` means done.
+Fixed buffers: ``max_recv_tokens`` rows (default ``R * max_tokens_per_rank``) to receive,
+``R * max_tokens_per_rank`` BF16 rows for combine. Reuse is safe because every dispatch
+starts with the count exchange, which no rank passes before every rank's previous
+permute / reduce ran on its stream.
+
+Symmetric memory: NVSHMEM (``fp4comm.ep.symmem.init_nvshmem``) on GPUs; on CPU (tests) the
+``/dev/shm`` mapping of :class:`~fp4comm.ep.symmem.ShmMemory` with interpreter kernels and
+a host barrier between signalling and waiting.
+
+Timeouts: after the flag kernel the host reads a status word (one small device->host copy;
+dispatch already syncs for counts) and raises ``TimeoutError`` naming the peer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .backend import EPBackend, PackFn, ReduceFn, TransferPlan
+from .message import MessageLayout
+from .symmem import SymmetricMemory
+
+DEFAULT_TIMEOUT_SPINS = 1 << 24
+CPU_TIMEOUT_SPINS = 2
+
+ST_DISPATCH = 0
+ST_COMBINE = 1
+
+
+class NVLinkBackend(EPBackend):
+    name = "nvlink"
+
+    def __init__(self, group, device: torch.device, config, mem: SymmetricMemory | None = None) -> None:
+        super().__init__(group, device, config)
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if mem is None:
+            if device.type == "cuda":
+                from .symmem import init_nvshmem
+
+                mem = init_nvshmem(group, device)
+            else:
+                from .._runtime import triton_interpreting
+                from .symmem import ShmMemory
+
+                if not triton_interpreting():
+                    raise ValueError("backend: 'nvlink' on CPU needs TRITON_INTERPRET=1 (tests only)")
+                mem = ShmMemory(group, device)
+        self.mem = mem
+        R, H, TMAX = self.world_size, config.hidden, config.max_tokens_per_rank
+        self.row_bytes = MessageLayout(config.payload, H, config.num_topk).row_bytes
+        self.max_recv = config.max_recv_tokens or R * TMAX
+        self.max_send = R * TMAX
+        self._recv = mem.alloc((self.max_recv * self.row_bytes,), torch.uint8)
+        self._comb = mem.alloc((self.max_send * H,), torch.bfloat16)
+        self._dflags = mem.alloc((R,), torch.int64)
+        self._cflags = mem.alloc((R,), torch.int64)
+        self._status = torch.zeros(4, dtype=torch.int32, device=device)
+        self._epoch_d = 0
+        self._epoch_c = 0
+        self.timeout_spins = DEFAULT_TIMEOUT_SPINS if device.type == "cuda" else CPU_TIMEOUT_SPINS
+        self._alive = True
+
+    # ------------------------------------------------------------------ interface
+    def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
+        R = self.world_size
+        meta = meta.to(self.device, torch.int64).contiguous()
+        out = [torch.empty_like(meta) for _ in range(R)]
+        dist.all_gather(out, meta, group=self.group)
+        return torch.stack(out).cpu()
+
+    def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:
+        R, RB = self.world_size, self.row_bytes
+        worst = max(sum(plan.counts[s][r] for s in range(R)) for r in range(R))
+        if worst > self.max_recv:
+            # identical on every rank (counts are global): nobody stores anything
+            raise ValueError(
+                f"max_recv_tokens: a rank would receive {worst} rows, more than the nvlink receive buffer's "
+                f"{self.max_recv}; raise EPConfig.max_recv_tokens"
+            )
+        dests = []
+        for r in range(R):
+            off = plan.offset_in_receiver(r)
+            dests.append(self._recv.peer(r).view(-1, RB)[off : off + plan.send_counts[r]])
+        pack(dests)
+        self._epoch_d += 1
+        self._flags(self._dflags, self._epoch_d, ST_DISPATCH)
+        return self._recv.local.view(-1, RB)[: plan.num_recv]
+
+    def combine_rows(self, plan: TransferPlan, reduce: ReduceFn) -> list[torch.Tensor]:
+        R, H = self.world_size, plan.hidden
+        if plan.num_send > self.max_send:
+            raise ValueError(f"max_tokens_per_rank: {plan.num_send} combine rows exceed the buffer's {self.max_send}")
+        dests = []
+        for s in range(R):
+            # on rank s, rows sent to rank r start at s's send offset for r
+            off = sum(plan.counts[s][r] for r in range(self.rank))
+            dests.append(self._comb.peer(s).view(-1, H)[off : off + plan.recv_counts[s]])
+        reduce(dests)
+        self._epoch_c += 1
+        self._flags(self._cflags, self._epoch_c, ST_COMBINE)
+        return list(self._comb.local.view(-1, H)[: plan.num_send].split(plan.send_counts))
+
+    # ------------------------------------------------------------------ flags
+    def _flags(self, flags, epoch: int, slot: int) -> None:
+        from ..kernels.nvlink import signal_wait_kernel
+
+        R = self.world_size
+        args = (flags.peer_ptrs, flags.local, self._status, self.rank, epoch, self.timeout_spins)
+        if self.device.type == "cuda":
+            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=True, num_warps=1)
+        else:  # interpreter: every rank signals before anyone waits
+            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False)
+            self.mem.barrier()
+            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True)
+        st = self._status.tolist()
+        if st[slot]:
+            self._status.zero_()
+            what = "dispatch" if slot == ST_DISPATCH else "combine"
+            raise TimeoutError(
+                f"rank {self.rank}: nvlink {what} timed out waiting for rank {st[slot] - 1}'s rows "
+                f"({self.timeout_spins} spins); is that rank alive and in the same call?"
+            )
+
+    def destroy(self) -> None:
+        if not self._alive:
+            return
+        self._alive = False
+        for t in (self._recv, self._comb, self._dflags, self._cflags):
+            self.mem.free(t)
