@@ -219,7 +219,7 @@ def test_split_kv(fmt, splits):
     assert_close_to_ref(out, reference(case), what=f"splits={splits}")
     one = run(case, num_kv_splits=1)
     assert (out.float() - one.float()).abs().max().item() <= 0.02 * one.float().abs().max().item() + ABS_SLACK
-    assert torch.equal(out[4].float(), torch.zeros_like(out[4].float()))  # padded row: zeros
+    assert torch.equal(out[3].float(), torch.zeros_like(out[3].float()))  # padded row (seq_len 0): zeros
 
 
 @pytest.mark.parametrize("window", [1, 7, 40], ids=["w1", "w7", "w40"])
@@ -269,12 +269,14 @@ def test_fp8_queries_and_descales(kind):
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
 def test_huge_values_saturate(fmt):
-    """K/V far beyond the static scale's range saturate in the cache; attention stays finite."""
+    """K/V far beyond the range saturate in the cache (static: at +-QMAX * scale; dynamic: the
+    scale follows the finite amax, Inf saturates); the cache and the attention stay finite."""
     case = build([17], [2], Hq=2, Hkv=1, D=64, bs=8, fmt=fmt, seed=8)
     c = case["cache"]
-    k = torch.full((17, 1, 64), 3e38)
+    big = 3e38 if fmt in ("fp8", "int8") else 1e6  # dynamic: the true K is this big, keep q.k finite
+    k = torch.full((17, 1, 64), big)
     k[:, :, ::2] = -float("inf")
-    v = torch.full((17, 1, 64), -1e30)
+    v = torch.full((17, 1, 64), -big)
     pos = torch.arange(17)
     slots = case["bt"][0].long()[pos // 8] * 8 + pos % 8
     c.write(k, v, slots, impl="triton")
@@ -302,7 +304,7 @@ def test_reference_impl_path():
     case = build([17, 3], [2, 3], Hq=2, Hkv=1, D=64, bs=8, fmt="fp8", seed=10)
     out = run(case, impl="reference")
     assert out.dtype == torch.bfloat16
-    assert_close_to_ref(out, reference(case), tol=0, what="reference impl")
+    assert_close_to_ref(out, reference(case), tol=2**-8, what="reference impl")  # BF16 output rounding
 
 
 def test_empty_batch_and_out_buffer():

@@ -182,6 +182,8 @@ def masked_softmax_attention(
 
     Rows with no allowed key return zeros (not NaN).
     """
+    if k.shape[-2] == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
     s = torch.einsum("hmd,hnd->hmn", q, k) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
