@@ -1,0 +1,146 @@
+"""Low-latency (decode) dispatch / combine sweep: NVLink peer stores vs the torch fallback.
+
+Launch one process per GPU (NVSHMEM needs ``NVSHMEM_SYMMETRIC_SIZE`` big enough for
+``2 * E_local * R * T_max`` dispatch rows, set below when unset)::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc-per-node=4 benchmarks/bench_low_latency.py --backends nvlink,torch
+
+Each iteration: dispatch (send + receive halves, BF16 in -> masked ``payload`` layout),
+then combine (BF16 wire by default) of the received rows, timed with CUDA events around
+each; median over iterations, rank 0 prints. Bytes: message rows sent to *other* ranks
+(``(token, expert)`` pairs whose expert lives elsewhere x row bytes; the rank's own pairs
+move through local HBM); GB/s per GPU = those bytes / time. Targets (issue 4, 4x H200,
+H=7168, top-8, 256 experts): dispatch 128 tok <= 25 us, combine 128 tok <= 45 us,
+dispatch 512 tok <= 55 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _routing(T, E, K, gen, device):
+    scores = torch.rand(T, E, generator=gen)
+    ids = scores.topk(K, dim=1).indices.int()
+    w = torch.rand(T, K, generator=gen)
+    return ids.to(device), (w / w.sum(1, keepdim=True)).to(device)
+
+
+def run_one(buf, T, iters, warmup, seed):
+    cfg = buf.config
+    dev = buf.device
+    gen = torch.Generator().manual_seed(seed + buf.rank)
+    x = torch.randn(T, cfg.hidden, generator=gen).bfloat16().to(dev)
+    ids, w = _routing(T, cfg.num_experts, cfg.num_topk, gen, dev)
+    eo = None
+    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    for i in range(warmup + iters):
+        if i == warmup:
+            torch.cuda.synchronize()
+            dist.barrier()
+        e = ev[i - warmup] if i >= warmup else None
+        if e:
+            e[0].record()
+        out = buf.dispatch(x, ids, w)
+        if e:
+            e[1].record()
+        if eo is None:
+            eo = torch.randn(out.x.shape[0], out.x.shape[1], cfg.hidden, generator=gen).bfloat16().to(dev)
+        buf.combine(eo, out.handle)
+        if e:
+            e[2].record()
+    torch.cuda.synchronize()
+    buf.check()
+    td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
+    tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
+    R, EL = buf.world_size, buf.num_local_experts
+    owner = ids.long() // EL
+    remote_pairs = int(((ids >= 0) & (owner != buf.rank)).sum())
+    return dict(
+        tokens=T, dispatch_us=td, combine_us=tc,
+        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=remote_pairs * buf.crow_bytes,
+    )  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,32,128,256,512")
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--payload", default="nvfp4", choices=["nvfp4", "fp8", "bf16"])
+    ap.add_argument("--combine-payload", default="bf16", choices=["nvfp4", "fp8", "bf16"])
+    ap.add_argument("--backends", default="nvlink,torch")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "16G")  # launch edge
+    dist.init_process_group("nccl")
+    rank, R = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dev = torch.device("cuda", torch.cuda.current_device())
+    from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
+    from fp4comm.ep.symmem import finalize, init_nvshmem
+
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows = []
+    mem = None
+    for backend in args.backends.split(","):
+        cfg = LowLatencyConfig(
+            hidden=args.hidden, num_experts=args.experts, num_topk=args.topk, max_tokens_per_rank=max(tokens),
+            payload=args.payload, combine_payload=args.combine_payload,
+        )  # fmt: skip
+        if backend == "nvlink":
+            mem = mem or init_nvshmem(None, dev)
+            buf = LowLatencyBuffer(cfg, mem=mem, sync_check=False)
+        else:
+            buf = LowLatencyBuffer(cfg, backend="torch", device=dev, sync_check=False)
+        for T in tokens:
+            r = run_one(buf, T, args.iters, args.warmup, seed=T)
+            allr = [None] * R
+            dist.all_gather_object(allr, r)
+            d_us = max(a["dispatch_us"] for a in allr)
+            c_us = max(a["combine_us"] for a in allr)
+            d_b = sum(a["dispatch_bytes"] for a in allr) / R
+            c_b = sum(a["combine_bytes"] for a in allr) / R
+            rows.append(
+                dict(
+                    backend=backend, ranks=R, tokens=T, hidden=args.hidden, experts=args.experts, topk=args.topk,
+                    payload=args.payload, combine_payload=args.combine_payload,
+                    dispatch_us=round(d_us, 2), combine_us=round(c_us, 2),
+                    dispatch_MB=round(d_b / 1e6, 3), combine_MB=round(c_b / 1e6, 3),
+                    dispatch_GBps=round(d_b / d_us / 1e3, 1), combine_GBps=round(c_b / c_us / 1e3, 1),
+                )
+            )  # fmt: skip
+        buf.destroy()
+    if rank == 0:
+        cols = list(rows[0])
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join(str(r[c]) for c in cols))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_low_latency.json").write_text(json.dumps(rows, indent=2))
+        with open(out / "bench_low_latency.csv", "w") as f:
+            f.write(",".join(cols) + "\n")
+            for r in rows:
+                f.write(",".join(str(r[c]) for c in cols) + "\n")
+        print(f"wrote {out / 'bench_low_latency.json'} and .csv")
+    if mem is not None:
+        torch.cuda.synchronize()
+        mem.close()
+        finalize()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
