@@ -4,7 +4,7 @@
 to BF16 once (RNE on every backend). Without quantization that BF16 row is stored; with
 it, the BF16 value (widened back to FP32, exactly) is quantized to NVFP4 in registers --
 the same bytes an unfused ``quantize_nvfp4(silu_and_mul(x))`` produces. One program per
-(row, expert); rows at or past ``masked_m[e]`` do nothing.
+(row block, expert); rows at or past ``masked_m[e]`` do nothing.
 """
 
 import triton
@@ -37,34 +37,45 @@ def silu_and_mul_kernel(
     GS_PER_TOKEN: tl.constexpr,
     SWIZZLE: tl.constexpr,
     NB: tl.constexpr,  # power of two >= cdiv(N, 16)
+    ROWS: tl.constexpr,  # rows a program walks (1 on GPU; more under the interpreter, fewer programs)
 ):
-    row = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     m = tl.minimum(tl.load(masked_m_ptr + e), MAX_M)
-    if row < m:
-        r = e * MAX_M + row  # flat row index (int64)
-        blk = tl.arange(0, NB)
-        offs = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-        mask = offs < N
-        g = tl.load(x_ptr + r * (2 * N) + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + r * (2 * N) + N + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
-        if QUANT:
-            yf = to_bf16_rne(y).to(tl.float32)  # what an unfused BF16 output would hold
-            vmax, bad = nvfp4_block_stats(yf)
-            if GS_PER_TOKEN:
-                gs = nvfp4_global_scale(vmax)
-                tl.store(gs_ptr + r, gs)
-            else:
-                gs = tl.load(gs_ptr)
-            packed, sfb = nvfp4_quantize_tile(yf, vmax, bad, gs)
-            bmask = blk < KSF
-            qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-            tl.store(q_ptr + r * (N // 2) + qoffs, packed, mask=bmask[:, None])
-            if SWIZZLE:
-                sf_off = swizzled_sf_offset(e, row, blk.to(tl.int64), MT, KT)
-            else:
-                sf_off = r * KSF + blk
-            tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    row0 = tl.program_id(0) * ROWS
+    if row0 < m:
+        for i in tl.static_range(ROWS):
+            if row0 + i < m:
+                _row(x_ptr, out_ptr, q_ptr, sf_ptr, gs_ptr, e, row0 + i, MAX_M, N, KSF, MT, KT,
+                     QUANT, GS_PER_TOKEN, SWIZZLE, NB)
+
+
+@triton.jit
+def _row(x_ptr, out_ptr, q_ptr, sf_ptr, gs_ptr, e, row, MAX_M, N, KSF, MT, KT,
+         QUANT: tl.constexpr, GS_PER_TOKEN: tl.constexpr, SWIZZLE: tl.constexpr, NB: tl.constexpr):
+    """Row ``row`` of expert ``e``: silu(gate) * up, stored as BF16 or quantized."""
+    r = e * MAX_M + row  # flat row index (int64)
+    blk = tl.arange(0, NB)
+    offs = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    mask = offs < N
+    g = tl.load(x_ptr + r * (2 * N) + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + r * (2 * N) + N + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+    if QUANT:
+        yf = to_bf16_rne(y).to(tl.float32)  # what an unfused BF16 output would hold
+        vmax, bad = nvfp4_block_stats(yf)
+        if GS_PER_TOKEN:
+            gs = nvfp4_global_scale(vmax)
+            tl.store(gs_ptr + r, gs)
         else:
-            store_rounded(out_ptr + r * N + offs, y, mask)
+            gs = tl.load(gs_ptr)
+        packed, sfb = nvfp4_quantize_tile(yf, vmax, bad, gs)
+        bmask = blk < KSF
+        qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(q_ptr + r * (N // 2) + qoffs, packed, mask=bmask[:, None])
+        if SWIZZLE:
+            sf_off = swizzled_sf_offset(e, row, blk.to(tl.int64), MT, KT)
+        else:
+            sf_off = r * KSF + blk
+        tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    else:
+        store_rounded(out_ptr + r * N + offs, y, mask)

@@ -3,12 +3,19 @@ NVFP4 re-quantization, routing, and the expert-parallel MoE layer ``EPMoE``."""
 
 from .activation import silu_and_mul
 from .gemm import GemmConfig, dequantize_weights, grouped_gemm_masked, operand_format, quantize_weights
+from .layer import EPMoE, LocalDispatcher, MoEConfig, random_moe_state_dict
+from .router import select_experts
 
 __all__ = [
+    "EPMoE",
     "GemmConfig",
-    "silu_and_mul",
-    "grouped_gemm_masked",
-    "quantize_weights",
+    "LocalDispatcher",
+    "MoEConfig",
     "dequantize_weights",
+    "grouped_gemm_masked",
     "operand_format",
+    "quantize_weights",
+    "random_moe_state_dict",
+    "select_experts",
+    "silu_and_mul",
 ]

@@ -103,10 +103,11 @@ def silu_and_mul(
         from ..kernels.activation import silu_and_mul_kernel
 
         nb = triton.next_power_of_2(cdiv(N, 16))
-        silu_and_mul_kernel[(max_m, E)](
+        rows = 1 if device.type == "cuda" else 16  # interpreter: fewer, longer programs
+        silu_and_mul_kernel[(cdiv(max_m, rows), E)](
             x, out, q, sf, gs.reshape(-1) if gs.dim() else gs.reshape(1), masked_m,
             max_m, N, ksf, cdiv(max_m, 128), cdiv(ksf, 4),
-            QUANT=quant, GS_PER_TOKEN=gs_static is None, SWIZZLE=scale_layout == "swizzled", NB=nb,
+            QUANT=quant, GS_PER_TOKEN=gs_static is None, SWIZZLE=scale_layout == "swizzled", NB=nb, ROWS=rows,
             num_warps=8 if N >= 4096 else 4,
         )  # fmt: skip
     if not quant:

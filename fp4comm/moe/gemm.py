@@ -95,14 +95,16 @@ def _select_config(m_hint: int, N: int, K: int, a_fmt: str, b_fmt: str, *, inter
         experts) and ``block_k = 128`` keeps >= 16 KiB of weights in flight per stage.
       * Prefill: ``128 x 128 x 64``, 8 warps, 4 stages -- the standard Hopper BF16 tile;
         the A tile (decoded in registers) is small next to the B tile it multiplies.
-      * Interpreter: numpy cost grows with the number of programs and tile ops, so small
-        square-ish tiles (16-32 rows, <= 64 columns, K step 64) and ``loop_m``.
+      * Interpreter: each tile op costs ~1 ms of Python whatever its size, so few, large
+        tiles (<= 128 columns, K step up to 256, 128 with fp8) and ``loop_m``; rows stay
+        16-32 because row tiles past ``masked_m`` are skipped anyway.
     """
     fp8 = "fp8" in (a_fmt, b_fmt)
     if interpreter:
         bm = 16 if m_hint <= 16 else 32
-        bn = min(64, max(16, triton.next_power_of_2(N)))
-        return GemmConfig(bm, bn, 64, True, 4, 1)
+        bn = min(128, max(16, triton.next_power_of_2(N)))
+        bk = min(128 if fp8 else 256, max(32, triton.next_power_of_2(K)))
+        return GemmConfig(bm, bn, bk, True, 4, 1)
     bk_big = 128 if fp8 else 128
     if m_hint <= 16:
         return GemmConfig(16, 64, bk_big, True, 4, 4)
