@@ -34,7 +34,9 @@ def check_scale_cache(name: str, sc: object, k_cache: torch.Tensor) -> torch.Ten
     return check_tensor(name, sc, dtype=torch.float32, shape=(nb, bs, h), device=k_cache.device)
 
 
-def check_static_scale(name: str, scale: object, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+def check_static_scale(
+    name: str, scale: object, num_kv_heads: int, device: torch.device, *, check_values: bool = True
+) -> torch.Tensor:
     """A decode-direction scale per tensor (0-dim or ``[1]``) or per KV head ``[Hkv]``,
     float32, finite and > 0. Returns a 1-dim FP32 tensor (``[1]`` or ``[Hkv]``)."""
     if scale is None:
@@ -42,14 +44,16 @@ def check_static_scale(name: str, scale: object, num_kv_heads: int, device: torc
     check_tensor(name, scale, dtype=torch.float32, device=device)
     if not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] in (1, num_kv_heads))):
         raise ValueError(f"{name}: expected a 0-dim, [1] or [num_kv_heads={num_kv_heads}] tensor, got {list(scale.shape)}")
-    if not bool(((scale > 0) & scale.isfinite()).all()):
+    if check_values and not bool(((scale > 0) & scale.isfinite()).all()):
         raise ValueError(f"{name}: scales must be finite and > 0")
     return scale.reshape(-1)
 
 
-def check_slot_mapping(slot_mapping: object, num_tokens: int, num_slots: int, device: torch.device) -> torch.Tensor:
+def check_slot_mapping(
+    slot_mapping: object, num_tokens: int, num_slots: int, device: torch.device, *, check_range: bool = True
+) -> torch.Tensor:
     check_tensor("slot_mapping", slot_mapping, dtype=(torch.int32, torch.int64), shape=(num_tokens,), device=device)
-    if num_tokens and int(slot_mapping.max()) >= num_slots:
+    if check_range and num_tokens and int(slot_mapping.max()) >= num_slots:
         raise ValueError(
             f"slot_mapping: entries must be < num_blocks * block_size = {num_slots} (negative = skip), "
             f"got max {int(slot_mapping.max())}"
@@ -57,9 +61,21 @@ def check_slot_mapping(slot_mapping: object, num_tokens: int, num_slots: int, de
     return slot_mapping
 
 
-def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 1-element placeholder for pointer arguments a kernel variant never reads."""
-    return torch.ones(1, dtype=dtype, device=device)
+_ONES: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def dummy(device: torch.device) -> torch.Tensor:
+    """A 1-element FP32 ``1.0``: the value of an absent descale, and the placeholder for
+    pointer arguments a kernel variant never reads. Kept per device (never written), so hot
+    paths launch no fill kernel for it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(1, dtype=torch.float32, device=device)
+    return t
 
 
 def next_pow2(n: int) -> int:

@@ -48,6 +48,7 @@ def write_kv_cache(
     v_scale: torch.Tensor | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    check_indices: bool = True,
     impl: str = "auto",
 ) -> None:
     """Quantize ``k``/``v`` and store them into the paged caches, in place.
@@ -66,10 +67,11 @@ def write_kv_cache(
         k_scale_cache, v_scale_cache: dynamic formats only: ``[num_blocks, block_size,
             num_kv_heads]`` FP32, receive ``amax / QMAX`` of each (token, head); an all-zero
             head stores 1.
+        check_indices: check ``slot_mapping`` against the cache size and the static scales
+            for finite, > 0 values (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
 
     Quantized values saturate (fp8 to +-448, int8 to +-127), they never wrap or become Inf.
-    Checks ``slot_mapping`` against the cache size (one device sync).
     """
     check_format(kv_format)
     check_tensor("k", k, dtype=FLOAT_INPUTS, ndim=3)
@@ -84,15 +86,15 @@ def write_kv_cache(
     for name, x in (("k", k), ("v", v)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name}: the last (head_dim) dim must be contiguous")
-    check_slot_mapping(slot_mapping, T, nb * bs, dev)
+    check_slot_mapping(slot_mapping, T, nb * bs, dev, check_range=check_indices)
     dynamic = ref.is_dynamic(kv_format)
     if dynamic or kv_format == "bf16":
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is not None:
                 raise ValueError(f"{name}: must be None for kv_format={kv_format!r} (no static scale)")
     else:
-        k_scale = check_static_scale("k_scale", k_scale, H, dev)
-        v_scale = check_static_scale("v_scale", v_scale, H, dev)
+        k_scale = check_static_scale("k_scale", k_scale, H, dev, check_values=check_indices)
+        v_scale = check_static_scale("v_scale", v_scale, H, dev, check_values=check_indices)
     if dynamic:
         check_scale_cache("k_scale_cache", k_scale_cache, k_cache)
         check_scale_cache("v_scale_cache", v_scale_cache, k_cache)
@@ -231,11 +233,12 @@ class KVCache:
         ts = (self.k_cache, self.v_cache, self.k_scale_cache, self.v_scale_cache)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str = "auto") -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, *, check_indices: bool = True,
+              impl: str = "auto") -> None:
         """:func:`write_kv_cache` into this cache."""
         write_kv_cache(k, v, self.k_cache, self.v_cache, slot_mapping, kv_format=self.kv_format,
                        k_scale=self.k_scale, v_scale=self.v_scale, k_scale_cache=self.k_scale_cache,
-                       v_scale_cache=self.v_scale_cache, impl=impl)
+                       v_scale_cache=self.v_scale_cache, check_indices=check_indices, impl=impl)
 
     def attend(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                cu_seqlens_q: torch.Tensor, *, softmax_scale: float, **kwargs) -> torch.Tensor:

@@ -70,6 +70,7 @@ def write_mla_cache(
     slot_mapping: torch.Tensor,
     kv_format: str = "fp8",
     *,
+    check_indices: bool = True,
     impl: str = "auto",
 ) -> None:
     """Store each token's latent and rope part into its cache slot, in place.
@@ -81,6 +82,7 @@ def write_mla_cache(
         slot_mapping: ``[T]`` ``int32``/``int64``, ``< num_blocks * block_size``; negative = skip.
         kv_format: ``"fp8"`` (E4M3 latent, one FP32 decode scale ``amax / 448`` per 128 values,
             saturating) or ``"bf16"``.
+        check_indices: check ``slot_mapping`` against the cache size (a device sync).
     """
     floats = (torch.bfloat16, torch.float16, torch.float32)
     check_tensor("kv_latent", kv_latent, dtype=floats, ndim=2)
@@ -92,7 +94,7 @@ def write_mla_cache(
         if x.stride(-1) != 1:
             raise ValueError(f"{name}: the last dim must be contiguous")
     _check_mla_cache(cache, kv_format, dev)
-    check_slot_mapping(slot_mapping, T, cache.shape[0] * cache.shape[1], dev)
+    check_slot_mapping(slot_mapping, T, cache.shape[0] * cache.shape[1], dev, check_range=check_indices)
     check_same_device(kv_latent=kv_latent, k_rope=k_rope, cache=cache, slot_mapping=slot_mapping)
     if T == 0:
         return

@@ -1,0 +1,285 @@
+"""Paged attention and KV-cache write benchmark: bf16 / fp8 / int8 caches side by side.
+
+In one run (one GPU):
+  * ``roofline``: a device-to-device copy (read + write bytes / time), the practical HBM
+    ceiling, next to the spec peak (``--peak-gbps``, H200: 4800);
+  * ``decode``: one query per sequence (GQA 32 q heads / 8 KV heads, head dim 128), batch x
+    context sweep, for each cache format; effective GB/s = cache bytes read (K + V + scale
+    caches) / time, % of peak and of the measured copy; against
+    ``torch.nn.functional.scaled_dot_product_attention`` in BF16 on the same data gathered
+    from the pages into contiguous ``[B, H, L, D]`` (gather not timed; reported on its own);
+  * ``prefill``: one causal 8k-token sequence, TFLOP/s (masked pairs not counted) for bf16 and
+    fp8 caches (bf16 and fp8 queries) vs SDPA (``is_causal``) in BF16;
+  * ``write``: ``write_kv_cache`` bandwidth (bytes read + written / time).
+
+Prints a table (``tabulate`` when installed) and writes ``<out>.json`` and ``<out>.csv``.
+``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
+
+    python benchmarks/bench_attention.py                 # GPU, < 3 min on one H200
+    python benchmarks/bench_attention.py --smoke         # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from fp4comm.attention import KVCache, paged_attention, write_kv_cache  # noqa: E402
+from fp4comm.reference.attention import attention_flops  # noqa: E402
+
+DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
+
+
+def bench(fn, smoke: bool) -> float:
+    """Median time of ``fn()`` in microseconds (``triton.testing.do_bench`` on GPU)."""
+    if smoke or not torch.cuda.is_available():
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def make_cache(fmt, num_seqs, context, Hkv, D, bs, device):
+    """A cache holding ``num_seqs`` sequences of ``context`` tokens in shuffled blocks, filled
+    with random codes directly (their values do not change the speed)."""
+    per_seq = math.ceil(context / bs)
+    nb = num_seqs * per_seq
+    scale = torch.full((Hkv,), 0.02, device=device) if fmt in ("fp8", "int8") else None
+    c = KVCache.allocate(nb, bs, Hkv, D, fmt, device=device, k_scale=scale, v_scale=scale)
+    for t in (c.k_cache, c.v_cache):
+        if fmt == "bf16":
+            t.normal_()
+        elif fmt.startswith("fp8"):
+            t.view(torch.uint8).random_(0, 0x70)
+        else:
+            t.random_(-127, 128)
+    for t in (c.k_scale_cache, c.v_scale_cache):
+        if t is not None:
+            t.uniform_(0.01, 0.03)
+    bt = torch.randperm(nb, device=device, dtype=torch.int64).view(num_seqs, per_seq).to(torch.int32)
+    return c, bt
+
+
+def cache_bytes(c: KVCache, num_tokens: int) -> int:
+    per_tok = 2 * c.num_kv_heads * c.head_dim * c.k_cache.element_size()
+    if c.k_scale_cache is not None:
+        per_tok += 2 * c.num_kv_heads * 4
+    return per_tok * num_tokens
+
+
+def gather_dense(c: KVCache, bt, context):
+    """``[B, Hkv, L, D]`` BF16 K and V (dequantized) gathered from the pages."""
+    B = bt.shape[0]
+    bs = c.block_size
+    pos = torch.arange(context, device=bt.device)
+    blk = bt.long()[:, pos // bs]
+    off = (pos % bs).expand(B, -1)
+    out = []
+    for cache, s, sc in ((c.k_cache, c.k_scale, c.k_scale_cache), (c.v_cache, c.v_scale, c.v_scale_cache)):
+        x = cache[blk, off].to(torch.bfloat16)
+        if s is not None:
+            x = (x.float() * s.view(1, 1, -1, 1)).to(torch.bfloat16)
+        if sc is not None:
+            x = (x.float() * sc[blk, off][..., None]).to(torch.bfloat16)
+        out.append(x.transpose(1, 2).contiguous())
+    return out
+
+
+def sdpa(q, k, v, causal):
+    """BF16 SDPA ``q [B, Hq, M, D]`` over ``k, v [B, Hkv, L, D]`` (GQA via ``enable_gqa``)."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                              is_causal=causal)
+
+
+def run_roofline(dev, smoke, peak):
+    n = (1 << 16) if smoke else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src), smoke)
+    gbps = 2 * n / us / 1e3
+    return [dict(section="roofline", name="d2d copy", format="-", batch=0, context=0, us=us, gbps=gbps,
+                 pct_peak=100 * gbps / peak, pct_copy=100.0)]
+
+
+def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs):
+    rows = []
+    for B, L in configs:
+        q = torch.randn(B, Hq, D, device=dev).to(torch.bfloat16)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        seq_lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+        sdpa_us = None
+        for fmt in DECODE_FORMATS:
+            c, bt = make_cache(fmt, B, L, Hkv, D, bs, dev)
+            out = torch.empty(B, Hq, D, dtype=torch.bfloat16, device=dev)
+
+            def fn(c=c, bt=bt, out=out):
+                c.attend(q, bt, seq_lens, cu, softmax_scale=D ** -0.5, max_seqlen_q=1, check_indices=False, out=out)
+
+            us = bench(fn, smoke)
+            nbytes = cache_bytes(c, B * L)
+            gbps = nbytes / us / 1e3
+            rows.append(dict(section="decode", name="paged_attention", format=fmt, batch=B, context=L, us=us,
+                             gbps=gbps, pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps))
+            if fmt == "bf16":
+                t0 = time.perf_counter()
+                k, v = gather_dense(c, bt, L)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                gather_ms = (time.perf_counter() - t0) * 1e3
+                q4 = q[:, :, None, :]
+                sdpa_us = bench(lambda k=k, v=v: sdpa(q4, k, v, False), smoke)
+                gbps_s = nbytes / sdpa_us / 1e3
+                rows.append(dict(section="decode", name="sdpa (dense, gathered)", format="bf16", batch=B, context=L,
+                                 us=sdpa_us, gbps=gbps_s, pct_peak=100 * gbps_s / peak,
+                                 pct_copy=100 * gbps_s / copy_gbps, note=f"gather {gather_ms:.1f} ms, not timed"))
+                del k, v
+            rows[-1 if fmt != "bf16" else -2]["speedup_vs_sdpa"] = sdpa_us / us
+            del c, bt
+    return rows
+
+
+def run_prefill(dev, smoke, L, Hq, Hkv, D, bs):
+    rows = []
+    flops = attention_flops([L], [L], Hq, D, causal=True)
+    q = torch.randn(L, Hq, D, device=dev).to(torch.bfloat16)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+    seq_lens = torch.tensor([L], dtype=torch.int32, device=dev)
+    sdpa_us = None
+    variants = [("bf16", False), ("fp8", False), ("fp8", True)]
+    for fmt, q_fp8 in variants:
+        c, bt = make_cache(fmt, 1, L, Hkv, D, bs, dev)
+        qq = q.to(torch.float8_e4m3fn) if q_fp8 else q
+        qd = torch.tensor(1.0, device=dev) if q_fp8 else None
+        out = torch.empty(L, Hq, D, dtype=torch.bfloat16, device=dev)
+
+        def fn(c=c, bt=bt, qq=qq, qd=qd, out=out):
+            c.attend(qq, bt, seq_lens, cu, softmax_scale=D ** -0.5, q_descale=qd, max_seqlen_q=L,
+                     check_indices=False, out=out)
+
+        us = bench(fn, smoke)
+        if fmt == "bf16" and sdpa_us is None:
+            k, v = gather_dense(c, bt, L)
+            q4 = q.view(1, L, Hq, D).transpose(1, 2)
+            sdpa_us = bench(lambda k=k, v=v: sdpa(q4, k, v, True), smoke)
+            rows.append(dict(section="prefill", name="sdpa (dense, causal)", format="bf16", batch=1, context=L,
+                             us=sdpa_us, tflops=flops / sdpa_us / 1e6))
+            del k, v
+        rows.append(dict(section="prefill", name="paged_attention" + (" fp8 q" if q_fp8 else ""), format=fmt,
+                         batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us))
+        del c, bt
+    return rows
+
+
+def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
+    rows = []
+    k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
+    v = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
+    for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):
+        nb = math.ceil(T / bs) + 1
+        scale = torch.full((Hkv,), 0.02, device=dev) if fmt in ("fp8", "int8") else None
+        c = KVCache.allocate(nb, bs, Hkv, D, fmt, device=dev, k_scale=scale, v_scale=scale)
+        slots = torch.randperm(nb, device=dev)[: math.ceil(T / bs)].repeat_interleave(bs)[:T] * bs
+        slots = slots + torch.arange(T, device=dev) % bs
+
+        def fn(c=c, slots=slots):
+            write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale, v_scale=c.v_scale,
+                           k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache, check_indices=False)
+
+        us = bench(fn, smoke)
+        nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
+        gbps = nbytes / us / 1e3
+        rows.append(dict(section="write", name="write_kv_cache", format=fmt, batch=T, context=0, us=us, gbps=gbps,
+                         pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps))
+        del c
+    return rows
+
+
+COLUMNS = ["section", "name", "format", "batch", "context", "us", "gbps", "pct_peak", "pct_copy", "tflops",
+           "speedup_vs_sdpa", "note"]
+
+
+def print_table(rows):
+    table = [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    try:
+        from tabulate import tabulate
+
+        print(tabulate(table, headers=COLUMNS))
+    except ImportError:
+        print("\t".join(COLUMNS))
+        for t in table:
+            print("\t".join(t))
+
+
+def _fmt(x):
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter ok)")
+    p.add_argument("--out", default="results/attention", help="output path prefix (.json and .csv are added)")
+    p.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM spec peak in GB/s (H200: 4800)")
+    p.add_argument("--batches", default="32,128")
+    p.add_argument("--contexts", default="4096,16384,65536")
+    p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip decode configs above batch*context")
+    p.add_argument("--prefill-len", type=int, default=8192)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or dev.type != "cuda"
+    if smoke:
+        Hq, Hkv, D, bs = 4, 2, 64, 16
+        configs = [(2, 40)]
+        prefill_len, write_T = 32, 64
+    else:
+        Hq, Hkv, D, bs = 32, 8, 128, 16
+        configs = [(b, c) for b in map(int, args.batches.split(",")) for c in map(int, args.contexts.split(","))
+                   if b * c <= args.max_tokens]
+        prefill_len, write_T = args.prefill_len, 32768
+    rows = run_roofline(dev, smoke, args.peak_gbps)
+    copy_gbps = rows[0]["gbps"]
+    rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs)
+    rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs)
+    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
+    print(f"device: {device_name}  Hq={Hq} Hkv={Hkv} D={D} block_size={bs}  peak={args.peak_gbps:.0f} GB/s  "
+          f"copy={copy_gbps:.0f} GB/s")
+    print_table(rows)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device_name, Hq=Hq, Hkv=Hkv, head_dim=D, block_size=bs, peak_gbps=args.peak_gbps,
+                copy_gbps=copy_gbps, torch=torch.__version__, smoke=smoke)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
