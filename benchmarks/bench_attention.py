@@ -37,7 +37,7 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import torch.nn.functional as F  # noqa: E402
 
-from fp4comm.attention import KVCache, paged_attention, write_kv_cache  # noqa: E402
+from fp4comm.attention import KVCache, write_kv_cache  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
 DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
