@@ -32,9 +32,9 @@ from .common import (
     to_bf16_rne,
 )
 
-PAYLOAD_NVFP4: tl.constexpr = 0
-PAYLOAD_FP8: tl.constexpr = 1
-PAYLOAD_BF16: tl.constexpr = 2
+PAYLOAD_NVFP4 = tl.constexpr(0)
+PAYLOAD_FP8 = tl.constexpr(1)
+PAYLOAD_BF16 = tl.constexpr(2)
 
 
 @triton.jit

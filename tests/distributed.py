@@ -34,6 +34,8 @@ import torch.multiprocessing as mp
 
 #: seconds a single ``run`` may take on every rank before the pool is declared hung
 DEFAULT_TIMEOUT = float(os.environ.get("FP4COMM_TEST_TIMEOUT", "120"))
+#: seconds the other ranks get to finish once one rank has failed
+ERROR_GRACE = 20.0
 
 
 @dataclass
@@ -116,6 +118,8 @@ class DistributedPool:
             try:
                 rank, status, value = self._results.get(timeout=0.5)
                 got[rank] = (status, value)
+                if status == "error":  # the others may be stuck in a collective: do not wait long
+                    deadline = min(deadline, time.monotonic() + ERROR_GRACE)
                 continue
             except queue.Empty:
                 pass
@@ -123,7 +127,7 @@ class DistributedPool:
             if dead or time.monotonic() > deadline:
                 self.close(kill=True)
                 missing = sorted(set(range(self.world_size)) - set(got))
-                why = f"rank(s) {dead} died" if dead else f"no answer within {timeout:.0f}s (hang?)"
+                why = f"rank(s) {dead} died" if dead else "no answer in time (hang in a collective?)"
                 errs = "".join(f"\n--- rank {r} ---\n{v}" for r, (s, v) in sorted(got.items()) if s == "error")
                 raise AssertionError(f"{what}: {why}; missing ranks {missing}{errs}")
         errors = {r: v for r, (s, v) in got.items() if s == "error"}

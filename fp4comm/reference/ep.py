@@ -111,7 +111,7 @@ def permute_index_ref(
     ids = topk_ids.long()
     local = (ids >= expert_base) & (ids < expert_base + num_local_experts)
     el = torch.where(local, ids - expert_base, torch.full_like(ids, -1))
-    onehot = (el[..., None] == torch.arange(num_local_experts, device=ids.device)).reshape(N * K, -1).int()
+    onehot = (el[..., None] == torch.arange(num_local_experts, device=ids.device)).reshape(N * K, num_local_experts).int()
     excl = torch.cumsum(onehot, 0) - onehot  # (n, k) row-major
     slot = (excl * onehot).sum(-1).reshape(N, K)
     slot_map = torch.where(local & (slot < max_m), el * max_m + slot, torch.full_like(slot, -1))

@@ -1,0 +1,172 @@
+"""Local EP steps, one process: the Triton pack / permute / combine kernels against the
+plain-torch reference, bit for bit (payload bytes, scale bytes incl. swizzle padding,
+global scales, weights, slot maps, BF16 sums)."""
+
+import pytest
+import torch
+
+from fp4comm._runtime import use_triton
+from fp4comm.ep.buffer import combine_expert, combine_source, pack_rows, permute_rows
+from fp4comm.ep.layout import get_dispatch_layout
+from fp4comm.ep.message import MessageLayout, unpack_messages
+from fp4comm.reference import ep as ref
+
+pytestmark = pytest.mark.skipif(
+    not use_triton(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+def _tokens(T, H, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g) * torch.logspace(-3, 3, T)[:, None]
+    if T > 4:
+        x[1] = 0.0  # all-zero token: gs = 1, zero codes
+        x[2, 5] = float("nan")  # non-finite blocks -> NaN scale byte / codes
+        x[3, H - 1] = float("inf")
+        x[4, :16] = 1e-30  # subnormal-ish amax
+    return x.bfloat16().to(device)
+
+
+def _routing(T, K, E, seed=0, minus1=0.3, dup=False):
+    g = torch.Generator().manual_seed(seed + 7)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
+    ids[torch.rand(T, K, generator=g) < minus1] = -1
+    if dup and T > 3:
+        ids[3, :] = ids[3, 0] if ids[3, 0] >= 0 else 1  # same expert for every k
+    w = torch.rand(T, K, generator=g)
+    return ids, w
+
+
+PAYLOAD_CASES = [
+    ("nvfp4", 64, "per_token"),
+    ("nvfp4", 80, "per_token"),  # 5 scale blocks: masks, swizzle column padding
+    ("nvfp4", 64, 123.5),  # static scalar
+    ("nvfp4", 64, "tensor0d"),
+    ("nvfp4", 64, "per_row"),
+    ("fp8", 128, "per_token"),
+    ("fp8", 384, "ue8m0"),
+    ("bf16", 80, "per_token"),
+]
+
+
+def _gs_arg(gs, T, device):
+    if gs == "tensor0d":
+        return torch.tensor(37.25, device=device)
+    if gs == "per_row":
+        return torch.linspace(0.5, 900.0, T, device=device)
+    return gs
+
+
+@pytest.mark.parametrize("payload,H,gs", PAYLOAD_CASES, ids=lambda v: str(v))
+def test_pack_matches_reference(payload, H, gs, device):
+    T, K, E, R = 29, 3, 8, 4
+    x = _tokens(T, H, device)
+    ids, w = _routing(T, K, E, dup=True)
+    ids, w = ids.to(device), w.to(device)
+    msg = MessageLayout(payload, H, K)
+    lay = get_dispatch_layout(ids, E, R)
+    ue8m0 = gs == "ue8m0"
+    gsa = "per_token" if ue8m0 else _gs_arg(gs, T, device)
+    counts = lay.num_tokens_per_rank.tolist()
+    # separate destination tensors with a row base, as a peer-memory backend passes them
+    base = [3, 0, 5, 1]
+    dests = [torch.full((c + b + 2, msg.row_bytes), 0xAB, dtype=torch.uint8, device=device) for c, b in zip(counts, base)]
+    pack_rows(
+        msg, x, ids, w, lay.rank_offset, dests, global_scale=gsa, ue8m0=ue8m0,
+        dest_row_base=torch.tensor(base, dtype=torch.int64, device=device), impl="triton",
+    )  # fmt: skip
+    want = ref.pack_rows_ref(msg, x.cpu(), ids.cpu(), w.cpu(), lay.rank_offset.cpu(), gsa if not isinstance(gsa, torch.Tensor) else gsa.cpu(), ue8m0)
+    for r, (d, part) in enumerate(zip(dests, want.split(counts))):
+        got = d[base[r] : base[r] + counts[r]].cpu()
+        # payload, scales, gs, ids, weights, src index; the pad bytes are never written
+        f_got, f_want = unpack_messages(msg, got), unpack_messages(msg, part)
+        for name in ("payload", "scales", "global_scale", "topk_ids", "topk_weights", "src_index"):
+            a, b = getattr(f_got, name), getattr(f_want, name)
+            if a is None:
+                assert b is None
+                continue
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (r, name)
+        # rows outside the block untouched
+        assert bool((d[: base[r]] == 0xAB).all()) and bool((d[base[r] + counts[r] :] == 0xAB).all())
+
+
+@pytest.mark.parametrize("payload,H", [("nvfp4", 64), ("nvfp4", 80), ("fp8", 256), ("bf16", 64)], ids=str)
+@pytest.mark.parametrize("scale_layout", ["swizzled", "linear"])
+@pytest.mark.parametrize("max_m", [None, 128], ids=["derived", "fixed128"])
+def test_permute_matches_reference(payload, H, scale_layout, max_m, device):
+    N, K, E, R, rank = 150, 4, 16, 2, 1
+    El = E // R
+    x = _tokens(N, H, device, seed=3)
+    ids, w = _routing(N, K, E, seed=3, minus1=0.2, dup=True)
+    if max_m == 128:
+        ids[:140, 0] = rank * El + 2  # expert 2 overflows 128 slots: pairs past max_m dropped
+    msg = MessageLayout(payload, H, K)
+    rows = ref.pack_rows_ref(msg, x.cpu(), ids, w, torch.zeros(N, 1, dtype=torch.int32))
+    ref_ids = unpack_messages(msg, rows).topk_ids
+    _, counts = ref.permute_index_ref(ref_ids, rank * El, El, 1 << 30)
+    mm = ref.round_max_m(counts) if max_m is None else max_m
+    got = permute_rows(
+        msg, rows.to(device), expert_base=rank * El, num_local_experts=El, max_m=mm,
+        scale_layout=scale_layout, impl="triton",
+    )  # fmt: skip
+    slot_map, masked_m = ref.permute_index_ref(ref_ids, rank * El, El, mm)
+    want = ref.permute_ref(msg, rows, slot_map, El, mm, scale_layout)
+    assert torch.equal(got.masked_m.cpu(), masked_m) and got.masked_m.dtype == torch.int32
+    assert torch.equal(got.slot_map.cpu(), slot_map)
+    for e in range(El):
+        n = min(int(masked_m[e]), mm)
+        assert torch.equal(got.x[e, :n].cpu().view(torch.uint8), want.x[e, :n].view(torch.uint8)), e
+    assert torch.equal(got.topk_weights.cpu(), want.topk_weights)
+    if want.scales is None:
+        assert got.scales is None
+    else:
+        assert got.scales.shape == want.scales.shape and got.scales.dtype == want.scales.dtype
+        assert torch.equal(got.scales.cpu().view(torch.uint8), want.scales.view(torch.uint8))
+    if want.global_scale is None:
+        assert got.global_scale is None
+    else:
+        assert torch.equal(got.global_scale.cpu(), want.global_scale)
+
+
+def test_permute_no_rows(device):
+    msg = MessageLayout("nvfp4", 64, 2)
+    got = permute_rows(
+        msg, torch.zeros(0, msg.row_bytes, dtype=torch.uint8, device=device),
+        expert_base=0, num_local_experts=4, max_m=128, impl="triton",
+    )  # fmt: skip
+    assert got.masked_m.tolist() == [0, 0, 0, 0] and got.slot_map.shape == (0, 2)
+    assert got.scales.shape == (4, 128, 4) and not bool(got.scales.view(torch.uint8).any())
+
+
+@pytest.mark.parametrize("H", [64, 80])
+def test_combine_matches_reference(H, device):
+    R, El, max_m, K = 3, 4, 128, 4
+    g = torch.Generator().manual_seed(5)
+    recv_counts = [7, 0, 12]
+    N = sum(recv_counts)
+    slot_map = torch.randint(-1, El * max_m, (N, K), generator=g, dtype=torch.int32)
+    slot_map[2] = -1  # a row none of whose pairs is local
+    sw = torch.randn(El * max_m, generator=g)
+    eo = (torch.randn(El, max_m, H, generator=g) * 10).bfloat16()
+    src_rank = torch.repeat_interleave(torch.arange(R, dtype=torch.int32), torch.tensor(recv_counts))
+    src_row = torch.cat([torch.arange(c) for c in recv_counts]).long()
+    dests = [torch.full((c, H), 7.0, dtype=torch.bfloat16, device=device) for c in recv_counts]
+    combine_expert(
+        eo.to(device), slot_map.to(device), sw.to(device), dests, src_rank.to(device), src_row.to(device), impl="triton"
+    )
+    want = ref.combine_expert_ref(eo, slot_map, sw)
+    assert torch.equal(torch.cat([d.cpu() for d in dests]).view(torch.int16), want.view(torch.int16))
+
+    # source side: T tokens, partial rows back from R ranks, a token sent nowhere -> zeros
+    T = 11
+    rank_offset = torch.full((T, R), -1, dtype=torch.int32)
+    sent = torch.rand(T, R, generator=g) < 0.6
+    sent[4] = False
+    for r in range(R):
+        rank_offset[sent[:, r], r] = torch.arange(int(sent[:, r].sum()), dtype=torch.int32)
+    parts = [(torch.randn(int(sent[:, r].sum()), H, generator=g) * 3).bfloat16() for r in range(R)]
+    y = combine_source([p.to(device) for p in parts], rank_offset.to(device), H, impl="triton")
+    want = ref.combine_source_ref(parts, rank_offset, H)
+    assert torch.equal(y.cpu().view(torch.int16), want.view(torch.int16))
+    assert not bool(y[4].float().any())
