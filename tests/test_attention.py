@@ -37,9 +37,11 @@ KERNEL_TOL = 1.5e-2
 #: (<= 6.25% per element, averaging down over keys), int8 7 bits.
 QUANT_TOL = {"bf16": 2e-2, "fp8": 8e-2, "int8": 3e-2, "fp8_dynamic": 8e-2, "int8_dynamic": 3e-2}
 FORMATS = list(ref.KV_FORMATS)
+#: where the non-``gpu`` tests run: the GPU when present, else CPU through the interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device="cpu", spare_blocks=3, k_mag=1.0,
+def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_blocks=3, k_mag=1.0,
           q_fp8=False, descale_kind="tensor", zero_head=False):
     """Random K/V written through ``write_kv_cache`` into a shuffled paged cache.
 
@@ -144,10 +146,10 @@ def sdpa_bf16(case, causal=True):
             continue
         k = ref.gather_kv(c.k_cache, case["bt"][i], L).to(torch.bfloat16).repeat_interleave(Hq // Hkv, 1)
         v = ref.gather_kv(c.v_cache, case["bt"][i], L).to(torch.bfloat16).repeat_interleave(Hq // Hkv, 1)
-        mask = ref.attention_mask(qe - qs, L, causal, None, "cpu")
+        mask = ref.attention_mask(qe - qs, L, causal, None, k.device)
         o = F.scaled_dot_product_attention(case["q"][qs:qe].transpose(0, 1), k.transpose(0, 1),
                                            v.transpose(0, 1), attn_mask=mask, scale=case["D"] ** -0.5)
-        out[qs:qe] = o.transpose(0, 1).float()
+        out[qs:qe] = o.transpose(0, 1).float().cpu()
     return out
 
 
@@ -246,11 +248,11 @@ def test_fp8_queries_and_descales(kind):
     S, Hkv = case["S"], case["Hkv"]
     base_k = c.k_scale.view(1, Hkv).expand(S, Hkv)
     base_v = c.v_scale.view(1, Hkv).expand(S, Hkv)
-    f = torch.tensor([[1.0, 1.5], [0.7, 1.2], [1.3, 0.9]])
+    f = torch.tensor([[1.0, 1.5], [0.7, 1.2], [1.3, 0.9]], device=DEV)
     if kind == "tensor":
-        kd, vd = torch.tensor(0.031), torch.tensor([0.017])
+        kd, vd = torch.tensor(0.031, device=DEV), torch.tensor([0.017], device=DEV)
     elif kind == "per_head":
-        kd, vd = c.k_scale * torch.tensor([0.8, 1.3]), c.v_scale * torch.tensor([1.1, 0.6])
+        kd, vd = c.k_scale * torch.tensor([0.8, 1.3], device=DEV), c.v_scale * torch.tensor([1.1, 0.6], device=DEV)
     else:
         kd, vd = (base_k * f).contiguous(), (base_v * f.flip(1)).contiguous()
     qd = case["q_descale"] if kind != "per_seq_head" else case["q_descale"] * f.flip(0).contiguous()
@@ -273,10 +275,10 @@ def test_huge_values_saturate(fmt):
     case = build([17], [2], Hq=2, Hkv=1, D=64, bs=8, fmt=fmt, seed=8)
     c = case["cache"]
     big = 3e38 if fmt in ("fp8", "int8") else 1e6  # dynamic: the true K is this big, keep q.k finite
-    k = torch.full((17, 1, 64), big)
+    k = torch.full((17, 1, 64), big, device=DEV)
     k[:, :, ::2] = -float("inf")
-    v = torch.full((17, 1, 64), -big)
-    pos = torch.arange(17)
+    v = torch.full((17, 1, 64), -big, device=DEV)
+    pos = torch.arange(17, device=DEV)
     slots = case["bt"][0].long()[pos // 8] * 8 + pos % 8
     c.write(k, v, slots, impl="triton")
     out = run(case)
@@ -310,7 +312,7 @@ def test_empty_batch_and_out_buffer():
     case = build([0, 0], [0, 0], Hq=2, Hkv=1, D=64, bs=8, fmt="bf16")
     assert run(case).shape == (0, 2, 64)
     case = build([9], [9], Hq=2, Hkv=1, D=64, bs=8, fmt="bf16")
-    buf = torch.full((9, 2, 64), float("nan"), dtype=torch.bfloat16)
+    buf = torch.full((9, 2, 64), float("nan"), dtype=torch.bfloat16, device=DEV)
     out = run(case, out=buf)
     assert out.data_ptr() == buf.data_ptr() and not buf.isnan().any()
 
@@ -347,8 +349,8 @@ def _call(case, **over):
 BAD = {
     "q_dtype": (TypeError, "q", lambda c: dict(q=c["q"].float())),
     "q_ndim": (ValueError, "q", lambda c: dict(q=c["q"][0])),
-    "head_dim": (ValueError, "head_dim", lambda c: dict(q=torch.zeros(3, 4, 96, dtype=torch.bfloat16))),
-    "gqa": (ValueError, "num_heads", lambda c: dict(q=torch.zeros(3, 3, 64, dtype=torch.bfloat16))),
+    "head_dim": (ValueError, "head_dim", lambda c: dict(q=torch.zeros(3, 4, 96, dtype=torch.bfloat16, device=DEV))),
+    "gqa": (ValueError, "num_heads", lambda c: dict(q=torch.zeros(3, 3, 64, dtype=torch.bfloat16, device=DEV))),
     "cache_dtype": (TypeError, "k_cache", lambda c: dict(k_cache=c["cache"].k_cache.view(torch.int8))),
     "format": (ValueError, "kv_format", lambda c: dict(kv_format="fp4")),
     "bt_dtype": (TypeError, "block_table", lambda c: dict(block_table=c["bt"].long())),
@@ -356,13 +358,13 @@ BAD = {
     "seq_lens_shape": (ValueError, "seq_lens", lambda c: dict(seq_lens=c["seq_lens"][:1])),
     "seq_too_long": (ValueError, "seq_lens", lambda c: dict(seq_lens=c["seq_lens"] * 100)),
     "cu_end": (ValueError, "cu_seqlens_q", lambda c: dict(cu_seqlens_q=c["cu"] * 2)),
-    "descale_shape": (ValueError, "k_descale", lambda c: dict(k_descale=torch.ones(3))),
-    "descale_dtype": (TypeError, "v_descale", lambda c: dict(v_descale=torch.ones(2, dtype=torch.float64))),
-    "scale_cache_static": (ValueError, "k_scale_cache", lambda c: dict(k_scale_cache=torch.ones(1, 1, 1))),
+    "descale_shape": (ValueError, "k_descale", lambda c: dict(k_descale=torch.ones(3, device=DEV))),
+    "descale_dtype": (TypeError, "v_descale", lambda c: dict(v_descale=torch.ones(2, dtype=torch.float64, device=DEV))),
+    "scale_cache_static": (ValueError, "k_scale_cache", lambda c: dict(k_scale_cache=torch.ones(1, 1, 1, device=DEV))),
     "softmax_scale": (ValueError, "softmax_scale", lambda c: dict(softmax_scale=float("nan"))),
     "window": (ValueError, "sliding_window", lambda c: dict(sliding_window=0)),
     "splits": (ValueError, "num_kv_splits", lambda c: dict(num_kv_splits=3)),
-    "out": (ValueError, "out", lambda c: dict(out=torch.empty(1, 4, 64, dtype=torch.bfloat16))),
+    "out": (ValueError, "out", lambda c: dict(out=torch.empty(1, 4, 64, dtype=torch.bfloat16, device=DEV))),
 }
 
 

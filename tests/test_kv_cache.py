@@ -15,13 +15,15 @@ from fp4comm.attention import KVCache, calibrate_kv_scales, write_kv_cache, writ
 from fp4comm.reference import attention as ref
 
 FORMATS = list(ref.KV_FORMATS)
+#: where the kernel tests run: the GPU when present, else CPU through the interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
 
 
-def make_inputs(T, H, D, dtype=torch.float32, seed=0, device="cpu"):
+def make_inputs(T, H, D, dtype=torch.float32, seed=0, device=DEV):
     g = torch.Generator().manual_seed(seed)
     mag = torch.logspace(-3, 2, H).view(1, H, 1)  # heads over 5 decades
     k = torch.randn(T, H, D, generator=g) * mag
@@ -35,7 +37,7 @@ def make_inputs(T, H, D, dtype=torch.float32, seed=0, device="cpu"):
     return k.to(dtype).to(device), v.to(dtype).to(device)
 
 
-def make_cache(nb, bs, H, D, fmt, device="cpu", seed=0):
+def make_cache(nb, bs, H, D, fmt, device=DEV, seed=0):
     """A cache pre-filled with random bytes, so untouched slots are checked too."""
     g = torch.Generator().manual_seed(seed + 100)
     ks = vs = None
@@ -87,6 +89,7 @@ def test_write_bit_exact(fmt, shape, dtype):
     g = torch.Generator().manual_seed(7)
     slots = torch.randperm(nb * bs, generator=g)[:T]
     slots[::4] = -1  # skipped tokens
+    slots = slots.to(DEV)
     a = make_cache(nb, bs, H, D, fmt)
     b = clone(a)
     a.write(k, v, slots, impl="triton")
@@ -97,9 +100,9 @@ def test_write_bit_exact(fmt, shape, dtype):
 def test_write_strided_inputs_and_int64_slots():
     """k, v as slices of a fused QKV tensor (token stride != H * D)."""
     T, H, D = 6, 2, 64
-    qkv = torch.randn(T, 4 * H, D)
+    qkv = torch.randn(T, 4 * H, D, device=DEV)
     k, v = qkv[:, H:2 * H], qkv[:, 3 * H:]
-    slots = torch.tensor([5, 0, -3, 11, 7, 2], dtype=torch.int64)
+    slots = torch.tensor([5, 0, -3, 11, 7, 2], dtype=torch.int64, device=DEV)
     a = make_cache(4, 4, H, D, "fp8_dynamic")
     b = clone(a)
     a.write(k, v, slots, impl="triton")
@@ -113,9 +116,10 @@ def test_dequantized_within_rounding_bound(fmt):
     g = torch.Generator().manual_seed(3)
     k = torch.randn(T, H, D, generator=g) * 3
     v = torch.randn(T, H, D, generator=g) * 0.2
+    k, v = k.to(DEV), v.to(DEV)
     ks, vs = (calibrate_kv_scales(k, v, fmt, margin=1.1) if fmt in ("fp8", "int8") else (None, None))
-    c = KVCache.allocate(8, 4, H, D, fmt, k_scale=ks, v_scale=vs)
-    c.write(k, v, torch.arange(T), impl="triton")
+    c = KVCache.allocate(8, 4, H, D, fmt, k_scale=ks, v_scale=vs, device=DEV)
+    c.write(k, v, torch.arange(T, device=DEV), impl="triton")
     for x, cache, s_static, s_cache in ((k, c.k_cache, ks, c.k_scale_cache), (v, c.v_cache, vs, c.v_scale_cache)):
         q = cache.view(-1, H, D)[:T].float()
         if s_cache is not None:
@@ -139,14 +143,14 @@ def test_dequantized_within_rounding_bound(fmt):
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
 def test_saturation_never_wraps(fmt):
     H, D = 2, 64
-    k = torch.full((3, H, D), 1e30)
+    k = torch.full((3, H, D), 1e30, device=DEV)
     k[1] = -1e30
     k[2, :, ::2] = float("inf")
     k[2, :, 1::2] = -float("inf")
     v = -k
-    ks = torch.tensor([0.5, 2.0]) if fmt in ("fp8", "int8") else None
-    c = KVCache.allocate(2, 4, H, D, fmt, k_scale=ks, v_scale=ks)
-    c.write(k, v, torch.tensor([0, 1, 2]), impl="triton")
+    ks = torch.tensor([0.5, 2.0], device=DEV) if fmt in ("fp8", "int8") else None
+    c = KVCache.allocate(2, 4, H, D, fmt, k_scale=ks, v_scale=ks, device=DEV)
+    c.write(k, v, torch.tensor([0, 1, 2], device=DEV), impl="triton")
     qmax = ref.QMAX[ref.base_format(fmt)]
     for cache, x in ((c.k_cache, k), (c.v_cache, v)):
         got = cache.view(-1, H, D)[:3].float()
@@ -161,14 +165,14 @@ def test_saturation_never_wraps(fmt):
 @pytest.mark.parametrize("fmt", ["fp8_dynamic", "int8_dynamic"])
 def test_dynamic_zero_heads_store_scale_one(fmt):
     H, D = 3, 64
-    k = torch.randn(4, H, D)
+    k = torch.randn(4, H, D, device=DEV)
     k[:, 1] = 0.0
     k[2] = 0.0
     k[3, 2] = 1e-44  # subnormal amax: amax / QMAX underflows to 0 -> scale 1
-    v = torch.zeros(4, H, D)
-    c = KVCache.allocate(2, 4, H, D, fmt)
+    v = torch.zeros(4, H, D, device=DEV)
+    c = KVCache.allocate(2, 4, H, D, fmt, device=DEV)
     c.k_scale_cache.fill_(-5.0)
-    c.write(k, v, torch.arange(4), impl="triton")
+    c.write(k, v, torch.arange(4, device=DEV), impl="triton")
     sc = c.k_scale_cache.view(-1, H)[:4]
     assert (sc[:, 1] == 1).all() and (sc[2] == 1).all() and sc[3, 2] == 1
     assert (c.v_scale_cache.view(-1, H)[:4] == 1).all()
@@ -178,13 +182,14 @@ def test_dynamic_zero_heads_store_scale_one(fmt):
 
 def test_nan_input_is_defined():
     """NaN never turns into a silent finite fp8 value: fp8 stores NaN (0x7F); int8 stores 0."""
-    k = torch.ones(1, 1, 64)
+    k = torch.ones(1, 1, 64, device=DEV)
+    half = torch.tensor(0.5, device=DEV)
     k[0, 0, 3] = float("nan")
-    c8 = KVCache.allocate(1, 1, 1, 64, "fp8", k_scale=torch.tensor(0.5), v_scale=torch.tensor(0.5))
-    c8.write(k, k, torch.tensor([0]), impl="triton")
+    c8 = KVCache.allocate(1, 1, 1, 64, "fp8", k_scale=half, v_scale=half, device=DEV)
+    c8.write(k, k, torch.tensor([0], device=DEV), impl="triton")
     assert c8.k_cache.view(torch.uint8)[0, 0, 0, 3] == 0x7F
-    ci = KVCache.allocate(1, 1, 1, 64, "int8", k_scale=torch.tensor(0.5), v_scale=torch.tensor(0.5))
-    ci.write(k, k, torch.tensor([0]), impl="triton")
+    ci = KVCache.allocate(1, 1, 1, 64, "int8", k_scale=half, v_scale=half, device=DEV)
+    ci.write(k, k, torch.tensor([0], device=DEV), impl="triton")
     assert ci.k_cache[0, 0, 0, 3] == 0 and ci.k_cache[0, 0, 0, 0] == 2
 
 

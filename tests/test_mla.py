@@ -14,6 +14,8 @@ from fp4comm.reference import attention as ref
 KERNEL_TOL = 1.5e-2
 QUANT_TOL = {"fp8": 6e-2, "bf16": 2e-2}
 ABS_SLACK = 2e-3
+#: where the kernel tests run: the GPU when present, else CPU through the interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _inputs(T, seed=0, device="cpu"):
@@ -35,13 +37,14 @@ def test_layout_constants():
 def test_write_bit_exact(fmt, dtype):
     T, nb, bs = 13, 5, 4
     lat, rope = _inputs(T)
-    lat, rope = lat.to(dtype), rope.to(dtype)
+    lat, rope = lat.to(dtype).to(DEV), rope.to(dtype).to(DEV)
     lat[2] = 0  # all-zero latent: scales 1
     lat[3, :128] = 1e30  # huge chunk: a finite scale, codes +-448
     lat[4, 130] = float("inf")  # Inf saturates inside its chunk
     slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(1))[:T]
     slots[5] = -1
-    a = allocate_mla_cache(nb, bs, fmt)
+    slots = slots.to(DEV)
+    a = allocate_mla_cache(nb, bs, fmt, device=DEV)
     a.view(torch.uint8).random_(0, 120)
     b = a.clone()
     write_mla_cache(lat, rope, a, slots, fmt, impl="triton")
@@ -69,19 +72,19 @@ def test_decode_vs_reference(fmt, splits):
     maxb = 5
     nb = len(seq_lens) * maxb + 2
     g = torch.Generator().manual_seed(2)
-    bt = torch.randperm(nb, generator=g)[: len(seq_lens) * maxb].view(-1, maxb).to(torch.int32)
-    cache = allocate_mla_cache(nb, bs, fmt)
+    bt = torch.randperm(nb, generator=g)[: len(seq_lens) * maxb].view(-1, maxb).to(torch.int32).to(DEV)
+    cache = allocate_mla_cache(nb, bs, fmt, device=DEV)
     lats, ropes = [], []
     for i, L in enumerate(seq_lens):
         lat, rope = _inputs(L, seed=10 + i)
         lats.append(lat)
         ropes.append(rope)
-        pos = torch.arange(L)
-        write_mla_cache(lat, rope, cache, bt[i].long()[pos // bs] * bs + pos % bs, fmt)
+        pos = torch.arange(L, device=DEV)
+        write_mla_cache(lat.to(DEV), rope.to(DEV), cache, bt[i].long()[pos // bs] * bs + pos % bs, fmt)
     S = len(seq_lens)
-    ql = (torch.randn(S, H, 512, generator=g) * 0.3).to(torch.bfloat16)
-    qr = torch.randn(S, H, 64, generator=g).to(torch.bfloat16)
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    ql = (torch.randn(S, H, 512, generator=g) * 0.3).to(torch.bfloat16).to(DEV)
+    qr = torch.randn(S, H, 64, generator=g).to(torch.bfloat16).to(DEV)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     scale = (512 + 64) ** -0.5
     out = mla_decode(ql, qr, cache, bt, sl, scale, fmt, impl="triton", num_kv_splits=splits)
     want = ref.mla_decode(ql, qr, cache, bt, sl, scale, fmt)
@@ -90,7 +93,8 @@ def test_decode_vs_reference(fmt, splits):
     assert err <= KERNEL_TOL * want.abs().max().item() + ABS_SLACK
     assert (out[2] == 0).all()  # empty sequence: zeros
     # end to end vs the unquantized latent
-    true = torch.zeros_like(want)
+    true = torch.zeros(want.shape)
+    out, ql, qr = out.cpu(), ql.cpu(), qr.cpu()
     for i, L in enumerate(seq_lens):
         if L:
             k = torch.cat([lats[i].float(), ropes[i].float()], -1)[None].expand(H, -1, -1)
