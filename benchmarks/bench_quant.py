@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=None, help="hidden size (default 7168 on GPU, 512 on CPU)")
     ap.add_argument("--iters", type=int, default=5, help="timed iterations on CPU")
     ap.add_argument("--out", default="results/quant", help="folder for JSON + CSV")
+    ap.add_argument(
+        "--sweep-warps", type=int, nargs="*", default=None,
+        help="also time the NVFP4 quantize kernel at these num_warps (tuning aid for fp4comm.quant._launch_config)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -106,6 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f"CPU ({mode}; timings are not GPU-representative)"
     rows = run(tokens, hidden, device, args.iters)
     print_table(rows, f"fp4comm quantize throughput on {where}")
+    if args.sweep_warps:
+        import fp4comm.quant as q
+
+        default = q._launch_config
+        sweep = []
+        for w in args.sweep_warps:
+            q._launch_config = lambda _n, w=w: w
+            for r in run(tokens, hidden, device, args.iters):
+                if r["op"].startswith("nvfp4") or r["op"] == "fp8 block":
+                    sweep.append({**r, "op": f"{r['op']} warps={w}"})
+        q._launch_config = default
+        print_table(sweep, "num_warps sweep")
+        rows += sweep
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}

@@ -59,6 +59,17 @@ def _check_input(x: object, name: str = "x") -> torch.Tensor:
     return x
 
 
+def _as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """View ``x [..., H]`` as words holding two elements each (int32 for 16-bit inputs, int64
+    for FP32), so the kernel loads element pairs with wide accesses. A view whose storage
+    offset is not word-aligned is copied first."""
+    word = torch.int32 if x.element_size() == 2 else torch.int64
+    try:
+        return x.view(word)
+    except RuntimeError:
+        return x.clone().view(word)
+
+
 def _normalize_global_scale(global_scale, lead: torch.Size, device: torch.device):
     """-> (mode, tensor): mode 'per_token' (tensor None), 'static' (0-dim FP32) or 'per_row' ([*lead] FP32)."""
     if isinstance(global_scale, str):
@@ -163,8 +174,9 @@ def quantize_nvfp4(
 
         rows = _rows_per_program(H, N)
         _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
-            x, data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
-            GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", NB=triton.next_power_of_2(KSF), ROWS=rows,
+            _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
+            GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
+            IS_BF16=x.dtype == torch.bfloat16, NB=triton.next_power_of_2(KSF), ROWS=rows,
             num_warps=_launch_config(H * rows),
         )  # fmt: skip
     return NVFP4Tensor(
@@ -266,7 +278,7 @@ def quantize_fp8_blockwise(
         from .kernels import quant as _k
 
         _k.fp8_block_quantize_kernel[(N,)](
-            x, q, s, N, H, nblk, BLOCK=block, NB=triton.next_power_of_2(nblk), UE8M0=bool(ue8m0),
+            x, q, s, N, H, nblk, BLOCK=block, NB=triton.next_power_of_2(nblk), UE8M0=bool(ue8m0), HW_CVT=x.is_cuda,
             num_warps=_launch_config(H),
         )  # fmt: skip
     return FP8BlockTensor(data=q.view(torch.float8_e4m3fn), scales=s, block=block, ue8m0=bool(ue8m0))

@@ -162,3 +162,46 @@ def store_rounded(ptr, x, mask):
         tl.store(ptr, to_bf16_rne(x), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def unpack_pairs(w, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """A word holding two consecutive input elements (even element in the low half) -> the
+    two values as FP32 (exact). ``IN_BITS`` 16: ``w`` int32 with bf16/fp16 halves;
+    32: ``w`` int64 with fp32 halves."""
+    if IN_BITS == 16:
+        if IS_BF16:
+            even = (w << 16).to(tl.float32, bitcast=True)
+            odd = (w & -65536).to(tl.float32, bitcast=True)
+        else:
+            even = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        even = (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        odd = ((w >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def nvfp4_pair_stats(even, odd):
+    """Tiles [NB, 8] of even/odd elements of NB blocks -> (finite |x| max per block [NB],
+    non-finite flag per block [NB])."""
+    fe = tl.abs(even) < float("inf")
+    fo = tl.abs(odd) < float("inf")
+    m = tl.maximum(tl.where(fe, tl.abs(even), 0.0), tl.where(fo, tl.abs(odd), 0.0))
+    vmax = tl.max(m, axis=1)
+    bad = tl.max((~(fe & fo)).to(tl.int32), axis=1) != 0
+    return vmax, bad
+
+
+@triton.jit
+def nvfp4_quantize_pairs(even, odd, vmax, bad, gs):
+    """Like :func:`nvfp4_quantize_tile` on the even/odd split of the blocks ([NB, 8] each):
+    returns (packed bytes [NB, 8] uint8, scale bytes [NB] uint8) with no reshapes."""
+    sfv, sfb = e4m3_encode(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
+    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    lo = e2m1_encode(even * inv[:, None])
+    hi = e2m1_encode(odd * inv[:, None])
+    packed = tl.where(bad[:, None], 0, lo | (hi << 4)).to(tl.uint8)
+    sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
+    return packed, sfb.to(tl.uint8)

@@ -9,10 +9,11 @@ from .common import (
     e4m3_decode,
     e4m3_encode,
     store_rounded,
-    nvfp4_block_stats,
     nvfp4_dequantize_tile,
     nvfp4_gs_from_amax,
-    nvfp4_quantize_tile,
+    nvfp4_pair_stats,
+    nvfp4_quantize_pairs,
+    unpack_pairs,
     swizzled_sf_offset,
 )
 
@@ -24,7 +25,7 @@ GS_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, written to 
 
 @triton.jit
 def nvfp4_quantize_kernel(
-    x_ptr,  # [N, H] bf16/fp16/fp32, rows contiguous
+    x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
     q_ptr,  # [N, H/2] uint8
     sf_ptr,  # uint8: [N, KSF] linear, or swizzled [E, Mp, Kp]
     gs_ptr,  # fp32: [1] static, [N] per row / per token (output for GS_PER_TOKEN)
@@ -36,30 +37,36 @@ def nvfp4_quantize_kernel(
     KT,  # ceil(KSF / 4)
     GS_MODE: tl.constexpr,
     SWIZZLE: tl.constexpr,
+    IN_BITS: tl.constexpr,  # 16 or 32
+    IS_BF16: tl.constexpr,
     NB: tl.constexpr,  # power of two >= KSF
     ROWS: tl.constexpr,  # rows per program (power of two)
 ):
-    # the tile is [ROWS * NB, 16]: tile block i is block (i % NB) of row (i // NB)
+    # Tile [ROWS * NB, 8] of words: tile block i is block (i % NB) of row (i // NB); word j
+    # of a block holds elements (2j, 2j+1), so E2M1 codes pack into bytes elementwise.
     i = tl.arange(0, ROWS * NB)
     row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
     blk = i % NB
     bmask = (blk < KSF) & (row < N)
-    col = tl.arange(0, 16)
-    xf = tl.load(x_ptr + row[:, None] * H + blk[:, None] * 16 + col[None, :], mask=bmask[:, None], other=0.0)
-    xf = xf.to(tl.float32)
-    vmax, bad = nvfp4_block_stats(xf)
+    woffs = row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+    w = tl.load(x_ptr + woffs, mask=bmask[:, None], other=0)
+    even, odd = unpack_pairs(w, IN_BITS, IS_BF16)
+    vmax, bad = nvfp4_pair_stats(even, odd)
     if GS_MODE == 2:
         amax = tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1)
         gs_row = nvfp4_gs_from_amax(amax)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         tl.store(gs_ptr + rows, gs_row, mask=rows < N)
-        gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
+        if ROWS == 1:
+            gs = tl.max(gs_row, axis=0)
+        else:
+            gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
     elif GS_MODE == 1:
         gs = tl.load(gs_ptr + row, mask=row < N, other=1.0)
     else:
         gs = tl.load(gs_ptr)
-    packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
-    tl.store(q_ptr + row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=bmask[:, None])
+    packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
+    tl.store(q_ptr + woffs, packed, mask=bmask[:, None])
     if SWIZZLE:
         sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
@@ -120,6 +127,7 @@ def fp8_block_quantize_kernel(
     BLOCK: tl.constexpr,
     NB: tl.constexpr,  # power of two >= NBLK
     UE8M0: tl.constexpr,
+    HW_CVT: tl.constexpr,  # GPU: the hardware's RNE-satfinite FP32->E4M3 conversion (same bits)
 ):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.arange(0, NB)
@@ -133,7 +141,10 @@ def fp8_block_quantize_kernel(
     if UE8M0:
         sf = ue8m0_round_up(sf)
     inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-    _, qb = e4m3_encode(xf * inv[:, None])
+    if HW_CVT:
+        qb = (xf * inv[:, None]).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        _, qb = e4m3_encode(xf * inv[:, None])
     qb = tl.where(bad[:, None], 0x7F, qb)
     sf = tl.where(bad, float("nan"), sf)
     tl.store(q_ptr + row * H + offs, qb.to(tl.uint8), mask=bmask[:, None])

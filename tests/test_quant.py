@@ -77,6 +77,13 @@ def test_static_global_scale_as_device_tensor(device):
         assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, torch.tensor(2.5)))
 
 
+def test_unaligned_storage_offset(device):
+    # a contiguous bf16 view starting at an odd element cannot be read as 32-bit words
+    base = make_input((3 * 64 + 1,), torch.bfloat16, seed=6).to(device)
+    x = base[1:].view(3, 64)
+    assert_nvfp4_equal(fp4comm.quantize_nvfp4(x), ref.quantize_nvfp4_ref(x.cpu()))
+
+
 def test_one_dim_input_and_empty(device):
     x = make_input((64,), torch.bfloat16)
     got = fp4comm.quantize_nvfp4(x.to(device), scale_layout="swizzled")
