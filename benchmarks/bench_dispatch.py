@@ -1,0 +1,263 @@
+"""EP dispatch / combine benchmark: NVFP4 vs FP8 vs BF16 payloads, per backend, against the raw
+BF16 ``all_to_all_single`` of the same tokens, over tokens per rank.
+
+GPUs (all GPUs of the node, DeepSeek-V3 shapes H=7168, top-8, 256 experts by default)::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc-per-node=4 benchmarks/bench_dispatch.py --backend all
+
+CPU (no launcher: spawns 2 gloo ranks with small shapes, ~1-2 minutes)::
+
+    python benchmarks/bench_dispatch.py
+
+What is measured, per (backend, payload, tokens T per rank):
+* dispatch: ``EPBuffer.dispatch`` end to end: BF16 ``[T, H]`` in -> masked per-expert layout
+  out (count exchange, fused quantize+pack, transport, permute); combine: ``EPBuffer.combine``
+  of a ``[E_local, max_m, H]`` BF16 expert output back to ``[T, H]``;
+* baseline: one ``all_to_all_single`` of the same message rows as plain BF16 tokens
+  (``2H`` bytes a row, no metadata, no quantization, no permute; split sizes known).
+Each iteration: device sync + barrier, time the op, device sync; the per-iteration time is
+the slowest rank's; reported as mean +- std over iterations (us).
+Bytes on the wire: message rows this rank sends to *other* ranks x row bytes (own-rank rows
+stay in local memory), averaged over ranks; GB/s per rank = those bytes / mean time.
+Speed-up columns: BF16-payload time / this payload's time (same backend, same op), and raw
+BF16 all-to-all time / this dispatch time.
+
+Output: a table on stdout, and ``--out`` (default ``results/dispatch``) ``dispatch.json``,
+``dispatch.csv``, ``dispatch.png`` (bandwidth and speed-up vs tokens; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parent / "launch"))
+import common  # noqa: E402
+import dist_env  # noqa: E402
+
+GPU_DEFAULTS = dict(hidden=7168, experts=256, topk=8, tokens="128,256,512,1024,2048,4096,8192", iters=20, warmup=5)
+CPU_DEFAULTS = dict(hidden=512, experts=32, topk=4, tokens="32,64,128,256", iters=5, warmup=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, help="H (default 7168 on GPUs, 512 on CPU)")
+    p.add_argument("--experts", type=int, help="E (default 256 on GPUs, 32 on CPU)")
+    p.add_argument("--topk", type=int, help="K (default 8 on GPUs, 4 on CPU)")
+    p.add_argument("--tokens", type=str, help="comma-separated tokens per rank (GPU default 128..8192)")
+    p.add_argument("--payloads", type=str, default="nvfp4,fp8,bf16")
+    p.add_argument("--backend", default="torch", help="torch | nvlink | all (registered backends)")
+    p.add_argument("--scale-layout", default="swizzled", choices=["swizzled", "linear"])
+    p.add_argument("--iters", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/dispatch"))
+    p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when started without a launcher")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    for k, v in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.token_list = [int(t) for t in str(args.tokens).split(",") if t]
+    args.payload_list = [p for p in args.payloads.split(",") if p]
+    return args
+
+
+def _routing(T, E, K, seed, rank, device):
+    """Uniform random top-k routing (a softmax gate over random scores), weights sum to 1."""
+    g = torch.Generator().manual_seed(seed * 7919 + rank * 131 + T)
+    scores = torch.rand(T, E, generator=g)
+    w, ids = torch.softmax(scores, -1).topk(K, dim=-1)
+    return ids.int().to(device), (w / w.sum(-1, keepdim=True)).float().to(device)
+
+
+def _backends(choice: str) -> list[str]:
+    from fp4comm.ep import BACKENDS
+
+    if choice == "all":
+        return list(BACKENDS)
+    return [b for b in choice.split(",") if b]
+
+
+def run(args) -> None:
+    import torch.distributed as dist
+
+    from fp4comm.ep import EPBuffer, get_backend_class
+    from fp4comm.ep.message import MessageLayout
+    from fp4comm.ep.layout import get_dispatch_layout
+
+    env = dist_env.init_distributed()
+    rank, R, dev = env.rank, env.world_size, env.device
+    lead = rank == 0
+    H, E, K = args.hidden, args.experts, args.topk
+    Tmax = max(args.token_list)
+    if lead:
+        print(f"[bench_dispatch] {env.describe()}", flush=True)
+        print(f"[bench_dispatch] H={H} E={E} top-{K} ranks={R} tokens/rank={args.token_list} "
+              f"payloads={args.payload_list} iters={args.iters} warmup={args.warmup}", flush=True)  # fmt: skip
+    gen = torch.Generator().manual_seed(args.seed + rank)
+
+    def mean_over_ranks(v: float) -> float:
+        t = torch.tensor([float(v)], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        return float(t) / R
+
+    def timed(fn):
+        s = common.max_over_ranks(common.time_op(fn, dev, iters=args.iters, warmup=args.warmup), dev)
+        return common.stats_us(s)
+
+    results: list[dict] = []
+    skipped: list[str] = []
+    # ---- baseline: raw BF16 all_to_all_single of the same message rows
+    tokens = {}
+    for T in args.token_list:
+        x = torch.randn(T, H, generator=gen).bfloat16().to(dev)
+        ids, w = _routing(T, E, K, args.seed, rank, dev)
+        lay = get_dispatch_layout(ids, E, R)
+        send_counts = lay.num_tokens_per_rank.long()
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
+        sc, rc = send_counts.tolist(), recv_counts.tolist()
+        order = torch.cat([torch.nonzero(lay.is_token_in_rank[:, r]).flatten() for r in range(R)])
+        tokens[T] = (x, ids, w, sc, rc)
+        send = x[order].contiguous().view(torch.uint8)
+        recv = torch.empty(sum(rc), 2 * H, dtype=torch.uint8, device=dev)
+        st = timed(lambda send=send, recv=recv, sc=sc, rc=rc: dist.all_to_all_single(recv, send, rc, sc))
+        peer_rows = mean_over_ranks(sum(sc) - sc[rank])
+        nbytes = peer_rows * 2 * H
+        results.append(dict(backend="raw_a2a", payload="bf16", op="dispatch", tokens=T, bytes_per_rank=nbytes,
+                            gbps_per_rank=common.gbps(nbytes, st["mean_us"]), rows_to_peers=peer_rows, **st))  # fmt: skip
+
+    # ---- EPBuffer per backend and payload
+    cases = [(b, p) for b in _backends(args.backend) for p in args.payload_list]
+    for backend, payload in common.progress(cases, desc="bench_dispatch", enabled=lead and not args.no_progress):
+        try:
+            get_backend_class(backend)
+            buf = EPBuffer(None, H, E, K, Tmax, payload=payload, backend=backend, scale_layout=args.scale_layout)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            msg = f"skipped backend={backend} payload={payload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            skipped.append(msg)
+            if lead:
+                print(f"\n[bench_dispatch] {msg}", flush=True)
+            continue
+        msg_layout = MessageLayout(payload, H, K)
+        with buf:
+            for T in args.token_list:
+                x, ids, w, sc, rc = tokens[T]
+                holder = {}
+
+                def do_dispatch(x=x, ids=ids, w=w):
+                    holder["d"] = buf.dispatch(x, ids, w)
+
+                sd = timed(do_dispatch)
+                d = holder["d"]
+                eo = torch.randn(d.x.shape[0], d.max_m, H, generator=gen).bfloat16().to(dev)
+                sc_ = timed(lambda d=d, eo=eo: buf.combine(eo, d.handle))
+                plan = d.handle.plan
+                peer_rows = mean_over_ranks(plan.num_send - plan.send_counts[rank])
+                back_rows = mean_over_ranks(plan.num_recv - plan.recv_counts[rank])
+                common_kw = dict(backend=backend, payload=payload, tokens=T)
+                nb = peer_rows * msg_layout.row_bytes
+                results.append(dict(**common_kw, op="dispatch", bytes_per_rank=nb, gbps_per_rank=common.gbps(nb, sd["mean_us"]),
+                                    rows_to_peers=peer_rows, row_bytes=msg_layout.row_bytes,
+                                    wire_bytes_per_token=msg_layout.wire_bytes, **sd))  # fmt: skip
+                nb = back_rows * 2 * H
+                results.append(dict(**common_kw, op="combine", bytes_per_rank=nb, gbps_per_rank=common.gbps(nb, sc_["mean_us"]),
+                                    rows_to_peers=back_rows, row_bytes=2 * H, **sc_))  # fmt: skip
+                del d, eo, holder
+
+    if lead:
+        _report(args, results, skipped, env, R)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _speedups(results):
+    def find(backend, payload, op, T):
+        for r in results:
+            if (r["backend"], r["payload"], r["op"], r["tokens"]) == (backend, payload, op, T):
+                return r
+        return None
+
+    for r in results:
+        if r["backend"] == "raw_a2a":
+            continue
+        base = find(r["backend"], "bf16", r["op"], r["tokens"])
+        r["speedup_vs_bf16"] = base["mean_us"] / r["mean_us"] if base else float("nan")
+        raw = find("raw_a2a", "bf16", "dispatch", r["tokens"])
+        r["speedup_vs_raw_a2a"] = raw["mean_us"] / r["mean_us"] if (raw and r["op"] == "dispatch") else float("nan")
+        r["time_us"] = f"{r['mean_us']:.1f} +- {r['std_us']:.1f}"
+    for r in results:
+        if r["backend"] == "raw_a2a":
+            r["time_us"] = f"{r['mean_us']:.1f} +- {r['std_us']:.1f}"
+
+
+def _report(args, results, skipped, env, R):
+    _speedups(results)
+    cols = [
+        ("backend", "backend"), ("op", "op"), ("payload", "payload"), ("tokens", "tok/rank"),
+        ("time_us", "us (mean +- std)"), ("bytes_per_rank", "bytes to peers/rank"), ("gbps_per_rank", "GB/s/rank"),
+        ("speedup_vs_bf16", "x vs bf16"), ("speedup_vs_raw_a2a", "x vs raw bf16 a2a"),
+    ]  # fmt: skip
+    order = {"raw_a2a": 0}
+    rows = sorted(results, key=lambda r: (r["op"], order.get(r["backend"], 1), r["backend"], r["payload"], r["tokens"]))
+    print()
+    print(common.format_table(rows, cols))
+    for s in skipped:
+        print(f"note: {s}")
+    out: Path = args.out
+    meta = dict(hidden=args.hidden, experts=args.experts, topk=args.topk, ranks=R, tokens=args.token_list,
+                payloads=args.payload_list, backend=args.backend, iters=args.iters, warmup=args.warmup,
+                scale_layout=args.scale_layout, launcher=env.launcher, dist_backend=env.backend,
+                env=common.environment())  # fmt: skip
+    clean = [{k: v for k, v in r.items() if k != "time_us"} for r in rows]
+    j = common.write_json(out / "dispatch.json", dict(config=meta, results=clean, skipped=skipped))
+    c = common.write_csv(out / "dispatch.csv", clean)
+    panels = []
+    for op in ("dispatch", "combine"):
+        series = {}
+        for r in rows:
+            if r["op"] == op or (op == "dispatch" and r["backend"] == "raw_a2a"):
+                series.setdefault(f"{r['backend']}/{r['payload']}", ([], []))
+                series[f"{r['backend']}/{r['payload']}"][0].append(r["tokens"])
+                series[f"{r['backend']}/{r['payload']}"][1].append(r["gbps_per_rank"])
+        panels.append(dict(title=f"{op}: GB/s per rank (bytes to peers)", xlabel="tokens per rank", ylabel="GB/s", series=series, logx=True))
+    sp = {}
+    for r in rows:
+        if r["backend"] != "raw_a2a" and r["payload"] != "bf16":
+            key = f"{r['op']} {r['backend']}/{r['payload']} vs bf16"
+            sp.setdefault(key, ([], []))
+            sp[key][0].append(r["tokens"])
+            sp[key][1].append(r["speedup_vs_bf16"])
+    panels.append(dict(title="speed-up vs BF16 payload", xlabel="tokens per rank", ylabel="x", series=sp, logx=True, hline=1.0))
+    title = f"fp4comm EP dispatch/combine, H={args.hidden} E={args.experts} top-{args.topk}, {R} ranks ({env.backend})"
+    png = common.plot_lines(out / "dispatch.png", panels, title)
+    print(f"wrote {j}, {c}" + (f", {png}" if png else ""))
+
+
+def _spawned(args):
+    run(args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if dist_env.detect().launcher != "none":
+        run(args)
+        return
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nproc, backend = (n_gpu, "nccl") if n_gpu >= 2 else (args.nproc, "gloo")
+    print(f"[bench_dispatch] no launcher: spawning {nproc} {backend} ranks", flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist_env.spawn_local(_spawned, nproc, args, backend=backend)
+
+
+if __name__ == "__main__":
+    main()
