@@ -43,7 +43,7 @@ import common  # noqa: E402
 import dist_env  # noqa: E402
 
 GPU_DEFAULTS = dict(hidden=7168, experts=256, topk=8, tokens="128,256,512,1024,2048,4096,8192", iters=20, warmup=5)
-CPU_DEFAULTS = dict(hidden=512, experts=32, topk=4, tokens="32,64,128,256", iters=5, warmup=1)
+CPU_DEFAULTS = dict(hidden=512, experts=32, topk=4, tokens="32,64,128,256,512", iters=8, warmup=2)
 
 
 def parse_args(argv=None):

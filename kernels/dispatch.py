@@ -140,29 +140,29 @@ def ep_permute_index_kernel(
     EXPERT_BASE,  # global id of local expert 0
     MAX_M,
     K: tl.constexpr,
+    KP: tl.constexpr,  # power of two >= K
     BLOCK_N: tl.constexpr,
 ):
     """One program per local expert: scan the received rows in order and give each
-    ``(row, k)`` routed to this expert the next slot (duplicates within a row: k order)."""
+    ``(row, k)`` routed to this expert the next slot ((row, k) ascending; a row's ids are
+    one [BLOCK_N, KP] gather per chunk, 32 contiguous bytes a row)."""
     e = tl.program_id(0)
     eg = EXPERT_BASE + e
+    kk = tl.arange(0, KP)
     carry = tl.zeros((), tl.int32)
     start = 0
     while start < N:
         n = start + tl.arange(0, BLOCK_N)
-        nmask = n < N
+        mask = (n < N)[:, None] & (kk < K)[None, :]
         idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
-        hits = tl.zeros((BLOCK_N,), tl.int32)
-        for k in tl.static_range(K):
-            hits += (tl.load(idp + k, mask=nmask, other=-1) == eg).to(tl.int32)
-        excl = tl.cumsum(hits, axis=0) - hits
-        dup = tl.zeros((BLOCK_N,), tl.int32)
-        for k in tl.static_range(K):
-            m = tl.load(idp + k, mask=nmask, other=-1) == eg
-            slot = carry + excl + dup
-            tl.store(slot_map_ptr + n.to(tl.int64) * K + k, e * MAX_M + slot, mask=m & (slot < MAX_M))
-            dup += m.to(tl.int32)
-        carry += tl.sum(hits, axis=0)
+        hit = (tl.load(idp[:, None] + kk[None, :], mask=mask, other=-1) == eg).to(tl.int32)  # [BLOCK_N, KP]
+        row_hits = tl.sum(hit, axis=1)
+        before_row = tl.cumsum(row_hits, axis=0) - row_hits
+        before_k = tl.cumsum(hit, axis=1) - hit  # earlier k of the same row on this expert
+        slot = carry + before_row[:, None] + before_k
+        out = slot_map_ptr + n.to(tl.int64)[:, None] * K + kk[None, :]
+        tl.store(out, e * MAX_M + slot, mask=(hit != 0) & (slot < MAX_M))
+        carry += tl.sum(row_hits, axis=0)
         start += BLOCK_N
     tl.store(masked_m_ptr + e, carry)
 

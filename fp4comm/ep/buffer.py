@@ -397,7 +397,7 @@ def permute_rows(
     if N > 0:
         ep_permute_index_kernel[(El,)](
             rows, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, max_m,
-            K=K, BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
+            K=K, KP=triton_next_pow2(K), BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
         )  # fmt: skip
         words = msg.payload_bytes // 4
         ep_permute_kernel[(N,)](
