@@ -235,3 +235,18 @@ def test_gpu_layer_local_real_width(payload):
     layer = EPMoE(cfg, device="cuda").load_weights(sd, keep_reference=True)
     row = evaluate(layer, gaussian_input(1024, cfg.hidden, device="cuda"), "gaussian")
     assert row.sqnr_db >= floor_for(payload, "fp8"), row
+
+
+def test_bench_smoke(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_moe import main
+
+    res = main(["--smoke", "--out", str(tmp_path)])
+    assert set(res) == {"prefill", "decode", "epmoe"}
+    data = json.loads((tmp_path / "bench_moe_epmoe.json").read_text())
+    assert [r["payload"] for r in data["rows"]] == ["bf16", "nvfp4", "nvfp4"]
+    assert (tmp_path / "bench_moe_prefill.csv").exists() and (tmp_path / "bench_moe_decode.csv").exists()

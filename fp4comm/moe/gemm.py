@@ -105,9 +105,8 @@ def _select_config(m_hint: int, N: int, K: int, a_fmt: str, b_fmt: str, *, inter
         bn = min(128, max(16, triton.next_power_of_2(N)))
         bk = min(128 if fp8 else 256, max(32, triton.next_power_of_2(K)))
         return GemmConfig(bm, bn, bk, True, 4, 1)
-    bk_big = 128 if fp8 else 128
     if m_hint <= 16:
-        return GemmConfig(16, 64, bk_big, True, 4, 4)
+        return GemmConfig(16, 64, 128, True, 4, 4)
     if m_hint <= 64:
         return GemmConfig(64, 128, 64, False, 4, 4)
     return GemmConfig(128, 128, 64, False, 8, 4)
