@@ -43,14 +43,14 @@ import triton.language as tl
 
 from .common import e4m3_decode, store_rounded, swizzled_sf_offset
 
-FMT_BF16: tl.constexpr = 0
-FMT_FP8: tl.constexpr = 1
-FMT_NVFP4: tl.constexpr = 2
+FMT_BF16 = tl.constexpr(0)
+FMT_FP8 = tl.constexpr(1)
+FMT_NVFP4 = tl.constexpr(2)
 
 # global-scale modes of an NVFP4 operand
-GS_STATIC: tl.constexpr = 0  # gs_ptr[0]
-GS_PER_EXPERT: tl.constexpr = 1  # gs_ptr[e] (B only)
-GS_PER_ROW: tl.constexpr = 2  # gs_ptr[e * rows + row]
+GS_STATIC = tl.constexpr(0)  # gs_ptr[0]
+GS_PER_EXPERT = tl.constexpr(1)  # gs_ptr[e] (B only)
+GS_PER_ROW = tl.constexpr(2)  # gs_ptr[e * rows + row]
 
 
 @triton.jit
