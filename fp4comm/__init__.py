@@ -33,6 +33,8 @@ _LAZY = {
     "EPBuffer": "fp4comm.ep",
     "DispatchOutput": "fp4comm.ep",
     "DispatchLayout": "fp4comm.ep",
+    "EPHandle": "fp4comm.ep",
+    "EPConfig": "fp4comm.ep",
     "get_dispatch_layout": "fp4comm.ep",
     "MessageLayout": "fp4comm.ep.message",
 }

@@ -27,6 +27,7 @@ receiver's buffer) use this layout, so the receiver-side permute is one kernel.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,8 @@ class MessageFields:
 
 
 def _bytes_of(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(n, -1)
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()  # explicit: reshape(0, -1) is ambiguous
+    return t.contiguous().view(torch.uint8).reshape(n, row_bytes)
 
 
 def pack_messages(layout: MessageLayout, f: MessageFields) -> torch.Tensor:
