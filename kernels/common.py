@@ -205,3 +205,10 @@ def nvfp4_quantize_pairs(even, odd, vmax, bad, gs):
     packed = tl.where(bad[:, None], 0, lo | (hi << 4)).to(tl.uint8)
     sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
     return packed, sfb.to(tl.uint8)
+
+
+@triton.jit
+def ue8m0_round_up(s):
+    """Smallest power of two >= s (s positive, normal FP32), exact by bit arithmetic."""
+    bits = s.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)

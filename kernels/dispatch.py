@@ -30,17 +30,12 @@ from .common import (
     nvfp4_quantize_tile,
     swizzled_sf_offset,
     to_bf16_rne,
+    ue8m0_round_up,
 )
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
 PAYLOAD_FP8 = tl.constexpr(1)
 PAYLOAD_BF16 = tl.constexpr(2)
-
-
-@triton.jit
-def _ue8m0_round_up(s):
-    bits = s.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -98,7 +93,7 @@ def ep_pack_kernel(
         amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
         sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
         if UE8M0:
-            sf = _ue8m0_round_up(sf)
+            sf = ue8m0_round_up(sf)
         inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
         _, qb = e4m3_encode(xf * inv[:, None])
         qb = tl.where(bad[:, None], 0x7F, qb).to(tl.uint8)

@@ -30,7 +30,7 @@ from .common import (
     nvfp4_quantize_tile,
     swizzled_sf_offset,
 )
-from .sync import arrive_last, flag_store_release, report_timeout, wait_flag_geq
+from .sync import arrive_last, fence_sys, flag_store_release, report_timeout, spin_start, wait_flag_geq
 
 # status slots (int32 [4], local): set by kernels, read by the host
 ST_DISPATCH_TIMEOUT = tl.constexpr(0)  # 1 + source rank whose dispatch flag never came
@@ -156,7 +156,9 @@ def _to_bf16_rne(x):
 
 
 # ----------------------------------------------------------------------------- low latency: dispatch
-@triton.jit
+# Integer arguments that change from call to call are not specialized (a value of 1 or a
+# multiple of 16 would otherwise compile a new variant on one rank while its peers spin).
+@triton.jit(do_not_specialize=["T", "NPROG"])
 def ll_dispatch_send_kernel(
     x_ptr,  # [T, H] bf16 (int64 view [T, H/4] for the bf16 payload)
     ids_ptr,  # [T, K] int32
@@ -190,6 +192,7 @@ def ll_dispatch_send_kernel(
     W_OFF: tl.constexpr,
     SRC_OFF: tl.constexpr,
     CHUNK: tl.constexpr,
+    GPU: tl.constexpr,  # compiled for a GPU (inline PTX fences), False under the interpreter
     NPROG,  # grid size (tl.num_programs is not a scalar under the interpreter)
 ):
     """One program per token (persistent loop): quantize the row once, store it into the
@@ -241,7 +244,7 @@ def ll_dispatch_send_kernel(
                 else:
                     report_timeout(status_ptr + ST_OVERFLOW, 1 + e % E_LOCAL)
         t += nprog
-    if arrive_last(counter_ptr, nprog):
+    if arrive_last(counter_ptr, nprog, GPU):
         # counts per global expert, then one flag per (expert, this source) on its owner
         ex = tl.arange(0, EP)
         cnt = tl.zeros([EP], dtype=tl.int32)
@@ -258,12 +261,13 @@ def ll_dispatch_send_kernel(
         fbase = tl.load(flags_table + d, mask=ex < E, other=0)
         faddr = fbase + (b * FLAG_B + le * FLAG_E + SRC_SLOT * FLAG_S).to(tl.int64) * 8
         val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
+        fence_sys(GPU)
         tl.debug_barrier()
         tl.atomic_xchg(faddr.to(tl.pointer_type(tl.int64)), val, mask=ex < E, sem="release", scope="sys")
         tl.store(epoch_ptr + 1, seq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_spins", "timeout_us"])
 def ll_dispatch_recv_kernel(
     slots_ptr,  # int64 address of this rank's slot rows (as an int64 tensor's data)
     flags_ptr,  # [..] int64 local flags
@@ -286,7 +290,8 @@ def ll_dispatch_recv_kernel(
     MAXM,
     MT,
     KT,
-    max_spins,
+    max_spins,  # interpreter: reads before a wait gives up
+    timeout_us,  # GPU: microseconds before the waits of a program give up
     R: tl.constexpr,
     RP: tl.constexpr,
     H: tl.constexpr,
@@ -299,6 +304,7 @@ def ll_dispatch_recv_kernel(
     W_OFF: tl.constexpr,
     SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
+    GPU: tl.constexpr,
     NSPLIT,  # grid dim 1
 ):
     """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, then copy its
@@ -310,9 +316,10 @@ def ll_dispatch_recv_kernel(
     b = seq % NBUF
     rr = tl.arange(0, RP)
     cnt = tl.zeros([RP], dtype=tl.int32)
+    t0 = spin_start(GPU)
     for s in tl.static_range(R):
         fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-        v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins)
+        v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
         if not ok:
             report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
         c = tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0)
@@ -395,6 +402,7 @@ def ll_combine_send_kernel(
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
     E_LOCAL: tl.constexpr,
+    GPU: tl.constexpr,
     NSPLIT,
 ):
     """Grid ``(E_LOCAL, NSPLIT)``: send each valid expert-output row (quantized per token
@@ -419,17 +427,19 @@ def ll_combine_send_kernel(
             pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
         _store_row(row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
         i += nsplit
-    if arrive_last(counter_ptr, nprog):
+    if arrive_last(counter_ptr, nprog, GPU):
         rr = tl.arange(0, RP)
         fbase = tl.load(flags_table + rr, mask=rr < R, other=0)
         faddr = fbase + (b * FLAG_B + SRC_SLOT * FLAG_S).to(tl.int64) * 8
+        fence_sys(GPU)
+        tl.debug_barrier()
         tl.atomic_xchg(
             faddr.to(tl.pointer_type(tl.int64)), tl.zeros([RP], tl.int64) + seq, mask=rr < R, sem="release", scope="sys"
         )
         tl.store(epoch_ptr + 3, seq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "max_spins", "timeout_us", "NPROG"])
 def ll_combine_recv_kernel(
     rows_ptr,  # this rank's combine rows (int64 address)
     flags_ptr,  # int64 local flags
@@ -444,6 +454,7 @@ def ll_combine_recv_kernel(
     FLAG_B,
     FLAG_S,
     max_spins,
+    timeout_us,
     H: tl.constexpr,
     K: tl.constexpr,
     E: tl.constexpr,
@@ -455,6 +466,7 @@ def ll_combine_recv_kernel(
     BS: tl.constexpr,
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
+    GPU: tl.constexpr,
     NPROG,
 ):
     """Persistent over tokens: wait for every expert rank's flag, then
@@ -463,10 +475,11 @@ def ll_combine_recv_kernel(
     nprog = NPROG
     seq = tl.load(epoch_ptr + 3)
     b = seq % NBUF
-    for s in tl.static_range(R):
-        _, ok = wait_flag_geq(flags_ptr + b * FLAG_B + s * FLAG_S, seq, max_spins)
+    t0 = spin_start(GPU)
+    for r in tl.static_range(R):
+        _, ok = wait_flag_geq(flags_ptr + b * FLAG_B + r * FLAG_S, seq, max_spins, t0, timeout_us, GPU)
         if not ok:
-            report_timeout(status_ptr + ST_COMBINE_TIMEOUT, s + 1)
+            report_timeout(status_ptr + ST_COMBINE_TIMEOUT, r + 1)
     base = rows_ptr.to(tl.int64)
     blk = tl.arange(0, NB)
     col = tl.arange(0, BS)
@@ -478,8 +491,8 @@ def ll_combine_recv_kernel(
             e = tl.load(ids_ptr + t64 * K + k)
             if (e >= 0) & (e < E):
                 w = tl.load(w_ptr + t64 * K + k)
-                s = e // E_LOCAL
-                row_addr = base + (b * CB + s * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
+                src = e // E_LOCAL  # (not `s`/`r`: a loop variable above is a constexpr)
+                row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
                 acc = acc + w * _load_row_f32(row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
         offs = blk[:, None] * BS + col[None, :]
         tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
@@ -489,7 +502,7 @@ def ll_combine_recv_kernel(
 
 
 # ----------------------------------------------------------------------------- high throughput
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "timeout_us"])
 def signal_wait_kernel(
     flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
     flags_ptr,  # this rank's flag array
@@ -497,9 +510,11 @@ def signal_wait_kernel(
     rank,
     epoch,
     max_spins,
+    timeout_us,
     STATUS_SLOT: tl.constexpr,
     SIGNAL: tl.constexpr,
     WAIT: tl.constexpr,
+    GPU: tl.constexpr,
 ):
     """Grid ``(R,)``: program ``p`` tells rank ``p`` that this rank's rows for it (stored by
     earlier kernels on this stream) are complete (``SIGNAL``), then waits for rank ``p``'s
@@ -509,6 +524,7 @@ def signal_wait_kernel(
         dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
         flag_store_release(dst, epoch.to(tl.int64))
     if WAIT:
-        _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins)
+        t0 = spin_start(GPU)
+        _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins, t0, timeout_us, GPU)
         if not ok:
             report_timeout(status_ptr + STATUS_SLOT, p + 1)

@@ -15,6 +15,7 @@ from .common import (
     nvfp4_quantize_pairs,
     unpack_pairs,
     swizzled_sf_offset,
+    ue8m0_round_up,
 )
 
 # global-scale modes
@@ -107,13 +108,6 @@ def nvfp4_dequantize_kernel(
         gs = tl.load(gs_ptr)
     x = nvfp4_dequantize_tile(packed, sfb, gs)
     store_rounded(out_ptr + row[:, None] * H + blk[:, None] * 16 + tl.arange(0, 16)[None, :], x, bmask[:, None])
-
-
-@triton.jit
-def ue8m0_round_up(s):
-    """Smallest power of two >= s (s positive, normal FP32)."""
-    bits = s.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -1,12 +1,12 @@
 """Flag helpers for peer-memory kernels: release stores / acquire loads at *system* scope,
-a bounded spin that reports instead of hanging, and the "last program to arrive" pattern.
+a bounded wait that reports instead of hanging, and the "last program to arrive" pattern.
 
 Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
 
-* a program's data stores (to local or peer memory) are ordered before its flag by
-  ``tl.debug_barrier()`` (CTA barrier) followed by ONE release atomic at ``scope="sys"``
-  (a scalar atomic runs once per program); the receiver's acquire atomic at ``scope="sys"``
-  that reads the flag then sees every one of those stores;
+* a program's data stores (to local or peer memory) are ordered before its flag by a
+  ``fence.acq_rel.sys`` in every thread (GPU only), ``tl.debug_barrier()`` (CTA barrier),
+  then ONE release atomic at ``scope="sys"`` (a scalar atomic runs once per program); the
+  receiver's acquire at system scope that reads the flag then sees every one of those stores;
 * several programs hand over through :func:`arrive_last`: each does an ``acq_rel``
   system-scope add on a counter after its stores; the program that brings the counter to
   ``num_programs`` has acquired all of them and publishes the flags. It also resets the
@@ -15,10 +15,47 @@ Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
 Flags are never reset: senders write a monotonically increasing sequence number (epoch)
 and receivers wait for ``flag >= epoch``. Triton's default atomic scope is ``gpu``, which
 is wrong across GPUs; every cross-GPU atomic here says ``scope="sys"``.
+
+Waits are bounded. On GPUs (``GPU=True``) by time: ``%globaltimer`` nanoseconds since
+:func:`spin_start`, every thread polls with ``ld.acquire.sys`` (no atomics, no CTA
+barrier inside the loop), then one acquire atomic gives the program a uniform value. Under
+``TRITON_INTERPRET=1`` (``GPU=False``: no inline PTX there) by a number of reads.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def globaltimer():
+    """GPU global timer in nanoseconds (int64). GPU only."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def spin_start(GPU: tl.constexpr):
+    """Start time of a bounded wait (0 under the interpreter, where waits count reads)."""
+    if GPU:
+        t0 = globaltimer()
+    else:
+        t0 = tl.full([], 0, tl.int64)
+    return t0
+
+
+@triton.jit
+def fence_sys(GPU: tl.constexpr):
+    """``fence.acq_rel.sys`` in every thread (GPU only; a no-op under the interpreter, which
+    is sequentially consistent)."""
+    if GPU:
+        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _ld_acquire_sys(ptr):
+    """``ld.acquire.sys`` of an int64 (every thread; GPU only)."""
+    return tl.inline_asm_elementwise(
+        "ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -29,22 +66,35 @@ def flag_store_release(ptr, value):
 
 @triton.jit
 def flag_load_acquire(ptr):
-    """Read the flag at ``ptr`` with acquire semantics, system scope (an atomic add of 0)."""
+    """Read the flag at ``ptr`` with acquire semantics, system scope (an atomic add of 0:
+    one thread reads, the program gets one value)."""
     return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
 
 
 @triton.jit
-def wait_flag_geq(ptr, target, max_spins):
-    """Spin until ``*ptr >= target`` or ``max_spins`` extra reads were made.
+def wait_flag_geq(ptr, target, max_spins, t0, timeout_us, GPU: tl.constexpr):
+    """Wait until ``*ptr >= target`` (int64 flag).
 
-    Returns ``(value, ok)``: the last value read (acquire, system scope) and whether it
-    reached ``target``. Never hangs; the caller records a timeout status when not ``ok``.
+    GPU: until ``timeout_us`` microseconds have passed since ``t0`` (:func:`spin_start`;
+    several waits of one program share one deadline). Interpreter: at most ``max_spins``
+    extra reads. Returns ``(value, ok)``: the last value read (acquire, system scope, the
+    same in every thread of the program) and whether it reached ``target``. Never hangs;
+    the caller records a timeout status when not ``ok``.
     """
-    v = flag_load_acquire(ptr)
-    i = 0
-    while (v < target) & (i < max_spins):
+    if GPU:
+        limit = timeout_us.to(tl.int64) * 1000
+        v = _ld_acquire_sys(ptr)
+        now = t0
+        while (v < target) & (now - t0 < limit):
+            v = _ld_acquire_sys(ptr)
+            now = globaltimer()
         v = flag_load_acquire(ptr)
-        i += 1
+    else:
+        v = flag_load_acquire(ptr)
+        i = 0
+        while (v < target) & (i < max_spins):
+            v = flag_load_acquire(ptr)
+            i += 1
     return v, v >= target
 
 
@@ -56,9 +106,10 @@ def report_timeout(status_ptr, code):
 
 
 @triton.jit
-def arrive_last(counter_ptr, num_programs):
+def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr):
     """Call once per program after its stores. True in exactly one program, the last to
     arrive, which has then acquired every other program's stores; it resets the counter."""
+    fence_sys(GPU)
     tl.debug_barrier()
     old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
     last = old == num_programs - 1
