@@ -25,9 +25,10 @@ import triton.language as tl
 
 from .common import (
     e4m3_encode,
-    nvfp4_block_stats,
     nvfp4_global_scale,
-    nvfp4_quantize_tile,
+    nvfp4_pair_stats,
+    nvfp4_quantize_pairs,
+    unpack_pairs,
     swizzled_sf_offset,
     to_bf16_rne,
     ue8m0_round_up,
@@ -67,21 +68,22 @@ def ep_pack_kernel(
     ids = tl.load(ids_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int32)
     wts = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0)
     if PAYLOAD == 0:
+        # the BF16 row is read as int32 words holding element pairs (see kernels/quant.py):
+        # codes pack into bytes elementwise, no reshape/split layout conversions
         KSF = H // 16
         blk = tl.arange(0, NB)
         bmask = blk < KSF
-        xf = tl.load(
-            x_ptr + t * H + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=bmask[:, None], other=0.0
-        ).to(tl.float32)
-        vmax, bad = nvfp4_block_stats(xf)
+        qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        words = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + t * (H // 2) + qoffs, mask=bmask[:, None], other=0)
+        even, odd = unpack_pairs(words, 16, True)
+        vmax, bad = nvfp4_pair_stats(even, odd)
         if GS_MODE == 2:
             gs = nvfp4_global_scale(vmax)
         elif GS_MODE == 1:
             gs = tl.load(gs_ptr + t)
         else:
             gs = tl.load(gs_ptr)
-        packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
-        qoffs = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
     elif PAYLOAD == 1:
         NBLK = H // 128
         blk = tl.arange(0, NB)

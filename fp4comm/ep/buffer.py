@@ -313,6 +313,8 @@ def pack_rows(
 
     gs_mode, gs = 2, topk_weights  # gs pointer unused unless GS_MODE 0 / 1
     if msg.payload == "nvfp4":
+        if x.data_ptr() % 4:  # the kernel reads BF16 element pairs as 32-bit words
+            x = x.clone()
         nb = triton_next_pow2(H // NVFP4_BLOCK)
         elems = nb * NVFP4_BLOCK
         if isinstance(global_scale, torch.Tensor) and global_scale.dim() == 1:
