@@ -238,7 +238,7 @@ def _sync(device):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/moe")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter), every part")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, every part (GPU if present, else CPU under the interpreter)")
     p.add_argument("--tokens", type=int, default=4096, help="EPMoE tokens per rank")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-gemm", action="store_true")
@@ -247,16 +247,16 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and not args.smoke else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not args.smoke \
-        else torch.device("cpu")  # fmt: skip
+    # --smoke: tiny shapes on whatever is here (the GPU when present, else CPU + interpreter)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     from fp4comm.moe import MoEConfig
 
     out = Path(args.out)

@@ -138,7 +138,7 @@ def sdpa_bf16(case, causal=True):
     """torch SDPA in BF16 on the K/V gathered from the bf16 cache, per sequence."""
     c = case["cache"]
     Hq, Hkv = case["Hq"], case["Hkv"]
-    out = torch.zeros(case["q"].shape, dtype=torch.float32)
+    out = torch.zeros(case["q"].shape, dtype=torch.float32, device=case["q"].device)
     cu = case["cu"].tolist()
     for i, L in enumerate(case["seq_lens"].tolist()):
         qs, qe = cu[i], cu[i + 1]

@@ -90,7 +90,8 @@ def dynamic_scale(x: torch.Tensor, kv_format: str, dim: int = -1) -> torch.Tenso
     """Decode-direction scale over ``dim``: ``amax(finite |x|) / QMAX``, 0 -> 1 (zero-safe)."""
     a = x.float().abs()
     a = torch.where(a.isfinite(), a, torch.zeros_like(a))
-    s = a.amax(dim=dim) / QMAX[base_format(kv_format)]
+    amax = a.amax(dim=dim)
+    s = amax / torch.full_like(amax, QMAX[base_format(kv_format)])  # tensor / tensor: IEEE on CPU and CUDA
     return torch.where(s == 0, torch.ones_like(s), s)
 
 

@@ -45,8 +45,9 @@ from ..formats import (
 def _per_token_global_scale(vmax: torch.Tensor) -> torch.Tensor:
     """``[N, KSF]`` finite block maxima -> ``[N]`` encode scales."""
     amax = vmax.amax(dim=-1) if vmax.shape[-1] else vmax.new_zeros(vmax.shape[0])
-    # a full tensor, not ``2688 / amax``: torch evaluates scalar / tensor as
-    # reciprocal-then-multiply, which rounds twice
+    # Divisions here always divide tensor by tensor: torch evaluates ``scalar / tensor`` as
+    # reciprocal-then-multiply on CPU, and ``tensor / scalar`` as multiply-by-reciprocal on
+    # CUDA; either rounds twice, unlike the kernels' IEEE ``div_rn``.
     gs = (torch.full_like(amax, GS_NUMERATOR) / amax).clamp(max=FP32_MAX)
     return torch.where(amax > 0, gs, torch.ones_like(gs))
 
@@ -80,7 +81,8 @@ def quantize_nvfp4_ref(
             gs_out = g.reshape(lead).clone()
             gs_rows = gs_out.reshape(N)
 
-    sf = e4m3_rne_satfinite(gs_rows[:, None] * vmax / 6.0)
+    prod = gs_rows[:, None] * vmax
+    sf = e4m3_rne_satfinite(prod / torch.full_like(prod, 6.0))
     sff = sf.float()
     inv = torch.where(sff != 0, (gs_rows[:, None] / sff).clamp(max=FP32_MAX), torch.zeros_like(sff))
     codes = e2m1_rne_satfinite(xf * inv[..., None])
@@ -128,10 +130,10 @@ def quantize_fp8_blockwise_ref(x: torch.Tensor, block: int = 128, ue8m0: bool = 
     finite = xf.abs() < float("inf")
     bad = ~finite.all(dim=-1)
     amax = xf.abs().amax(dim=-1).clamp(min=1e-4) if xf.shape[0] else xf.new_zeros(0, H // block)
-    s = amax / 448.0
+    s = amax / torch.full_like(amax, 448.0)
     if ue8m0:
         s = ue8m0_round_up(s)
-    inv = 1.0 / s
+    inv = torch.full_like(s, 1.0) / s
     q = e4m3_rne_satfinite(xf * inv[..., None]).view(torch.uint8)
     q = torch.where(bad[..., None], torch.full_like(q, E4M3_NAN_BYTE), q)
     s = torch.where(bad, torch.full_like(s, float("nan")), s)
