@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/quant", help="folder for JSON + CSV")
     ap.add_argument(
         "--sweep-warps", type=int, nargs="*", default=None,
-        help="also time the NVFP4 quantize kernel at these num_warps (tuning aid for fp4comm.quant._launch_config)",
+        help="also time the quantize kernels at these num_warps (tuning aid for fp4comm.quant._quant_warps)",
     )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -113,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_warps:
         import fp4comm.quant as q
 
-        default = q._launch_config
+        default, default_q = q._launch_config, q._quant_warps
         sweep = []
         for w in args.sweep_warps:
             q._launch_config = lambda _n, w=w: w
+            q._quant_warps = lambda w=w: w
             for r in run(tokens, hidden, device, args.iters):
                 if r["op"].startswith("nvfp4") or r["op"] == "fp8 block":
                     sweep.append({**r, "op": f"{r['op']} warps={w}"})
-        q._launch_config = default
+        q._launch_config, q._quant_warps = default, default_q
         print_table(sweep, "num_warps sweep")
         rows += sweep
     out = Path(args.out)

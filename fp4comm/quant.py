@@ -33,17 +33,43 @@ __all__ = [
 
 
 def _launch_config(row_elems: int) -> int:
-    """num_warps for the quantize kernels.
+    """num_warps for the one-tile-per-program kernels (dequantize, FP8 block quantize).
 
-    A program holds ~8K FP32 values of input in registers (one H = 7168 row, or several
-    short rows); 8 warps keep that at <= 32 values a thread so two or more programs fit on
-    an SM; small tiles use 4 warps (fewer idle lanes under masking).
+    A program holds ~8K FP32 values (one H = 7168 row, or several short rows) in registers;
+    8 warps keep that at <= 32 values a thread; small tiles use 4 warps.
     """
     return 8 if row_elems >= 4096 else 4
 
 
+#: NVFP4 quantize: blocks of 16 per chunk when a row is streamed (1024 values a chunk).
+_QUANT_CHUNK_BLOCKS = 64
+
+
+def _quant_config(H: int, N: int) -> tuple[int, int, int, int]:
+    """(rows per program, blocks per chunk, chunks per row, num_warps) for NVFP4 quantize.
+
+    Measured on H200 (issue 2): holding a whole H = 7168 row in registers leaves ~2 programs
+    an SM and reaches only ~25% of copy bandwidth, so rows longer than one chunk of 1024
+    values are streamed chunk by chunk with 4 warps (8 values a thread, many programs an
+    SM); a per-token scale costs a second, L2-resident read of the row. Rows of <= 1024
+    values are packed several to a ~4K-value tile, one pass.
+    """
+    ksf = H // 16
+    if ksf <= _QUANT_CHUNK_BLOCKS:
+        nb = triton.next_power_of_2(ksf)
+        rows = min(max(1, 256 // nb), triton.next_power_of_2(max(N, 1)))
+        return rows, nb, 1, _launch_config(16 * nb * rows)
+    return 1, _QUANT_CHUNK_BLOCKS, cdiv(ksf, _QUANT_CHUNK_BLOCKS), _quant_warps()
+
+
+def _quant_warps() -> int:
+    """num_warps of the streamed NVFP4 quantize (one 1024-value chunk: 4 warps = 8 values a
+    thread, one 16-byte load each)."""
+    return 4
+
+
 def _rows_per_program(H: int, N: int) -> int:
-    """Rows a quantize program handles: enough short rows to fill a ~4K-element tile (fewer
+    """Rows a dequantize program handles: enough short rows to fill a ~4K-element tile (fewer
     launches, full vectors for H < 4096; also ~20x fewer interpreter steps on CPU), one row
     when the row alone fills the tile. A power of two, never more than N rounded up."""
     want = max(1, 4096 // triton.next_power_of_2(H))
@@ -172,12 +198,11 @@ def quantize_nvfp4(
     if N:
         from .kernels import quant as _k
 
-        rows = _rows_per_program(H, N)
+        rows, nb, nchunk, warps = _quant_config(H, N)
         _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
-            IS_BF16=x.dtype == torch.bfloat16, NB=triton.next_power_of_2(KSF), ROWS=rows,
-            num_warps=_launch_config(H * rows),
+            IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,

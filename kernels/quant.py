@@ -25,6 +25,25 @@ GS_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, written to 
 
 
 @triton.jit
+def _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """Words [len(blk), 8] of blocks ``blk`` of rows ``row`` -> (even, odd) FP32 tiles."""
+    woffs = row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+    w = tl.load(x_ptr + woffs, mask=bmask[:, None], other=0)
+    even, odd = unpack_pairs(w, IN_BITS, IS_BF16)
+    return even, odd, woffs
+
+
+@triton.jit
+def _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr):
+    tl.store(q_ptr + woffs, packed, mask=bmask[:, None])
+    if SWIZZLE:
+        sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
+    else:
+        sf_off = row * KSF + blk
+    tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+
+
+@triton.jit
 def nvfp4_quantize_kernel(
     x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
     q_ptr,  # [N, H/2] uint8
@@ -40,39 +59,57 @@ def nvfp4_quantize_kernel(
     SWIZZLE: tl.constexpr,
     IN_BITS: tl.constexpr,  # 16 or 32
     IS_BF16: tl.constexpr,
-    NB: tl.constexpr,  # power of two >= KSF
+    NB: tl.constexpr,  # blocks per chunk (power of two); NCHUNK * NB >= KSF
+    NCHUNK: tl.constexpr,  # chunks per row (> 1 only with ROWS == 1)
     ROWS: tl.constexpr,  # rows per program (power of two)
 ):
-    # Tile [ROWS * NB, 8] of words: tile block i is block (i % NB) of row (i // NB); word j
-    # of a block holds elements (2j, 2j+1), so E2M1 codes pack into bytes elementwise.
+    """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
+    elementwise. Short rows: ROWS rows in one [ROWS * NB, 8] tile (tile block i is block
+    i % NB of row i // NB). Long rows: one row streamed in NCHUNK chunks of NB blocks, so a
+    program holds only ~1K values and many programs share an SM; a per-token scale then
+    takes a first pass for the row's amax (the second pass reads the row from L2)."""
     i = tl.arange(0, ROWS * NB)
     row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
-    blk = i % NB
-    bmask = (blk < KSF) & (row < N)
-    woffs = row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-    w = tl.load(x_ptr + woffs, mask=bmask[:, None], other=0)
-    even, odd = unpack_pairs(w, IN_BITS, IS_BF16)
-    vmax, bad = nvfp4_pair_stats(even, odd)
-    if GS_MODE == 2:
-        amax = tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1)
-        gs_row = nvfp4_gs_from_amax(amax)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        tl.store(gs_ptr + rows, gs_row, mask=rows < N)
-        if ROWS == 1:
-            gs = tl.max(gs_row, axis=0)
-        else:
+    rmask = row < N
+    if NCHUNK == 1:
+        blk = i % NB
+        bmask = (blk < KSF) & rmask
+        even, odd, woffs = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
+        vmax, bad = nvfp4_pair_stats(even, odd)
+        if GS_MODE == 2:
+            gs_row = nvfp4_gs_from_amax(tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1))
+            rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            tl.store(gs_ptr + rows, gs_row, mask=rows < N)
             gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
-    elif GS_MODE == 1:
-        gs = tl.load(gs_ptr + row, mask=row < N, other=1.0)
+        elif GS_MODE == 1:
+            gs = tl.load(gs_ptr + row, mask=rmask, other=1.0)
+        else:
+            gs = tl.load(gs_ptr)
+        packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
+        _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
     else:
-        gs = tl.load(gs_ptr)
-    packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
-    tl.store(q_ptr + woffs, packed, mask=bmask[:, None])
-    if SWIZZLE:
-        sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
-    else:
-        sf_off = row * KSF + blk
-    tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+        r = tl.program_id(0).to(tl.int64)
+        if GS_MODE == 2:
+            amax = tl.zeros((NB,), tl.float32)
+            for c in range(NCHUNK):
+                blk = c * NB + i
+                bmask = blk < KSF
+                even, odd, _ = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
+                vmax, _ = nvfp4_pair_stats(even, odd)
+                amax = tl.maximum(amax, vmax)
+            gs = nvfp4_gs_from_amax(tl.max(amax, axis=0))
+            tl.store(gs_ptr + r, gs)
+        elif GS_MODE == 1:
+            gs = tl.load(gs_ptr + r)
+        else:
+            gs = tl.load(gs_ptr)
+        for c in range(NCHUNK):
+            blk = c * NB + i
+            bmask = blk < KSF
+            even, odd, woffs = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
+            vmax, bad = nvfp4_pair_stats(even, odd)
+            packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
+            _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
 
 
 @triton.jit

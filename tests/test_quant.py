@@ -15,8 +15,8 @@ from fp4comm import formats
 from fp4comm.reference import quant as ref
 from tests import oracles
 
-SHAPES = [(1, 16), (3, 48), (129, 48), (1000, 16), (3, 7168), (2, 5, 64)]
-SHAPE_IDS = ["1x16", "3x48", "129x48", "1000x16", "3x7168", "2x5x64"]
+SHAPES = [(1, 16), (3, 48), (129, 48), (1000, 16), (3, 7168), (2, 5, 64), (2, 1040)]
+SHAPE_IDS = ["1x16", "3x48", "129x48", "1000x16", "3x7168", "2x5x64", "2x1040_partial_chunk"]
 GPU_SHAPES = [(1000, 7168), (4096, 7168), (3, 1823, 256), (129, 2048)]
 
 
