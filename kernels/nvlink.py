@@ -15,7 +15,8 @@ Low-latency slots: a row for ``(source token t, top-k index k)`` routed to globa
 of ``(t', k')`` pairs before ``(t, k)`` (row-major) routed to ``e``: so slots of one
 (expert, source) hold that source's tokens in order, and the receiver's compaction is
 deterministic. In low-latency rows the message's ``src_index`` field holds ``t * K + k``.
-Flags carry ``(sequence << 32) | count`` (int64) and are never reset.
+Flags carry ``(sequence << 32) | count`` (int64) and are never reset. Flags are written
+with release stores, never with atomics on peer memory (see ``sync.py``).
 """
 
 import triton
@@ -52,6 +53,15 @@ def _words_to_bytes(w):
     """[N] int64 words -> [N, 8] int32 bytes (little-endian)."""
     sh = (tl.arange(0, 8) * 8).to(tl.int64)
     return ((w[:, None] >> sh[None, :]) & 255).to(tl.int32)
+
+
+@triton.jit
+def _row_words(anchor, addr):
+    """int64 pointer to the byte address ``addr`` (a row start: always a multiple of 16),
+    built as ``anchor`` (an int64 pointer argument, 16-byte aligned) plus an even number
+    of words, so the compiler can prove 16-byte alignment and emit vector accesses
+    (an address cast from an integer has unknown alignment: 8-byte accesses)."""
+    return anchor + (((addr - anchor.to(tl.int64)) >> 4) << 1)
 
 
 @triton.jit
@@ -96,11 +106,12 @@ def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr)
 
 @triton.jit
 def _store_row(
-    row_addr, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
+    anchor, row_addr, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
 ):
     """Store payload + scales (+ gs at ``SCALE_OFF`` + scale bytes rounded to 16 for nvfp4,
-    i.e. the message's ``gs_offset``) of one row at byte address ``row_addr`` (int64)."""
-    wp = row_addr.to(tl.pointer_type(tl.int64))
+    i.e. the message's ``gs_offset``) of one row at byte address ``row_addr`` (int64);
+    ``anchor``: see :func:`_row_words`."""
+    wp = _row_words(anchor, row_addr)
     blk = tl.arange(0, NB)
     if PAYLOAD == 0:
         KSF: tl.constexpr = H // 16
@@ -119,10 +130,12 @@ def _store_row(
 
 
 @triton.jit
-def _load_row_f32(row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr):
+def _load_row_f32(
+    anchor, row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
+):
     """Dequantize one row at byte address ``row_addr`` to an FP32 tile ``[NB, BS]``
     (BS = 16 for nvfp4/bf16, 128 for fp8); blocks past ``H`` read as 0."""
-    wp = row_addr.to(tl.pointer_type(tl.int64))
+    wp = _row_words(anchor, row_addr)
     blk = tl.arange(0, NB)
     if PAYLOAD == 0:
         KSF: tl.constexpr = H // 16
@@ -141,7 +154,7 @@ def _load_row_f32(row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.const
         s = tl.load((row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32)) + blk, mask=blk < NBLK, other=0.0)
         v = e4m3_decode(qb) * s[:, None]
     else:
-        bp = row_addr.to(tl.pointer_type(tl.bfloat16))
+        bp = wp.to(tl.pointer_type(tl.bfloat16))
         v = tl.load(bp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < H // 16)[:, None], other=0.0)
         v = v.to(tl.float32)
     return v
@@ -167,6 +180,7 @@ def ll_dispatch_send_kernel(
     rows_table,  # [R] int64: base address of rank d's slot rows
     flags_table,  # [R] int64: base address of rank d's int64 flags
     epoch_ptr,  # [4] int64 local: [0] last finished dispatch (written by recv), [1] in flight
+    sink_ptr,  # int64 local scratch: masked-off flag stores land here (GPU)
     counter_ptr,  # int32 local arrival counter
     status_ptr,  # [4] int32 local
     SRC_SLOT,  # this rank's index along the slots' source axis
@@ -235,7 +249,7 @@ def ll_dispatch_send_kernel(
                     le = e % E_LOCAL
                     slot = b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + p
                     row_addr = tl.load(rows_table + d) + slot.to(tl.int64) * ROW_BYTES
-                    _store_row(row_addr, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
+                    _store_row(epoch_ptr, row_addr, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
                     ip = (row_addr + IDS_OFF).to(tl.pointer_type(tl.int32))
                     tl.store(ip + kk, ids, mask=kk < K)
                     fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
@@ -263,7 +277,7 @@ def ll_dispatch_send_kernel(
         val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
         fence_sys(GPU)
         tl.debug_barrier()
-        tl.atomic_xchg(faddr.to(tl.pointer_type(tl.int64)), val, mask=ex < E, sem="release", scope="sys")
+        flag_store_release(faddr.to(tl.pointer_type(tl.int64)), val, ex < E, sink_ptr, GPU)
         tl.store(epoch_ptr + 1, seq)
 
 
@@ -337,7 +351,7 @@ def ll_dispatch_recv_kernel(
         while i < c_s:
             slot = (b * SLOT_B + le * SLOT_E + s * SLOT_S + i).to(tl.int64)
             row_addr = base + slot * ROW_BYTES
-            wp = row_addr.to(tl.pointer_type(tl.int64))
+            wp = _row_words(epoch_ptr, row_addr)
             m = (st + i).to(tl.int64)
             orow = le.to(tl.int64) * MAXM + m
             if PAYLOAD == 0:
@@ -386,6 +400,7 @@ def ll_combine_send_kernel(
     rows_table,  # [R] int64: base of rank s's combine rows
     flags_table,  # [R] int64: base of rank s's combine flags
     epoch_ptr,  # [4] int64: [2] last finished combine, [3] in flight
+    sink_ptr,
     counter_ptr,
     SRC_SLOT,
     CB,  # rows per buffer parity
@@ -425,7 +440,7 @@ def ll_combine_send_kernel(
             pw, sw, gs = _encode_row(y_ptr + orow * (H // 4), H, CPAYLOAD, NB)
         else:
             pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
-        _store_row(row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
+        _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
         i += nsplit
     if arrive_last(counter_ptr, nprog, GPU):
         rr = tl.arange(0, RP)
@@ -433,9 +448,7 @@ def ll_combine_send_kernel(
         faddr = fbase + (b * FLAG_B + SRC_SLOT * FLAG_S).to(tl.int64) * 8
         fence_sys(GPU)
         tl.debug_barrier()
-        tl.atomic_xchg(
-            faddr.to(tl.pointer_type(tl.int64)), tl.zeros([RP], tl.int64) + seq, mask=rr < R, sem="release", scope="sys"
-        )
+        flag_store_release(faddr.to(tl.pointer_type(tl.int64)), tl.zeros([RP], tl.int64) + seq, rr < R, sink_ptr, GPU)
         tl.store(epoch_ptr + 3, seq)
 
 
@@ -493,7 +506,7 @@ def ll_combine_recv_kernel(
                 w = tl.load(w_ptr + t64 * K + k)
                 src = e // E_LOCAL  # (not `s`/`r`: a loop variable above is a constexpr)
                 row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
-                acc = acc + w * _load_row_f32(row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
+                acc = acc + w * _load_row_f32(epoch_ptr, row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
         offs = blk[:, None] * BS + col[None, :]
         tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
         t += nprog
@@ -507,6 +520,7 @@ def signal_wait_kernel(
     flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
     flags_ptr,  # this rank's flag array
     status_ptr,
+    sink_ptr,  # int64 local scratch (unused: no masked lanes)
     rank,
     epoch,
     max_spins,
@@ -522,7 +536,9 @@ def signal_wait_kernel(
     p = tl.program_id(0)
     if SIGNAL:
         dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
-        flag_store_release(dst, epoch.to(tl.int64))
+        fence_sys(GPU)
+        tl.debug_barrier()
+        flag_store_release(dst, epoch.to(tl.int64), p >= 0, sink_ptr, GPU)
     if WAIT:
         t0 = spin_start(GPU)
         _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins, t0, timeout_us, GPU)

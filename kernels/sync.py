@@ -5,8 +5,10 @@ Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
 
 * a program's data stores (to local or peer memory) are ordered before its flag by a
   ``fence.acq_rel.sys`` in every thread (GPU only), ``tl.debug_barrier()`` (CTA barrier),
-  then ONE release atomic at ``scope="sys"`` (a scalar atomic runs once per program); the
-  receiver's acquire at system scope that reads the flag then sees every one of those stores;
+  then a release store at system scope (:func:`flag_store_release`); the receiver's
+  acquire at system scope that reads the flag then sees every one of those stores;
+* no atomic ever targets peer memory: flags are written with ``st.release.sys`` and only
+  their owner reads them (atomics stay on local counters and status words);
 * several programs hand over through :func:`arrive_last`: each does an ``acq_rel``
   system-scope add on a counter after its stores; the program that brings the counter to
   ``num_programs`` has acquired all of them and publishes the flags. It also resets the
@@ -59,9 +61,27 @@ def _ld_acquire_sys(ptr):
 
 
 @triton.jit
-def flag_store_release(ptr, value):
-    """Publish ``value`` at ``ptr`` (local or peer) with release semantics, system scope."""
-    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr):
+    """Publish int64 ``value`` at ``ptr`` (local or peer; scalars or tensors) where ``mask``,
+    release semantics at system scope.
+
+    GPU: a plain ``st.release.sys`` per element (every thread holding the element stores
+    the same value), never an atomic on peer memory; masked-off elements store into
+    ``sink`` (a local scratch int64) instead, as inline PTX cannot be masked. The caller
+    puts :func:`fence_sys` and ``tl.debug_barrier()`` before it so that the stores of the
+    whole program are ordered before the flag. Interpreter: a masked atomic exchange."""
+    if GPU:
+        addr = tl.where(mask, ptr, sink)
+        tl.inline_asm_elementwise(
+            "st.release.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;",
+            "=r,l,l",
+            [addr, value.to(tl.int64)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.atomic_xchg(ptr, value.to(tl.int64), mask=mask, sem="release", scope="sys")
 
 
 @triton.jit

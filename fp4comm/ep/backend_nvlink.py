@@ -23,11 +23,17 @@ Symmetric memory: NVSHMEM (``fp4comm.ep.symmem.init_nvshmem``) on GPUs; on CPU (
 ``/dev/shm`` mapping of :class:`~fp4comm.ep.symmem.ShmMemory` with interpreter kernels and
 a host barrier between signalling and waiting.
 
-Timeouts: after the flag kernel the host reads a status word (one small device->host copy;
-dispatch already syncs for counts) and raises ``TimeoutError`` naming the peer.
+Timeouts: the flag wait is bounded (``timeout_s`` seconds of ``%globaltimer`` on GPUs,
+60 unless the environment sets ``FP4COMM_NVLINK_TIMEOUT_S``;
+a few reads under the interpreter); after the flag kernel the host reads a status word (one
+small device->host copy; dispatch already syncs for counts) and raises ``TimeoutError``
+naming the peer. The flag kernel is compiled when the backend is built, followed by one
+barrier, so a rank never spins while a peer compiles it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -36,8 +42,9 @@ from .backend import EPBackend, PackFn, ReduceFn, TransferPlan
 from .message import MessageLayout
 from .symmem import SymmetricMemory
 
-DEFAULT_TIMEOUT_SPINS = 1 << 24
+DEFAULT_TIMEOUT_S = 60.0
 CPU_TIMEOUT_SPINS = 2
+_INT32_MAX = (1 << 31) - 1
 
 ST_DISPATCH = 0
 ST_COMBINE = 1
@@ -71,10 +78,17 @@ class NVLinkBackend(EPBackend):
         self._dflags = mem.alloc((R,), torch.int64)
         self._cflags = mem.alloc((R,), torch.int64)
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
+        self._sink = torch.zeros(2, dtype=torch.int64, device=device)
         self._epoch_d = 0
         self._epoch_c = 0
-        self.timeout_spins = DEFAULT_TIMEOUT_SPINS if device.type == "cuda" else CPU_TIMEOUT_SPINS
+        self.timeout_spins = CPU_TIMEOUT_SPINS
+        # launch-edge knob (EPConfig has no field for it): seconds before a silent peer raises
+        self.timeout_s = float(os.environ.get("FP4COMM_NVLINK_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         self._alive = True
+        if device.type == "cuda":
+            self._flags(self._dflags, 0, ST_DISPATCH, warmup=True)
+            self.mem.barrier()
+            torch.cuda.current_stream(device).synchronize()
 
     # ------------------------------------------------------------------ interface
     def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
@@ -117,24 +131,32 @@ class NVLinkBackend(EPBackend):
         return list(self._comb.local.view(-1, H)[: plan.num_send].split(plan.send_counts))
 
     # ------------------------------------------------------------------ flags
-    def _flags(self, flags, epoch: int, slot: int) -> None:
+    def _flags(self, flags, epoch: int, slot: int, warmup: bool = False) -> None:
         from ..kernels.nvlink import signal_wait_kernel
 
         R = self.world_size
-        args = (flags.peer_ptrs, flags.local, self._status, self.rank, epoch, self.timeout_spins)
-        if self.device.type == "cuda":
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=True, num_warps=1)
+        gpu = self.device.type == "cuda"
+        timeout_us = min(int(self.timeout_s * 1e6), _INT32_MAX)
+        args = (flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, self.timeout_spins, timeout_us)
+        if gpu:
+            kw = dict(STATUS_SLOT=slot, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
+            if warmup:  # compile only, the dispatch and the combine variant
+                for sl in (ST_DISPATCH, ST_COMBINE):
+                    signal_wait_kernel.warmup(*args, grid=(R,), **{**kw, "STATUS_SLOT": sl})
+                return
+            signal_wait_kernel[(R,)](*args, **kw)
         else:  # interpreter: every rank signals before anyone waits
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False)
+            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
             self.mem.barrier()
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True)
+            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
         st = self._status.tolist()
         if st[slot]:
             self._status.zero_()
             what = "dispatch" if slot == ST_DISPATCH else "combine"
+            waited = f"{self.timeout_s:g} s" if gpu else f"{self.timeout_spins} reads"
             raise TimeoutError(
                 f"rank {self.rank}: nvlink {what} timed out waiting for rank {st[slot] - 1}'s rows "
-                f"({self.timeout_spins} spins); is that rank alive and in the same call?"
+                f"({waited}); is that rank alive and in the same call?"
             )
 
     def destroy(self) -> None:

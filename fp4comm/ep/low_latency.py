@@ -33,13 +33,19 @@ Backends:
   Moves ``R * E_local * max_tokens_per_rank`` rows a call whatever the routing: a
   fallback, not a fast path.
 
-Errors: kernels never hang. A peer whose flag does not arrive within ``timeout_spins``
-reads leaves a status code; :meth:`LowLatencyBuffer.check` (a host sync) raises
+Errors: kernels never hang. A peer whose flag does not arrive in time (``timeout_s``
+seconds of ``%globaltimer`` on GPUs; ``timeout_spins`` reads under the interpreter)
+leaves a status code; :meth:`LowLatencyBuffer.check` (a host sync) raises
 ``TimeoutError`` naming the peer, or ``ValueError`` for a top-k id outside ``[-1, E)``
 (skipped by the kernels) or an overflowing slot region (duplicate ids in one token beyond
 ``max_tokens_per_rank``). With ``sync_check=True`` (the default on CPU) every receive half
 calls it; on GPUs call it yourself after a step (or a graph replay) to keep the hot path
 free of host syncs.
+
+Compilation: every kernel variant a buffer can launch is compiled when the buffer is
+built (collective), then the ranks meet in one barrier; integer arguments that vary per
+call (token counts, grid sizes) are not specialized. So no rank spins on a flag while a
+peer is still compiling its send kernel (the first GPU run timed out exactly so).
 """
 
 from __future__ import annotations
@@ -63,8 +69,10 @@ __all__ = [
 
 PAYLOAD_CODE = {"nvfp4": 0, "fp8": 1, "bf16": 2}
 BACKENDS = ("nvlink", "torch")
-DEFAULT_TIMEOUT_SPINS = 1 << 24  # ~ seconds of acquire reads on a GPU
+DEFAULT_TIMEOUT_S = 60.0  # GPU: a peer silent this long is reported (TimeoutError)
+DEFAULT_TIMEOUT_SPINS = 1 << 24  # interpreter on a live multi-process group
 EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
+_INT32_MAX = (1 << 31) - 1
 
 
 def _next_pow2(n: int) -> int:
@@ -84,7 +92,10 @@ class LowLatencyConfig:
         scale_layout: ``"linear"`` or ``"swizzled"`` (128x4, nvfp4 only) for the output scales.
         combine_payload: combine wire format ``"bf16"`` (exact) or ``"fp8"`` / ``"nvfp4"``
             (quantized per row on the expert side, dequantized and reduced on the source side).
-        timeout_spins: acquire reads before a wait gives up (``None``: a default by device).
+        timeout_s: GPU: seconds a receive half waits for a peer before it gives up and
+            :meth:`LowLatencyBuffer.check` raises ``TimeoutError`` (``None``: 60).
+        timeout_spins: interpreter (CPU): flag reads before a wait gives up (``None``: a
+            default by device).
     """
 
     hidden: int
@@ -95,6 +106,7 @@ class LowLatencyConfig:
     scale_layout: str = "linear"
     combine_payload: str = "bf16"
     timeout_spins: int | None = None
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=16)
@@ -106,6 +118,8 @@ class LowLatencyConfig:
         check_choice("scale_layout", self.scale_layout, ("linear", "swizzled"))
         if self.scale_layout == "swizzled" and self.payload != "nvfp4":
             raise ValueError(f"scale_layout: 'swizzled' needs payload='nvfp4', got payload={self.payload!r}")
+        if self.timeout_s is not None and not (0 < float(self.timeout_s) <= 2000):
+            raise ValueError(f"timeout_s: must be in (0, 2000] seconds, got {self.timeout_s!r}")
         if "fp8" in (self.payload, self.combine_payload) and self.hidden % 128:
             raise ValueError(f"hidden: must be a multiple of 128 for an fp8 wire format, got {self.hidden}")
 
@@ -231,7 +245,10 @@ class LowLatencyBuffer:
         spins = cfg.timeout_spins
         if spins is None:
             spins = EMULATED_TIMEOUT_SPINS if self.device.type == "cpu" else DEFAULT_TIMEOUT_SPINS
-        self.timeout_spins = spins
+        self.timeout_spins = min(int(spins), _INT32_MAX)
+        self.timeout_s = DEFAULT_TIMEOUT_S if cfg.timeout_s is None else float(cfg.timeout_s)
+        self._timeout_us = min(int(self.timeout_s * 1e6), _INT32_MAX)
+        self._gpu = self.device.type == "cuda"
 
         H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
         self.layout = MessageLayout(cfg.payload, H, K)
@@ -283,12 +300,15 @@ class LowLatencyBuffer:
         self.nbuf = nbuf
         # device-side state: sequence numbers, arrival counters, status codes
         self._epoch = torch.zeros(4, dtype=i64, device=dev)
+        self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
         self._calls = 0
         self._phase = "idle"  # idle -> dispatch_sent -> dispatched -> combine_sent -> idle
         self._destroyed = False
+        if self._gpu:
+            self._compile_all()
 
     # ------------------------------------------------------------------ helpers
     def _nb(self, payload: str) -> int:
@@ -317,15 +337,21 @@ class LowLatencyBuffer:
         if not any(st):
             return
         self._status.zero_()
-        if st[0]:
+        waited = f"{self.timeout_s:g} s" if self._gpu else f"{self.timeout_spins} reads"
+        if st[0] or st[1]:
+            what, peer = ("dispatch", st[0] - 1) if st[0] else ("combine", st[1] - 1)
+            ep = self._epoch.tolist()
+            seen = ""
+            if self.backend == "nvlink":  # what that peer's flags hold here (diagnosis)
+                if st[0]:
+                    f = self._dflags.local.view(self.nbuf, self.num_local_experts, self.world_size)[:, :, peer] >> 32
+                else:
+                    f = self._cflags.local.view(self.nbuf, self.world_size)[:, peer]
+                seen = f", its flags here hold sequence numbers {sorted(set(f.reshape(-1).tolist()))}"
             raise TimeoutError(
-                f"rank {self.rank}: low-latency dispatch timed out waiting for rank {st[0] - 1} "
-                f"({self.timeout_spins} spins); is that rank alive and calling dispatch?"
-            )
-        if st[1]:
-            raise TimeoutError(
-                f"rank {self.rank}: low-latency combine timed out waiting for rank {st[1] - 1} "
-                f"({self.timeout_spins} spins); is that rank alive and calling combine?"
+                f"rank {self.rank}: low-latency {what} timed out waiting for rank {peer} ({waited}; "
+                f"this rank's sequence numbers: dispatch {ep[1]}, combine {ep[3]}{seen}); "
+                f"is that rank alive and calling {what}?"
             )
         if st[3]:
             raise ValueError(
@@ -359,7 +385,7 @@ class LowLatencyBuffer:
         if self._phase not in ("idle", "dispatched"):
             raise RuntimeError(f"dispatch_send: the previous call is unfinished (state {self._phase!r})")
         cfg = self.config
-        H, K, E, TMAX = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank
+        H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device, contiguous=True)
         T = x.shape[0]
         if x.shape[1] != H:
@@ -370,24 +396,8 @@ class LowLatencyBuffer:
         check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(T, K), device=self.device)
         ids = topk_ids.to(torch.int32).contiguous()
         wts = topk_weights.to(torch.float32).contiguous()
-        EL, R, MM = self.num_local_experts, self.world_size, self.max_m
-        dev = self.device
-        out = self._alloc_dispatch_out(EL, MM)
-        L = self.layout
-        geo = self._dsend
-        rows_t, flags_t = self._dsend_tables
-        from ..kernels.nvlink import ll_dispatch_send_kernel
-
-        grid = (max(1, min(T, 2 * self._num_sms)),)
-        xin = x.view(torch.int64) if cfg.payload == "bf16" else x
-        ll_dispatch_send_kernel[grid](
-            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._counter[0:1], self._status,
-            geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
-            H=H, K=K, KP=_next_pow2(K), E=E, EP=_next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
-            PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
-            SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
-            CHUNK=256, NPROG=grid[0], num_warps=self._warps(),
-        )  # fmt: skip
+        out = self._alloc_dispatch_out(self.num_local_experts, self.max_m)
+        self._launch(*self._dsend_args(x, ids, wts))
         if self.backend == "torch":
             self._a2a(self._stage["drecv"], self._stage["dsend"])
             self._a2a(self._stage["dfrecv"], self._stage["dfsend"])
@@ -395,8 +405,131 @@ class LowLatencyBuffer:
         self._calls += 1
         out.handle.call = self._calls
         self._phase = "dispatch_sent"
-        del dev
         return out
+
+    # ------------------------------------------------------------------ launches
+    # Each builder returns (kernel, grid, args, kwargs); the same builders feed the real
+    # launches and the compile-only warm-up of _compile_all, so both see the same variant.
+    def _launch(self, kernel, grid, args, kw, warmup: bool = False):
+        if warmup:
+            return kernel.warmup(*args, grid=grid, **kw)
+        return kernel[grid](*args, **kw)
+
+    def _dsend_args(self, x, ids, wts):
+        from ..kernels.nvlink import ll_dispatch_send_kernel
+
+        cfg, L, geo = self.config, self.layout, self._dsend
+        H, K, E, TMAX, EL = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank, self.num_local_experts
+        T = x.shape[0]
+        rows_t, flags_t = self._dsend_tables
+        grid = (max(1, min(T, 2 * self._num_sms)),)
+        xin = x.view(torch.int64) if cfg.payload == "bf16" else x
+        args = (
+            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, self._counter[0:1], self._status,
+            geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
+        )  # fmt: skip
+        kw = dict(
+            H=H, K=K, KP=_next_pow2(K), E=E, EP=_next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
+            PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
+            SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
+            CHUNK=256, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+        )  # fmt: skip
+        return ll_dispatch_send_kernel, grid, args, kw
+
+    def _drecv_args(self, out):
+        from ..kernels.nvlink import ll_dispatch_recv_kernel
+
+        cfg = self.config
+        H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
+        EL, R, MM = self.num_local_experts, self.world_size, self.max_m
+        L, geo = self.layout, self._drecv
+        slots, flags = self._drecv_bufs
+        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        ksf = H // 16
+        if cfg.payload == "nvfp4":
+            sf = out.scales.view(torch.uint8)
+        else:
+            sf = out.scales if out.scales is not None else self._dummy
+        args = (
+            slots.data_ptr(), flags, self._epoch, self._status,
+            out.x.view(torch.int64), sf, out.global_scale if out.global_scale is not None else self._dummy,
+            out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights,
+            geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
+            cdiv(MM, 128), cdiv(ksf, 4), self.timeout_spins, self._timeout_us,
+        )  # fmt: skip
+        kw = dict(
+            R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
+            NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
+            SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
+            num_warps=self._warps(),
+        )  # fmt: skip
+        return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
+
+    def _csend_args(self, expert_out, handle):
+        from ..kernels.nvlink import ll_combine_send_kernel
+
+        cfg = self.config
+        H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
+        g = self._cgeo
+        rows_t, flags_t = self._csend_tables
+        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
+        args = (
+            yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._sink,
+            self._counter[1:2],
+            self.rank if self.backend == "nvlink" else 0, g["cb"], g.get("send_cs", g["cs"]),
+            g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), MM,
+        )  # fmt: skip
+        kw = dict(
+            H=H, R=R, RP=_next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
+            NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
+            E_LOCAL=EL, GPU=self._gpu, NSPLIT=nsplit, num_warps=self._warps(),
+        )  # fmt: skip
+        return ll_combine_send_kernel, (EL, nsplit), args, kw
+
+    def _crecv_args(self, y, ids, wts):
+        from ..kernels.nvlink import ll_combine_recv_kernel
+
+        cfg = self.config
+        H, K, E, R = cfg.hidden, cfg.num_topk, cfg.num_experts, self.world_size
+        T = ids.shape[0]
+        rows, flags = self._crecv_bufs
+        g = self._cgeo
+        grid = (max(1, min(T, 2 * self._num_sms)),)
+        args = (
+            rows.data_ptr(), flags, self._epoch, self._status, ids, wts, y, T,
+            g["cb"], g["cs"], g["cflag_b"], g["cflag_s"], self.timeout_spins, self._timeout_us,
+        )  # fmt: skip
+        kw = dict(
+            H=H, K=K, E=E, E_LOCAL=self.num_local_experts, R=R, NBUF=self.nbuf,
+            CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
+            BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
+            CSCALE_OFF=self.clayout.scale_offset, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+        )  # fmt: skip
+        return ll_combine_recv_kernel, grid, args, kw
+
+    def _compile_all(self) -> None:
+        """Compile (no launch) every kernel variant this buffer launches, then one barrier of
+        all ranks, so that no rank spins on a flag while a peer is still compiling. Called
+        by the constructor (collective) on GPUs. Pointer arguments get the alignment of
+        real ones (fresh allocations); varying integers are not specialized."""
+        cfg, dev = self.config, self.device
+        H, K = cfg.hidden, cfg.num_topk
+        x = torch.empty(2, H, dtype=torch.bfloat16, device=dev)
+        ids = torch.empty(2, K, dtype=torch.int32, device=dev)
+        wts = torch.empty(2, K, dtype=torch.float32, device=dev)
+        out = self._alloc_dispatch_out(1, 1)
+        eo = torch.empty(1, 1, H, dtype=torch.bfloat16, device=dev)
+        y = torch.empty(2, H, dtype=torch.bfloat16, device=dev)
+        self._launch(*self._dsend_args(x, ids, wts), warmup=True)
+        self._launch(*self._drecv_args(out), warmup=True)
+        self._launch(*self._csend_args(eo, out.handle), warmup=True)
+        self._launch(*self._crecv_args(y, ids, wts), warmup=True)
+        if self.backend == "nvlink":
+            self.mem.barrier()
+            torch.cuda.current_stream(dev).synchronize()
+        # torch backend: flags arrive through the stream-ordered all-to-all before the
+        # receive kernel runs; it never waits on a peer, so no barrier is needed.
 
     def _alloc_dispatch_out(self, EL: int, MM: int) -> LowLatencyDispatchOutput:
         cfg, dev = self.config, self.device
@@ -434,27 +567,7 @@ class LowLatencyBuffer:
         self._check_alive()
         if self._phase != "dispatch_sent" or out.handle.call != self._calls:
             raise RuntimeError("dispatch_recv: call it once, after the dispatch_send that returned `out`")
-        cfg = self.config
-        H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
-        EL, R, MM = self.num_local_experts, self.world_size, self.max_m
-        L, geo = self.layout, self._drecv
-        slots, flags = self._drecv_bufs
-        from ..kernels.nvlink import ll_dispatch_recv_kernel
-
-        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
-        swz = cfg.scale_layout == "swizzled"
-        ksf = H // 16
-        sf = out.scales.view(torch.uint8) if cfg.payload == "nvfp4" else (out.scales if out.scales is not None else self._dummy)
-        ll_dispatch_recv_kernel[(EL, nsplit)](
-            slots.data_ptr(), flags, self._epoch, self._status,
-            out.x.view(torch.int64), sf, out.global_scale if out.global_scale is not None else self._dummy,
-            out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights,
-            geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
-            cdiv(MM, 128), cdiv(ksf, 4), self.timeout_spins,
-            R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
-            NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
-            SRC_OFF=L.src_offset, SWIZZLE=swz, NSPLIT=nsplit, num_warps=self._warps(),
-        )  # fmt: skip
+        self._launch(*self._drecv_args(out))
         self._phase = "dispatched"
         if self.sync_check and not self._capturing():
             self.check()
@@ -483,22 +596,9 @@ class LowLatencyBuffer:
         if handle.call != self._calls:
             raise ValueError("handle: stale (from an earlier dispatch on this buffer)")
         cfg = self.config
-        H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
+        H, EL, MM = cfg.hidden, self.num_local_experts, self.max_m
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(EL, MM, H), device=self.device, contiguous=True)
-        from ..kernels.nvlink import ll_combine_send_kernel
-
-        g = self._cgeo
-        rows_t, flags_t = self._csend_tables
-        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
-        yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
-        ll_combine_send_kernel[(EL, nsplit)](
-            yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._counter[1:2],
-            self.rank if self.backend == "nvlink" else 0, g["cb"], g.get("send_cs", g["cs"]),
-            g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), MM,
-            H=H, R=R, RP=_next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
-            NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
-            E_LOCAL=EL, NSPLIT=nsplit, num_warps=self._warps(),
-        )  # fmt: skip
+        self._launch(*self._csend_args(expert_out, handle))
         if self.backend == "torch":
             self._a2a(self._stage["crecv"], self._stage["csend"])
             self._a2a(self._stage["cfrecv"], self._stage["cfsend"])
@@ -511,22 +611,7 @@ class LowLatencyBuffer:
         self._check_alive()
         if self._phase != "combine_sent":
             raise RuntimeError(f"combine_recv: call it once, after combine_send (state {self._phase!r})")
-        cfg = self.config
-        H, K, E, R = cfg.hidden, cfg.num_topk, cfg.num_experts, self.world_size
-        T = handle.topk_ids.shape[0]
-        rows, flags = self._crecv_bufs
-        g = self._cgeo
-        from ..kernels.nvlink import ll_combine_recv_kernel
-
-        grid = (max(1, min(T, 2 * self._num_sms)),)
-        ll_combine_recv_kernel[grid](
-            rows.data_ptr(), flags, self._epoch, self._status, handle.topk_ids, handle.topk_weights, y, T,
-            g["cb"], g["cs"], g["cflag_b"], g["cflag_s"], self.timeout_spins,
-            H=H, K=K, E=E, E_LOCAL=self.num_local_experts, R=R, NBUF=self.nbuf,
-            CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
-            BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
-            CSCALE_OFF=self.clayout.scale_offset, NPROG=grid[0], num_warps=self._warps(),
-        )  # fmt: skip
+        self._launch(*self._crecv_args(y, handle.topk_ids, handle.topk_weights))
         self._phase = "idle"
         if self.sync_check and not self._capturing():
             self.check()
@@ -546,7 +631,9 @@ class LowLatencyBuffer:
         return {"dispatch": n * self.layout.row_bytes, "combine": n * self.crow_bytes}
 
     def destroy(self) -> None:
-        """Free the symmetric buffers (collective on NVSHMEM). Idempotent."""
+        """Free the symmetric buffers (collective on NVSHMEM: every rank must call it, also
+        after a ``TimeoutError``; a rank that raised something else and exits instead should
+        not call it while its peers wait in another collective). Idempotent."""
         if self._destroyed:
             return
         self._destroyed = True

@@ -7,7 +7,9 @@ Two implementations behind one small interface (:class:`SymmetricMemory`):
   initialised once per process with a unique id broadcast over a ``torch.distributed``
   group (or over MPI under ``mpirun``). Buffers come from ``nvshmem.core.tensor``, peer
   addresses from ``nvshmem.core.get_peer_tensor``. :func:`finalize` tears NVSHMEM down;
-  it is explicit (never at interpreter exit) because it is collective.
+  it is explicit (never at interpreter exit) because it is collective. Barriers are host
+  barriers over the bootstrap group (never NVSHMEM's on-stream barrier, see
+  :meth:`NvshmemMemory.barrier`).
   NVLink multicast (``get_multicast_tensor``) is never used.
 * :class:`EmulatedWorld` (CPU, tests): ``R`` ranks in one process. A "symmetric" buffer
   is ``R`` host tensors, peer addresses are their ``data_ptr()``. Triton kernels run
@@ -265,6 +267,22 @@ class _NvshmemRuntime:
         self.world_size = 0
         self.device: torch.device | None = None
         self.users = 0
+        self.group = None  # torch.distributed group of the bootstrap (host barriers)
+        self.bootstrap = "torch"
+
+    def host_barrier(self) -> None:
+        """Every PE's host reaches this point (over the bootstrap's group, not NVSHMEM)."""
+        if self.bootstrap == "mpi":
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Barrier()
+            return
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "nccl" and self.device is not None:
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
 
     def init(self, group, device: torch.device, bootstrap: str) -> None:
         import nvshmem.core as nvshmem
@@ -293,6 +311,7 @@ class _NvshmemRuntime:
         nvshmem.init(device=cd, uid=uid, rank=rank, nranks=size, initializer_method="uid")
         self.initialized = True
         self.rank, self.world_size, self.device = rank, size, device
+        self.group, self.bootstrap = group, bootstrap
 
     def finalize(self) -> None:
         if not self.initialized:
@@ -343,9 +362,16 @@ class NvshmemMemory(SymmetricMemory):
                 return
 
     def barrier(self) -> None:
-        import nvshmem.core as nvshmem
+        """Host barrier after this rank's stream drained: every rank's earlier work is done.
 
-        nvshmem.barrier_all(stream=torch.cuda.current_stream(self.device))
+        Deliberately not ``nvshmem.barrier_all(stream=...)``: on the 2x H200 machine one PE
+        waited forever in such an on-stream barrier (right after a few allocations, each
+        of which also ended with one) while its peer went on; that is how the first GPU
+        runs hung. Likely cause: an on-stream barrier still pending on the GPU when the host
+        enters the next NVSHMEM collective (``tensor`` / ``free_tensor`` barrier
+        internally, on another stream) shares NVSHMEM's barrier state with it."""
+        torch.cuda.current_stream(self.device).synchronize()
+        _RUNTIME.host_barrier()
 
     def close(self) -> None:
         import nvshmem.core as nvshmem
