@@ -48,11 +48,12 @@ _QUANT_CHUNK_BLOCKS = 64
 def _quant_config(H: int, N: int) -> tuple[int, int, int, int]:
     """(rows per program, blocks per chunk, chunks per row, num_warps) for NVFP4 quantize.
 
-    Measured on H200 (issue 2): holding a whole H = 7168 row in registers leaves ~2 programs
-    an SM and reaches only ~25% of copy bandwidth, so rows longer than one chunk of 1024
-    values are streamed chunk by chunk with 4 warps (8 values a thread, many programs an
-    SM); a per-token scale costs a second, L2-resident read of the row. Rows of <= 1024
-    values are packed several to a ~4K-value tile, one pass.
+    Rows longer than one chunk of 1024 values are streamed chunk by chunk with 4 warps (8
+    values a thread; a per-token scale costs a second, L2-resident read of the row); rows of
+    <= 1024 values are packed several to a ~4K-value tile, one pass. Measured on H200 at
+    H = 7168 (issue 2): whole-row tiles and streamed chunks both reach ~28-31% of a D2D
+    copy's bandwidth, so the kernel is bound by the ALU work of the comparison-based E2M1
+    encode, not by occupancy; streaming is kept because it needs far fewer registers.
     """
     ksf = H // 16
     if ksf <= _QUANT_CHUNK_BLOCKS:
