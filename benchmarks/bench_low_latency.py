@@ -51,8 +51,9 @@ def run_one(buf, T, iters, warmup, seed):
         out = buf.dispatch(x, ids, w)
         if e:
             e[1].record()
-        if eo is None:
-            eo = torch.randn(out.x.shape[0], out.x.shape[1], cfg.hidden, generator=gen).bfloat16().to(dev)
+        if eo is None:  # made on the GPU: [E_local, max_m, H] is ~1e9 values at EP4 (minutes on one CPU core)
+            g = torch.Generator(device=dev).manual_seed(seed + buf.rank)
+            eo = torch.randn(out.x.shape[0], out.x.shape[1], cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16)
         buf.combine(eo, out.handle)
         if e:
             e[2].record()

@@ -5,6 +5,11 @@ NVSHMEM is initialised and finalised once per process. Needs nvshmem4py importab
 (``pip install --no-deps --target DIR shared/wheels/nvshmem4py*.whl``, DIR on PYTHONPATH)
 and, for the big shapes, ``NVSHMEM_SYMMETRIC_SIZE`` large enough (set below if unset).
 Run: ``pytest tests/test_nvlink_gpu.py -m multigpu`` (2 and 4 GPU cases skip when fewer).
+
+A rank that fails raises at once and skips the collective teardown (NVSHMEM frees and
+finalize are collectives: calling them while a peer waits in another collective would hang
+both); the pool then kills the ranks. Every rank also arms a faulthandler watchdog that
+prints its Python stack if a test runs far longer than it should (diagnosis of hangs).
 """
 
 from __future__ import annotations
@@ -22,22 +27,41 @@ NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLDS = [pytest.param(n, id=f"{n}gpu", marks=pytest.mark.skipif(NUM_GPUS < n, reason=f"needs {n} GPUs")) for n in (2, 4)]
 
 
-def _setup(pg):
+WATCHDOG_S = float(os.environ.get("FP4COMM_WATCHDOG_S", "90"))
+#: seconds a receive half waits for a silent peer in these tests (the library default is 60)
+PEER_TIMEOUT_S = 20.0
+os.environ.setdefault("FP4COMM_NVLINK_TIMEOUT_S", str(PEER_TIMEOUT_S))  # HT backend, inherited by the ranks
+
+
+def _watch(seconds=WATCHDOG_S):
+    """Dump every thread's Python stack to stderr if this rank is still busy after ``seconds``."""
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(seconds, repeat=False, file=sys.stderr, exit=False)
+
+
+def _setup(pg, watchdog=WATCHDOG_S):
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    _watch(watchdog)
     from fp4comm.ep.symmem import init_nvshmem
 
     return init_nvshmem(None, pg.device)
 
 
 def _teardown(mem, *bufs):
+    import faulthandler
+
     from fp4comm.ep.symmem import finalize
 
     for b in bufs:
         b.destroy()
     torch.cuda.synchronize()
-    mem.close()
+    if mem is not None:
+        mem.close()
     finalize()
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _inputs(pg, T, H, E, K, seed):
@@ -57,7 +81,7 @@ def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T):
     mem = _setup(pg)
     cfg = LowLatencyConfig(
         hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload=payload, scale_layout=layout,
-        combine_payload=cpayload,
+        combine_payload=cpayload, timeout_s=PEER_TIMEOUT_S,
     )  # fmt: skip
     nv = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
     tb = LowLatencyBuffer(cfg, group=None, backend="torch", device=pg.device, sync_check=True)
@@ -99,7 +123,9 @@ def _ll_reference(pg):
 
     mem = _setup(pg)
     R, H, E, K, T = pg.world_size, 512, 16, 4, 24
-    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, combine_payload="nvfp4")
+    cfg = LowLatencyConfig(
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, combine_payload="nvfp4", timeout_s=PEER_TIMEOUT_S
+    )
     nv = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
     xs, ids, ws = make_inputs(R, [T, T - 5, 3, T][:R], H, E, K, seed=5)
     out = nv.dispatch(xs[pg.rank].cuda(), ids[pg.rank].cuda(), ws[pg.rank].cuda())
@@ -107,8 +133,11 @@ def _ll_reference(pg):
 
     # gather every rank's outputs to check against the global model on rank 0
     cpu = lambda t: t.cpu()  # noqa: E731
-    mine = dict(x=cpu(out.x), scales=cpu(out.scales), gs=cpu(out.global_scale), masked_m=cpu(out.masked_m),
-                w=cpu(out.topk_weights), src_rank=cpu(out.handle.src_rank), src_slot=cpu(out.handle.src_slot))  # fmt: skip
+    # float8 tensors do not survive all_gather_object's pickling (torch 2.11: "UntypedStorage has
+    # no attribute dtype"): the scales travel as uint8 and are viewed back on rank 0
+    mine = dict(x=cpu(out.x), scales=cpu(out.scales.view(torch.uint8)), gs=cpu(out.global_scale),
+                masked_m=cpu(out.masked_m), w=cpu(out.topk_weights), src_rank=cpu(out.handle.src_rank),
+                src_slot=cpu(out.handle.src_slot))  # fmt: skip
     g = torch.Generator().manual_seed(9)
     eos = [torch.randn(E // R, nv.max_m, H, generator=g).bfloat16() for _ in range(R)]
     y = nv.combine(eos[pg.rank].cuda(), out.handle).cpu()
@@ -119,7 +148,8 @@ def _ll_reference(pg):
         from types import SimpleNamespace as NS
 
         outs = [
-            NS(x=o["x"], scales=o["scales"], global_scale=o["gs"], masked_m=o["masked_m"], topk_weights=o["w"],
+            NS(x=o["x"], scales=o["scales"].view(torch.float8_e4m3fn), global_scale=o["gs"], masked_m=o["masked_m"],
+               topk_weights=o["w"],
                handle=NS(src_rank=o["src_rank"], src_slot=o["src_slot"]))
             for o, _ in allo
         ]  # fmt: skip
@@ -141,9 +171,11 @@ def _ll_cuda_graph_and_cycles(pg):
     eager. Then 1000 eager cycles with varying T: no drift (epochs), no leak (allocator)."""
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 
-    mem = _setup(pg)
+    mem = _setup(pg, watchdog=300)
     H, E, K, T = 7168, 256 if pg.world_size == 4 else 64, 8, 128
-    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="bf16")
+    cfg = LowLatencyConfig(
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="bf16", timeout_s=PEER_TIMEOUT_S
+    )
     g_buf = LowLatencyBuffer(cfg, mem=mem, sync_check=False)
     e_buf = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
     x, ids, w = _inputs(pg, T, H, E, K, seed=1)
@@ -195,24 +227,32 @@ def test_ll_cuda_graph_replay_and_1000_cycles(world):
 
 
 def _ll_timeout(pg):
+    """Rank 0 dispatches alone: its receive half gives up after ``timeout_s`` and ``check``
+    raises ``TimeoutError`` naming rank 1 (not a hang); then the buffer is torn down
+    collectively as usual."""
+    import time
+
+    import torch.distributed as dist
+
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 
     mem = _setup(pg)
-    cfg = LowLatencyConfig(hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_spins=1 << 14)
-    buf = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
+    cfg = LowLatencyConfig(hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5)
+    buf = LowLatencyBuffer(cfg, mem=mem, sync_check=True)  # collective: compiles, then a barrier
     x, ids, w = _inputs(pg, 8, 256, 8, 2, seed=3)
-    err = None
+    err, took = None, 0.0
     if pg.rank == 0:  # the other ranks never send
+        t0 = time.monotonic()
         try:
             buf.dispatch(x, ids, w)
         except TimeoutError as ex:
             err = str(ex)
-    import torch.distributed as dist
-
+        took = time.monotonic() - t0
     dist.barrier()
     _teardown(mem, buf)
     if pg.rank == 0:
         assert err is not None and "waiting for rank 1" in err, err
+        assert took < 20, took  # 0.5 s of waiting (every flag shares one deadline)
     return True
 
 
@@ -221,40 +261,80 @@ def test_ll_timeout_names_peer_gpu(world):
     assert all(run_distributed(_ll_timeout, world, backend="nccl"))
 
 
+def _ht_flag_timeout(pg):
+    """The high-throughput flag exchange gives up too: rank 0 signals and waits alone."""
+    import torch.distributed as dist
+
+    from fp4comm.ep import EPBuffer
+    from fp4comm.ep.symmem import finalize
+
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
+    _watch()
+    buf = EPBuffer(backend="nvlink", hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8)
+    be = buf.backend
+    be.timeout_s = 0.5
+    err = None
+    if pg.rank == 0:
+        try:
+            be._flags(be._dflags, 1, 0)
+        except TimeoutError as ex:
+            err = str(ex)
+    dist.barrier()
+    buf.destroy()
+    finalize()
+    if pg.rank == 0:
+        assert err is not None and "waiting for rank 1" in err, err
+    return True
+
+
+@pytest.mark.parametrize("world", WORLDS[:1])
+def test_ht_flag_timeout_names_peer_gpu(world):
+    assert all(run_distributed(_ht_flag_timeout, world, backend="nccl"))
+
+
 # ----------------------------------------------------------------------------- high throughput
 def _ht_vs_torch(pg, payload, cycles):
     from fp4comm.ep import EPBuffer
+    from fp4comm.ep.symmem import finalize
 
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
+    _watch(300)
     R, H, E, K, TMAX = pg.world_size, 7168, 256 if pg.world_size == 4 else 64, 8, 512
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, payload=payload)
     gen = torch.Generator().manual_seed(1)
-    with EPBuffer(backend="nvlink", **kw) as nv, EPBuffer(backend="torch", **kw) as ref:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        for it in range(cycles):
-            t = TMAX if it == 0 else int(torch.randint(0, TMAX + 1, (1,), generator=gen))
-            x, ids, w = _inputs(pg, t, H, E, K, seed=it)
-            a = nv.dispatch(x, ids, w)
-            eo = a.x if payload == "bf16" else torch.randn(a.x.shape[0], a.x.shape[1], H, device=pg.device).bfloat16()
-            ya = nv.combine(eo, a.handle)
-            if it % 50 == 0 or it == cycles - 1:
-                b = ref.dispatch(x, ids, w)
-                assert torch.equal(a.masked_m, b.masked_m)
-                for e in range(a.x.shape[0]):
-                    n = int(b.masked_m[e])
-                    assert torch.equal(a.x[e, :n].view(torch.uint8), b.x[e, :n].view(torch.uint8)), (it, e)
-                if b.scales is not None:
-                    assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
-                yb = ref.combine(eo, b.handle)
-                assert torch.equal(ya, yb), it
-        torch.cuda.synchronize()
-        leak = torch.cuda.memory_allocated() - before
-        assert leak < (256 << 20), leak
-        assert nv.backend._epoch_d == cycles and nv.backend._epoch_c == cycles
-    from fp4comm.ep.symmem import finalize
-
+    # no `with`: on a failure this rank must not enter the collective frees (see module doc)
+    nv = EPBuffer(backend="nvlink", **kw)
+    ref = EPBuffer(backend="torch", **kw)
+    # a few full input sets, sliced per cycle (making inputs on the CPU costs more than a cycle)
+    sets = [_inputs(pg, TMAX, H, E, K, seed=s) for s in range(min(cycles, 4))]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for it in range(cycles):
+        t = TMAX if it == 0 else int(torch.randint(0, TMAX + 1, (1,), generator=gen))
+        x, ids, w = (v[:t] for v in sets[it % len(sets)])
+        a = nv.dispatch(x, ids, w)
+        eo = a.x if payload == "bf16" else torch.randn(a.x.shape[0], a.x.shape[1], H, device=pg.device).bfloat16()
+        ya = nv.combine(eo, a.handle)
+        if it % 50 == 0 or it == cycles - 1:
+            b = ref.dispatch(x, ids, w)
+            assert torch.equal(a.masked_m, b.masked_m)
+            for e in range(a.x.shape[0]):
+                n = int(b.masked_m[e])
+                assert torch.equal(a.x[e, :n].view(torch.uint8), b.x[e, :n].view(torch.uint8)), (it, e)
+            if b.scales is not None:
+                assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
+            yb = ref.combine(eo, b.handle)
+            assert torch.equal(ya, yb), it
+    torch.cuda.synchronize()
+    leak = torch.cuda.memory_allocated() - before
+    assert leak < (256 << 20), leak
+    assert nv.backend._epoch_d == cycles and nv.backend._epoch_c == cycles
+    ref.destroy()
+    nv.destroy()
     finalize()
+    import faulthandler
+
+    faulthandler.cancel_dump_traceback_later()
     return True
 
 
