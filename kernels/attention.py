@@ -5,8 +5,10 @@ Layout of one program of :func:`paged_attention_kernel`: sequence ``seq``, a til
 ``BLOCK_Q`` of its query tokens, KV head ``kvh``, split ``split``. The ``group`` query heads
 sharing ``kvh`` are packed into the M dim of the tile (row ``m`` = token ``m // GROUP_PAD``,
 head ``m % GROUP_PAD``), so each K/V tile read from the cache serves every head of the group.
-K/V tiles are gathered key by key through the block table (any ``block_size``), dequantized
-in registers to BF16 (exact for E4M3 and int8), fed to BF16 ``tl.dot`` with FP32
+K/V tiles are gathered key by key through the block table (any ``block_size``; a power of
+two is a constexpr, and a page holding whole tiles costs one block-table read a tile),
+dequantized in registers to BF16 (exact for E4M3 and int8; see :func:`_kv_to_bf16` for the
+GPU conversions), fed to BF16 ``tl.dot`` with FP32
 accumulation; the softmax is online, in FP32, base 2. Per-tensor / per-(sequence, head)
 descales are folded into the score scale (``q_descale * k_descale``) and into the output
 (``v_descale``); per-key dynamic scales multiply the score columns (K) and the
@@ -36,13 +38,68 @@ def _to_bf16(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _kv_to_bf16(x):
-    """Dequantize a cache tile to BF16 (exact for E4M3 and int8). int8 goes through FP32:
-    one more convert on the GPU, and the interpreter's direct int -> BF16 cast is wrong."""
+def _e4m3x4_to_bf16(x, PURE: tl.constexpr):
+    """E4M3 codes (a uint8 tile) -> BF16 with integer ops and one BF16 multiply per pair,
+    4 codes per 32-bit register: ``prmt`` puts code ``b`` in the low byte of a 16-bit lane
+    and its sign, replicated, in the high byte; ``<< 4`` and the mask ``0x87F0`` leave
+    ``sign << 15 | (b & 0x7F) << 4``: a BF16 whose exponent/mantissa fields are E4M3's, i.e.
+    the code's value times ``2^-120`` (subnormals included: BF16 has them down to
+    ``2^-133``); ``mul.rn.bf16x2`` by ``2^120`` (``0x7B80``) is exact. All 254 finite codes
+    convert exactly; the NaN codes (``0x7F``/``0xFF``) read as +-480. No F2F conversions
+    (quarter-rate on Hopper), unlike ``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t0, t1, t2;
+        prmt.b32 t0, $2, 0, 0x9180;
+        prmt.b32 t1, $2, 0, 0xB3A2;
+        shl.b32 t0, t0, 4;
+        shl.b32 t1, t1, 4;
+        and.b32 t0, t0, 0x87F087F0;
+        and.b32 t1, t1, 0x87F087F0;
+        mov.b32 t2, 0x7B807B80;
+        mul.rn.bf16x2 $0, t0, t2;
+        mul.rn.bf16x2 $1, t1, t2;
+        }""",
+        "=r,=r,r", [x], dtype=tl.bfloat16, is_pure=PURE, pack=4)
+
+
+@triton.jit
+def _keep_layout(x):
+    """Identity on a BF16 tile, marked impure: Triton does not move the ops before it past
+    the layout change after it (an optimization barrier; GPU only)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=False, pack=2)
+
+
+@triton.jit
+def _kv_to_bf16(x, CVT: tl.constexpr, IS_V: tl.constexpr):
+    """Dequantize a cache tile to BF16 (exact for finite E4M3 codes and for int8).
+
+    ``CVT`` (chosen by :func:`fp4comm.attention.paged.kv_convert_mode`) for E4M3 tiles:
+
+    * 0: Triton's cast (the only mode under the interpreter: exact there, NaN kept). On
+      sm_90: ``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``, 1.5 F2F per value, and the cast of
+      the V tile is hoisted past its layout change, so V is read from shared memory one byte
+      per instruction (8-bit operands have no transposing ``ldmatrix``).
+    * 1: :func:`_e4m3x4_to_bf16` (integer ops, no F2F); still hoisted for V (byte reads).
+    * 2: as 1, but V's conversion is marked impure so Triton keeps it before the layout
+      change: V goes fp8 -> registers (16-byte reads) -> BF16 -> shared -> ``ldmatrix.trans``
+      (more shared memory, no byte reads). K's conversion is hoisted in every mode (its
+      operand layout reads 8-byte runs).
+
+    int8 (modes 0 and 2 only; 2 keeps V's conversion before its layout change with
+    :func:`_keep_layout`) always goes through FP32: Triton lowers that with byte permutes and magic-number
+    arithmetic (no F2F), and the interpreter's direct int -> BF16 cast is wrong."""
     if x.dtype == tl.int8:
-        return x.to(tl.float32).to(tl.bfloat16)
-    else:
+        y = x.to(tl.float32).to(tl.bfloat16)
+        if IS_V and CVT == 2:
+            y = _keep_layout(y)
+        return y
+    elif x.dtype == tl.bfloat16:
+        return x
+    elif CVT == 0:
         return x.to(tl.bfloat16)
+    else:
+        return _e4m3x4_to_bf16(x.to(tl.uint8, bitcast=True), not (IS_V and CVT == 2))
 
 
 @triton.jit
@@ -97,41 +154,103 @@ def _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
 
 
 @triton.jit
+def _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Block and in-block row (int64) of keys ``offs_n = start + arange(BLOCK_N)``.
+
+    ``PAGE`` = the block size when it is a power of two (shifts, and when ``PAGE`` is a
+    multiple of ``BLOCK_N`` the whole tile is one contiguous run of one page: a single
+    block-table entry), else 0 (runtime ``block_size``, one entry per key)."""
+    if PAGE > 0:
+        if PAGE % BLOCK_N == 0:
+            page = tl.load(bt_row + start // PAGE).to(tl.int64)
+        elif MASK:
+            page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+        in_blk = (offs_n % PAGE).to(tl.int64)
+    else:
+        page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
+        in_blk = (offs_n % block_size).to(tl.int64)
+    return page, in_blk
+
+
+@triton.jit
 def _attend_tile(
     start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
     kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Keys ``[start, start + BLOCK_N)`` (clipped to ``k_end``): gather, dequantize, score,
-    mask, online-softmax update. Returns ``(m_i, l_i, acc)``."""
+    """Keys ``[start, start + BLOCK_N)``: gather, dequantize, score, mask, online-softmax
+    update. Returns ``(m_i, l_i, acc)``.
+
+    ``MASK`` False: the caller guarantees the tile is whole (``start + BLOCK_N <= k_end``)
+    and visible to every row (below the causal diagonal, no window): no bounds, causal or
+    window mask at all. ``MASK`` True: keys are clipped to ``k_end`` and masked per row."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
-    page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
-    in_blk = (offs_n % block_size).to(tl.int64)
+    page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
-    k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    s = _dot(q, tl.trans(_kv_to_bf16(k)), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRET)
+    if MASK:
+        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
+    s = _dot(q, tl.trans(_kv_to_bf16(k, CVT, False)), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRET)
     if DYNAMIC:
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
         s = s * (ks * qk_scale)[None, :]
     else:
         s = s * qk_scale
-    ok = n_ok[None, :]
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= pos[:, None])
-    if USE_WINDOW:
-        ok = ok & (offs_n[None, :] > pos[:, None] - window)
-    s = tl.where(ok, s, float("-inf"))
+    if MASK:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
-    v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    if MASK:
+        v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    else:
+        v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :])
     if DYNAMIC:
         vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
         p = p * vs[None, :]
-    acc = _dot(_to_bf16(p, INTERPRET), _kv_to_bf16(v), acc * alpha[:, None], INTERPRET)
+    acc = _dot(_to_bf16(p, INTERPRET), _kv_to_bf16(v, CVT, True), acc * alpha[:, None], INTERPRET)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_range(
+    k_from, k_to, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Tiles starting at ``k_from, k_from + BLOCK_N, ... < k_to`` (keys clipped to ``k_end``)."""
+    if INTERPRET:
+        start = k_from
+        while start < k_to:
+            m_i, l_i, acc = _attend_tile(
+                start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
+            start += BLOCK_N
+    else:
+        for start in range(k_from, k_to, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
     return m_i, l_i, acc
 
 
@@ -153,18 +272,23 @@ def paged_attention_kernel(
     stride_lss, stride_lst,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``.
 
     ``sm_scale_log2 = softmax_scale * log2(e)``; ``window`` is the sliding window in keys
     (used when ``USE_WINDOW``). Descale pointers are read at ``seq * stride_s + kvh * stride_h``
     (strides 0 for per-tensor). Workspace: ``ws_o [NUM_SPLITS, T, Hq, HEAD_DIM]`` FP32 and
-    ``ws_lse [NUM_SPLITS, T, Hq]`` FP32, only written when ``NUM_SPLITS > 1``.
+    ``ws_lse [NUM_SPLITS, T, Hq]`` FP32, only written when ``NUM_SPLITS > 1``. ``PAGE``: the
+    block size if a power of two, else 0; ``CVT``: see :func:`_kv_to_bf16`.
+
+    A program's keys ``[k_begin, k_end)`` run in two loops: whole tiles every row of the
+    tile sees (causal: keys ``<=`` the tile's first query position; no window) without any
+    mask, then the rest (the diagonal tiles, the ragged last tile) masked.
     """
     pid = tl.program_id(0)
     seq = pid // num_q_tiles
-    qt = pid % num_q_tiles
+    qt = num_q_tiles - 1 - pid % num_q_tiles  # causal: the longest q tiles start first (no long tail)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
@@ -189,42 +313,46 @@ def paged_attention_kernel(
         qk_scale = sm_scale_log2 * q_descale * k_descale
 
         # keys this tile may see: [lo, hi)
+        first_pos = L - q_len + qt * BLOCK_Q
         last_tok = tl.minimum(q_len, (qt + 1) * BLOCK_Q)
         if CAUSAL:
             hi = L - q_len + last_tok
         else:
             hi = L
         if USE_WINDOW:
-            lo = tl.maximum(L - q_len + qt * BLOCK_Q - window + 1, 0)
+            lo = tl.maximum(first_pos - window + 1, 0)
         else:
             lo = 0
         hi = tl.maximum(hi, lo)
         per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
         k_begin = lo + split * per_split
         k_end = tl.minimum(hi, k_begin + per_split)
+        # end of the whole tiles every row sees (no mask needed)
+        if USE_WINDOW:
+            full_end = k_begin
+        else:
+            if CAUSAL:
+                vis = tl.minimum(k_end, first_pos + 1)
+            else:
+                vis = k_end
+            full_end = k_begin + (tl.maximum(vis - k_begin, 0) // BLOCK_N) * BLOCK_N
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-        if INTERPRET:
-            start = k_begin
-            while start < k_end:
-                m_i, l_i, acc = _attend_tile(
-                    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-                    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, INTERPRET)
-                start += BLOCK_N
-        else:
-            for start in range(k_begin, k_end, BLOCK_N):
-                m_i, l_i, acc = _attend_tile(
-                    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-                    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, INTERPRET)
+        m_i, l_i, acc = _attend_range(
+            k_begin, full_end, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+            kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET)
+        m_i, l_i, acc = _attend_range(
+            full_end, k_end, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+            kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
+            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET)
 
         _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
                 out_ptr, stride_ot, stride_oh, ws_o_ptr, stride_wss, stride_wst, stride_wsh,

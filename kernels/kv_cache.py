@@ -46,11 +46,16 @@ def bf16_rne(x):
 
 
 @triton.jit
-def quantize_tile(x, scale, FMT: tl.constexpr):
+def quantize_tile(x, scale, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     """Quantize an FP32 tile with a decode-direction ``scale`` (broadcastable FP32).
 
     fp8: ``sat(x / scale)`` to +-448, RNE, NaN -> NaN (byte 0x7F); int8: clamp to +-127 then
     round half to even, NaN -> 0; bf16: RNE cast (``scale`` unused).
+
+    The E4M3 rounding: on the GPU the cast of the clamped value (sm_90 emits
+    ``cvt.rn.satfinite.e4m3x2.f32``: RNE, subnormals and the sign of zero kept, 1 F2F per
+    pair; bit-exact vs torch on H200); under the interpreter (``INTERPRET``), whose cast
+    rounds subnormal ties differently, :func:`e4m3_round` first (about 15 integer ops).
     """
     if FMT == 0:
         return bf16_rne(x)
@@ -58,7 +63,9 @@ def quantize_tile(x, scale, FMT: tl.constexpr):
         v = tl.math.div_rn(x, scale)
         c = tl.minimum(tl.maximum(v, -448.0), 448.0)
         c = tl.where(v != v, 0.0, c)
-        b = e4m3_round(c).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        if INTERPRET:
+            c = e4m3_round(c)
+        b = c.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         b = tl.where(v != v, 0x7F, b)
         return b.to(tl.float8e4nv, bitcast=True)
     else:
@@ -85,22 +92,22 @@ def _write_one(
     scale_ptr, stride_scale,
     sc_ptr, stride_sb, stride_ss, stride_sh,
     offs_h, offs_d, hmask, mask,
-    FMT: tl.constexpr, DYNAMIC: tl.constexpr,
+    FMT: tl.constexpr, DYNAMIC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     x = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if FMT == 0:
-        q = quantize_tile(x, 1.0, FMT)
+        q = quantize_tile(x, 1.0, FMT, INTERPRET)
     elif DYNAMIC:
         if FMT == 1:
             s = dynamic_scale_rows(x, 448.0)
         else:
             s = dynamic_scale_rows(x, 127.0)
-        q = quantize_tile(x, s[:, None], FMT)
+        q = quantize_tile(x, s[:, None], FMT, INTERPRET)
         tl.store(sc_ptr + blk * stride_sb + off * stride_ss + offs_h * stride_sh, s, mask=hmask)
     else:
         s = tl.load(scale_ptr + offs_h * stride_scale, mask=hmask, other=1.0)
-        q = quantize_tile(x, s[:, None], FMT)
+        q = quantize_tile(x, s[:, None], FMT, INTERPRET)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
     tl.store(dst, q, mask=mask)
 
@@ -117,6 +124,7 @@ def write_kv_cache_kernel(
     stride_ksb, stride_kss, stride_ksh,
     stride_vsb, stride_vss, stride_vsh,
     FMT: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Grid ``(T, cdiv(num_heads, BLOCK_H))``: token ``t``, heads ``[h0, h0 + BLOCK_H)``."""
     t = tl.program_id(0).to(tl.int64)
@@ -130,10 +138,10 @@ def write_kv_cache_kernel(
         mask = hmask[:, None] & (offs_d[None, :] < head_dim)
         _write_one(k_ptr, stride_kt, stride_kh, t, kc_ptr, stride_kcb, stride_kcs, stride_kch, blk, off,
                    k_scale_ptr, stride_k_scale, ksc_ptr, stride_ksb, stride_kss, stride_ksh,
-                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC)
+                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC, INTERPRET)
         _write_one(v_ptr, stride_vt, stride_vh, t, vc_ptr, stride_vcb, stride_vcs, stride_vch, blk, off,
                    v_scale_ptr, stride_v_scale, vsc_ptr, stride_vsb, stride_vss, stride_vsh,
-                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC)
+                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC, INTERPRET)
 
 
 @triton.jit
@@ -144,7 +152,7 @@ def write_mla_cache_kernel(
     stride_lt, stride_rt,
     stride_c8b, stride_c8s, stride_c32b, stride_c32s, stride_c16b, stride_c16s,
     IS_FP8: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr, GROUP: tl.constexpr,
-    SCALE_OFF32: tl.constexpr, ROPE_OFF16: tl.constexpr,
+    SCALE_OFF32: tl.constexpr, ROPE_OFF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(T,)``. The cache storage is passed three times, viewed as fp8 (``c8``),
     FP32 (``c32``) and BF16 (``c16``), each with its own element strides; ``SCALE_OFF32``
@@ -162,7 +170,7 @@ def write_mla_cache_kernel(
         tl.store(c16_ptr + blk * stride_c16b + off * stride_c16s + ROPE_OFF16 + tl.arange(0, ROPE), r)
         if IS_FP8:
             s = dynamic_scale_rows(x, 448.0)
-            q = quantize_tile(x, s[:, None], 1)
+            q = quantize_tile(x, s[:, None], 1, INTERPRET)
             tl.store(c8_ptr + blk * stride_c8b + off * stride_c8s + offs_g[:, None] * GROUP + offs_c[None, :], q)
             tl.store(c32_ptr + blk * stride_c32b + off * stride_c32s + SCALE_OFF32 + offs_g, s)
         else:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fp4comm.attention import (
+    AttentionTiles,
     KVCache,
     attention_tiles,
     calibrate_kv_scales,
@@ -329,6 +330,32 @@ def test_tile_and_split_heuristics():
     assert select_num_kv_splits(8, 600, 132) == 1  # too short to split
     s = select_num_kv_splits(1, 1 << 20, 132)
     assert s & (s - 1) == 0 and 1 < s <= 32
+    # batch 32 x 8 KV heads at 16k on 132 SMs: >= 2 waves of 4 programs an SM
+    s = select_num_kv_splits(32 * 8, 16384, 132)
+    assert 32 * 8 * s >= 8 * 132 and 16384 // s >= 512
+    assert attention_tiles(128, 4, 1, "fp8").kv_convert == 2 and attention_tiles(128, 4, 1, "bf16").kv_convert == 0
+    assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
+
+
+@pytest.mark.parametrize("bs", [12, 64, 128], ids=["bs12_runtime", "bs64_page_per_tile", "bs128_page_per_tile"])
+def test_block_sizes_and_unmasked_tiles(bs):
+    """Whole tiles below the causal diagonal run unmasked; pages of a power-of-two size that
+    hold whole tiles are read with one block-table entry a tile; other sizes at run time."""
+    case = build([300, 130, 1], [300, 1, 1], Hq=4, Hkv=2, D=64, bs=bs, fmt="int8_dynamic", seed=12)
+    assert_close_to_ref(run(case), reference(case), what=f"bs={bs}")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_tiles_override(fmt):
+    """Small explicit tiles: many unmasked tiles below the diagonal and several diagonal
+    tiles per q tile (chunked prefill, decode), vs the reference; and the same answer as
+    the default tiles up to BF16 rounding of p."""
+    case = build([15, 17, 300], [5, 17, 33], Hq=4, Hkv=2, D=64, bs=16, fmt=fmt, seed=13)
+    small = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kv_convert=2)
+    out = run(case, tiles=small)
+    assert_close_to_ref(out, reference(case), what=f"{fmt} small tiles")
+    with pytest.raises(ValueError, match="tiles"):
+        run(case, tiles=AttentionTiles(block_q=4, group_pad=1, block_n=16, num_warps=4, num_stages=2))
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -462,22 +489,45 @@ def compile_only(self, *args, grid, warmup, **kw):
             sig[p.name] = "i32"
             if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
         else: sig[p.name] = "fp32"
-    triton.compile(ASTSource(self, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    k = triton.compile(ASTSource(self, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     done.append(self.fn.__name__)
+    ptx = k.asm["ptx"]
+    if self.fn.__name__ == "paged_attention_kernel" and consts.get("CVT") == 2:  # no byte reads of V, no F2F
+        assert "ld.shared.b8" not in ptx, ("CVT 2: V read a byte at a time", consts)
+        assert sig["q_ptr"] != "*bf16" or "cvt.bf16.f16" not in ptx, ("CVT 2: F2F conversions", consts)
+    if self.fn.__name__.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
 JITFunction.run = compile_only
 for m in (paged, kvc, mla):
     m.use_triton = lambda d, i="auto": True
 paged._num_sms = mla._num_sms = lambda d: 132
-from fp4comm.attention import KVCache, allocate_mla_cache, write_mla_cache, mla_decode
-c = KVCache.allocate(64, 16, 8, 128, "fp8_dynamic")
-c.write(torch.zeros(5, 8, 128).bfloat16(), torch.zeros(5, 8, 128).bfloat16(), torch.arange(5))
+from fp4comm.attention import AttentionTiles, KVCache, allocate_mla_cache, write_mla_cache, mla_decode
+kv = torch.zeros(5, 8, 128).bfloat16()
+for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):  # writes: hardware E4M3 cast on the GPU path
+    s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
+    KVCache.allocate(64, 16, 8, 128, fmt, k_scale=s, v_scale=s).write(kv, kv, torch.arange(5))
 bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
-for fmt, D, mq, qdt, sp in [("fp8", 128, 1, torch.bfloat16, 4), ("bf16", 128, 4096, torch.bfloat16, 1),
-                            ("fp8", 128, 4096, torch.float8_e4m3fn, 1), ("int8_dynamic", 256, 1, torch.bfloat16, 2)]:
-    s = torch.full((8,), 0.1) if fmt == "fp8" else None
-    c = KVCache.allocate(64, 16, 8, D, fmt, k_scale=s, v_scale=s)
+# (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
+VARIANTS = [
+    ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3 conversion, V kept before its layout change)
+    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
+    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
+    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 2)),  # decode, 8 warps
+    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 64, 4, 2, 2)),  # decode, N 64, 2 stages
+    ("int8", 128, 1, torch.bfloat16, 8, 16, None),  # decode int8, CVT 2
+    ("bf16", 128, 1, torch.bfloat16, 8, 16, None),  # decode bf16
+    ("fp8", 128, 1, torch.bfloat16, 1, 128, None),  # a page holds whole tiles: one block-table read a tile
+    ("bf16", 128, 4096, torch.bfloat16, 1, 16, None),  # prefill, N 64
+    ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0)),  # prefill, N 128
+    ("bf16", 64, 4096, torch.bfloat16, 1, 12, None),  # prefill D 64 (N 128), runtime block size
+    ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, None),  # prefill fp8 cache, fp8 q
+    ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
+]
+for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
+    s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
+    c = KVCache.allocate(64 * 16 // bs + 1, bs, 8, D, fmt, k_scale=s, v_scale=s)
     c.attend(torch.zeros(2 * mq, 32, D).to(qdt), bt, sl, torch.arange(3, dtype=torch.int32) * mq, softmax_scale=0.1,
-             max_seqlen_q=mq, check_indices=False, num_kv_splits=sp,
+             max_seqlen_q=mq, check_indices=False, num_kv_splits=sp, tiles=tiles,
              q_descale=torch.tensor(1.0) if qdt != torch.bfloat16 else None)
 cache = allocate_mla_cache(64, 16, "fp8")
 write_mla_cache(torch.zeros(5, 512).bfloat16(), torch.zeros(5, 64).bfloat16(), cache, torch.arange(5))
@@ -488,9 +538,10 @@ print("COMPILED", len(done), sorted(set(done)))
 
 
 def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the GPU compiler rejects; compile the main variants for
-    sm_90 (Hopper) in a subprocess without TRITON_INTERPRET. Needs no GPU (Triton's bundled
-    ptxas)."""
+    """The interpreter accepts code the GPU compiler rejects (and never runs the GPU-only
+    paths: inline PTX conversions, the hardware E4M3 cast of the writes); compile every
+    variant for sm_90 (Hopper) in a subprocess without TRITON_INTERPRET. Needs no GPU
+    (Triton's bundled ptxas)."""
     import os
     import subprocess
     import sys
@@ -498,4 +549,4 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "COMPILED 10" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and "COMPILED 29" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

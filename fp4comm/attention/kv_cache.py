@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_same_device, check_tensor
-from .._runtime import cdiv, use_triton
+from .._runtime import cdiv, triton_interpreting, use_triton
 from ..reference import attention as ref
 from ._common import (
     FLOAT_INPUTS,
@@ -130,7 +130,8 @@ def write_kv_cache(
         ksc.stride(0), ksc.stride(1), ksc.stride(2),
         vsc.stride(0), vsc.stride(1), vsc.stride(2),
         FMT=FORMAT_CODE[ref.base_format(kv_format)], DYNAMIC=dynamic,
-        BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, INTERPRET=triton_interpreting() and dev.type == "cpu",
+        num_warps=num_warps,
     )
 
 

@@ -112,7 +112,7 @@ def write_mla_cache(
         IS_FP8=fp8, LATENT=ref.MLA_LATENT, ROPE=ref.MLA_ROPE, GROUP=ref.MLA_GROUP,
         SCALE_OFF32=ref.MLA_FP8_SCALE_OFFSET // 4 if fp8 else 0,
         ROPE_OFF16=ref.MLA_FP8_ROPE_OFFSET // 2 if fp8 else ref.MLA_LATENT,
-        num_warps=4,
+        INTERPRET=triton_interpreting() and dev.type == "cpu", num_warps=4,
     )
 
 

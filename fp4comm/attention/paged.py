@@ -35,26 +35,59 @@ class AttentionTiles:
     block_n: int  # keys per inner-loop step
     num_warps: int
     num_stages: int
+    kv_convert: int = 0  # E4M3 -> BF16 conversion on the GPU, see kv_convert_mode()
 
     @property
     def block_m(self) -> int:
         return self.block_q * self.group_pad
 
 
+#: E4M3 -> BF16 conversion of fp8 cache tiles on the GPU (``CVT`` constexpr, see
+#: ``_kv_to_bf16`` in :mod:`fp4comm.kernels.attention`): 0 = Triton's cast (1.5 F2F a value,
+#: a quarter-rate pipe on Hopper, and V read from shared memory a byte at a time); 1 =
+#: integer ops + one ``mul.bf16x2`` per pair (finite codes exact, the NaN code reads as
+#: +-480), V still byte-read; 2 = as 1 with V converted before its layout change (16-byte
+#: reads, a BF16 round trip through shared memory instead).
+FP8_CONVERT_GPU = 2
+#: int8 -> BF16 on the GPU: 0 = Triton's cast, hoisted past V's layout change (V byte-read
+#: from shared memory); 2 = the same cast kept before it (``_keep_layout``).
+INT8_CONVERT_GPU = 2
+
+
+def kv_convert_mode(kv_format: str) -> int:
+    """The ``CVT`` mode of the kernel for ``kv_format`` on the GPU: :data:`FP8_CONVERT_GPU`
+    for fp8 caches, :data:`INT8_CONVERT_GPU` for int8, 0 for bf16.
+
+    Why not Triton's cast: measured on H200 (mode 0), fp8 decode at b32/16k took 664 us =
+    34% of HBM, no faster than bf16 with half the bytes. Compiled for sm_90 (decode tile
+    M=16, N=128, D=128, 4 warps; ptxas): mode 0 has 222 registers (2 programs an SM),
+    per thread and tile 128 one-byte shared loads and 384 F2F; mode 2 has 166 registers
+    (3 programs an SM), no byte loads, no F2F (2 ``prmt`` + 2 ``mul.bf16x2`` per 4 values),
+    74 KB of shared memory. int8 mode 0: 218 registers, 128 byte loads; mode 2: 166, none.
+    The interpreter always uses mode 0 (inline PTX cannot run there). Flip the constants
+    (or pass ``tiles=``) if the GPU measures a mode slower."""
+    return {"fp8": FP8_CONVERT_GPU, "int8": INT8_CONVERT_GPU}.get(ref.base_format(kv_format), 0)
+
+
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
     """Tile sizes of the paged-attention kernel, in one place with the reasons.
 
     * Rows (M) are (token, head-of-the-GQA-group) pairs, so one K/V tile read serves the
-      whole group. ``tl.dot`` needs M >= 16; prefill tiles are M = 128 rows for head dims
-      <= 128 (the flash-attention sweet spot on Hopper: 8 warps, acc 64 regs/thread) and
-      64 for 256 (the accumulator doubles). Decode (few query rows) uses the smallest M
-      that holds ``max_seqlen_q * group_pad`` rows, >= 16: padding rows is wasted MMA work
-      but decode is bound by cache bytes, not by MMA.
-    * Keys per step (N): decode streams the cache, so it takes the largest tile that
-      keeps 2-3 stages of K and V in shared memory: 128 keys of 1-byte fp8/int8 at
-      head_dim <= 128 (2 x 16 KB a stage), 64 for bf16, halved at head_dim 256. Prefill
-      uses N = 64 (32 at 256) to keep registers for the 128-row accumulator.
+      whole group. ``tl.dot`` needs M >= 16. Prefill tiles are M = 128 rows for head dims
+      <= 128 (the flash-attention shape on Hopper: 8 warps = 2 warpgroups of wgmma) and 64
+      for 256 (the accumulator doubles). Decode (few query rows) uses the smallest M that
+      holds ``max_seqlen_q * group_pad`` rows, >= 16: padding rows is wasted MMA work but
+      decode is bound by cache bytes, not by MMA.
+    * Keys per step (N), decode: it streams the cache, so each step should move a lot of
+      bytes: 128 keys of 1-byte fp8/int8 at head_dim <= 128 (16 KB of K + 16 KB of V a step),
+      64 keys of bf16 (the same bytes), halved at head_dim 256. 4 warps: with M = 16 the
+      MMA is tiny; the warps exist to issue loads and conversions.
+    * Keys per step, prefill: N = 128 at head_dim <= 64, 64 at 128, 32 at 256. At D = 128
+      (sm_90, ptxas, 8 warps, wgmma): N = 64 is 182 registers (bf16 and fp8, no spill),
+      N = 128 is 244 (bf16) / 255 with spills (fp8). Only the tiles on the causal diagonal
+      are masked (see the kernel), and q tiles run longest first.
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200.
+    * ``kv_convert``: :func:`kv_convert_mode`.
     """
     group_pad = next_pow2(group)
     prefill_m = 128 if head_dim <= 128 else 64
@@ -66,28 +99,32 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     if decode:
         block_n = (128 if one_byte else 64) if head_dim <= 128 else (64 if one_byte else 32)
     else:
-        block_n = 64 if head_dim <= 128 else 32
+        block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
-    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages)
+    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format))
 
 
 def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
     """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
 
     Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
-    each streaming megabytes; with fewer than ~4 resident programs per SM the HBM pipe is
-    not kept full and the last wave idles. So: split only when the grid is below
-    ``4 * num_sms`` programs, by the factor that reaches it, but never so far that a split
-    covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (then the extra combine pass and the
-    repeated prologue cost more than they gain); at most :data:`MAX_KV_SPLITS`, rounded
-    down to a power of two (each value is a separate compiled kernel).
+    each streaming megabytes. A decode program (4 warps, ~40 KB of shared memory) leaves room
+    for ~4 resident per SM, and one SM needs several in flight to keep its share of HBM
+    busy; with fewer than ``4 * num_sms`` programs the pipe is not kept full. Then split by
+    the smallest power of two that gives >= ``8 * num_sms`` programs (>= 2 waves of 4 per
+    SM, so uneven program counts per SM cost little: at batch 32 x 8 KV heads on 132 SMs,
+    8 splits = 2048 programs, 15.5 per SM), but never so far that a split covers fewer
+    than :data:`MIN_KEYS_PER_SPLIT` keys (then the combine pass and the repeated prologue
+    cost more than they gain; the combine moves ``splits * T * Hq * head_dim`` FP32, e.g.
+    4 MB against 1 GB of fp8 cache at 32 x 16k); at most :data:`MAX_KV_SPLITS`. Powers of
+    two only (each value is a separate compiled kernel).
     """
-    target = 4 * num_sms
-    if num_programs >= target or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
+    if num_programs >= 4 * num_sms or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
         return 1
-    splits = min(cdiv(target, max(1, num_programs)), max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS)
-    return 1 << (max(1, splits).bit_length() - 1)
+    want = next_pow2(cdiv(8 * num_sms, max(1, num_programs)))
+    cap = 1 << ((max_seqlen_k // MIN_KEYS_PER_SPLIT).bit_length() - 1)
+    return max(1, min(want, cap, MAX_KV_SPLITS))
 
 
 def check_descale(name: str, d: object, num_seqs: int, num_kv_heads: int, device: torch.device):
@@ -143,6 +180,7 @@ def paged_attention(
     sliding_window: int | None = None,
     max_seqlen_q: int | None = None,
     num_kv_splits: int | None = None,
+    tiles: AttentionTiles | None = None,
     out: torch.Tensor | None = None,
     check_indices: bool = True,
     impl: str = "auto",
@@ -175,6 +213,8 @@ def paged_attention(
             when ``None``. Passing a smaller value than the truth leaves rows uncomputed.
         num_kv_splits: force the split-KV factor (power of two); ``None`` =
             :func:`select_num_kv_splits`.
+        tiles: override :func:`attention_tiles` (benchmark sweeps); ``kv_convert`` is
+            ignored under the interpreter.
         out: optional ``[T, num_heads, head_dim]`` ``bfloat16`` output buffer.
         check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
             entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
@@ -254,7 +294,10 @@ def paged_attention(
 
     from fp4comm.kernels import attention as _k
 
-    tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format)
+    if tiles is None:
+        tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format)
+    elif tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
+        raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
     if num_kv_splits is None:
         num_kv_splits = select_num_kv_splits(S * num_q_tiles * Hkv, block_table.shape[1] * bs, _num_sms(dev))
@@ -284,7 +327,8 @@ def paged_attention(
         ws_lse.stride(0), ws_lse.stride(1),
         HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
-        NUM_SPLITS=num_kv_splits, INTERPRET=exact,
+        NUM_SPLITS=num_kv_splits, PAGE=bs if bs & (bs - 1) == 0 else 0,
+        CVT=0 if exact else tiles.kv_convert, INTERPRET=exact,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:
