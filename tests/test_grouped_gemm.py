@@ -16,7 +16,7 @@ from fp4comm.reference.quant import quantize_fp8_blockwise_ref, quantize_nvfp4_r
 
 SENTINEL = 12352.0  # exact in BF16
 
-A_FORMATS = ["bf16", "fp8", "nvfp4-linear", "nvfp4-swizzled", "nvfp4-static"]
+A_FORMATS = ["bf16", "fp8", "fp8-ue8m0", "nvfp4-linear", "nvfp4-swizzled", "nvfp4-static"]
 B_FORMATS = ["bf16", "fp8", "nvfp4", "nvfp4-swizzled-rowgs"]
 
 
@@ -25,6 +25,8 @@ def make_a(x: torch.Tensor, fmt: str):
         return x.bfloat16()
     if fmt == "fp8":
         return quantize_fp8_blockwise_ref(x)
+    if fmt == "fp8-ue8m0":  # power-of-two scales: scaled in registers, no per-K-step promotion
+        return quantize_fp8_blockwise_ref(x, 128, True)
     if fmt == "nvfp4-linear":
         return quantize_nvfp4_ref(x, "per_token", scale_layout="linear")
     if fmt == "nvfp4-swizzled":
@@ -248,6 +250,31 @@ def test_gpu_heuristic_and_autotuned_agree(expected_m):
         torch.testing.assert_close(x[e, :m], y[e, :m], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "a_fmt,b_fmt,buckets",
+    [("nvfp4-swizzled", "bf16", (16, 64, 128, 512)), ("fp8", "fp8", (16, 512)), ("fp8-ue8m0", "bf16", (512,)),
+     ("nvfp4-swizzled", "nvfp4", (16,))],
+    ids=["nvfp4xbf16-all", "fp8xfp8", "fp8ue8m0xbf16", "nvfp4xnvfp4-decode"],
+)  # fmt: skip
+def test_gpu_every_autotune_config(a_fmt, b_fmt, buckets):
+    """Whatever config the autotuner picks is correct: each candidate, run as an explicit
+    config, against the reference (uneven rows, an empty expert, N not a tile multiple)."""
+    from fp4comm.moe import gemm as G
+
+    fmt = {"bf16": 0, "fp8": 1, "nvfp4": 2}
+    seen = set()
+    for bucket in buckets:
+        for c in G._bucket_configs(G._autotune_configs(), bucket, fmt[a_fmt.split("-")[0]], fmt[b_fmt]):
+            kw = c.kwargs
+            cfg = GemmConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["LOOP_M"], c.num_warps, c.num_stages)
+            if cfg in seen:
+                continue
+            seen.add(cfg)
+            run_case("cuda", E=3, max_m=300, K=1024, N=320, masked=[300, 0, 37], a_fmt=a_fmt, b_fmt=b_fmt, config=cfg)
+    assert seen
+
+
 # ----------------------------------------------------------------------------- silu_and_mul
 from fp4comm.formats import unswizzle_scales  # noqa: E402
 from fp4comm.moe import silu_and_mul  # noqa: E402
@@ -337,3 +364,86 @@ def test_silu_and_mul_bad_inputs(device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match=r"^masked_m: values must lie in \[0, max_m=8\]"):
             silu_and_mul(x, torch.tensor([9, 0], dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- E2M1 PTX decode
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny emulator of the PTX subset the E2M1 decode uses (b32 logic, prmt in the default
+    mode, fma.rn.bf16x2), so the GPU-only inline assembly is checked on CPU bit for bit."""
+    import re
+
+    M32 = 0xFFFFFFFF
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+    def bf16_bits_to_float(h):
+        return torch.tensor([h - 0x10000 if h >= 0x8000 else h], dtype=torch.int16).view(torch.bfloat16).item()
+
+    def float_to_bf16_bits(x):
+        return torch.tensor([x], dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d = args[0]
+        if op == "mov.b32":
+            regs[d] = val(args[1])
+        elif op == "and.b32":
+            regs[d] = val(args[1]) & val(args[2])
+        elif op == "or.b32":
+            regs[d] = val(args[1]) | val(args[2])
+        elif op == "shl.b32":
+            regs[d] = (val(args[1]) << val(args[2])) & M32
+        elif op == "shr.b32":
+            regs[d] = val(args[1]) >> val(args[2])
+        elif op == "prmt.b32":
+            src = val(args[1]) | (val(args[2]) << 32)
+            sel = val(args[3])
+            out = 0
+            for i in range(4):
+                s = (sel >> (4 * i)) & 0xF
+                assert s < 8, "sign-replicate mode is not used"
+                out |= ((src >> (8 * s)) & 0xFF) << (8 * i)
+            regs[d] = out
+        elif op == "fma.rn.bf16x2":
+            a, b, c = val(args[1]), val(args[2]), val(args[3])
+            out = 0
+            for h in range(2):
+                fa, fb, fc = (bf16_bits_to_float((v >> (16 * h)) & 0xFFFF) for v in (a, b, c))
+                out |= float_to_bf16_bits(fa * fb + fc) << (16 * h)
+            regs[d] = out
+        else:
+            raise AssertionError(f"unemulated instruction {op}")
+        assert re.fullmatch(r"[$\w]+", d)
+    return regs
+
+
+def test_e2m1_ptx_decode_is_exact():
+    from fp4comm.formats import e2m1_table
+    from fp4comm.kernels.gemm import E2M1_BF16_ASM
+
+    asm = E2M1_BF16_ASM.value if hasattr(E2M1_BF16_ASM, "value") else E2M1_BF16_ASM
+    table = e2m1_table()
+    g = torch.Generator().manual_seed(0)
+    # every byte value in every position; scales: random finite E4M3 values, both signs of codes
+    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = e4m3[torch.isfinite(e4m3) & (e4m3 >= 0)]
+    for i in range(256):
+        bytes_ = [(i + 64 * p) % 256 for p in range(4)]
+        scales = finite[torch.randint(len(finite), (4,), generator=g)].tolist()
+        sbits = [torch.tensor([s]).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF for s in scales]
+        regs = {"$4": sum(b << (8 * p) for p, b in enumerate(bytes_)),
+                "$5": sbits[0] | (sbits[1] << 16), "$6": sbits[2] | (sbits[3] << 16)}  # fmt: skip
+        regs = _run_ptx(asm, regs)
+        for p, b in enumerate(bytes_):
+            reg_lo, reg_hi, half = ("$0", "$2", p) if p < 2 else ("$1", "$3", p - 2)
+            for reg, code in ((reg_lo, b & 15), (reg_hi, b >> 4)):
+                bits = (regs[reg] >> (16 * half)) & 0xFFFF
+                got = torch.tensor([bits - 0x10000 if bits >= 0x8000 else bits], dtype=torch.int16).view(torch.bfloat16).item()
+                want = float(table[code]) * scales[p]
+                assert got == want, (hex(b), code, scales[p], got, want)

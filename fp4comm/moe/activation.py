@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .._checks import check_choice, check_same_device, check_tensor
-from .._runtime import cdiv, use_triton
+from .._runtime import cdiv, triton_interpreting, use_triton
 from ..formats import NVFP4_BLOCK, NVFP4Tensor, swizzled_shape
 from ..reference import moe as _ref
 from ..reference.quant import quantize_nvfp4_ref
@@ -103,7 +103,7 @@ def silu_and_mul(
         from ..kernels.activation import silu_and_mul_kernel
 
         nb = triton.next_power_of_2(cdiv(N, 16))
-        rows = 1 if device.type == "cuda" else 16  # interpreter: fewer, longer programs
+        rows = 1 if _gpu_codegen(device) else 16  # interpreter: fewer, longer programs
         silu_and_mul_kernel[(cdiv(max_m, rows), E)](
             x, out, q, sf, gs.reshape(-1) if gs.dim() else gs.reshape(1), masked_m,
             max_m, N, ksf, cdiv(max_m, 128), cdiv(ksf, 4),
@@ -116,6 +116,11 @@ def silu_and_mul(
         data=q, scales=sf.view(torch.float8_e4m3fn), global_scale=gs, scale_layout=scale_layout,
         shape=torch.Size([E, max_m, N]),
     )  # fmt: skip
+
+
+def _gpu_codegen(device: torch.device) -> bool:
+    """True when the kernel is compiled for a GPU (not run by the interpreter)."""
+    return device.type == "cuda" and not triton_interpreting()
 
 
 def _silu_and_mul_reference(x, masked_m, quant, gs_static, scale_layout):
