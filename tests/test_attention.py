@@ -417,8 +417,10 @@ def test_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = mod.main(["--smoke", "--out", str(tmp_path / "res")])
+    rows = mod.main(["--smoke", "--quick", "--out", str(tmp_path / "res")])
     assert rows and all(r["us"] > 0 for r in rows)
+    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1
+    assert all("meets" in r for r in rows if r["section"] == "write")
     assert (tmp_path / "res.json").exists() and (tmp_path / "res.csv").exists()
 
 
@@ -442,6 +444,31 @@ def test_gpu_long_context_decode(fmt):
     assert_close_to_ref(out, reference(case), what=f"gpu long {fmt}")
     one = run(case, num_kv_splits=1)
     assert_close_to_ref(one, reference(case), what=f"gpu long {fmt} unsplit")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_gpu_convert_modes_agree(fmt):
+    """Every finite E4M3 code (and int8 value) in the cache: the GPU conversion modes
+    (0 = Triton's cast, 1/2 = integer ops; int8: 0/2) give the reference's answer, decode and
+    prefill; modes differ at most by accumulation order."""
+    case = build([1000, 77], [1, 77], Hq=8, Hkv=2, D=128, bs=16, fmt=fmt, device="cuda", seed=23)
+    c = case["cache"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t in (c.k_cache, c.v_cache):  # uniform codes, NaN codes (0x7F/0xFF) excluded
+        codes = torch.randint(0, 254, t.shape, device="cuda", generator=g)
+        if fmt == "fp8":
+            t.view(torch.uint8).copy_(codes + (codes >= 0x7F).long())
+        else:
+            t.copy_(codes - 127)
+    want = reference(case)
+    outs = {}
+    for mode in ((0, 1, 2) if fmt == "fp8" else (0, 2)):
+        tiles_d = attention_tiles(128, 4, 77, fmt)
+        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode}))
+        assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
+    for mode, o in outs.items():
+        assert (o.float() - outs[0].float()).abs().max().item() <= 1e-2 * outs[0].float().abs().max().item()
 
 
 @pytest.mark.gpu
@@ -509,7 +536,7 @@ for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):  # writes: ha
 bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
 # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
 VARIANTS = [
-    ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3 conversion, V kept before its layout change)
+    ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3, V converted before layout change)
     ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
     ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
     ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 2)),  # decode, 8 warps
