@@ -55,11 +55,13 @@ TARGET_PREFILL_VS_SDPA = 0.8
 
 def decode_variants(Hq: int, Hkv: int, D: int):
     """fp8 decode (batch 32) candidates for ``--quick``: the default, then one change each:
-    the E4M3 conversion mode (0 = Triton's cast, 1 = integer ops hoisted), 8 warps,
+    the E4M3 conversion mode (0 = Triton's cast, 1 = integer ops, 2 = integer ops before V's
+    layout change), 8 warps,
     N = 64 / 2 stages, and a forced split count (the default's next power of two up)."""
     t = attention_tiles(D, Hq // Hkv, 1, "fp8")
     out = [("default", t, None)]
-    for name, kw in (("cvt0", dict(kv_convert=0)), ("cvt1", dict(kv_convert=1)), ("warps8", dict(num_warps=8)),
+    for name, kw in (("cvt0", dict(kv_convert=0)), ("cvt1", dict(kv_convert=1)), ("cvt2", dict(kv_convert=2)),
+                     ("warps8", dict(num_warps=8)), ("cvt2_warps8", dict(kv_convert=2, num_warps=8)),
                      ("n64_s2", dict(block_n=64, num_stages=2))):
         out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
     out.append(("splits16", t, 16))

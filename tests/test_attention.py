@@ -31,6 +31,7 @@ from fp4comm.attention import (
     select_num_kv_splits,
 )
 from fp4comm.reference import attention as ref
+from fp4comm.attention.paged import kv_convert_mode
 
 ABS_SLACK = 2e-3
 KERNEL_TOL = 1.5e-2
@@ -333,7 +334,8 @@ def test_tile_and_split_heuristics():
     # batch 32 x 8 KV heads at 16k on 132 SMs: >= 2 waves of 4 programs an SM
     s = select_num_kv_splits(32 * 8, 16384, 132)
     assert 32 * 8 * s >= 8 * 132 and 16384 // s >= 512
-    assert attention_tiles(128, 4, 1, "fp8").kv_convert == 2 and attention_tiles(128, 4, 1, "bf16").kv_convert == 0
+    assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
+    assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
 
 

@@ -48,10 +48,15 @@ class AttentionTiles:
 #: integer ops + one ``mul.bf16x2`` per pair (finite codes exact, the NaN code reads as
 #: +-480), V still byte-read; 2 = as 1 with V converted before its layout change (16-byte
 #: reads, a BF16 round trip through shared memory instead).
-FP8_CONVERT_GPU = 2
+#:
+#: Default 0 until a GPU run verifies modes 1/2 (their inline PTX has only been compiled, not
+#: run) and mode 1/2 map the NaN code to NaN: reading a NaN cache entry as a finite +-480
+#: would hide corruption. ``bench_attention.py --quick`` times all modes (``tune`` rows).
+FP8_CONVERT_GPU = 0
 #: int8 -> BF16 on the GPU: 0 = Triton's cast, hoisted past V's layout change (V byte-read
-#: from shared memory); 2 = the same cast kept before it (``_keep_layout``).
-INT8_CONVERT_GPU = 2
+#: from shared memory); 2 = the same cast kept before it (``_keep_layout``). Default 0 until
+#: verified on a GPU, as above.
+INT8_CONVERT_GPU = 0
 
 
 def kv_convert_mode(kv_format: str) -> int:
