@@ -33,6 +33,7 @@ from .common import (
     to_bf16_rne,
     ue8m0_round_up,
 )
+from .nvlink import _encode_tile, _load_row_f32, _store_row
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
 PAYLOAD_FP8 = tl.constexpr(1)
@@ -45,6 +46,7 @@ def ep_pack_kernel(
     ids_ptr,  # [T, K] int32 / int64, global expert ids
     w_ptr,  # [T, K] fp32
     gs_ptr,  # fp32: [1] static (GS_MODE 0) or [T] per row (GS_MODE 1); unused otherwise
+    gs_value,  # fp32 scalar: static gs given as a number (GS_MODE 3), no device copy
     rank_offset_ptr,  # [T, R] int32: row of token t in the block for rank r, -1 = not sent
     dest_table_ptr,  # [R] int64: base address of the block of rows for rank r
     dest_row_base_ptr,  # [R] int64: first row of this rank's block at that address
@@ -59,7 +61,7 @@ def ep_pack_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,  # power of two >= K
     PAYLOAD: tl.constexpr,
-    GS_MODE: tl.constexpr,  # 0 static, 1 per row, 2 per token (nvfp4 only)
+    GS_MODE: tl.constexpr,  # 0 static (tensor), 1 per row, 2 per token, 3 static (scalar arg); nvfp4 only
     UE8M0: tl.constexpr,  # fp8 only
     NB: tl.constexpr,  # nvfp4: pow2 >= H/16; fp8: pow2 >= H/128; bf16: pow2 >= H
 ):
@@ -81,6 +83,8 @@ def ep_pack_kernel(
             gs = nvfp4_global_scale(vmax)
         elif GS_MODE == 1:
             gs = tl.load(gs_ptr + t)
+        elif GS_MODE == 3:
+            gs = tl.zeros((), tl.float32) + gs_value
         else:
             gs = tl.load(gs_ptr)
         packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
@@ -127,41 +131,96 @@ def ep_pack_kernel(
 
 
 @triton.jit
+def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
+                SUB: tl.constexpr, ELP: tl.constexpr):  # fmt: skip
+    """Rows ``n0 .. n0 + SUB`` of the received rows: ``(n [SUB*KP], k [SUB*KP], onehot
+    [SUB*KP, ELP])`` with the ``(n, k)`` pairs flattened row-major and ``onehot[i, e]`` = 1
+    where pair ``i`` is routed to local expert ``e``."""
+    i = tl.arange(0, SUB * KP)
+    n = n0 + i // KP
+    k = i % KP
+    m = (n < N) & (k < K)
+    idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
+    el = tl.load(idp + k, mask=m, other=-1) - EXPERT_BASE
+    el = tl.where(m & (el >= 0) & (el < E_LOCAL), el, -1)
+    onehot = (el[:, None] == tl.arange(0, ELP)[None, :]).to(tl.int32)
+    return n, k, onehot
+
+
+@triton.jit
+def ep_permute_hist_kernel(
+    recv_ptr,  # [N, ROW_BYTES] uint8 received rows
+    hist_ptr,  # [C, ELP] int32 out: pairs of chunk c routed to local expert e
+    N,
+    ROW_BYTES,
+    IDS_OFF,
+    EXPERT_BASE,
+    E_LOCAL,
+    BLOCK_N,  # rows a chunk (a multiple of SUB)
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    SUB: tl.constexpr,
+    ELP: tl.constexpr,  # power of two >= E_LOCAL
+):
+    """Phase 1 of the slot assignment, grid ``(C,)``: per-chunk histogram of local experts
+    (each received row's ids are read once)."""
+    c = tl.program_id(0)
+    cnt = tl.zeros((ELP,), tl.int32)
+    n0 = c * BLOCK_N
+    end = tl.minimum(n0 + BLOCK_N, N)
+    while n0 < end:
+        _, _, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+        cnt += tl.sum(onehot, axis=0)
+        n0 += SUB
+    tl.store(hist_ptr + c * ELP + tl.arange(0, ELP), cnt)
+
+
+@triton.jit
 def ep_permute_index_kernel(
     recv_ptr,  # [N, ROW_BYTES] uint8 received rows
-    slot_map_ptr,  # [N, K] int32, pre-filled with -1; out: e_local * MAX_M + slot
-    masked_m_ptr,  # [E_local] int32 out
+    hist_ptr,  # [C, ELP] int32 from ep_permute_hist_kernel
+    slot_map_ptr,  # [N, K] int32 out: e_local * MAX_M + slot, or -1 (not local / past MAX_M)
+    masked_m_ptr,  # [E_local] int32 out (true counts)
     N,
     ROW_BYTES,
     IDS_OFF,
     EXPERT_BASE,  # global id of local expert 0
+    E_LOCAL,
     MAX_M,
+    BLOCK_N,
+    NUM_CHUNKS,
     K: tl.constexpr,
-    KP: tl.constexpr,  # power of two >= K
-    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
+    SUB: tl.constexpr,
+    ELP: tl.constexpr,
 ):
-    """One program per local expert: scan the received rows in order and give each
-    ``(row, k)`` routed to this expert the next slot ((row, k) ascending; a row's ids are
-    one [BLOCK_N, KP] gather per chunk, 32 contiguous bytes a row)."""
-    e = tl.program_id(0)
-    eg = EXPERT_BASE + e
-    kk = tl.arange(0, KP)
-    carry = tl.zeros((), tl.int32)
-    start = 0
-    while start < N:
-        n = start + tl.arange(0, BLOCK_N)
-        mask = (n < N)[:, None] & (kk < K)[None, :]
-        idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
-        hit = (tl.load(idp[:, None] + kk[None, :], mask=mask, other=-1) == eg).to(tl.int32)  # [BLOCK_N, KP]
-        row_hits = tl.sum(hit, axis=1)
-        before_row = tl.cumsum(row_hits, axis=0) - row_hits
-        before_k = tl.cumsum(hit, axis=1) - hit  # earlier k of the same row on this expert
-        slot = carry + before_row[:, None] + before_k
-        out = slot_map_ptr + n.to(tl.int64)[:, None] * K + kk[None, :]
-        tl.store(out, e * MAX_M + slot, mask=(hit != 0) & (slot < MAX_M))
-        carry += tl.sum(row_hits, axis=0)
-        start += BLOCK_N
-    tl.store(masked_m_ptr + e, carry)
+    """Phase 2, grid ``(C,)``: chunk ``c`` starts each expert at the sum of the histograms of
+    chunks ``< c`` (exclusive scan), then gives each ``(row, k)`` routed to a local expert the
+    next slot in ``(row, k)`` order (one-hot cumsum over ``SUB`` rows at a time). So the
+    slots are those of a serial scan in receive order (deterministic), every row's ids are
+    read twice in all (phase 1 and here) instead of once per local expert, and the work is
+    spread over ``C`` programs. The last chunk writes ``masked_m``."""
+    c = tl.program_id(0)
+    e = tl.arange(0, ELP)
+    carry = tl.zeros((ELP,), tl.int32)
+    j = 0
+    while j < c:
+        carry += tl.load(hist_ptr + j * ELP + e)
+        j += 1
+    n0 = c * BLOCK_N
+    end = tl.minimum(n0 + BLOCK_N, N)
+    while n0 < end:
+        n, k, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this sub-block, per expert
+        slot = tl.sum(onehot * (carry[None, :] + before), axis=1)
+        el = tl.sum(onehot * e[None, :], axis=1)
+        hit = tl.sum(onehot, axis=1) != 0
+        out = tl.where(hit & (slot < MAX_M), el * MAX_M + slot, -1)
+        tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=(n < end) & (k < K))
+        carry += tl.sum(onehot, axis=0)
+        n0 += SUB
+    if c == NUM_CHUNKS - 1:
+        tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)
 
 
 @triton.jit
@@ -217,50 +276,112 @@ def ep_permute_kernel(
 
 
 @triton.jit
+def _source_of(n, recv_end_ptr, R):
+    """Source rank of received row ``n``: rows are grouped by source, ``recv_end[s]`` is the
+    end (exclusive) of source ``s``'s block."""
+    s = tl.zeros((), tl.int32)
+    r = 0
+    while r < R:
+        s += (n >= tl.load(recv_end_ptr + r)).to(tl.int32)
+        r += 1
+    return s
+
+
+@triton.jit
 def ep_combine_expert_kernel(
     eo_ptr,  # [E_local * MAX_M, H] bf16 expert outputs
     slot_map_ptr,  # [N, K] int32
     sw_ptr,  # [E_local * MAX_M] fp32 weight of each slot
-    out_table_ptr,  # [R] int64: base of the bf16 partial rows for source rank s
-    src_rank_ptr,  # [N] int32: source rank of received row n
-    out_row_ptr,  # [N] int64: row of received row n inside its source's block
-    H,
+    out_table_ptr,  # [R] int64: base address of the combine rows going to source rank s
+    row_shift_ptr,  # [R] int64: received row n of source s goes to row n + row_shift[s] there
+    recv_end_ptr,  # [R] int64: inclusive prefix sum of the rows received from each source
+    R,
+    H: tl.constexpr,
     K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    CPAYLOAD: tl.constexpr,  # combine wire: 0 nvfp4, 1 fp8, 2 bf16
+    BLOCK_H: tl.constexpr,  # bf16 wire: columns a program (grid (N, cdiv(H, BLOCK_H)))
+    NB: tl.constexpr,  # quantized wires: blocks of the row tile ([NB, 16] nvfp4, [NB, 128] fp8)
+    CROW_BYTES: tl.constexpr,  # bytes of one combine row
+    CSCALE_OFF: tl.constexpr,
 ):
+    """Expert side of combine, one received row ``n`` a program: FP32 ``acc = acc + w_k *
+    float(out[slot])`` over the row's local ``k`` ascending, one BF16 rounding (RNE); the
+    bf16 wire stores it, the fp8 / nvfp4 wires quantize that BF16 row per token (as the
+    dispatch quantizes a token: ``gs = 2688 / amax`` for nvfp4) and store the message row."""
     n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    for k in tl.static_range(K):
-        slot = tl.load(slot_map_ptr + n * K + k)
-        if slot >= 0:
-            w = tl.load(sw_ptr + slot)
-            v = tl.load(eo_ptr + slot.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-            acc = acc + w * v
-    s = tl.load(src_rank_ptr + n)
-    base = tl.load(out_table_ptr + s).to(tl.pointer_type(tl.bfloat16))
-    tl.store(base + tl.load(out_row_ptr + n) * H + h, to_bf16_rne(acc), mask=hm)
+    s = _source_of(n, recv_end_ptr, R)
+    row = n + tl.load(row_shift_ptr + s)
+    base = tl.load(out_table_ptr + s)
+    if CPAYLOAD == 2:
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = h < H
+        acc = tl.zeros((BLOCK_H,), tl.float32)
+        for k in tl.static_range(K):
+            slot = tl.load(slot_map_ptr + n * K + k)
+            if slot >= 0:
+                w = tl.load(sw_ptr + slot)
+                v = tl.load(eo_ptr + slot.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+                acc = acc + w * v
+        tl.store(base.to(tl.pointer_type(tl.bfloat16)) + row * H + h, to_bf16_rne(acc), mask=hm)
+    else:
+        BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
+        blk = tl.arange(0, NB)
+        offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        om = (blk < H // BS)[:, None]
+        acc = tl.zeros((NB, BS), tl.float32)
+        for k in tl.static_range(K):
+            slot = tl.load(slot_map_ptr + n * K + k)
+            if slot >= 0:
+                w = tl.load(sw_ptr + slot)
+                v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om, other=0.0).to(tl.float32)
+                acc = acc + w * v
+        part = to_bf16_rne(acc).to(tl.float32)
+        pw, sw, gs = _encode_tile(part, H, CPAYLOAD, NB)
+        _store_row(out_table_ptr, base + row * CROW_BYTES, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
 
 
 @triton.jit
 def ep_combine_source_kernel(
-    src_table_ptr,  # [R] int64: base of the bf16 partial rows returned from rank r
+    src_table_ptr,  # [R] int64: base address of the combine rows returned from rank r
+    row_base_ptr,  # [R] int64: first row of rank r's block at that address
     rank_offset_ptr,  # [T, R] int32: row of token t in rank r's block, -1 = not sent
     y_ptr,  # [T, H] bf16 out
     R,
-    H,
-    BLOCK_H: tl.constexpr,
+    H: tl.constexpr,
+    CPAYLOAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # bf16 wire (grid (T, cdiv(H, BLOCK_H)))
+    NB: tl.constexpr,  # quantized wires (grid (T,))
+    CROW_BYTES: tl.constexpr,
+    CSCALE_OFF: tl.constexpr,
 ):
+    """Source side: FP32 ``acc = acc + float(partial_r)`` over ranks ascending (a quantized
+    partial is dequantized to FP32 first: ``e2m1 * sf / gs`` or ``e4m3 * scale``), one BF16
+    rounding; a token sent nowhere gets zeros."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    r = 0
-    while r < R:
-        off = tl.load(rank_offset_ptr + t * R + r)
-        if off >= 0:
-            base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
-            acc = acc + tl.load(base + off.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-        r += 1
-    tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
+    if CPAYLOAD == 2:
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = h < H
+        acc = tl.zeros((BLOCK_H,), tl.float32)
+        r = 0
+        while r < R:
+            off = tl.load(rank_offset_ptr + t * R + r)
+            if off >= 0:
+                row = tl.load(row_base_ptr + r) + off.to(tl.int64)
+                base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
+                acc = acc + tl.load(base + row * H + h, mask=hm, other=0.0).to(tl.float32)
+            r += 1
+        tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
+    else:
+        BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
+        blk = tl.arange(0, NB)
+        offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        acc = tl.zeros((NB, BS), tl.float32)
+        r = 0
+        while r < R:
+            off = tl.load(rank_offset_ptr + t * R + r)
+            if off >= 0:
+                row = tl.load(row_base_ptr + r) + off.to(tl.int64)
+                addr = tl.load(src_table_ptr + r) + row * CROW_BYTES
+                acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF)
+            r += 1
+        tl.store(y_ptr + t * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])

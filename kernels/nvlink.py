@@ -65,27 +65,16 @@ def _row_words(anchor, addr):
 
 
 @triton.jit
-def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr):
-    """Quantize one token row (``x_ptr`` -> its first element; for bf16 ``x_ptr`` is an int64
-    pointer to the row's raw words) into message words.
-
-    Returns ``(pw, sw, gs)``: payload words (nvfp4 ``[NB]``, fp8 ``[NB, 16]``, bf16 ``[NB*4]``),
-    scale words (nvfp4 ``[NB // 8]`` int64, fp8 ``[NB]`` int32 FP32 bits, bf16 unused),
-    the FP32 encode global scale (nvfp4; 1.0 otherwise)."""
-    blk = tl.arange(0, NB)
+def _encode_tile(xf, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr):
+    """Quantize one token held as an FP32 tile (nvfp4 ``[NB, 16]``, fp8 ``[NB, 128]``; blocks
+    past ``H`` zero) into message words: see :func:`_encode_row` (``PAYLOAD`` 0 or 1 only)."""
     if PAYLOAD == 0:
-        KSF: tl.constexpr = H // 16
-        xf = tl.load(x_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < KSF)[:, None], other=0.0)
-        xf = xf.to(tl.float32)
         vmax, bad = nvfp4_block_stats(xf)
         gs = nvfp4_global_scale(vmax)
         packed, sfb = nvfp4_quantize_tile(xf, vmax, bad, gs)
         pw = _bytes_to_words(packed)
         sw = _bytes_to_words(tl.reshape(sfb, (NB // 8, 8)))
-    elif PAYLOAD == 1:
-        NBLK: tl.constexpr = H // 128
-        xf = tl.load(x_ptr + blk[:, None] * 128 + tl.arange(0, 128)[None, :], mask=(blk < NBLK)[:, None], other=0.0)
-        xf = xf.to(tl.float32)
+    else:
         finite = tl.abs(xf) < float("inf")
         bad = tl.max((~finite).to(tl.int32), axis=1) != 0
         amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
@@ -97,6 +86,26 @@ def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr)
         pw = tl.reshape(_bytes_to_words(tl.reshape(qb, (NB * 16, 8))), (NB, 16))
         sw = sf.to(tl.int32, bitcast=True)
         gs = 1.0
+    return pw, sw, gs
+
+
+@triton.jit
+def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr):
+    """Quantize one token row (``x_ptr`` -> its first element; for bf16 ``x_ptr`` is an int64
+    pointer to the row's raw words) into message words.
+
+    Returns ``(pw, sw, gs)``: payload words (nvfp4 ``[NB]``, fp8 ``[NB, 16]``, bf16 ``[NB*4]``),
+    scale words (nvfp4 ``[NB // 8]`` int64, fp8 ``[NB]`` int32 FP32 bits, bf16 unused),
+    the FP32 encode global scale (nvfp4; 1.0 otherwise)."""
+    blk = tl.arange(0, NB)
+    if PAYLOAD == 0:
+        KSF: tl.constexpr = H // 16
+        xf = tl.load(x_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < KSF)[:, None], other=0.0)
+        pw, sw, gs = _encode_tile(xf.to(tl.float32), H, PAYLOAD, NB)
+    elif PAYLOAD == 1:
+        NBLK: tl.constexpr = H // 128
+        xf = tl.load(x_ptr + blk[:, None] * 128 + tl.arange(0, 128)[None, :], mask=(blk < NBLK)[:, None], other=0.0)
+        pw, sw, gs = _encode_tile(xf.to(tl.float32), H, PAYLOAD, NB)
     else:
         pw = tl.load(x_ptr + tl.arange(0, NB * 4), mask=tl.arange(0, NB * 4) < H // 4, other=0)
         sw = 0
@@ -515,14 +524,23 @@ def ll_combine_recv_kernel(
 
 
 # ----------------------------------------------------------------------------- high throughput
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "timeout_us"])
+#: high-throughput flags carry ``(epoch << 8) | code``: the sender's error code
+#: (0 = fine) travels with its completion flag, so combine needs no collective to agree on
+#: errors (``fp4comm/ep/backend_nvlink.py``)
+FLAG_CODE_SCALE = tl.constexpr(256)  # 1 << 8
+FLAG_CODE_MASK = tl.constexpr(255)
+ST_PEER_CODE = tl.constexpr(4)  # status[4 + p]: code rank p sent with its flag this call
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "code", "max_spins", "timeout_us"])
 def signal_wait_kernel(
     flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
     flags_ptr,  # this rank's flag array
-    status_ptr,
+    status_ptr,  # int32 [4 + R] local
     sink_ptr,  # int64 local scratch (unused: no masked lanes)
     rank,
     epoch,
+    code,  # this rank's error code for this call, 0..255 (0 = fine)
     max_spins,
     timeout_us,
     STATUS_SLOT: tl.constexpr,
@@ -531,16 +549,20 @@ def signal_wait_kernel(
     GPU: tl.constexpr,
 ):
     """Grid ``(R,)``: program ``p`` tells rank ``p`` that this rank's rows for it (stored by
-    earlier kernels on this stream) are complete (``SIGNAL``), then waits for rank ``p``'s
-    rows to this rank (``WAIT``; a timeout records ``1 + p``)."""
+    earlier kernels on this stream) are complete (``SIGNAL``: flag ``(epoch << 8) | code``),
+    then waits for rank ``p``'s rows to this rank (``WAIT``; a timeout records ``1 + p`` in
+    ``status[STATUS_SLOT]``, else ``status[4 + p]`` = the code ``p`` sent)."""
     p = tl.program_id(0)
+    target = epoch.to(tl.int64) * FLAG_CODE_SCALE
     if SIGNAL:
         dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
         fence_sys(GPU)
         tl.debug_barrier()
-        flag_store_release(dst, epoch.to(tl.int64), p >= 0, sink_ptr, GPU)
+        flag_store_release(dst, target | code.to(tl.int64), p >= 0, sink_ptr, GPU)
     if WAIT:
         t0 = spin_start(GPU)
-        _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins, t0, timeout_us, GPU)
+        v, ok = wait_flag_geq(flags_ptr + p, target, max_spins, t0, timeout_us, GPU)
         if not ok:
             report_timeout(status_ptr + STATUS_SLOT, p + 1)
+        else:
+            tl.store(status_ptr + ST_PEER_CODE + p, (v & FLAG_CODE_MASK).to(tl.int32))

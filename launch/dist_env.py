@@ -89,6 +89,14 @@ def _mpi_master(info: DistEnv) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = str(addr), str(port)
 
 
+def ep_timeout_s(default: float = 60.0) -> float:
+    """Seconds an nvlink flag wait spins before a silent peer raises (``EPBuffer(timeout_s=)``,
+    ``LowLatencyConfig(timeout_s=)``): ``FP4COMM_NVLINK_TIMEOUT_S`` if set, else ``default``.
+    The environment is read here, at the launch edge; the library only takes arguments."""
+    v = os.environ.get("FP4COMM_NVLINK_TIMEOUT_S")
+    return float(v) if v else default
+
+
 def init_distributed(timeout_s: float = 300.0) -> DistEnv:
     """Initialize the default process group from the launcher's environment and set the
     CUDA device. A single process without a launcher gets a 1-rank gloo/nccl group."""

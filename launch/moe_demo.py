@@ -104,7 +104,7 @@ def main(args) -> int:
     x = torch.randn(T, H, generator=gx).bfloat16().to(dev)
     ids, w = gate(x, w_gate, K)
 
-    with EPBuffer(None, H, E, K, T, payload=args.payload, backend=args.backend) as buf:
+    with EPBuffer(None, H, E, K, T, payload=args.payload, backend=args.backend, timeout_s=dist_env.ep_timeout_s()) as buf:
         d = buf.dispatch(x, ids, w)
         a = dequant_payload(d)  # [El, max_m, H] bf16 (an FP4 grouped GEMM would read d.activations)
         out = torch.zeros(El, d.max_m, H, dtype=torch.bfloat16, device=dev)

@@ -49,16 +49,20 @@ for payload in ("nvfp4", "fp8", "bf16"):
     ids = torch.zeros(T, K, dtype=torch.int32); w = torch.zeros(T, K)
     ro = torch.zeros(T, R, dtype=torch.int32)
     dests = [torch.zeros(T, msg.row_bytes, dtype=torch.uint8) for _ in range(R)]
-    gss = ["per_token", 1.0, torch.ones(T)] if payload == "nvfp4" else ["per_token"]
+    gss = ["per_token", 1.0, torch.ones(T), torch.tensor(2.0)] if payload == "nvfp4" else ["per_token"]
     for gs in gss:
         B.pack_rows(msg, x, ids, w, ro, dests, global_scale=gs, ue8m0=payload == "fp8")
     rows = torch.zeros(T, msg.row_bytes, dtype=torch.uint8)
     for layout in (("swizzled", "linear") if payload == "nvfp4" else ("linear",)):
         p = B.permute_rows(msg, rows, expert_base=0, num_local_experts=El, max_m=128, scale_layout=layout)
-B.combine_expert(torch.zeros(El, 128, H, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.int32),
-                 torch.zeros(El * 128), [torch.zeros(T, H, dtype=torch.bfloat16)] * R,
-                 torch.zeros(T, dtype=torch.int32), torch.zeros(T, dtype=torch.int64))
-B.combine_source([torch.zeros(T, H, dtype=torch.bfloat16)] * R, torch.zeros(T, R, dtype=torch.int32), H)
+from fp4comm.ep.backend import RowTargets
+from fp4comm.ep.message import CombineLayout
+for wire in ("bf16", "fp8", "nvfp4"):
+    rows = [torch.zeros(T, CombineLayout(wire, H).row_bytes, dtype=torch.uint8)] * R
+    tg = RowTargets(rows, torch.zeros(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64))
+    B.combine_expert(torch.zeros(El, 128, H, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.int32),
+                     torch.zeros(El * 128), tg, torch.zeros(R, dtype=torch.int64), wire=wire)
+    B.combine_source(tg, torch.zeros(T, R, dtype=torch.int32), H, wire=wire)
 print("COMPILED", len(done), sorted(set(done)))
 '''
 
@@ -67,5 +71,6 @@ def test_ep_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    # pack: 3 nvfp4 gs modes + fp8 + bf16; permute: (index + copy) x (2 nvfp4 layouts + fp8 + bf16); 2 combine
-    assert r.returncode == 0 and "COMPILED 15" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    # pack: 4 nvfp4 gs modes + fp8 + bf16; permute: (histogram + index + copy) x (2 nvfp4 layouts + fp8 + bf16);
+    # combine: (expert + source) x 3 wires
+    assert r.returncode == 0 and "COMPILED 24" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -446,7 +446,8 @@ for p, l, c in [("nvfp4", "linear", "bf16"), ("nvfp4", "swizzled", "nvfp4"), ("f
     b.combine(torch.zeros(E // R, b.max_m, H).bfloat16(), o.handle)
 from fp4comm.kernels.nvlink import signal_wait_kernel
 f, st = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
-signal_wait_kernel[(2,)](f, f, st, f, 1, 3, 2, 1000, STATUS_SLOT=0, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
+st = torch.zeros(6, dtype=torch.int32)
+signal_wait_kernel[(2,)](f, f, st, f, 1, 3, 0, 2, 1000, STATUS_SLOT=0, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
 print("COMPILED", len(done), sorted(set(done)))
 '''
 

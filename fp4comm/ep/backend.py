@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -36,13 +36,20 @@ class TransferPlan:
         counts: ``counts[s][r]`` = message rows rank ``s`` sends to rank ``r`` (``R x R``,
             identical on every rank: it comes from :meth:`EPBackend.exchange_meta`).
         row_bytes: bytes of one dispatch message row (:class:`~fp4comm.ep.message.MessageLayout`).
-        hidden: ``H``; a combine row is ``H`` BF16 values.
+        hidden: ``H``.
+        vec: ``[len(PLAN_ROWS), R]`` int64 on the device: the row offsets kernels index
+            with (:func:`plan_vectors`), copied once per dispatch without a host sync.
     """
 
     rank: int
     counts: tuple[tuple[int, ...], ...]
     row_bytes: int
     hidden: int
+    vec: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def row(self, name: str) -> torch.Tensor:
+        """``[R]`` int64 device vector ``name`` of :data:`PLAN_ROWS`."""
+        return self.vec[PLAN_ROWS.index(name)]
 
     @property
     def num_ranks(self) -> int:
@@ -82,12 +89,74 @@ class TransferPlan:
         return sum(self.recv_counts)
 
 
-#: ``pack(dests)``: fill ``dests[r]`` (``[plan.send_counts[r], row_bytes]`` uint8, any memory
-#: the kernels can store to) with this rank's message rows for rank ``r``.
-PackFn = Callable[[list[torch.Tensor]], None]
-#: ``reduce(dests)``: fill ``dests[s]`` (``[plan.recv_counts[s], H]`` bfloat16) with the
-#: expert-side partial sums of the rows received from rank ``s``, in receive order.
-ReduceFn = Callable[[list[torch.Tensor]], None]
+#: device vectors of a plan (rows of ``TransferPlan.vec``), for rank ``r`` / source ``s``:
+PLAN_ROWS = (
+    "send_start",  # first row of the block for r in this rank's send order
+    "in_receiver",  # first row of this rank's block inside r's receive buffer
+    "recv_start",  # first received row from s
+    "recv_end",  # end (exclusive) of the received rows from s
+    "at_source_shift",  # (first row of this rank's block in s's send order) - recv_start[s]
+    "plus_one",  # s + 1
+    "send_status",  # send_start[r] + r
+    "recv_status",  # recv_start[s] + s
+    "send_data",  # send_start[r] + r + 1
+)
+
+
+def plan_vectors(counts, rank: int) -> list[list[int]]:
+    """Host values of :data:`PLAN_ROWS` for ``counts[s][r]`` (``R x R``)."""
+    R = len(counts)
+    send = [counts[rank][r] for r in range(R)]
+    recv = [counts[s][rank] for s in range(R)]
+    send_start = [0, *accumulate(send)][:-1]
+    recv_start = [0, *accumulate(recv)][:-1]
+    in_recv = [sum(counts[s][r] for s in range(rank)) for r in range(R)]
+    at_src = [sum(counts[s][r] for r in range(rank)) - recv_start[s] for s in range(R)]
+    return [
+        send_start,
+        in_recv,
+        recv_start,
+        [a + b for a, b in zip(recv_start, recv)],
+        at_src,
+        [s + 1 for s in range(R)],
+        [a + r for r, a in enumerate(send_start)],
+        [a + s for s, a in enumerate(recv_start)],
+        [a + r + 1 for r, a in enumerate(send_start)],
+    ]
+
+
+def host_to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Small int64 host table -> device without a host sync: a pinned staging copy and a
+    non-blocking transfer (the caching host allocator keeps the staging buffer alive until
+    the copy ran). On the CPU a plain tensor."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class RowTargets:
+    """Where a kernel stores (or reads) the rows for rank ``r``: row ``row_base[r] + i`` of the
+    buffer at address ``table[r]`` (row ``i`` of ``views[r]``).
+
+    Attributes:
+        views: ``R`` tensors, the block of each rank (the ``impl="reference"`` path writes them).
+        table: ``[R]`` int64 device addresses; cached by the backend (fixed buffers).
+        row_base: ``[R]`` int64 on the device (a row of ``TransferPlan.vec``).
+    """
+
+    views: list[torch.Tensor]
+    table: torch.Tensor
+    row_base: torch.Tensor
+
+
+#: ``pack(t)``: store this rank's message rows for rank ``r`` (``plan.send_counts[r]`` rows of
+#: ``row_bytes``) at ``t`` (any memory the kernels can store to).
+PackFn = Callable[[RowTargets], None]
+#: ``reduce(t)``: store the expert-side combine rows of the rows received from rank ``s`` at
+#: ``t`` (``t.row_base[s]`` here is the shift: received row ``n`` goes to row ``n + shift[s]``).
+ReduceFn = Callable[[RowTargets], None]
 
 
 class EPBackend(ABC):
@@ -107,29 +176,48 @@ class EPBackend(ABC):
         self.device = device
         self.config = config
 
-    @abstractmethod
     def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
         """All-gather a small vector: ``meta`` ``[W]`` int64 on :attr:`device` ->
-        ``[R, W]`` int64 **on the CPU** (row ``s`` from rank ``s``). A host sync; the buffer
-        calls it once per dispatch (counts + validation codes) and once per combine
-        (validation codes), so every rank sees every rank's errors and counts."""
+        ``[R, W]`` int64 **on the CPU** (row ``s`` from rank ``s``). One collective and one
+        host sync; the buffer calls it once per dispatch (counts + validation codes), never
+        in combine."""
+        import torch.distributed as dist
+
+        R = dist.get_world_size(self.group)
+        meta = meta.to(self.device, torch.int64).contiguous()
+        out = torch.empty(R, meta.shape[0], dtype=torch.int64, device=self.device)
+        dist.all_gather(list(out.unbind(0)), meta, group=self.group)
+        return out.cpu()
 
     @abstractmethod
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:
-        """Call ``pack`` once with one destination tensor per rank, move the rows, and
+        """Call ``pack`` once with the destination of every rank's rows, move the rows, and
         return this rank's received rows: ``[plan.num_recv, row_bytes]`` uint8 on
         :attr:`device`, grouped by source rank (ascending), each group in the sender's order.
-        The tensor stays valid until the next ``dispatch_rows`` (for reusable buffers)."""
+        The tensor stays valid until the next ``dispatch_rows`` (fixed buffers)."""
 
     @abstractmethod
-    def combine_rows(self, plan: TransferPlan, reduce: ReduceFn) -> list[torch.Tensor]:
-        """Call ``reduce`` once with one destination tensor per source rank, move the
-        partial rows back, and return, for each rank ``r``, this rank's partial rows from
-        ``r``: ``[plan.send_counts[r], H]`` bfloat16, in the order the dispatch rows were
-        sent to ``r``."""
+    def combine_rows(self, plan: TransferPlan, reduce: ReduceFn, crow_bytes: int, code: int) -> RowTargets:
+        """Call ``reduce`` once (unless ``code`` != 0: this rank's combine input is bad, it
+        sends ``code`` instead of rows), move the combine rows (``crow_bytes`` each) back,
+        and return where this rank's rows from each rank ``r`` are (``plan.send_counts[r]``
+        rows, in the order the dispatch rows were sent to ``r``). No host sync: the codes
+        every rank sent travel with the rows and :meth:`check` reads them."""
+
+    def check(self, what: str) -> list[int]:
+        """After the kernels of a ``dispatch`` / ``combine`` were launched: host sync if the
+        backend has anything to report; raises ``TimeoutError`` naming a silent peer, and
+        returns the code each rank sent with its combine rows (``what == "combine"``)."""
+        return [0] * dist_world(self.group)
 
     def destroy(self) -> None:  # noqa: B027 - optional hook
         """Free backend resources (symmetric memory, streams). Idempotent."""
+
+
+def dist_world(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
 
 
 def pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

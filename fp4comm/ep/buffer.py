@@ -28,9 +28,9 @@ from .._checks import check_choice, check_positive_int, check_tensor
 from .._runtime import IMPLS, cdiv, round_up, use_triton
 from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
 from ..reference import ep as ref
-from .backend import EPBackend, TransferPlan, pointer_table
+from .backend import EPBackend, RowTargets, TransferPlan, host_to_device, plan_vectors, pointer_table
 from .layout import _layout
-from .message import PAYLOADS, MessageLayout
+from .message import COMBINE_PAYLOADS, PAYLOADS, CombineLayout, MessageLayout
 
 #: backend name -> "module:Class" (imported on first use). One line per backend.
 BACKENDS: dict[str, str] = {
@@ -86,6 +86,12 @@ class EPConfig:
             ``nvlink`` backend); default ``R * max_tokens_per_rank`` (never overflows).
         fp8_ue8m0: fp8 scales rounded up to powers of two.
         impl: ``"auto"`` | ``"triton"`` | ``"reference"`` (see ``fp4comm._runtime``).
+        combine_payload: combine wire, ``"bf16"`` (default) | ``"fp8"`` | ``"nvfp4"``: each
+            per-(token, rank) partial row is quantized per row on the expert side and
+            dequantized to FP32 on the source before the sum (``fp4comm/reference/ep.py``).
+        timeout_s: ``nvlink`` backend, GPU: seconds a flag wait spins before a silent peer
+            raises ``TimeoutError`` (launchers may take it from the environment; the
+            library never reads it there).
     """
 
     hidden: int
@@ -99,6 +105,8 @@ class EPConfig:
     max_recv_tokens: int | None = None
     fp8_ue8m0: bool = False
     impl: str = "auto"
+    combine_payload: str = "bf16"
+    timeout_s: float = 60.0
 
     def encode(self, world_size: int) -> list[int]:
         """Integers compared across ranks at construction (invalid values encode as -1)."""
@@ -120,6 +128,7 @@ class EPConfig:
             -2 if self.max_m is None else num(self.max_m),
             -2 if self.max_recv_tokens is None else num(self.max_recv_tokens),
             int(bool(self.fp8_ue8m0)),
+            code(self.combine_payload, COMBINE_PAYLOADS),
             world_size,
         ]
 
@@ -134,6 +143,7 @@ class EPConfig:
         "max_m",
         "max_recv_tokens",
         "fp8_ue8m0",
+        "combine_payload",
         "group (world size)",
     )
 
@@ -145,19 +155,18 @@ _BUFFER_IDS = itertools.count(1)
 class EPHandle:
     """What :meth:`EPBuffer.combine` needs from the dispatch that produced it.
 
-    Valid until the buffer's next ``dispatch`` or ``destroy`` (``generation`` is checked).
+    Valid until the buffer's next ``dispatch`` or ``destroy`` (``generation`` is checked):
+    ``slot_map`` is a view of a fixed buffer the next dispatch overwrites.
 
     Attributes:
         buffer_id, generation: identify the dispatch.
-        plan: row counts between every pair of ranks.
+        plan: row counts between every pair of ranks, and their device offsets (``plan.vec``).
         num_tokens: ``T`` of this rank's dispatch.
         rank_offset: ``[T, R]`` int32, row of token ``t`` in the block sent to rank ``r``, -1 if not sent.
         slot_map: ``[N_recv, K]`` int32, ``e_local * max_m + slot`` of each received ``(row, k)``
             pair routed to a local expert, -1 otherwise (the map back).
         slot_weights: ``[El * max_m]`` float32, weight of each slot (the dispatch output's
             ``topk_weights``, flattened).
-        src_rank: ``[N_recv]`` int32, source rank of each received row.
-        src_row: ``[N_recv]`` int64, row of each received row within its source's block.
         max_m: rows per expert of the masked layout.
     """
 
@@ -168,8 +177,6 @@ class EPHandle:
     rank_offset: torch.Tensor
     slot_map: torch.Tensor
     slot_weights: torch.Tensor
-    src_rank: torch.Tensor
-    src_row: torch.Tensor
     max_m: int
 
 
@@ -250,7 +257,7 @@ def _raise_collective(codes: list[int], local: _InputError | None, rank: int, wh
     for r, c in enumerate(codes):
         if c:
             arg = _InputError.ARGS[c - 1]
-            raise ValueError(f"{arg}: invalid on rank {r} (see that rank's error); {what} did nothing")
+            raise ValueError(f"{arg}: invalid on rank {r} (see that rank's error); {what} did nothing on any rank")
 
 
 # ----------------------------------------------------------------------------- launch heuristics
@@ -270,17 +277,24 @@ def triton_next_pow2(n: int) -> int:
 # validation (EPBuffer validates) and never communicate.
 
 
+def _targets(dests, device) -> RowTargets:
+    """A list of destination tensors (free-function use) -> :class:`RowTargets` (a pointer
+    table per call: the buffer passes cached tables instead)."""
+    if isinstance(dests, RowTargets):
+        return dests
+    return RowTargets(list(dests), pointer_table(dests, device), torch.zeros(len(dests), dtype=torch.int64, device=device))
+
+
 def pack_rows(
     msg: MessageLayout,
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     rank_offset: torch.Tensor,
-    dests: list[torch.Tensor],
+    dests: RowTargets | list[torch.Tensor],
     *,
     global_scale="per_token",
     ue8m0: bool = False,
-    dest_row_base: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> None:
     """Quantize ``x`` once per token and store its message row into every destination.
@@ -291,11 +305,11 @@ def pack_rows(
             ``topk_weights`` ``[T, K]`` float32.
         rank_offset: ``[T, R]`` int32, row of token ``t`` in destination ``r``, -1 = not sent
             (:class:`~fp4comm.ep.DispatchLayout`).
-        dests: ``R`` uint8 tensors; token ``t`` goes to row ``dest_row_base[r] + rank_offset[t, r]``
-            of ``dests[r]`` (rows of ``msg.row_bytes``). Any memory the kernel can store to:
-            a local send buffer or a peer's symmetric buffer.
+        dests: :class:`~fp4comm.ep.backend.RowTargets` (token ``t`` goes to row
+            ``row_base[r] + rank_offset[t, r]`` at ``table[r]``), or ``R`` uint8 tensors
+            of ``msg.row_bytes`` rows (row ``rank_offset[t, r]`` of ``dests[r]``). Any memory
+            the kernel can store to: a local send buffer or a peer's symmetric buffer.
         global_scale: nvfp4 ``gs``: ``"per_token"``, a float / 0-dim float32 tensor, or ``[T]``.
-        dest_row_base: ``[R]`` int64 on the device (default zeros).
     """
     T, H = x.shape
     R = rank_offset.shape[1]
@@ -303,33 +317,32 @@ def pack_rows(
     if T == 0:
         return
     if not use_triton(dev, impl):
+        views = dests.views if isinstance(dests, RowTargets) else dests
         rows = ref.pack_rows_ref(msg, x, topk_ids, topk_weights, rank_offset, global_scale, ue8m0)
         counts = (rank_offset >= 0).sum(0).tolist()
-        bases = [0] * R if dest_row_base is None else dest_row_base.tolist()
-        for d, part, b in zip(dests, rows.split(counts), bases):
-            d.view(-1, msg.row_bytes)[b : b + part.shape[0]].copy_(part)
+        for d, part in zip(views, rows.split(counts)):
+            d.view(-1, msg.row_bytes)[: part.shape[0]].copy_(part)
         return
     from ..kernels.dispatch import ep_pack_kernel
 
-    gs_mode, gs = 2, topk_weights  # gs pointer unused unless GS_MODE 0 / 1
+    t = _targets(dests, dev)
+    gs_mode, gs, gs_value = 2, topk_weights, 1.0  # gs pointer unused unless GS_MODE 0 / 1
     if msg.payload == "nvfp4":
         if x.data_ptr() % 4:  # the kernel reads BF16 element pairs as 32-bit words
             x = x.clone()
         nb = triton_next_pow2(H // NVFP4_BLOCK)
         elems = nb * NVFP4_BLOCK
-        if isinstance(global_scale, torch.Tensor) and global_scale.dim() == 1:
-            gs_mode, gs = 1, global_scale.float().contiguous()
+        if isinstance(global_scale, torch.Tensor):
+            gs_mode, gs = (1 if global_scale.dim() == 1 else 0), global_scale.float().contiguous()
         elif not isinstance(global_scale, str):
-            gs_mode, gs = 0, torch.as_tensor(global_scale, dtype=torch.float32, device=dev).reshape(1)
+            gs_mode, gs_value = 3, float(global_scale)  # a kernel argument: no host->device copy
     elif msg.payload == "fp8":
         nb = triton_next_pow2(H // FP8_BLOCK)
         elems = nb * FP8_BLOCK
     else:
         nb = elems = triton_next_pow2(H)
-    base = torch.zeros(R, dtype=torch.int64, device=dev) if dest_row_base is None else dest_row_base
     ep_pack_kernel[(T,)](
-        x, topk_ids.contiguous(), topk_weights.contiguous(), gs, rank_offset.contiguous(),
-        pointer_table(dests, dev), base, R, H,
+        x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
         K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
@@ -349,6 +362,25 @@ class PermuteResult:
     slot_map: torch.Tensor
 
 
+#: the permute-index phases hold a one-hot tile of ``SUB * KP * ELP`` int32 (sub-block rows x
+#: padded top-k x padded local experts): 4096 values keeps it in registers at 4 warps
+_ONEHOT_TILE = 4096
+#: at most this many chunks: phase 2 sums the histograms of the chunks before its own, so
+#: its cost grows with C; 128 ~ one program per SM on H100/H200
+_MAX_CHUNKS = 128
+
+
+def _permute_index_params(N: int, K: int, El: int) -> tuple[int, int, int, int, int]:
+    """``(KP, ELP, SUB, BLOCK_N, C)`` of the two-phase slot assignment (see
+    :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`): ``C`` chunks of ``BLOCK_N`` rows, scanned
+    ``SUB`` rows at a time."""
+    KP, ELP = triton_next_pow2(K), max(2, triton_next_pow2(El))
+    SUB = max(1, min(64, _ONEHOT_TILE // (KP * ELP)))
+    SUB = 1 << (SUB.bit_length() - 1)
+    block_n = max(SUB, triton_next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
+    return KP, ELP, SUB, block_n, cdiv(N, block_n)
+
+
 def permute_rows(
     msg: MessageLayout,
     rows: torch.Tensor,
@@ -357,29 +389,36 @@ def permute_rows(
     num_local_experts: int,
     max_m: int,
     scale_layout: str = "swizzled",
+    slot_map: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> PermuteResult:
-    """Received message rows -> masked per-expert layout, deterministic.
+    """Received message rows -> masked per-expert layout (see :class:`DispatchOutput`).
 
     Args:
-        rows: ``[N, msg.row_bytes]`` uint8, in receive order (source rank, then source token).
+        rows: ``[N, row_bytes]`` uint8, grouped by source rank (ascending), token order within.
         expert_base: global id of this rank's first expert; ``num_local_experts``: ``El``.
-        max_m: rows per expert (multiple of 128); pairs past it are dropped (callers check
-            capacity first).
+        max_m: rows per expert (multiple of 128).
+        slot_map: optional ``[N, K]`` int32 output (a view of a fixed buffer); every entry
+            is written.
 
     Each ``(row n, k)`` routed to a local expert takes the next slot of that expert in the
-    order (n, k) ascending. Payload rows ``>= masked_m`` are left uninitialized by the Triton
-    path (zero in the reference); scales are zero there, ``global_scale`` 1, weights 0.
+    order (n, k) ascending (two phases: per-chunk expert histograms, then each chunk's
+    slots from the sum of the earlier chunks' histograms). Payload rows ``>= masked_m`` are
+    left uninitialized by the Triton path (zero in the reference); scales are zero there,
+    ``global_scale`` 1, weights 0.
     """
     El, K, dev = num_local_experts, msg.num_topk, rows.device
     N = rows.shape[0]
     if not use_triton(dev, impl):
         ids = rows[:, msg.ids_offset : msg.ids_offset + 4 * K].contiguous().view(torch.int32)
-        slot_map, masked_m = ref.permute_index_ref(ids, expert_base, El, max_m)
-        lay = ref.permute_ref(msg, rows, slot_map, El, max_m, scale_layout)
-        return PermuteResult(lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, slot_map)
+        sm, masked_m = ref.permute_index_ref(ids, expert_base, El, max_m)
+        lay = ref.permute_ref(msg, rows, sm, El, max_m, scale_layout)
+        if slot_map is not None:
+            slot_map.copy_(sm)
+            sm = slot_map
+        return PermuteResult(lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, sm)
 
-    from ..kernels.dispatch import ep_permute_index_kernel, ep_permute_kernel
+    from ..kernels.dispatch import ep_permute_hist_kernel, ep_permute_index_kernel, ep_permute_kernel
 
     pdtype, pcols = {
         "nvfp4": (torch.uint8, msg.hidden // 2),
@@ -396,12 +435,21 @@ def permute_rows(
     elif msg.payload == "fp8":
         scales = torch.zeros(El, max_m, ksf, dtype=torch.float32, device=dev)
     w = torch.zeros(El, max_m, dtype=torch.float32, device=dev)
-    masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
-    slot_map = torch.full((N, K), -1, dtype=torch.int32, device=dev)
-    if N > 0:
-        ep_permute_index_kernel[(El,)](
-            rows, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, max_m,
-            K=K, KP=triton_next_pow2(K), BLOCK_N=min(1024, max(16, triton_next_pow2(N))),
+    if slot_map is None:
+        slot_map = torch.empty(N, K, dtype=torch.int32, device=dev)
+    if N == 0:
+        masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
+    else:
+        masked_m = torch.empty(El, dtype=torch.int32, device=dev)
+        KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El)
+        hist = torch.empty(C, ELP, dtype=torch.int32, device=dev)
+        common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
+        ep_permute_hist_kernel[(C,)](
+            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4
+        )
+        ep_permute_index_kernel[(C,)](
+            rows, hist, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
+            block_n, C, **common, num_warps=4,
         )  # fmt: skip
         words = msg.payload_bytes // 4
         ep_permute_kernel[(N,)](
@@ -418,67 +466,91 @@ def permute_rows(
     return PermuteResult(x, scales, gs, w, masked_m, slot_map)
 
 
+def _combine_launch(wire: str, H: int) -> dict:
+    """Tile of the combine kernels: the bf16 wire splits a row over programs of 1024 columns;
+    fp8 / nvfp4 wires hold the whole row in one program (the per-row scale needs its amax)."""
+    lay = CombineLayout(wire, H)
+    if wire == "bf16":
+        bh = min(1024, triton_next_pow2(H))
+        return dict(CPAYLOAD=2, BLOCK_H=bh, NB=1, CROW_BYTES=lay.row_bytes, CSCALE_OFF=lay.scale_offset,
+                    num_warps=4, _split=cdiv(H, bh))  # fmt: skip
+    nb = triton_next_pow2(max(H // NVFP4_BLOCK, 8)) if wire == "nvfp4" else triton_next_pow2(H // FP8_BLOCK)
+    return dict(CPAYLOAD=0 if wire == "nvfp4" else 1, BLOCK_H=16, NB=nb, CROW_BYTES=lay.row_bytes,
+                CSCALE_OFF=lay.scale_offset, num_warps=_row_warps(H), _split=1)  # fmt: skip
+
+
 def combine_expert(
     expert_out: torch.Tensor,
     slot_map: torch.Tensor,
     slot_weights: torch.Tensor,
-    dests: list[torch.Tensor],
-    src_rank: torch.Tensor,
-    src_row: torch.Tensor,
+    dests: RowTargets,
+    recv_end: torch.Tensor,
     *,
+    wire: str = "bf16",
     impl: str = "auto",
 ) -> None:
-    """Expert side of combine: one BF16 partial row per received row.
+    """Expert side of combine: one combine row per received row.
 
     Args:
         expert_out: ``[El, max_m, H]`` bfloat16 contiguous.
         slot_map: ``[N, K]`` int32 (:class:`PermuteResult`); ``slot_weights``: ``[El * max_m]`` float32.
-        dests: per source rank ``s``, a ``[n_s, H]`` bfloat16 tensor (local or a peer's);
-            received row ``n`` is written to row ``src_row[n]`` of ``dests[src_rank[n]]``.
-        src_rank: ``[N]`` int32; ``src_row``: ``[N]`` int64.
+        dests: per source rank ``s``: received row ``n`` goes to row ``n + dests.row_base[s]``
+            at ``dests.table[s]`` (``views[s]``: the block of ``s``, rows from 0); rows of
+            :class:`~fp4comm.ep.message.CombineLayout` ``(wire, H)``.
+        recv_end: ``[R]`` int64, end (exclusive) of the received rows of each source.
+        wire: ``"bf16"`` | ``"fp8"`` | ``"nvfp4"``.
 
     Row value: FP32 ``acc = acc + w_k * float(out[slot])`` over local ``k`` ascending, one BF16
-    rounding (RNE) at the end; no FMA (bit-exact with :func:`~fp4comm.reference.ep.combine_expert_ref`).
+    rounding (RNE), then (fp8 / nvfp4 wires) quantized per row; no FMA (bit-exact with
+    :func:`~fp4comm.reference.ep.combine_expert_ref` + ``encode_combine_rows_ref``).
     """
     N = slot_map.shape[0]
     H = expert_out.shape[-1]
     if N == 0:
         return
     if not use_triton(expert_out.device, impl):
-        part = ref.combine_expert_ref(expert_out, slot_map, slot_weights)
-        for s, d in enumerate(dests):
-            m = src_rank == s
-            if bool(m.any()):
-                d[src_row[m]] = part[m]
+        part = ref.encode_combine_rows_ref(ref.combine_expert_ref(expert_out, slot_map, slot_weights), wire)
+        for d, blk in zip(dests.views, part.split([v.shape[0] for v in dests.views])):
+            d.view(torch.uint8).view(-1, part.shape[1])[: blk.shape[0]].copy_(blk)
         return
     from ..kernels.dispatch import ep_combine_expert_kernel
 
-    bh = min(1024, triton_next_pow2(H))
-    ep_combine_expert_kernel[(N, cdiv(H, bh))](
-        expert_out, slot_map, slot_weights, pointer_table(dests, expert_out.device), src_rank, src_row, H,
-        K=slot_map.shape[1], BLOCK_H=bh, num_warps=4, enable_fp_fusion=False,
+    kw = _combine_launch(wire, H)
+    split = kw.pop("_split")
+    ep_combine_expert_kernel[(N, split)](
+        expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, dests.table.shape[0],
+        H=H, K=slot_map.shape[1], enable_fp_fusion=False, **kw,
     )  # fmt: skip
 
 
 def combine_source(
-    parts: list[torch.Tensor], rank_offset: torch.Tensor, hidden: int, *, impl: str = "auto"
+    parts: RowTargets | list[torch.Tensor],
+    rank_offset: torch.Tensor,
+    hidden: int,
+    *,
+    wire: str = "bf16",
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Source side of combine: ``parts[r]`` ``[n_r, H]`` bfloat16 partial rows back from rank
-    ``r`` (in the order the dispatch rows were sent; local or a peer's memory),
-    ``rank_offset`` ``[T, R]`` int32 -> ``[T, H]`` bfloat16, FP32 sum over ranks ascending, one
-    BF16 rounding; tokens sent nowhere get zeros."""
+    """Source side of combine: rows back from rank ``r`` (row ``i`` = the token sent to
+    ``r`` as its ``i``-th row; :class:`RowTargets` or ``R`` tensors of rows), ``rank_offset``
+    ``[T, R]`` int32 -> ``[T, H]`` bfloat16, FP32 sum over ranks ascending (fp8 / nvfp4 rows
+    dequantized to FP32 first), one BF16 rounding; tokens sent nowhere get zeros."""
     T = rank_offset.shape[0]
     dev = rank_offset.device
     if not use_triton(dev, impl):
-        return ref.combine_source_ref(parts, rank_offset, hidden)
+        views = parts.views if isinstance(parts, RowTargets) else parts
+        rb = CombineLayout(wire, hidden).row_bytes
+        views = [v if v.dtype == torch.bfloat16 else v.view(torch.uint8).view(-1, rb) for v in views]
+        return ref.combine_source_ref(views, rank_offset, hidden, wire)
     from ..kernels.dispatch import ep_combine_source_kernel
 
+    t = _targets(parts, dev)
     y = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
     if T:
-        bh = min(1024, triton_next_pow2(hidden))
-        ep_combine_source_kernel[(T, cdiv(hidden, bh))](
-            pointer_table(parts, dev), rank_offset.contiguous(), y, rank_offset.shape[1], hidden,
-            BLOCK_H=bh, num_warps=4, enable_fp_fusion=False,
+        kw = _combine_launch(wire, hidden)
+        split = kw.pop("_split")
+        ep_combine_source_kernel[(T, split)](
+            t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
         )  # fmt: skip
     return y
 
@@ -490,7 +562,7 @@ class EPBuffer:
     Args:
         group: ``torch.distributed`` process group (``None``: the default group).
         hidden, num_experts, num_topk, max_tokens_per_rank, payload, backend, scale_layout,
-        max_m, max_recv_tokens, fp8_ue8m0, impl: see :class:`EPConfig`.
+        max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s: see :class:`EPConfig`.
         device: where tensors live; default ``cuda:<current>`` for NCCL groups, else CPU.
 
     Construction is collective: one small all-gather checks that every rank passed the
@@ -514,6 +586,8 @@ class EPBuffer:
         fp8_ue8m0: bool = False,
         impl: str = "auto",
         device: torch.device | str | None = None,
+        combine_payload: str = "bf16",
+        timeout_s: float = 60.0,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("group: torch.distributed is not initialized (call init_process_group first)")
@@ -526,7 +600,7 @@ class EPBuffer:
         self.device = torch.device(device)
         self.config = EPConfig(
             hidden, num_experts, num_topk, max_tokens_per_rank, payload, scale_layout, backend,
-            max_m, max_recv_tokens, fp8_ue8m0, impl,
+            max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s,
         )  # fmt: skip
         self._check_config_across_ranks()
         self._validate_config()
@@ -534,9 +608,14 @@ class EPBuffer:
         self.num_local_experts = cfg.num_experts // self.num_ranks
         self.msg = MessageLayout(cfg.payload, cfg.hidden, cfg.num_topk)
         self.max_recv_tokens = cfg.max_recv_tokens or self.num_ranks * cfg.max_tokens_per_rank
+        self.clayout = CombineLayout(cfg.combine_payload, cfg.hidden)
         self.backend: EPBackend | None = get_backend_class(cfg.backend)(group, self.device, cfg)
         self._id = next(_BUFFER_IDS)
         self._generation = 0
+        self._handle: EPHandle | None = None  # latest dispatch (combine's transport plan)
+        # fixed: the map back of the latest dispatch (handles hold views of it)
+        self._slot_map = torch.empty(self.max_recv_tokens, cfg.num_topk, dtype=torch.int32, device=self.device)
+        self.calls = {"dispatch": 0, "combine": 0}  # counters (tests, benchmarks)
 
     # ---- construction checks
     def _check_config_across_ranks(self) -> None:
@@ -559,6 +638,9 @@ class EPBuffer:
         check_choice("scale_layout", cfg.scale_layout, SCALE_LAYOUTS)
         check_choice("backend", cfg.backend, list(BACKENDS))
         check_choice("impl", cfg.impl, IMPLS)
+        check_choice("combine_payload", cfg.combine_payload, COMBINE_PAYLOADS)
+        if isinstance(cfg.timeout_s, bool) or not isinstance(cfg.timeout_s, (int, float)) or not 0 < cfg.timeout_s <= 2000:
+            raise ValueError(f"timeout_s: must be in (0, 2000] seconds, got {cfg.timeout_s!r}")
         if cfg.num_experts % self.num_ranks:
             raise ValueError(f"num_experts: must be a multiple of the world size {self.num_ranks}, got {cfg.num_experts}")
         if cfg.payload == "fp8" and cfg.hidden % FP8_BLOCK:
@@ -576,6 +658,7 @@ class EPBuffer:
             self.backend.destroy()
             self.backend = None
         self._generation += 1
+        self._handle = None
 
     def __enter__(self) -> EPBuffer:
         return self
@@ -676,14 +759,17 @@ class EPBuffer:
             )
         local = experts[self.rank * El : (self.rank + 1) * El]
         max_m = cfg.max_m if cfg.max_m is not None else ref.round_max_m(local)
-        plan = TransferPlan(self.rank, tuple(tuple(c) for c in counts.tolist()), self.msg.row_bytes, cfg.hidden)
+        counts_l = tuple(tuple(c) for c in counts.tolist())
+        vec = host_to_device(plan_vectors(counts_l, self.rank), self.device)  # one async copy
+        plan = TransferPlan(self.rank, counts_l, self.msg.row_bytes, cfg.hidden, vec)
 
         self._generation += 1
+        self._handle = None
         impl = cfg.impl
         weights = topk_weights.float().contiguous()
         ids = topk_ids.contiguous()
 
-        def pack(dests: list[torch.Tensor]) -> None:
+        def pack(dests: RowTargets) -> None:
             pack_rows(
                 self.msg, x, ids, weights, lay.rank_offset, dests,
                 global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
@@ -692,18 +778,15 @@ class EPBuffer:
         recv = backend.dispatch_rows(plan, pack)
         p = permute_rows(
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
-            scale_layout=cfg.scale_layout, impl=impl,
+            scale_layout=cfg.scale_layout, slot_map=self._slot_map[: plan.num_recv], impl=impl,
         )  # fmt: skip
-        src_rank = torch.repeat_interleave(
-            torch.arange(R, dtype=torch.int32, device=self.device),
-            torch.tensor(plan.recv_counts, dtype=torch.int64, device=self.device),
-        )
-        offs = torch.tensor(plan.recv_offsets, dtype=torch.int64, device=self.device)
-        src_row = torch.arange(plan.num_recv, dtype=torch.int64, device=self.device) - offs[src_rank.long()]
+        backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued
         handle = EPHandle(
             self._id, self._generation, plan, x.shape[0], lay.rank_offset, p.slot_map,
-            p.topk_weights.reshape(-1), src_rank, src_row, max_m,
+            p.topk_weights.reshape(-1), max_m,
         )  # fmt: skip
+        self._handle = handle
+        self.calls["dispatch"] += 1
         return DispatchOutput(
             x=p.x, scales=p.scales, global_scale=p.global_scale, masked_m=p.masked_m, topk_weights=p.topk_weights,
             handle=handle, payload=cfg.payload, scale_layout=cfg.scale_layout, hidden=cfg.hidden,
@@ -745,23 +828,35 @@ class EPBuffer:
 
         Rounding order (bit-exact with ``fp4comm.reference.ep``): on the expert's rank, per
         received row, FP32 ``acc = acc + w_k * float(out)`` over its local ``k`` ascending
-        (product and sum rounded separately, no FMA), rounded once to BF16 and sent (one row
-        per (token, rank)); on the source, FP32 ``acc = acc + float(partial_r)`` over ranks
-        ascending, rounded once to BF16. So the result differs from an all-FP32 sum by at
-        most the BF16 roundings of the per-rank partials and of the total.
-        Collective; a bad argument on any rank raises on every rank before data moves.
+        (product and sum rounded separately, no FMA), rounded once to BF16 (and, for
+        ``combine_payload`` fp8 / nvfp4, quantized per row) and sent (one row per (token,
+        rank)); on the source, FP32 ``acc = acc + float(partial_r)`` over ranks ascending
+        (quantized rows dequantized to FP32 first), rounded once to BF16. So with the bf16
+        wire the result differs from an all-FP32 sum by at most the BF16 roundings of the
+        per-rank partials and of the total.
+
+        Collective; one data exchange, no other collective. A bad argument on any rank raises
+        on every rank: the bad rank sends its error code in place of its rows (transport
+        sized by this buffer's latest dispatch, which every rank agrees on), so no rank
+        hangs and no output is returned. One host sync, after every kernel is queued (the
+        codes; the nvlink backend's timeout status with them).
         """
         backend = self._alive()
         err = self._validate_combine(expert_out, handle)
-        meta = torch.tensor([0 if err is None else err.code], dtype=torch.int64, device=self.device)
-        codes = backend.exchange_meta(meta)[:, 0].tolist()
-        _raise_collective(codes, err, self.rank, "combine")
-        plan, impl = handle.plan, self.config.impl
+        cur = self._handle
+        if cur is None:  # no dispatch on this buffer: no rank can hold a valid handle
+            raise (err.exc if err is not None else RuntimeError("combine: no dispatch on this buffer"))
+        code = 0 if err is None else err.code
+        plan, impl, wire = cur.plan, self.config.impl, self.config.combine_payload
 
-        def reduce(dests: list[torch.Tensor]) -> None:
+        def reduce(dests: RowTargets) -> None:
             combine_expert(
-                expert_out, handle.slot_map, handle.slot_weights, dests, handle.src_rank, handle.src_row, impl=impl
+                expert_out, cur.slot_map, cur.slot_weights, dests, plan.row("recv_end"), wire=wire, impl=impl
             )
 
-        parts = backend.combine_rows(plan, reduce)
-        return combine_source(parts, handle.rank_offset, self.config.hidden, impl=impl)
+        parts = backend.combine_rows(plan, reduce, self.clayout.row_bytes, code)
+        y = combine_source(parts, cur.rank_offset, self.config.hidden, wire=wire, impl=impl)
+        codes = backend.check("combine")
+        _raise_collective(codes, err, self.rank, "combine")
+        self.calls["combine"] += 1
+        return y

@@ -168,3 +168,55 @@ def unpack_messages(layout: MessageLayout, rows: torch.Tensor) -> MessageFields:
         topk_weights=sec(layout.weights_offset, 4 * k, torch.float32),
         src_index=sec(layout.src_offset, 4, torch.int32).reshape(n),
     )
+
+
+# ----------------------------------------------------------------------------- combine rows
+COMBINE_PAYLOADS = ("bf16", "fp8", "nvfp4")
+
+
+@dataclass(frozen=True)
+class CombineLayout:
+    """One combine row (expert side -> source, one per (token, rank)) on the wire::
+
+        bf16:  [ H BF16 ]                                     2H B
+        fp8:   [ H E4M3 | H/128 FP32 scales (16-aligned) ]    H + H/32 B, rounded to 16
+        nvfp4: [ H/2 E2M1 | H/16 E4M3 (16-aligned) | gs FP32 (16-aligned) | pad to 16 ]
+
+    The same layout as the low-latency combine rows (``kernels/nvlink.py`` ``_store_row``).
+    """
+
+    payload: str
+    hidden: int
+
+    def __post_init__(self) -> None:
+        if self.payload not in COMBINE_PAYLOADS:
+            raise ValueError(f"combine_payload: must be one of {list(COMBINE_PAYLOADS)}, got {self.payload!r}")
+
+    @property
+    def payload_bytes(self) -> int:
+        return {"nvfp4": self.hidden // 2, "fp8": self.hidden, "bf16": 2 * self.hidden}[self.payload]
+
+    @property
+    def num_scales(self) -> int:
+        return {"nvfp4": self.hidden // NVFP4_BLOCK, "fp8": self.hidden // FP8_BLOCK, "bf16": 0}[self.payload]
+
+    @property
+    def scale_bytes(self) -> int:
+        return self.num_scales * (4 if self.payload == "fp8" else 1)
+
+    @property
+    def scale_offset(self) -> int:
+        return round_up(self.payload_bytes, 16)
+
+    @property
+    def gs_offset(self) -> int:
+        return round_up(self.scale_offset + self.scale_bytes, 16)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.gs_offset + (16 if self.payload == "nvfp4" else 0)
+
+
+def combine_row_bytes(config) -> int:
+    """Bytes of one combine row of an ``EPConfig`` (its ``combine_payload`` and ``hidden``)."""
+    return CombineLayout(getattr(config, "combine_payload", "bf16"), config.hidden).row_bytes

@@ -22,6 +22,11 @@ Conventions (``T`` tokens, ``H`` hidden, ``K`` top-k, ``E`` experts, ``R`` ranks
    then one BF16 rounding (RNE) of ``acc``;
    source side, per token: ``acc = 0; for r ascending, if sent to r:
    acc = acc + float(partial_r)``, then BF16. A token sent nowhere gets zeros.
+4. Combine wire ``fp8`` / ``nvfp4`` (optional): the BF16 partial row of step 3 is quantized
+   per row on the expert side exactly as dispatch quantizes a token (fp8: 128-blocks,
+   ``scale = amax / 448``; nvfp4: per-row ``gs = 2688 / amax``, 16-blocks, E4M3 scales),
+   sent as a :class:`~fp4comm.ep.message.CombineLayout` row, and dequantized to FP32 on the
+   source (``e4m3 * scale``; ``e2m1 * float(sf) / gs``) before the rank-ordered FP32 sum.
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ep.message import MessageFields, MessageLayout, pack_messages, unpack_messages
-from ..formats import swizzle_scales
-from .quant import quantize_fp8_blockwise_ref, quantize_nvfp4_ref
+from ..ep.message import CombineLayout, MessageFields, MessageLayout, pack_messages, unpack_messages
+from ..formats import FP8_BLOCK, NVFP4_BLOCK, FP8BlockTensor, NVFP4Tensor, swizzle_scales
+from .quant import (
+    dequantize_fp8_blockwise_ref,
+    dequantize_nvfp4_ref,
+    quantize_fp8_blockwise_ref,
+    quantize_nvfp4_ref,
+)
 
 MASKED_M_ALIGN = 128
 
@@ -182,14 +192,70 @@ def combine_expert_ref(expert_out: torch.Tensor, slot_map: torch.Tensor, slot_we
     return acc.to(torch.bfloat16)
 
 
-def combine_source_ref(parts: list[torch.Tensor], rank_offset: torch.Tensor, hidden: int) -> torch.Tensor:
-    """Source side of combine: ``parts[r]`` = ``[n_r, H]`` BF16 partial rows back from rank
-    ``r`` (in send order) -> ``[T, H]`` BF16, summed over ranks in rank order in FP32."""
+def encode_combine_rows_ref(partial: torch.Tensor, wire: str = "bf16") -> torch.Tensor:
+    """BF16 partial rows ``[N, H]`` -> combine wire rows ``[N, CombineLayout.row_bytes]`` uint8
+    (padding bytes zero)."""
+    N, H = partial.shape
+    lay = CombineLayout(wire, H)
+    rows = torch.zeros(N, lay.row_bytes, dtype=torch.uint8, device=partial.device)
+    if wire == "bf16":
+        rows[:] = partial.contiguous().view(torch.uint8)
+        return rows
+    if wire == "fp8":
+        q = quantize_fp8_blockwise_ref(partial, FP8_BLOCK)
+        data, scales, gs = q.data.view(torch.uint8), q.scales.float().contiguous().view(torch.uint8), None
+    else:
+        q = quantize_nvfp4_ref(partial, "per_token", scale_layout="linear")
+        data, scales = q.data, q.scales.contiguous().view(torch.uint8)
+        gs = q.global_scale.float().expand(N).contiguous().view(torch.uint8).reshape(N, 4)
+    rows[:, : lay.payload_bytes] = data.reshape(N, -1)
+    rows[:, lay.scale_offset : lay.scale_offset + lay.scale_bytes] = scales.reshape(N, -1)
+    if gs is not None:
+        rows[:, lay.gs_offset : lay.gs_offset + 4] = gs
+    return rows
+
+
+def decode_combine_rows_ref(rows: torch.Tensor, hidden: int, wire: str = "bf16") -> torch.Tensor:
+    """Combine wire rows ``[N, row_bytes]`` uint8 -> ``[N, H]`` float32 (exact for bf16)."""
+    lay = CombineLayout(wire, hidden)
+    N = rows.shape[0]
+
+    def sec(off: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        return rows[:, off : off + nbytes].contiguous().view(dtype)
+
+    if wire == "bf16":
+        return sec(0, lay.payload_bytes, torch.bfloat16).float()
+    if wire == "fp8":
+        t = FP8BlockTensor(
+            data=sec(0, lay.payload_bytes, torch.float8_e4m3fn),
+            scales=sec(lay.scale_offset, lay.scale_bytes, torch.float32),
+            block=FP8_BLOCK,
+            ue8m0=False,
+        )
+        return dequantize_fp8_blockwise_ref(t, torch.float32)
+    t = NVFP4Tensor(
+        data=sec(0, lay.payload_bytes, torch.uint8),
+        scales=sec(lay.scale_offset, hidden // NVFP4_BLOCK, torch.float8_e4m3fn),
+        global_scale=sec(lay.gs_offset, 4, torch.float32).reshape(N),
+        scale_layout="linear",
+        shape=torch.Size((N, hidden)),
+    )
+    return dequantize_nvfp4_ref(t, torch.float32)
+
+
+def combine_source_ref(
+    parts: list[torch.Tensor], rank_offset: torch.Tensor, hidden: int, wire: str = "bf16"
+) -> torch.Tensor:
+    """Source side of combine: ``parts[r]`` = the rows back from rank ``r`` (in send order),
+    ``[n_r, H]`` BF16 or ``[n_r, row_bytes]`` uint8 wire rows of ``wire`` -> ``[T, H]`` BF16,
+    summed over ranks in rank order in FP32."""
     T = rank_offset.shape[0]
     acc = torch.zeros(T, hidden, dtype=torch.float32, device=rank_offset.device)
     for r, p in enumerate(parts):
         m = rank_offset[:, r] >= 0
-        acc[m] = acc[m] + p[rank_offset[m, r].long()].float()
+        rows = p[rank_offset[m, r].long()]
+        v = rows.float() if rows.dtype == torch.bfloat16 else decode_combine_rows_ref(rows, hidden, wire)
+        acc[m] = acc[m] + v
     return acc.to(torch.bfloat16)
 
 
@@ -257,9 +323,10 @@ def dispatch_ref(
     return DispatchRef(lay, masked_m, rows, slot_map, rank_offset, send_counts, recv_counts, mm, H)
 
 
-def combine_ref(expert_out: torch.Tensor, d: DispatchRef, group=None) -> torch.Tensor:
-    """Reference combine: ``expert_out [El, max_m, H]`` BF16 -> ``[T, H]`` BF16 on the source."""
+def combine_ref(expert_out: torch.Tensor, d: DispatchRef, group=None, wire: str = "bf16") -> torch.Tensor:
+    """Reference combine: ``expert_out [El, max_m, H]`` BF16 -> ``[T, H]`` BF16 on the source;
+    ``wire``: ``"bf16"`` | ``"fp8"`` | ``"nvfp4"`` combine rows (module doc, step 4)."""
     partial = combine_expert_ref(expert_out, d.slot_map, d.layout.topk_weights)
-    back = _a2a(partial, sum(d.send_counts), d.send_counts, d.recv_counts, group)
-    parts = list(back.view(torch.bfloat16).reshape(-1, d.hidden).split(d.send_counts))
-    return combine_source_ref(parts, d.rank_offset, d.hidden)
+    rows = encode_combine_rows_ref(partial, wire)
+    back = _a2a(rows, sum(d.send_counts), d.send_counts, d.recv_counts, group)
+    return combine_source_ref(list(back.split(d.send_counts)), d.rank_offset, d.hidden, wire)
