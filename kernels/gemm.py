@@ -130,6 +130,40 @@ def e2m1x2_scale_bf16(packed, scale, SOFT_DECODE: tl.constexpr):
 
 
 @triton.jit
+def e2m1_decode_scaled(c):
+    """E2M1 code (int32, 0..15) -> FP32 ``value * 2^-14`` (exact, via an FP16 bit pattern)."""
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nvfp4_tile_f32(data_ptr, sf_ptr, e, rows, row_mask, k0, K, KSF, MT, KT, SWIZZLED: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_nvfp4_tile` decoded through FP32 (``e2m1 * 2^-14`` from an FP16 bit pattern,
+    times ``sf * 2^14``), interleaved in FP32 and then cast to BF16 (exact). Used for NVFP4
+    *weights* under wgmma tiles (block_m >= 64): Triton 3.6's TritonGPUOptimizeDotOperands
+    pass fails on the BF16 join + reshape + trans of :func:`_nvfp4_tile` feeding the
+    shared-memory B operand of a wgmma (the decode-sized mma.sync path compiles)."""
+    NBK: tl.constexpr = BLOCK_K // 16
+    g = tl.arange(0, NBK)
+    j = tl.arange(0, 8)
+    kbyte = k0 // 2 + g[:, None] * 8 + j[None, :]  # [NBK, 8]
+    ptrs = data_ptr + rows[:, None, None] * (K // 2) + kbyte[None, :, :]
+    mask = row_mask[:, None, None] & (kbyte < K // 2)[None, :, :]
+    packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)  # [R, NBK, 8]
+    kb = k0 // 16 + g
+    if SWIZZLED:
+        sf_off = swizzled_sf_offset(e, rows[:, None], kb[None, :], MT, KT)
+    else:
+        sf_off = rows[:, None] * KSF + kb[None, :]
+    sfb = tl.load(sf_ptr + sf_off, mask=row_mask[:, None] & (kb < KSF)[None, :], other=0).to(tl.int32)
+    sf = e4m3_decode(sfb) * 16384.0  # folds the 2^14 of e2m1_decode_scaled; exact
+    lo = e2m1_decode_scaled(packed & 15) * sf[:, :, None]
+    hi = e2m1_decode_scaled(packed >> 4) * sf[:, :, None]
+    return tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K)).to(tl.bfloat16)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr):
     """``acc + a @ b`` for BF16 tiles with FP32 accumulation. ``DOT_F32`` (interpreter only:
     its BF16 dot is wrong, numpy multiplies the raw bit patterns) widens the exact BF16
@@ -302,8 +336,12 @@ def _tile(a_base, a_sf_base, a_gs_ptr, b_base, b_sf_base, b_gs, c_ptr, e, m0, m,
                     a = a.to(tl.bfloat16)
         # ---- B tile as [BLOCK_K, BLOCK_N] (bf16, or e4m3 for FP8_DOT)
         if B_FMT == FMT_NVFP4:
-            b = tl.trans(_nvfp4_tile(b_base, b_sf_base, e, offs_n, n_mask, k0, K, B_KSF, B_MT, B_KT,
-                                     B_SWIZZLED, BLOCK_N, BLOCK_K, SOFT_DECODE))
+            if BLOCK_M >= 64 and not SOFT_DECODE:  # wgmma tiles: see _nvfp4_tile_f32
+                b = tl.trans(_nvfp4_tile_f32(b_base, b_sf_base, e, offs_n, n_mask, k0, K, B_KSF, B_MT, B_KT,
+                                             B_SWIZZLED, BLOCK_N, BLOCK_K))
+            else:
+                b = tl.trans(_nvfp4_tile(b_base, b_sf_base, e, offs_n, n_mask, k0, K, B_KSF, B_MT, B_KT,
+                                         B_SWIZZLED, BLOCK_N, BLOCK_K, SOFT_DECODE))
         else:
             b = tl.load(b_base + offs_n[None, :] * K + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             if not FP8_DOT:
