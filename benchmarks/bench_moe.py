@@ -17,6 +17,9 @@ Usage::
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       torchrun --nproc-per-node=4 benchmarks/bench_moe.py --out results/moe   # part 3
     python benchmarks/bench_moe.py --smoke --out /tmp/moe              # CPU, tiny shapes
+    ... --quick   # < 2 min on 4x H200 (< 3 on 1): fewer iterations; only the target rows
+                  # (prefill nvfp4 x bf16, decode nvfp4 x bf16) autotune, the rest -- and the
+                  # EPMoE GEMMs -- use the heuristic tile configs
 
 Writes ``<out>/bench_moe[_ep].json`` and ``.csv`` and prints a table (rank 0).
 """
@@ -84,7 +87,7 @@ def _write(out: Path, name: str, rows: list[dict], meta: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- GEMMs
-def bench_prefill(device, E, M, K, N) -> list[dict]:
+def bench_prefill(device, E, M, K, N, quick=False) -> list[dict]:
     from fp4comm.moe import grouped_gemm_masked
     from fp4comm.quant import quantize_fp8_blockwise, quantize_nvfp4
 
@@ -102,18 +105,20 @@ def bench_prefill(device, E, M, K, N) -> list[dict]:
     acts = {
         "nvfp4 x bf16": quantize_nvfp4(x, "per_token", scale_layout="swizzled"),
         "fp8 x bf16": quantize_fp8_blockwise(x),
+        "fp8(ue8m0) x bf16": quantize_fp8_blockwise(x, ue8m0=True),
         "bf16 x bf16": x,
     }
     for name, a in acts.items():
-        fn = lambda a=a: grouped_gemm_masked(a, w, masked, out=out, expected_m=M)  # noqa: E731
+        config = "heuristic" if quick and name != "nvfp4 x bf16" else "auto"
+        fn = lambda a=a, c=config: grouped_gemm_masked(a, w, masked, out=out, expected_m=M, config=c)  # noqa: E731
         fn()  # autotune outside the timing
         ms = _bench(fn, device)
-        rows.append(dict(bench="prefill", impl=f"grouped_gemm_masked {name}", E=E, m=M, K=K, N=N, ms=ms,
-                         tflops=flops / ms / 1e9, vs_bmm=ms_bmm / ms))  # fmt: skip
+        rows.append(dict(bench="prefill", impl=f"grouped_gemm_masked {name}", config=config, E=E, m=M, K=K, N=N,
+                         ms=ms, tflops=flops / ms / 1e9, vs_bmm=ms_bmm / ms))  # fmt: skip
     return rows
 
 
-def bench_decode(device, E, K, N, active: dict[int, int], max_m=128) -> list[dict]:
+def bench_decode(device, E, K, N, active: dict[int, int], max_m=128, quick=False) -> list[dict]:
     from fp4comm.moe import grouped_gemm_masked, quantize_weights
     from fp4comm.quant import quantize_nvfp4
 
@@ -139,11 +144,12 @@ def bench_decode(device, E, K, N, active: dict[int, int], max_m=128) -> list[dic
         b = quantize_weights(w32, fmt)
         per_expert = {"bf16": N * K * 2, "fp8": N * K + (N // 128) * (K // 128) * 4, "nvfp4": N * K // 2 + N * K // 16}[fmt]
         wbytes = per_expert * len(active)
-        fn = lambda b=b: grouped_gemm_masked(a, b, masked, out=out, expected_m=expected)  # noqa: E731
+        config = "heuristic" if quick and fmt != "bf16" else "auto"
+        fn = lambda b=b, c=config: grouped_gemm_masked(a, b, masked, out=out, expected_m=expected, config=c)  # noqa: E731
         fn()
         ms = _bench(fn, device)
         bw = wbytes / ms / 1e6
-        rows.append(dict(bench="decode", impl=f"grouped_gemm_masked nvfp4 x {fmt}", E=E, active=len(active),
+        rows.append(dict(bench="decode", impl=f"grouped_gemm_masked nvfp4 x {fmt}", config=config, E=E, active=len(active),
                          rows=sum(active.values()), K=K, N=N, ms=ms, GBps=bw, pct_of_copy=100 * bw / peak))  # fmt: skip
         del b
     return rows
@@ -179,7 +185,7 @@ class _PhaseTimer:
         return dict(self.cpu)
 
 
-def bench_epmoe(cfg, tokens, device, iters, group=None) -> list[dict]:
+def bench_epmoe(cfg, tokens, device, iters, group=None, warmup=2) -> list[dict]:
     import torch.distributed as dist
 
     from fp4comm.moe import EPMoE, random_moe_state_dict
@@ -195,7 +201,7 @@ def bench_epmoe(cfg, tokens, device, iters, group=None) -> list[dict]:
     for payload, inter in (("bf16", "none"), ("nvfp4", "none"), ("nvfp4", "nvfp4")):
         c = replace(cfg, payload=payload, intermediate_quant=inter, max_tokens_per_rank=tokens)
         layer = EPMoE(c, group, device=device).load_weights(sd)
-        for _ in range(2):  # warm-up, autotune
+        for _ in range(warmup):  # warm-up, autotune
             layer(x)
         _sync(device)
         if dist.is_initialized():
@@ -242,6 +248,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=4096, help="EPMoE tokens per rank")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-gemm", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer iterations; autotune only the target GEMM rows; heuristic GEMM tiles in EPMoE")
     args = p.parse_args(argv)
 
     import torch.distributed as dist
@@ -262,15 +270,15 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", world_size=world,
-                torch=torch.__version__, smoke=args.smoke)  # fmt: skip
+                torch=torch.__version__, smoke=args.smoke, quick=args.quick)  # fmt: skip
     if world == 1 and not args.skip_gemm:
         if args.smoke:
             results["prefill"] = bench_prefill(device, E=2, M=32, K=128, N=64)
             results["decode"] = bench_decode(device, E=4, K=128, N=64, active={1: 3, 2: 16}, max_m=128)
         else:
-            results["prefill"] = bench_prefill(device, E=64, M=512, K=7168, N=4096)
+            results["prefill"] = bench_prefill(device, E=64, M=512, K=7168, N=4096, quick=args.quick)
             active = {3: 1, 10: 4, 17: 16, 29: 2, 36: 8, 44: 16, 51: 1, 63: 12}  # 8 of 64 experts
-            results["decode"] = bench_decode(device, E=64, K=7168, N=4096, active=active)
+            results["decode"] = bench_decode(device, E=64, K=7168, N=4096, active=active, quick=args.quick)
     if world > 1 or args.smoke:
         if args.smoke:
             cfg = MoEConfig(hidden=128, intermediate=64, num_experts=8, top_k=2, weight_format="bf16")
@@ -278,9 +286,9 @@ def main(argv=None) -> dict:
         else:
             cfg = MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, scoring="sigmoid",
                             num_expert_group=8, topk_group=4, correction_bias=True, routed_scaling_factor=2.5,
-                            weight_format="bf16")  # fmt: skip
-            tokens, iters = args.tokens, args.iters
-        results["epmoe"] = bench_epmoe(cfg, tokens, device, iters)
+                            weight_format="bf16", gemm_config="heuristic" if args.quick else "auto")  # fmt: skip
+            tokens, iters = args.tokens, (min(args.iters, 3) if args.quick else args.iters)
+        results["epmoe"] = bench_epmoe(cfg, tokens, device, iters, warmup=1 if args.quick else 2)
     if rank == 0:
         for name, rows in results.items():
             print(f"\n== {name} ==")

@@ -24,6 +24,7 @@ from fp4comm.moe.accuracy import (
 )
 
 from .distributed import dist_pool  # noqa: F401  (fixture)
+from .distributed import backend_params
 
 BASE = MoEConfig(
     hidden=256, intermediate=128, num_experts=8, top_k=2, scoring="sigmoid", num_expert_group=4, topk_group=2,
@@ -208,6 +209,46 @@ def test_ep_layer_two_ranks(dist_pool):  # noqa: F811
         for payload, weights, sqnr, deterministic in rank_rows:
             assert sqnr >= floor_for(payload, weights), (payload, weights, sqnr)
             assert deterministic
+
+
+# ----------------------------------------------------------------------------- NCCL ranks (GPUs)
+def _ep_nccl_worker(pg, configs):
+    """Each rank: its share of the experts at real-ish width, uneven token counts, every
+    payload x weight format given; SQNR against the dense FP32 reference on the same
+    routing and bitwise determinism of a second call."""
+    from fp4comm.ep import available_backends
+
+    cfg0 = replace(BASE, hidden=1024, intermediate=256, num_experts=16, max_tokens_per_rank=512)
+    sd = random_moe_state_dict(cfg0, seed=3, device=pg.device)
+    El = cfg0.num_experts // pg.world_size
+    out = []
+    for payload, weights, backend in configs:
+        if backend not in available_backends():  # nvlink needs nvshmem4py
+            continue
+        cfg = replace(cfg0, payload=payload, weight_format=weights, backend=backend)
+        layer = EPMoE(cfg, device=pg.device).load_weights(sd, keep_reference=True)
+        assert list(layer.expert_range) == list(range(pg.rank * El, (pg.rank + 1) * El))
+        x = gaussian_input(512 - 100 * pg.rank, cfg.hidden, seed=20 + pg.rank, device=pg.device)
+        y1 = layer(x)
+        ref = layer.reference_forward(x, routing=layer.last_routing)
+        y2 = layer(x)
+        torch.cuda.synchronize()
+        out.append((payload, weights, backend, sqnr_db(ref, y1.float()), bool(torch.equal(y1, y2))))
+        layer.destroy()
+    return out
+
+
+@pytest.mark.parametrize(
+    "world_size,backend", [p for p in backend_params((2, 4)) if p.values[1] == "nccl"], ids=lambda v: str(v)
+)
+def test_ep_layer_nccl(dist_pool, world_size, backend):  # noqa: F811
+    configs = [(p, w, "torch") for p, w in (("nvfp4", "bf16"), ("nvfp4", "nvfp4"), ("fp8", "fp8"), ("bf16", "bf16"))]
+    configs += [("nvfp4", "bf16", "nvlink")]
+    results = dist_pool(world_size, backend).run(_ep_nccl_worker, configs, timeout=300)
+    for rank_rows in results:
+        for payload, weights, ep_backend, sqnr, deterministic in rank_rows:
+            assert sqnr >= floor_for(payload, weights), (payload, weights, ep_backend, sqnr)
+            assert deterministic, (payload, weights, ep_backend)
 
 
 def _report_worker(pg):

@@ -70,6 +70,9 @@ class MoEConfig:
             ``"none"`` (BF16), or ``"auto"`` (``"nvfp4"`` iff ``payload == "nvfp4"``).
         global_scale: NVFP4 dispatch encode scale, ``"per_token"`` or a static float.
         backend, scale_layout, max_tokens_per_rank: passed to ``EPBuffer``.
+        gemm_config: tile configs of the expert GEMMs: ``"auto"`` (autotuned on GPU) or
+            ``"heuristic"`` (``fp4comm.moe.gemm._select_config``: no tuning runs, e.g. quick
+            benchmarks), see :func:`fp4comm.moe.grouped_gemm_masked`.
     """
 
     hidden: int
@@ -90,6 +93,7 @@ class MoEConfig:
     backend: str = "torch"
     scale_layout: str = "swizzled"
     max_tokens_per_rank: int = 4096
+    gemm_config: str = "auto"
 
     def validate(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=NVFP4_BLOCK)
@@ -103,6 +107,7 @@ class MoEConfig:
         check_choice("weight_format", self.weight_format, _ref.WEIGHT_FORMATS)
         check_choice("intermediate_quant", self.intermediate_quant, ("auto", "nvfp4", "none"))
         check_choice("scale_layout", self.scale_layout, ("linear", "swizzled"))
+        check_choice("gemm_config", self.gemm_config, ("auto", "heuristic"))
         if self.payload == "fp8" and self.hidden % FP8_BLOCK:
             raise ValueError(f"hidden: must be a multiple of {FP8_BLOCK} for the fp8 payload, got {self.hidden}")
         if self.weight_format == "fp8" and (self.hidden % FP8_BLOCK or self.intermediate % FP8_BLOCK):
@@ -384,9 +389,10 @@ class EPMoE(nn.Module):
         expected_m = None
         if num_tokens is not None:
             expected_m = max(1, -(-num_tokens * self.world_size * c.top_k // c.num_experts))
-        h = grouped_gemm_masked(activations, self.w13, masked_m, expected_m=expected_m, impl=self.impl)
+        h = grouped_gemm_masked(activations, self.w13, masked_m, expected_m=expected_m, config=c.gemm_config,
+                                impl=self.impl)  # fmt: skip
         act = silu_and_mul(h, masked_m, quantize=c.gemm2_quant, scale_layout=c.scale_layout, impl=self.impl)
-        return grouped_gemm_masked(act, self.w2, masked_m, expected_m=expected_m, impl=self.impl)
+        return grouped_gemm_masked(act, self.w2, masked_m, expected_m=expected_m, config=c.gemm_config, impl=self.impl)
 
     # ---- reference
     @torch.no_grad()
