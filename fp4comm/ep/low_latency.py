@@ -148,7 +148,15 @@ class LowLatencyHandle:
 @dataclass
 class LowLatencyDispatchOutput:
     """Masked per-expert layout on the receiving rank (``max_m = R * T_max``, rounded up to
-    128 for swizzled scales). Rows ``>= masked_m[e]`` are unspecified.
+    128 for swizzled scales).
+
+    Fixed double buffers: the tensors belong to the buffer (two sets, alternating call by
+    call), so a captured CUDA graph replays into the same memory and no call allocates.
+    An output is valid until the dispatch after next. Rows ``>= masked_m[e]`` (payload,
+    scales, including the swizzled 128-row padding, global scales, weights) are zero until
+    a call of the same parity wrote rows there, then hold that call's stale rows: consumers
+    must honour ``masked_m`` (the masked grouped GEMM does; a GEMM reading whole 128-row
+    tiles only produces garbage in rows it must ignore anyway).
 
     Attributes:
         x: ``[E_local, max_m, H/2]`` uint8 (nvfp4), ``[E_local, max_m, H]`` float8_e4m3fn (fp8)
@@ -532,34 +540,45 @@ class LowLatencyBuffer:
         # receive kernel runs; it never waits on a peer, so no barrier is needed.
 
     def _alloc_dispatch_out(self, EL: int, MM: int) -> LowLatencyDispatchOutput:
+        """The output of the next call: tensors of the fixed output set ``(calls + 1) % 2``
+        (allocated, zero-filled, on first use), wrapped in fresh dataclasses."""
+        sets = getattr(self, "_out_sets", None)
+        if sets is None:
+            sets = self._out_sets = [self._new_out_set(EL, MM) for _ in range(2)]
+        t = sets[(self._calls + 1) % 2]
+        handle = LowLatencyHandle(
+            src_rank=t["src_rank"], src_slot=t["src_slot"], masked_m=t["masked_m"],
+            topk_ids=None, topk_weights=None, call=0,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return LowLatencyDispatchOutput(
+            x=t["x"], scales=t["scales"], global_scale=t["gs"], masked_m=t["masked_m"], topk_weights=t["w"], handle=handle
+        )
+
+    def _new_out_set(self, EL: int, MM: int) -> dict:
         cfg, dev = self.config, self.device
         H = cfg.hidden
+        empty = torch.zeros  # zero once, so padding rows read as zeros until a call writes them
         if cfg.payload == "nvfp4":
-            x = torch.empty(EL, MM, H // 2, dtype=torch.uint8, device=dev)
+            x = empty(EL, MM, H // 2, dtype=torch.uint8, device=dev)
             ksf = H // 16
             if cfg.scale_layout == "swizzled":
-                scales = torch.empty(EL, MM, round_up(ksf, 4), dtype=torch.float8_e4m3fn, device=dev)
+                scales = empty(EL, MM, round_up(ksf, 4), dtype=torch.float8_e4m3fn, device=dev)
             else:
-                scales = torch.empty(EL, MM, ksf, dtype=torch.float8_e4m3fn, device=dev)
-            gs = torch.empty(EL, MM, dtype=torch.float32, device=dev)
+                scales = empty(EL, MM, ksf, dtype=torch.float8_e4m3fn, device=dev)
+            gs = empty(EL, MM, dtype=torch.float32, device=dev)
         elif cfg.payload == "fp8":
-            x = torch.empty(EL, MM, H, dtype=torch.float8_e4m3fn, device=dev)
-            scales = torch.empty(EL, MM, H // 128, dtype=torch.float32, device=dev)
+            x = empty(EL, MM, H, dtype=torch.float8_e4m3fn, device=dev)
+            scales = empty(EL, MM, H // 128, dtype=torch.float32, device=dev)
             gs = None
         else:
-            x = torch.empty(EL, MM, H, dtype=torch.bfloat16, device=dev)
+            x = empty(EL, MM, H, dtype=torch.bfloat16, device=dev)
             scales = gs = None
-        masked_m = torch.empty(EL, dtype=torch.int32, device=dev)
-        handle = LowLatencyHandle(
-            src_rank=torch.empty(EL, MM, dtype=torch.int32, device=dev),
-            src_slot=torch.empty(EL, MM, dtype=torch.int32, device=dev),
-            masked_m=masked_m,
-            topk_ids=None,  # type: ignore[arg-type]
-            topk_weights=None,  # type: ignore[arg-type]
-            call=0,
-        )
-        w = torch.empty(EL, MM, dtype=torch.float32, device=dev)
-        return LowLatencyDispatchOutput(x=x, scales=scales, global_scale=gs, masked_m=masked_m, topk_weights=w, handle=handle)
+        return dict(
+            x=x, scales=scales, gs=gs, masked_m=empty(EL, dtype=torch.int32, device=dev),
+            src_rank=empty(EL, MM, dtype=torch.int32, device=dev), src_slot=empty(EL, MM, dtype=torch.int32, device=dev),
+            w=empty(EL, MM, dtype=torch.float32, device=dev),
+            y=empty(cfg.max_tokens_per_rank, H, dtype=torch.bfloat16, device=dev),
+        )  # fmt: skip
 
     def dispatch_recv(self, out: LowLatencyDispatchOutput) -> LowLatencyDispatchOutput:
         """Receive half: wait for the flags of this rank's experts and compact the slots into
@@ -604,7 +623,7 @@ class LowLatencyBuffer:
             self._a2a(self._stage["cfrecv"], self._stage["cfsend"])
         self._phase = "combine_sent"
         T = handle.topk_ids.shape[0]
-        return torch.empty(T, H, dtype=torch.bfloat16, device=self.device)
+        return self._out_sets[handle.call % 2]["y"][:T]  # fixed: graph replays reuse it
 
     def combine_recv(self, y: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
         """Receive half of combine: wait for every expert rank, reduce into ``y``."""
