@@ -10,6 +10,13 @@ CPU (no launcher: spawns 2 gloo ranks with small shapes, ~1-2 minutes)::
 
     python benchmarks/bench_dispatch.py
 
+``--quick``: tokens 128,1024,4096 and 10 iterations (short GPU runs). ``--backend all`` runs
+every registered backend, ``torch`` first; each (backend, payload) case is isolated (an
+error is recorded in ``skipped`` and the next case runs) and ``dispatch.json`` /
+``dispatch.csv`` are rewritten after every case, so a backend that hangs (killed by the
+caller's ``timeout``) leaves the results of the cases before it on disk.
+``--combine-payloads bf16,fp8,nvfp4`` times combine once per combine wire format.
+
 What is measured, per (backend, payload, tokens T per rank):
 * dispatch: ``EPBuffer.dispatch`` end to end: BF16 ``[T, H]`` in -> masked per-expert layout
   out (count exchange, fused quantize+pack, transport, permute); combine: ``EPBuffer.combine``
@@ -61,13 +68,24 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("results/dispatch"))
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when started without a launcher")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--combine-payloads", type=str, default="bf16", help="combine wire formats: bf16,fp8,nvfp4")
+    p.add_argument("--quick", action="store_true", help="tokens 128,1024,4096, 10 iterations, 3 warm-up")
+    p.add_argument("--timeout-s", type=float, default=None,
+                   help="nvlink flag-wait timeout (default: FP4COMM_NVLINK_TIMEOUT_S via launch/dist_env.py, else 60)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.tokens = args.tokens or "128,1024,4096"
+        args.iters = args.iters or 10
+        args.warmup = args.warmup or 3
+    if args.timeout_s is None:
+        args.timeout_s = dist_env.ep_timeout_s()
     gpu = torch.cuda.is_available()
     for k, v in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.token_list = [int(t) for t in str(args.tokens).split(",") if t]
     args.payload_list = [p for p in args.payloads.split(",") if p]
+    args.cpayload_list = [p for p in args.combine_payloads.split(",") if p]
     return args
 
 
@@ -91,7 +109,6 @@ def run(args) -> None:
     import torch.distributed as dist
 
     from fp4comm.ep import EPBuffer, get_backend_class
-    from fp4comm.ep.message import MessageLayout
     from fp4comm.ep.layout import get_dispatch_layout
 
     env = dist_env.init_distributed()
@@ -136,43 +153,29 @@ def run(args) -> None:
         results.append(dict(backend="raw_a2a", payload="bf16", op="dispatch", tokens=T, bytes_per_rank=nbytes,
                             gbps_per_rank=common.gbps(nbytes, st["mean_us"]), rows_to_peers=peer_rows, **st))  # fmt: skip
 
-    # ---- EPBuffer per backend and payload
+    # ---- EPBuffer per backend, payload and combine wire (dispatch timed with the first wire)
     cases = [(b, p) for b in _backends(args.backend) for p in args.payload_list]
     for backend, payload in common.progress(cases, desc="bench_dispatch", enabled=lead and not args.no_progress):
-        try:
-            get_backend_class(backend)
-            buf = EPBuffer(None, H, E, K, Tmax, payload=payload, backend=backend, scale_layout=args.scale_layout)
-        except (ImportError, RuntimeError, ValueError) as exc:
-            msg = f"skipped backend={backend} payload={payload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-            skipped.append(msg)
+        for ci, cpayload in enumerate(args.cpayload_list):
+            try:
+                get_backend_class(backend)
+                buf = EPBuffer(None, H, E, K, Tmax, payload=payload, backend=backend, scale_layout=args.scale_layout,
+                               combine_payload=cpayload, timeout_s=args.timeout_s)  # fmt: skip
+            except (ImportError, RuntimeError, ValueError) as exc:
+                msg = f"skipped backend={backend} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                skipped.append(msg)
+                if lead:
+                    print(f"\n[bench_dispatch] {msg}", flush=True)
+                continue
+            try:
+                with buf:
+                    _bench_case(args, buf, backend, payload, cpayload, ci == 0, tokens, timed, mean_over_ranks, results, gen, dev, rank)
+            except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
+                msg = f"failed backend={backend} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                skipped.append(msg)
+                print(f"\n[bench_dispatch] rank {rank}: {msg}", flush=True)
             if lead:
-                print(f"\n[bench_dispatch] {msg}", flush=True)
-            continue
-        msg_layout = MessageLayout(payload, H, K)
-        with buf:
-            for T in args.token_list:
-                x, ids, w, sc, rc = tokens[T]
-                holder = {}
-
-                def do_dispatch(x=x, ids=ids, w=w):
-                    holder["d"] = buf.dispatch(x, ids, w)
-
-                sd = timed(do_dispatch)
-                d = holder["d"]
-                eo = torch.randn(d.x.shape[0], d.max_m, H, generator=gen).bfloat16().to(dev)
-                sc_ = timed(lambda d=d, eo=eo: buf.combine(eo, d.handle))
-                plan = d.handle.plan
-                peer_rows = mean_over_ranks(plan.num_send - plan.send_counts[rank])
-                back_rows = mean_over_ranks(plan.num_recv - plan.recv_counts[rank])
-                common_kw = dict(backend=backend, payload=payload, tokens=T)
-                nb = peer_rows * msg_layout.row_bytes
-                results.append(dict(**common_kw, op="dispatch", bytes_per_rank=nb, gbps_per_rank=common.gbps(nb, sd["mean_us"]),
-                                    rows_to_peers=peer_rows, row_bytes=msg_layout.row_bytes,
-                                    wire_bytes_per_token=msg_layout.wire_bytes, **sd))  # fmt: skip
-                nb = back_rows * 2 * H
-                results.append(dict(**common_kw, op="combine", bytes_per_rank=nb, gbps_per_rank=common.gbps(nb, sc_["mean_us"]),
-                                    rows_to_peers=back_rows, row_bytes=2 * H, **sc_))  # fmt: skip
-                del d, eo, holder
+                _write_tables(args, results, skipped, env, R)
 
     if lead:
         _report(args, results, skipped, env, R)
@@ -180,17 +183,70 @@ def run(args) -> None:
     dist.destroy_process_group()
 
 
+def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, timed, mean_over_ranks, results, gen, dev, rank):
+    """Time one buffer over the token counts; append result rows."""
+    from fp4comm.ep.message import CombineLayout, MessageLayout
+
+    H = args.hidden
+    msg_layout = MessageLayout(payload, H, args.topk)
+    crow = CombineLayout(cpayload, H).row_bytes
+    for T in args.token_list:
+        x, ids, w, sc, rc = tokens[T]
+        holder = {}
+
+        def do_dispatch(x=x, ids=ids, w=w):
+            holder["d"] = buf.dispatch(x, ids, w)
+
+        if with_dispatch:
+            sd = timed(do_dispatch)
+        else:
+            do_dispatch()
+        d = holder["d"]
+        eo = torch.randn(d.x.shape[0], d.max_m, H, generator=gen).bfloat16().to(dev)
+        sc_ = timed(lambda d=d, eo=eo: buf.combine(eo, d.handle))
+        plan = d.handle.plan
+        peer_rows = mean_over_ranks(plan.num_send - plan.send_counts[rank])
+        back_rows = mean_over_ranks(plan.num_recv - plan.recv_counts[rank])
+        common_kw = dict(backend=backend, payload=payload, tokens=T)
+        if with_dispatch:
+            nb = peer_rows * msg_layout.row_bytes
+            results.append(dict(**common_kw, op="dispatch", bytes_per_rank=nb, gbps_per_rank=common.gbps(nb, sd["mean_us"]),
+                                rows_to_peers=peer_rows, row_bytes=msg_layout.row_bytes,
+                                wire_bytes_per_token=msg_layout.wire_bytes, **sd))  # fmt: skip
+        nb = back_rows * crow
+        results.append(dict(**common_kw, op="combine", combine_payload=cpayload, bytes_per_rank=nb,
+                            gbps_per_rank=common.gbps(nb, sc_["mean_us"]), rows_to_peers=back_rows, row_bytes=crow, **sc_))  # fmt: skip
+        del d, eo, holder
+
+
+def _write_tables(args, results, skipped, env, R):
+    """JSON + CSV of the results so far (rewritten after every case)."""
+    meta = dict(hidden=args.hidden, experts=args.experts, topk=args.topk, ranks=R, tokens=args.token_list,
+                payloads=args.payload_list, combine_payloads=args.cpayload_list, backend=args.backend,
+                iters=args.iters, warmup=args.warmup, scale_layout=args.scale_layout, launcher=env.launcher,
+                dist_backend=env.backend, partial=True)  # fmt: skip
+    clean = [{k: v for k, v in r.items() if k != "time_us"} for r in results]
+    common.write_json(args.out / "dispatch.json", dict(config=meta, results=clean, skipped=skipped))
+    common.write_csv(args.out / "dispatch.csv", clean)
+
+
 def _speedups(results):
-    def find(backend, payload, op, T):
+    def find(backend, payload, op, T, cp="bf16"):
         for r in results:
-            if (r["backend"], r["payload"], r["op"], r["tokens"]) == (backend, payload, op, T):
+            if (r["backend"], r["payload"], r["op"], r["tokens"]) == (backend, payload, op, T) and (
+                op != "combine" or r.get("combine_payload", "bf16") == cp
+            ):
                 return r
         return None
 
     for r in results:
         if r["backend"] == "raw_a2a":
             continue
-        base = find(r["backend"], "bf16", r["op"], r["tokens"])
+        # dispatch: vs the bf16 payload; combine: vs the bf16 combine wire of the same dispatch payload
+        if r["op"] == "combine":
+            base = find(r["backend"], r["payload"], "combine", r["tokens"], "bf16")
+        else:
+            base = find(r["backend"], "bf16", r["op"], r["tokens"])
         r["speedup_vs_bf16"] = base["mean_us"] / r["mean_us"] if base else float("nan")
         raw = find("raw_a2a", "bf16", "dispatch", r["tokens"])
         r["speedup_vs_raw_a2a"] = raw["mean_us"] / r["mean_us"] if (raw and r["op"] == "dispatch") else float("nan")
@@ -203,19 +259,21 @@ def _speedups(results):
 def _report(args, results, skipped, env, R):
     _speedups(results)
     cols = [
-        ("backend", "backend"), ("op", "op"), ("payload", "payload"), ("tokens", "tok/rank"),
+        ("backend", "backend"), ("op", "op"), ("payload", "payload"), ("combine_payload", "wire"), ("tokens", "tok/rank"),
         ("time_us", "us (mean +- std)"), ("bytes_per_rank", "bytes to peers/rank"), ("gbps_per_rank", "GB/s/rank"),
         ("speedup_vs_bf16", "x vs bf16"), ("speedup_vs_raw_a2a", "x vs raw bf16 a2a"),
     ]  # fmt: skip
     order = {"raw_a2a": 0}
-    rows = sorted(results, key=lambda r: (r["op"], order.get(r["backend"], 1), r["backend"], r["payload"], r["tokens"]))
+    rows = sorted(results, key=lambda r: (r["op"], order.get(r["backend"], 1), r["backend"], r["payload"],
+                                          r.get("combine_payload", ""), r["tokens"]))  # fmt: skip
     print()
     print(common.format_table(rows, cols))
     for s in skipped:
         print(f"note: {s}")
     out: Path = args.out
     meta = dict(hidden=args.hidden, experts=args.experts, topk=args.topk, ranks=R, tokens=args.token_list,
-                payloads=args.payload_list, backend=args.backend, iters=args.iters, warmup=args.warmup,
+                payloads=args.payload_list, combine_payloads=args.cpayload_list, backend=args.backend,
+                iters=args.iters, warmup=args.warmup,
                 scale_layout=args.scale_layout, launcher=env.launcher, dist_backend=env.backend,
                 env=common.environment())  # fmt: skip
     clean = [{k: v for k, v in r.items() if k != "time_us"} for r in rows]
@@ -226,14 +284,16 @@ def _report(args, results, skipped, env, R):
         series = {}
         for r in rows:
             if r["op"] == op or (op == "dispatch" and r["backend"] == "raw_a2a"):
-                series.setdefault(f"{r['backend']}/{r['payload']}", ([], []))
-                series[f"{r['backend']}/{r['payload']}"][0].append(r["tokens"])
-                series[f"{r['backend']}/{r['payload']}"][1].append(r["gbps_per_rank"])
+                key = f"{r['backend']}/{r['payload']}" + (f"/{r['combine_payload']}" if op == "combine" else "")
+                series.setdefault(key, ([], []))
+                series[key][0].append(r["tokens"])
+                series[key][1].append(r["gbps_per_rank"])
         panels.append(dict(title=f"{op}: GB/s per rank (bytes to peers)", xlabel="tokens per rank", ylabel="GB/s", series=series, logx=True))
     sp = {}
     for r in rows:
-        if r["backend"] != "raw_a2a" and r["payload"] != "bf16":
-            key = f"{r['op']} {r['backend']}/{r['payload']} vs bf16"
+        cp = r.get("combine_payload", "bf16")
+        if r["backend"] != "raw_a2a" and ((r["op"] == "dispatch" and r["payload"] != "bf16") or cp != "bf16"):
+            key = f"{r['op']} {r['backend']}/{r['payload']}" + (f" wire {cp}" if r["op"] == "combine" else "") + " vs bf16"
             sp.setdefault(key, ([], []))
             sp[key][0].append(r["tokens"])
             sp[key][1].append(r["speedup_vs_bf16"])
