@@ -37,6 +37,10 @@ _LAZY = {
     "EPConfig": "fp4comm.ep",
     "get_dispatch_layout": "fp4comm.ep",
     "MessageLayout": "fp4comm.ep.message",
+    "LowLatencyBuffer": "fp4comm.ep",
+    "LowLatencyConfig": "fp4comm.ep",
+    "LowLatencyDispatchOutput": "fp4comm.ep",
+    "LowLatencyHandle": "fp4comm.ep",
 }
 _SUBMODULES = ("formats", "reference", "ep", "moe", "attention", "kernels", "quant")
 
