@@ -32,6 +32,7 @@ from fp4comm.attention import (
 )
 from fp4comm.reference import attention as ref
 from fp4comm.attention.paged import kv_convert_mode
+from tests.sm90 import compile_calls
 
 ABS_SLACK = 2e-3
 KERNEL_TOL = 1.5e-2
@@ -493,89 +494,58 @@ def test_gpu_bf16_within_2x_sdpa():
 
 
 # ----------------------------------------------------------------------------- sm_90 compile check
-_COMPILE_SCRIPT = r'''
-import os, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-import fp4comm.attention.paged as paged, fp4comm.attention.kv_cache as kvc, fp4comm.attention.mla as mla
-TY = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv", torch.int8: "i8",
-      torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
-done = []
-def compile_only(self, *args, grid, warmup, **kw):
-    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-    vals = dict(zip(self.arg_names, args)); vals.update(kw)
-    sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(self.params):  # mimic the JIT's specialization (16-divisibility, ==1)
-        v = vals[p.name]
-        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-            sig[p.name] = "constexpr"; consts[p.name] = v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + TY[v.dtype]
-            if v.data_ptr() % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool): sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32"
-            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-        else: sig[p.name] = "fp32"
-    k = triton.compile(ASTSource(self, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-    done.append(self.fn.__name__)
-    ptx = k.asm["ptx"]
-    if self.fn.__name__ == "paged_attention_kernel" and consts.get("CVT") == 2:  # no byte reads of V, no F2F
-        assert "ld.shared.b8" not in ptx, ("CVT 2: V read a byte at a time", consts)
-        assert sig["q_ptr"] != "*bf16" or "cvt.bf16.f16" not in ptx, ("CVT 2: F2F conversions", consts)
-    if self.fn.__name__.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
-        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
-JITFunction.run = compile_only
-for m in (paged, kvc, mla):
-    m.use_triton = lambda d, i="auto": True
-paged._num_sms = mla._num_sms = lambda d: 132
-from fp4comm.attention import AttentionTiles, KVCache, allocate_mla_cache, write_mla_cache, mla_decode
-kv = torch.zeros(5, 8, 128).bfloat16()
-for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):  # writes: hardware E4M3 cast on the GPU path
-    s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
-    KVCache.allocate(64, 16, 8, 128, fmt, k_scale=s, v_scale=s).write(kv, kv, torch.arange(5))
-bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
-# (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
-VARIANTS = [
-    ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3, V converted before layout change)
-    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
-    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
-    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 2)),  # decode, 8 warps
-    ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 64, 4, 2, 2)),  # decode, N 64, 2 stages
-    ("int8", 128, 1, torch.bfloat16, 8, 16, None),  # decode int8, CVT 2
-    ("bf16", 128, 1, torch.bfloat16, 8, 16, None),  # decode bf16
-    ("fp8", 128, 1, torch.bfloat16, 1, 128, None),  # a page holds whole tiles: one block-table read a tile
-    ("bf16", 128, 4096, torch.bfloat16, 1, 16, None),  # prefill, N 64
-    ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0)),  # prefill, N 128
-    ("bf16", 64, 4096, torch.bfloat16, 1, 12, None),  # prefill D 64 (N 128), runtime block size
-    ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, None),  # prefill fp8 cache, fp8 q
-    ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
-]
-for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
-    s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
-    c = KVCache.allocate(64 * 16 // bs + 1, bs, 8, D, fmt, k_scale=s, v_scale=s)
-    c.attend(torch.zeros(2 * mq, 32, D).to(qdt), bt, sl, torch.arange(3, dtype=torch.int32) * mq, softmax_scale=0.1,
-             max_seqlen_q=mq, check_indices=False, num_kv_splits=sp, tiles=tiles,
-             q_descale=torch.tensor(1.0) if qdt != torch.bfloat16 else None)
-cache = allocate_mla_cache(64, 16, "fp8")
-write_mla_cache(torch.zeros(5, 512).bfloat16(), torch.zeros(5, 64).bfloat16(), cache, torch.arange(5))
-mla_decode(torch.zeros(2, 128, 512).bfloat16(), torch.zeros(2, 128, 64).bfloat16(), cache, bt, sl, 0.1, "fp8",
-           num_kv_splits=2, check_indices=False)
-print("COMPILED", len(done), sorted(set(done)))
-'''
+
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (and never runs the GPU-only
     paths: inline PTX conversions, the hardware E4M3 cast of the writes); compile every
-    variant for sm_90 (Hopper) in a subprocess without TRITON_INTERPRET. Needs no GPU
-    (Triton's bundled ptxas)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "COMPILED 29" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    variant for sm_90 (Hopper) without a GPU (tests/sm90.py)."""
+    names = compile_calls(
+        """
+        import fp4comm.attention.paged as paged, fp4comm.attention.kv_cache as kvc, fp4comm.attention.mla as mla
+        force_triton(paged, kvc, mla)
+        paged._num_sms = mla._num_sms = lambda d: 132
+        from fp4comm.attention import AttentionTiles, KVCache, allocate_mla_cache, write_mla_cache, mla_decode
+        kv = torch.zeros(5, 8, 128).bfloat16()
+        for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):  # writes: hardware E4M3 cast on the GPU path
+            s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
+            KVCache.allocate(64, 16, 8, 128, fmt, k_scale=s, v_scale=s).write(kv, kv, torch.arange(5))
+        bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
+        # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
+        VARIANTS = [
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3, V converted before layout change)
+            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
+            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
+            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 2)),  # decode, 8 warps
+            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 64, 4, 2, 2)),  # decode, N 64, 2 stages
+            ("int8", 128, 1, torch.bfloat16, 8, 16, None),  # decode int8, CVT 2
+            ("bf16", 128, 1, torch.bfloat16, 8, 16, None),  # decode bf16
+            ("fp8", 128, 1, torch.bfloat16, 1, 128, None),  # a page holds whole tiles: one block-table read a tile
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, None),  # prefill, N 64
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0)),  # prefill, N 128
+            ("bf16", 64, 4096, torch.bfloat16, 1, 12, None),  # prefill D 64 (N 128), runtime block size
+            ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, None),  # prefill fp8 cache, fp8 q
+            ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
+        ]
+        for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
+            s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
+            c = KVCache.allocate(64 * 16 // bs + 1, bs, 8, D, fmt, k_scale=s, v_scale=s)
+            c.attend(torch.zeros(2 * mq, 32, D).to(qdt), bt, sl, torch.arange(3, dtype=torch.int32) * mq, softmax_scale=0.1,
+                     max_seqlen_q=mq, check_indices=False, num_kv_splits=sp, tiles=tiles,
+                     q_descale=torch.tensor(1.0) if qdt != torch.bfloat16 else None)
+        cache = allocate_mla_cache(64, 16, "fp8")
+        write_mla_cache(torch.zeros(5, 512).bfloat16(), torch.zeros(5, 64).bfloat16(), cache, torch.arange(5))
+        mla_decode(torch.zeros(2, 128, 512).bfloat16(), torch.zeros(2, 128, 64).bfloat16(), cache, bt, sl, 0.1, "fp8",
+                   num_kv_splits=2, check_indices=False)
+        for name, sig, consts, ptx in KERNELS:
+            if name == "paged_attention_kernel" and consts.get("CVT") == 2:  # no byte reads of V, no F2F
+                assert "ld.shared.b8" not in ptx, ("CVT 2: V read a byte at a time", consts)
+                assert sig["q_ptr"] != "*bf16" or "cvt.bf16.f16" not in ptx, ("CVT 2: F2F conversions", consts)
+            if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
+                assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
+        """
+    )
+    # 29 launches, 24 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 24, names
+    assert {"write_kv_cache_kernel", "paged_attention_kernel"} <= set(names), names

@@ -11,50 +11,17 @@ weights under decode tiles) must contain the prmt-based decode, and FP8 x FP8 un
 tiles an FP8 wgmma.
 """
 
-import os
-import subprocess
-import sys
+import textwrap
 
-import pytest
+from tests.sm90 import compile_calls
 
-_SCRIPT = r'''
-import sys, time, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+_BODY = r'''
+import sys, time
 import fp4comm.moe.gemm as G
 import fp4comm.moe.activation as ACT
 from fp4comm.moe import GemmConfig, grouped_gemm_masked, quantize_weights, silu_and_mul
 from fp4comm.reference.quant import quantize_fp8_blockwise_ref, quantize_nvfp4_ref
-TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
-      torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
-done, seen, ptx_of = [], set(), {}
-def compile_only(self, *args, grid, warmup, **kw):
-    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kw}
-    vals = dict(zip(self.arg_names, args)); vals.update(kw)
-    sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(self.params):  # mimic the JIT's specialization (16-divisibility, ==1)
-        v = vals[p.name]
-        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-            sig[p.name] = "constexpr"; consts[p.name] = v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + TY[v.dtype]
-            if v.data_ptr() % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool): sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32"
-            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-        else: sig[p.name] = "fp32"
-    key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(opts.items())))
-    if key in seen:
-        return
-    seen.add(key)
-    k = triton.compile(ASTSource(self, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-    done.append(self.fn.__name__)
-    ptx_of[len(done)] = (consts, k.asm["ptx"])
-JITFunction.run = compile_only
-G.use_triton = lambda d, i="auto": True
-ACT.use_triton = lambda d, i="auto": True
+force_triton(G, ACT)
 G._gpu_codegen = lambda d: True
 ACT._gpu_codegen = lambda d: True
 
@@ -78,7 +45,7 @@ B = {
 masked = torch.full((E,), M, dtype=torch.int32)
 def gemm(a, b, cfg):
     grouped_gemm_masked(a, b, masked, config=cfg)
-only = sys.argv[1] if len(sys.argv) > 1 else "all"
+only = ONLY
 t0 = time.time()
 if only in ("all", "formats"):
     for an, a in A.items():
@@ -88,7 +55,7 @@ if only in ("all", "formats"):
                 if ("fp8" in (an[:3], bn[:3])) and 128 % cfg.block_k:
                     cfg = GemmConfig(cfg.block_m, cfg.block_n, 64, cfg.loop_m, cfg.num_warps, cfg.num_stages)
                 gemm(a, b, cfg)
-    n_formats = len(done)
+    n_formats = len(KERNELS)
     print("FORMATS", n_formats, flush=True)
 if only in ("all", "autotune"):
     FMT = {"bf16": 0, "fp8": 1, "nvfp4": 2}
@@ -97,51 +64,44 @@ if only in ("all", "autotune"):
              64: [("nvfp4-swizzled", "bf16"), ("fp8", "fp8")],
              128: [("nvfp4-swizzled", "bf16")],
              512: [("nvfp4-swizzled", "bf16"), ("fp8", "bf16"), ("fp8-ue8m0", "bf16"), ("bf16", "bf16"), ("fp8", "fp8")]}
-    n0 = len(done)
+    n0 = len(KERNELS)
     for bucket, ps in pairs.items():
         for an, bn in ps:
             for c in G._bucket_configs(G._autotune_configs(), bucket, FMT[an.split("-")[0]], FMT[bn.split("-")[0]]):
                 kw = c.kwargs
                 gemm(A[an], B[bn], GemmConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["LOOP_M"], c.num_warps, c.num_stages))
-    print("AUTOTUNE", len(done) - n0, flush=True)
+    print("AUTOTUNE", len(KERNELS) - n0, flush=True)
 if only in ("all", "activation"):
-    n0 = len(done)
+    n0 = len(KERNELS)
     h = torch.randn(E, M, 2 * 128, generator=g).bfloat16()
     silu_and_mul(h, masked)
     for gs in ("per_token", 1.0):
         for layout in ("swizzled", "linear"):
             silu_and_mul(h, masked, quantize="nvfp4", global_scale=gs, scale_layout=layout)
-    print("ACTIVATION", len(done) - n0, flush=True)
+    print("ACTIVATION", len(KERNELS) - n0, flush=True)
 # the decode and dot flavours actually made it into the PTX
-for i, (consts, ptx) in ptx_of.items():
+for _name, _sig, consts, ptx in KERNELS:
     if "A_FMT" not in consts:
         continue
     if consts["A_FMT"] == 2 or (consts["B_FMT"] == 2 and consts["BLOCK_M"] < 64):  # the inline-PTX decode
         assert "prmt.b32" in ptx and "fma.rn.bf16x2" in ptx, consts
     if consts["A_FMT"] == 1 and consts["B_FMT"] == 1 and consts["BLOCK_M"] >= 64:
         assert "e4m3.e4m3" in ptx, consts  # FP8 wgmma
-print("COMPILED", len(done), sorted(set(done)), "in %.0fs" % (time.time() - t0))
 '''
 
 
-def _run(part):
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, part], env=env, capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout
+def _run(part: str) -> list[str]:
+    return compile_calls(f"ONLY = {part!r}\n" + textwrap.dedent(_BODY))
 
 
 def test_gemm_format_variants_compile_for_sm90():
-    out = _run("formats")
-    assert "FORMATS 48" in out, out  # 6 A formats x 4 B formats x (prefill, decode tiles)
+    names = _run("formats")
+    assert len(names) == 48, names  # 6 A formats x 4 B formats x (prefill, decode tiles)
 
 
 def test_gemm_autotune_configs_compile_for_sm90():
-    out = _run("autotune")
-    assert "AUTOTUNE" in out and "AUTOTUNE 0" not in out, out
+    assert len(_run("autotune")) > 0
 
 
 def test_activation_variants_compile_for_sm90():
-    out = _run("activation")
-    assert "ACTIVATION 5" in out, out
+    assert len(_run("activation")) == 5

@@ -7,21 +7,18 @@ def test_quant_kernels_compile_for_sm90():
     names = compile_calls(
         """
         import fp4comm.quant as Q
-        import fp4comm.quant
-        fp4comm.quant.use_triton = lambda device, impl="auto": True
-        from fp4comm import quantize_nvfp4, dequantize_nvfp4, quantize_fp8_blockwise, dequantize_fp8_blockwise
+        force_triton(Q)
         for H, T in ((7168, 4), (64, 8), (1040, 2)):
             for dt in (torch.bfloat16, torch.float16, torch.float32):
                 x = torch.zeros(T, H, dtype=dt)
                 for layout in ("linear", "swizzled"):
                     for gs in ("per_token", 2.0, torch.ones(T)):
-                        t = quantize_nvfp4(x, gs, scale_layout=layout, pad_scales=True)
-                        t.global_scale = torch.ones(T) if torch.is_tensor(gs) or gs == "per_token" else torch.tensor(2.0)
-                        dequantize_nvfp4(t, torch.bfloat16)
+                        t = Q.quantize_nvfp4(x, gs, scale_layout=layout, pad_scales=True)
+                        t.global_scale = torch.ones(T) if not isinstance(gs, float) else torch.tensor(gs)
+                        Q.dequantize_nvfp4(t, torch.bfloat16)
+            x = torch.zeros(T, max(H // 128, 1) * 128, dtype=torch.bfloat16)
             for ue8m0 in (False, True):
-                x = torch.zeros(T, max(H // 128, 1) * 128, dtype=torch.bfloat16)
-                f = quantize_fp8_blockwise(x, ue8m0=ue8m0)
-                dequantize_fp8_blockwise(f)
+                Q.dequantize_fp8_blockwise(Q.quantize_fp8_blockwise(x, ue8m0=ue8m0))
         """
     )
     assert {"nvfp4_quantize_kernel", "nvfp4_dequantize_kernel", "fp8_block_quantize_kernel",
