@@ -34,6 +34,19 @@ def check_scale_cache(name: str, sc: object, k_cache: torch.Tensor) -> torch.Ten
     return check_tensor(name, sc, dtype=torch.float32, shape=(nb, bs, h), device=k_cache.device)
 
 
+def check_scale_caches(
+    kv_format: str, dynamic: bool, k_scale_cache: object, v_scale_cache: object, k_cache: torch.Tensor
+) -> None:
+    """Dynamic formats need both scale caches (:func:`check_scale_cache`); static ones take none."""
+    if dynamic:
+        check_scale_cache("k_scale_cache", k_scale_cache, k_cache)
+        check_scale_cache("v_scale_cache", v_scale_cache, k_cache)
+        return
+    for name, s in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
+        if s is not None:
+            raise ValueError(f"{name}: only used by dynamic kv formats, got kv_format={kv_format!r}")
+
+
 def check_static_scale(
     name: str, scale: object, num_kv_heads: int, device: torch.device, *, check_values: bool = True
 ) -> torch.Tensor:

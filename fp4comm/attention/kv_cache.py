@@ -28,7 +28,7 @@ from ._common import (
     FORMAT_CODE,
     check_format,
     check_kv_cache,
-    check_scale_cache,
+    check_scale_caches,
     check_slot_mapping,
     check_static_scale,
     dummy,
@@ -95,13 +95,7 @@ def write_kv_cache(
     else:
         k_scale = check_static_scale("k_scale", k_scale, H, dev, check_values=check_indices)
         v_scale = check_static_scale("v_scale", v_scale, H, dev, check_values=check_indices)
-    if dynamic:
-        check_scale_cache("k_scale_cache", k_scale_cache, k_cache)
-        check_scale_cache("v_scale_cache", v_scale_cache, k_cache)
-    else:
-        for name, s in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
-            if s is not None:
-                raise ValueError(f"{name}: only used by dynamic kv formats, got kv_format={kv_format!r}")
+    check_scale_caches(kv_format, dynamic, k_scale_cache, v_scale_cache, k_cache)
     check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 
     if T == 0:

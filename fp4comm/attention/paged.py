@@ -16,7 +16,7 @@ import torch
 from .._checks import check_positive_int, check_same_device, check_tensor
 from .._runtime import cdiv, triton_interpreting, use_triton
 from ..reference import attention as ref
-from ._common import check_format, check_kv_cache, check_scale_cache, dummy, next_pow2
+from ._common import check_format, check_kv_cache, check_scale_caches, dummy, next_pow2
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
@@ -260,13 +260,7 @@ def paged_attention(
     kd = check_descale("k_descale", k_descale, S, Hkv, dev)
     vd = check_descale("v_descale", v_descale, S, Hkv, dev)
     dynamic = ref.is_dynamic(kv_format)
-    if dynamic:
-        check_scale_cache("k_scale_cache", k_scale_cache, k_cache)
-        check_scale_cache("v_scale_cache", v_scale_cache, k_cache)
-    else:
-        for name, s in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
-            if s is not None:
-                raise ValueError(f"{name}: only used by dynamic kv formats, got kv_format={kv_format!r}")
+    check_scale_caches(kv_format, dynamic, k_scale_cache, v_scale_cache, k_cache)
     if out is not None:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(T, Hq, D), device=dev)
         if out.stride(-1) != 1:
