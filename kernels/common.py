@@ -216,3 +216,26 @@ def ue8m0_round_up(s):
     """Smallest power of two >= s (s positive, normal FP32), exact by bit arithmetic."""
     bits = s.to(tl.int32, bitcast=True)
     return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_block_quantize_tile(xf, UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
+    """DeepEP-style FP8 of an FP32 tile ``[NB, BLOCK]`` (one scale per row of the tile):
+    ``s = max(amax, 1e-4) / 448`` (rounded up to a power of two when ``UE8M0``),
+    ``q = e4m3(x * (1 / s))``; a block holding NaN/Inf gets bytes 0x7F and a NaN scale.
+    Returns (E4M3 bytes as int32 ``[NB, BLOCK]``, decode scales FP32 ``[NB]``). ``HW_CVT``: the
+    GPU's RNE-satfinite conversion instead of :func:`e4m3_encode` (same bits, verified on H200)."""
+    finite = tl.abs(xf) < float("inf")
+    bad = tl.max((~finite).to(tl.int32), axis=1) != 0
+    amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
+    sf = tl.math.div_rn(amax, tl.zeros_like(amax) + E4M3_MAX)
+    if UE8M0:
+        sf = ue8m0_round_up(sf)
+    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+    if HW_CVT:
+        qb = (xf * inv[:, None]).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        _, qb = e4m3_encode(xf * inv[:, None])
+    qb = tl.where(bad[:, None], E4M3_NAN_BYTE, qb)
+    sf = tl.where(bad, float("nan"), sf)
+    return qb, sf

@@ -24,14 +24,13 @@ import triton
 import triton.language as tl
 
 from .common import (
-    e4m3_encode,
+    fp8_block_quantize_tile,
     nvfp4_global_scale,
     nvfp4_pair_stats,
     nvfp4_quantize_pairs,
     unpack_pairs,
     swizzled_sf_offset,
     to_bf16_rne,
-    ue8m0_round_up,
 )
 from .nvlink import _encode_tile, _load_row_f32, _store_row
 
@@ -94,16 +93,8 @@ def ep_pack_kernel(
         bmask = blk < NBLK
         offs = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
         xf = tl.load(x_ptr + t * H + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
-        finite = tl.abs(xf) < float("inf")
-        bad = tl.max((~finite).to(tl.int32), axis=1) != 0
-        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
-        sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
-        if UE8M0:
-            sf = ue8m0_round_up(sf)
-        inv = tl.math.div_rn(tl.zeros_like(sf) + 1.0, sf)
-        _, qb = e4m3_encode(xf * inv[:, None])
-        qb = tl.where(bad[:, None], 0x7F, qb).to(tl.uint8)
-        sf = tl.where(bad, float("nan"), sf)
+        qb, sf = fp8_block_quantize_tile(xf, UE8M0, False)
+        qb = qb.to(tl.uint8)
     else:
         hh = tl.arange(0, NB)
         hmask = hh < H

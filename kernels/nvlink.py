@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .common import (
     e4m3_decode,
-    e4m3_encode,
+    fp8_block_quantize_tile,
     nvfp4_block_stats,
     nvfp4_dequantize_tile,
     nvfp4_global_scale,
@@ -75,14 +75,7 @@ def _encode_tile(xf, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr):
         pw = _bytes_to_words(packed)
         sw = _bytes_to_words(tl.reshape(sfb, (NB // 8, 8)))
     else:
-        finite = tl.abs(xf) < float("inf")
-        bad = tl.max((~finite).to(tl.int32), axis=1) != 0
-        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
-        sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
-        inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-        _, qb = e4m3_encode(xf * inv[:, None])
-        qb = tl.where(bad[:, None], 0x7F, qb)
-        sf = tl.where(bad, float("nan"), sf)
+        qb, sf = fp8_block_quantize_tile(xf, False, False)
         pw = tl.reshape(_bytes_to_words(tl.reshape(qb, (NB * 16, 8))), (NB, 16))
         sw = sf.to(tl.int32, bitcast=True)
         gs = 1.0

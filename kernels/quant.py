@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .common import (
     e4m3_decode,
-    e4m3_encode,
+    fp8_block_quantize_tile,
     store_rounded,
     nvfp4_dequantize_tile,
     nvfp4_gs_from_amax,
@@ -15,7 +15,6 @@ from .common import (
     nvfp4_quantize_pairs,
     unpack_pairs,
     swizzled_sf_offset,
-    ue8m0_round_up,
 )
 
 # global-scale modes
@@ -165,19 +164,7 @@ def fp8_block_quantize_kernel(
     bmask = blk < NBLK
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     xf = tl.load(x_ptr + row * H + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
-    finite = tl.abs(xf) < float("inf")
-    bad = tl.max((~finite).to(tl.int32), axis=1) != 0
-    amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
-    sf = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
-    if UE8M0:
-        sf = ue8m0_round_up(sf)
-    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-    if HW_CVT:
-        qb = (xf * inv[:, None]).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-    else:
-        _, qb = e4m3_encode(xf * inv[:, None])
-    qb = tl.where(bad[:, None], 0x7F, qb)
-    sf = tl.where(bad, float("nan"), sf)
+    qb, sf = fp8_block_quantize_tile(xf, UE8M0, HW_CVT)
     tl.store(q_ptr + row * H + offs, qb.to(tl.uint8), mask=bmask[:, None])
     tl.store(s_ptr + row * NBLK + blk, sf, mask=bmask)
 
