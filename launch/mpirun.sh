@@ -9,18 +9,9 @@ set -euo pipefail
 if [[ $# -lt 1 ]]; then
   sed -n '2,7p' "$0"; exit 2
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  default_np=$(nvidia-smi -L | wc -l)
-else
-  default_np=2
-  export FP4COMM_DIST_BACKEND=${FP4COMM_DIST_BACKEND:-gloo}
-fi
-NP=${NP:-$default_np}
+source "$(dirname "$0")/_env.sh"
+NP=${NP:-$default_nproc}
 MPIRUN=${MPIRUN:-mpirun}
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 cmd=("$MPIRUN" -np "$NP")
 if "$MPIRUN" --version 2>&1 | grep -qi "open mpi"; then

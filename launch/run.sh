@@ -11,21 +11,12 @@ set -euo pipefail
 if [[ $# -lt 1 ]]; then
   sed -n '2,9p' "$0"; exit 2
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  default_ngpu=$(nvidia-smi -L | wc -l)
-else
-  default_ngpu=2
-  export FP4COMM_DIST_BACKEND=${FP4COMM_DIST_BACKEND:-gloo}
-fi
-NGPU=${NGPU:-$default_ngpu}
+source "$(dirname "$0")/_env.sh"
+NGPU=${NGPU:-$default_nproc}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 cmd=(torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NGPU"
      --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
