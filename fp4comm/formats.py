@@ -117,6 +117,20 @@ class FP8BlockTensor:
 
 
 # ----------------------------------------------------------------------------- scalar math
+def ieee_div(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
+    """``num / den`` rounded once (IEEE), as the kernels' ``tl.math.div_rn`` does.
+
+    Plain ``/`` with a Python scalar is not that: torch evaluates ``scalar / tensor`` as
+    reciprocal-then-multiply on CPU, and ``tensor / scalar`` as multiply-by-reciprocal on
+    CUDA; both round twice. References divide through this function so they match the
+    kernels bit for bit on either device.
+    """
+    like = num if isinstance(num, torch.Tensor) else den
+    num = num if isinstance(num, torch.Tensor) else torch.full_like(like, num)
+    den = den if isinstance(den, torch.Tensor) else torch.full_like(like, den)
+    return num / den
+
+
 def e4m3_rne_satfinite(x: torch.Tensor) -> torch.Tensor:
     """FP32 -> E4M3 with round-to-nearest-even, saturating finite overflow (and +-Inf) to +-448.
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import E4M3_MAX, e4m3_rne_satfinite
+from ..formats import E4M3_MAX, e4m3_rne_satfinite, ieee_div
 
 #: Largest code magnitude of each quantized cache element type.
 INT8_MAX = 127.0
@@ -91,7 +91,7 @@ def dynamic_scale(x: torch.Tensor, kv_format: str, dim: int = -1) -> torch.Tenso
     a = x.float().abs()
     a = torch.where(a.isfinite(), a, torch.zeros_like(a))
     amax = a.amax(dim=dim)
-    s = amax / torch.full_like(amax, QMAX[base_format(kv_format)])  # tensor / tensor: IEEE on CPU and CUDA
+    s = ieee_div(amax, QMAX[base_format(kv_format)])
     return torch.where(s == 0, torch.ones_like(s), s)
 
 

@@ -156,7 +156,7 @@ def permute_ref(
 ) -> MaskedLayout:
     """Received rows ``[N, row_bytes]`` uint8 -> :class:`MaskedLayout`."""
     f = unpack_messages(msg, rows)
-    El, H, dev = num_local_experts, msg.hidden, rows.device
+    El, dev = num_local_experts, rows.device
     n_idx, k_idx = torch.nonzero(slot_map >= 0, as_tuple=True)
     dst = slot_map[n_idx, k_idx].long()
     x = torch.zeros(El * max_m, *f.payload.shape[1:], dtype=f.payload.dtype, device=dev)

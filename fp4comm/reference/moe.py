@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import FP8_BLOCK, GS_NUMERATOR, FP8BlockTensor, NVFP4Tensor, e4m3_rne_satfinite
+from ..formats import FP8_BLOCK, GS_NUMERATOR, FP8BlockTensor, NVFP4Tensor, e4m3_rne_satfinite, ieee_div
 from .quant import dequantize_fp8_blockwise_ref, dequantize_nvfp4_ref, quantize_nvfp4_ref
 
 WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4")
@@ -41,7 +41,7 @@ def quantize_weight_fp8_ref(w: torch.Tensor, block: int = FP8_BLOCK) -> FP8Block
     wp[:, :N] = w.float()
     blocks = wp.view(E, nb, block, K // block, block)
     amax = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4)  # [E, nb, K/block]
-    s = amax / torch.full_like(amax, 448.0)  # tensor / tensor: IEEE on CPU and CUDA
+    s = ieee_div(amax, 448.0)
     q = e4m3_rne_satfinite(blocks * (1.0 / s)[:, :, None, :, None])
     return FP8BlockTensor(data=q.reshape(E, nb * block, K)[:, :N].contiguous(), scales=s, block=block)
 
@@ -58,7 +58,7 @@ def quantize_weight_nvfp4_ref(w: torch.Tensor, scale_layout: str = "linear") -> 
     """``w [E, N, K]`` -> NVFP4 with one encode scale per expert, ``global_scale [E]``."""
     E, N, K = w.shape
     amax = w.float().abs().reshape(E, -1).amax(dim=1)
-    gs = torch.where(amax > 0, torch.full_like(amax, GS_NUMERATOR) / amax, torch.ones_like(amax))
+    gs = torch.where(amax > 0, ieee_div(GS_NUMERATOR, amax), torch.ones_like(amax))
     t = quantize_nvfp4_ref(w, gs[:, None].expand(E, N).contiguous(), scale_layout=scale_layout)
     t.global_scale = gs
     return t

@@ -35,6 +35,7 @@ from ..formats import (
     e2m1_rne_satfinite,
     e2m1_table,
     e4m3_rne_satfinite,
+    ieee_div,
     pack_e2m1,
     swizzle_scales,
     unpack_e2m1,
@@ -45,10 +46,7 @@ from ..formats import (
 def _per_token_global_scale(vmax: torch.Tensor) -> torch.Tensor:
     """``[N, KSF]`` finite block maxima -> ``[N]`` encode scales."""
     amax = vmax.amax(dim=-1) if vmax.shape[-1] else vmax.new_zeros(vmax.shape[0])
-    # Divisions here always divide tensor by tensor: torch evaluates ``scalar / tensor`` as
-    # reciprocal-then-multiply on CPU, and ``tensor / scalar`` as multiply-by-reciprocal on
-    # CUDA; either rounds twice, unlike the kernels' IEEE ``div_rn``.
-    gs = (torch.full_like(amax, GS_NUMERATOR) / amax).clamp(max=FP32_MAX)
+    gs = ieee_div(GS_NUMERATOR, amax).clamp(max=FP32_MAX)
     return torch.where(amax > 0, gs, torch.ones_like(gs))
 
 
@@ -82,7 +80,7 @@ def quantize_nvfp4_ref(
             gs_rows = gs_out.reshape(N)
 
     prod = gs_rows[:, None] * vmax
-    sf = e4m3_rne_satfinite(prod / torch.full_like(prod, 6.0))
+    sf = e4m3_rne_satfinite(ieee_div(prod, 6.0))
     sff = sf.float()
     inv = torch.where(sff != 0, (gs_rows[:, None] / sff).clamp(max=FP32_MAX), torch.zeros_like(sff))
     codes = e2m1_rne_satfinite(xf * inv[..., None])
@@ -130,10 +128,10 @@ def quantize_fp8_blockwise_ref(x: torch.Tensor, block: int = 128, ue8m0: bool = 
     finite = xf.abs() < float("inf")
     bad = ~finite.all(dim=-1)
     amax = xf.abs().amax(dim=-1).clamp(min=1e-4) if xf.shape[0] else xf.new_zeros(0, H // block)
-    s = amax / torch.full_like(amax, 448.0)
+    s = ieee_div(amax, 448.0)
     if ue8m0:
         s = ue8m0_round_up(s)
-    inv = torch.full_like(s, 1.0) / s
+    inv = ieee_div(1.0, s)
     q = e4m3_rne_satfinite(xf * inv[..., None]).view(torch.uint8)
     q = torch.where(bad[..., None], torch.full_like(q, E4M3_NAN_BYTE), q)
     s = torch.where(bad, torch.full_like(s, float("nan")), s)
