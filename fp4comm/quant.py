@@ -195,7 +195,7 @@ def quantize_nvfp4(
         scales = torch.empty(*lead, KSF, dtype=torch.uint8, device=x.device)
     if mode == "per_token":
         gs = torch.empty(lead, dtype=torch.float32, device=x.device)
-    gs_mode = {"static": 0, "per_row": 1, "per_token": 2}[mode]
+    gs_mode = {"static": 0, "per_row": 1, "per_token": 2}[mode]  # kernels/quant.py GS_MODE_*
     if N:
         from .kernels import quant as _k
 

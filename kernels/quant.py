@@ -18,9 +18,9 @@ from .common import (
 )
 
 # global-scale modes
-GS_STATIC = tl.constexpr(0)  # one scalar for the whole tensor (gs_ptr[0])
-GS_PER_ROW = tl.constexpr(1)  # caller-given, gs_ptr[row]
-GS_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, written to gs_ptr[row]
+GS_MODE_STATIC = tl.constexpr(0)  # one scalar for the whole tensor (gs_ptr[0])
+GS_MODE_PER_ROW = tl.constexpr(1)  # caller-given, gs_ptr[row]
+GS_MODE_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, written to gs_ptr[row]
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def nvfp4_quantize_kernel(
     x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
     q_ptr,  # [N, H/2] uint8
     sf_ptr,  # uint8: [N, KSF] linear, or swizzled [E, Mp, Kp]
-    gs_ptr,  # fp32: [1] static, [N] per row / per token (output for GS_PER_TOKEN)
+    gs_ptr,  # fp32: [1] static, [N] per row / per token (output for GS_MODE_PER_TOKEN)
     N,
     H,
     KSF,
@@ -75,12 +75,12 @@ def nvfp4_quantize_kernel(
         bmask = (blk < KSF) & rmask
         even, odd, woffs = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
         vmax, bad = nvfp4_pair_stats(even, odd)
-        if GS_MODE == 2:
+        if GS_MODE == GS_MODE_PER_TOKEN:
             gs_row = nvfp4_gs_from_amax(tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1))
             rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             tl.store(gs_ptr + rows, gs_row, mask=rows < N)
             gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
-        elif GS_MODE == 1:
+        elif GS_MODE == GS_MODE_PER_ROW:
             gs = tl.load(gs_ptr + row, mask=rmask, other=1.0)
         else:
             gs = tl.load(gs_ptr)
@@ -88,7 +88,7 @@ def nvfp4_quantize_kernel(
         _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
     else:
         r = tl.program_id(0).to(tl.int64)
-        if GS_MODE == 2:
+        if GS_MODE == GS_MODE_PER_TOKEN:
             amax = tl.zeros((NB,), tl.float32)
             for c in range(NCHUNK):
                 blk = c * NB + i
@@ -98,7 +98,7 @@ def nvfp4_quantize_kernel(
                 amax = tl.maximum(amax, vmax)
             gs = nvfp4_gs_from_amax(tl.max(amax, axis=0))
             tl.store(gs_ptr + r, gs)
-        elif GS_MODE == 1:
+        elif GS_MODE == GS_MODE_PER_ROW:
             gs = tl.load(gs_ptr + r)
         else:
             gs = tl.load(gs_ptr)
