@@ -85,8 +85,10 @@ def _layout(topk_ids: torch.Tensor, num_experts: int, num_ranks: int) -> Dispatc
     if T:
         in_rank.scatter_add_(1, safe // e_local, valid.long())
     is_in = in_rank > 0
-    incl = torch.cumsum(is_in.int(), dim=0, dtype=torch.int32)
-    rank_offset = torch.where(is_in, incl - 1, torch.full_like(incl, -1))
+    # scan along the contiguous dim of the [R, T] transpose: CUDA's outer-dim scan over a
+    # [T, R] tensor with few columns runs ~30x slower (225 us at T=4096, R=2 on an H200)
+    incl = torch.cumsum(is_in.t().int(), dim=1, dtype=torch.int32).t()
+    rank_offset = torch.where(is_in, incl - 1, torch.full_like(incl, -1)).contiguous()
     return DispatchLayout(
         num_tokens_per_rank=is_in.sum(0, dtype=torch.int32),
         num_tokens_per_expert=per_expert.int(),
