@@ -102,19 +102,33 @@ def bench_prefill(device, E, M, K, N, quick=False) -> list[dict]:
     ms_bmm = _bench(lambda: torch.bmm(x, wt, out=out), device)
     rows.append(dict(bench="prefill", impl="torch.bmm bf16", E=E, m=M, K=K, N=N, ms=ms_bmm,
                      tflops=flops / ms_bmm / 1e9, vs_bmm=1.0))  # fmt: skip
-    acts = {
-        "nvfp4 x bf16": quantize_nvfp4(x, "per_token", scale_layout="swizzled"),
-        "fp8 x bf16": quantize_fp8_blockwise(x),
-        "fp8(ue8m0) x bf16": quantize_fp8_blockwise(x, ue8m0=True),
-        "bf16 x bf16": x,
-    }
-    for name, a in acts.items():
-        config = "heuristic" if quick and name != "nvfp4 x bf16" else "auto"
-        fn = lambda a=a, c=config: grouped_gemm_masked(a, w, masked, out=out, expected_m=M, config=c)  # noqa: E731
+    from fp4comm.moe import dequantize_masked
+
+    nv = quantize_nvfp4(x, "per_token", scale_layout="swizzled")
+    f8 = quantize_fp8_blockwise(x)
+    # (label, activations, a_path): "auto" is what a caller gets (the two-pass BF16 route at
+    # prefill sizes on Hopper); "registers" dequantizes inside the GEMM's main loop
+    acts = [
+        ("nvfp4 x bf16", nv, "auto"),
+        ("nvfp4 x bf16 (in-register dequant)", nv, "registers"),
+        ("fp8 x bf16", f8, "auto"),
+        ("fp8 x bf16 (in-register dequant)", f8, "registers"),
+        ("fp8(ue8m0) x bf16 (in-register dequant)", quantize_fp8_blockwise(x, ue8m0=True), "registers"),
+        ("bf16 x bf16", x, "auto"),
+    ]
+    for name, a, path in acts:
+        config = "heuristic" if quick and not name.startswith("nvfp4") else "auto"
+        fn = lambda a=a, c=config, p=path: grouped_gemm_masked(a, w, masked, out=out, expected_m=M, config=c, a_path=p)  # noqa: E731
         fn()  # autotune outside the timing
         ms = _bench(fn, device)
-        rows.append(dict(bench="prefill", impl=f"grouped_gemm_masked {name}", config=config, E=E, m=M, K=K, N=N,
-                         ms=ms, tflops=flops / ms / 1e9, vs_bmm=ms_bmm / ms))  # fmt: skip
+        rows.append(dict(bench="prefill", impl=f"grouped_gemm_masked {name}", config=config, a_path=path, E=E, m=M,
+                         K=K, N=N, ms=ms, tflops=flops / ms / 1e9, vs_bmm=ms_bmm / ms))  # fmt: skip
+    # the first pass of the two-pass route on its own: bytes read (4.5 bits) + written (16 bits)
+    a16 = torch.empty(E, M, K, dtype=torch.bfloat16, device=device)
+    ms = _bench(lambda: dequantize_masked(nv, masked, out=a16), device)
+    nbytes = E * M * K * (0.5 + 1 / 16 + 2)
+    rows.append(dict(bench="prefill", impl="dequantize_masked nvfp4 -> bf16 (pass 1)", E=E, m=M, K=K, ms=ms,
+                     GBps=nbytes / ms / 1e6))  # fmt: skip
     return rows
 
 
@@ -198,8 +212,9 @@ def bench_epmoe(cfg, tokens, device, iters, group=None, warmup=2) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(100 + rank)
     x = torch.randn(tokens, cfg.hidden, device=device, generator=g).to(torch.bfloat16)
     rows = []
-    for payload, inter in (("bf16", "none"), ("nvfp4", "none"), ("nvfp4", "nvfp4")):
-        c = replace(cfg, payload=payload, intermediate_quant=inter, max_tokens_per_rank=tokens)
+    for payload, inter, path in (("bf16", "none", "auto"), ("nvfp4", "none", "auto"), ("nvfp4", "none", "registers"),
+                                 ("nvfp4", "nvfp4", "auto")):
+        c = replace(cfg, payload=payload, intermediate_quant=inter, max_tokens_per_rank=tokens, act_path=path)
         layer = EPMoE(c, group, device=device).load_weights(sd)
         for _ in range(warmup):  # warm-up, autotune
             layer(x)
@@ -215,7 +230,7 @@ def bench_epmoe(cfg, tokens, device, iters, group=None, warmup=2) -> list[dict]:
         for _ in range(iters):
             layer(x, timer=timer)
         phases = {k: v / iters for k, v in timer.totals().items()}
-        row = dict(bench="epmoe", payload=payload, gemm2_in=inter, ranks=world, tokens_per_rank=tokens,
+        row = dict(bench="epmoe", payload=payload, gemm2_in=inter, act_path=path, ranks=world, tokens_per_rank=tokens,
                    H=c.hidden, I=c.intermediate, E=c.num_experts, top_k=c.top_k, total_ms=total,
                    **{f"{k}_ms": v for k, v in phases.items()})  # fmt: skip
         if dist.is_initialized():

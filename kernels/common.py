@@ -57,7 +57,8 @@ def e4m3_decode(b):
     vs = m.to(tl.float32) * 0.001953125
     v = tl.where(e == 0, vs, vn)
     v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
-    return tl.where((b & 0x80) != 0, -v, v)
+    # sign as a bit flip: byte 0x80 is -0 (Triton's float negation, 0 - x, would give +0)
+    return (v.to(tl.int32, bitcast=True) ^ ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

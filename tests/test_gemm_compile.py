@@ -44,7 +44,7 @@ B = {
 }
 masked = torch.full((E,), M, dtype=torch.int32)
 def gemm(a, b, cfg):
-    grouped_gemm_masked(a, b, masked, config=cfg)
+    grouped_gemm_masked(a, b, masked, config=cfg, a_path="registers")
 only = ONLY
 t0 = time.time()
 if only in ("all", "formats"):
@@ -71,6 +71,19 @@ if only in ("all", "autotune"):
                 kw = c.kwargs
                 gemm(A[an], B[bn], GemmConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["LOOP_M"], c.num_warps, c.num_stages))
     print("AUTOTUNE", len(KERNELS) - n0, flush=True)
+if only in ("all", "masked"):
+    from fp4comm.moe import dequantize_masked
+    n0 = len(KERNELS)
+    for an in ("fp8", "fp8-ue8m0", "nvfp4-linear", "nvfp4-swizzled", "nvfp4-static"):
+        dequantize_masked(A[an], masked)
+    # the two-pass route of the GEMM: dequantize, then the BF16 kernel
+    grouped_gemm_masked(A["nvfp4-swizzled"], B["bf16"], masked, config="heuristic", a_path="bf16")
+    print("MASKED", len(KERNELS) - n0, flush=True)
+    for _name, _sig, consts, ptx in KERNELS[n0:]:
+        if _name == "fp8_masked_dequant_kernel":
+            assert "cvt.rn.f16x2.e4m3x2" in ptx, "fp8 dequant must use the hardware conversion"
+        if _name.endswith("masked_dequant_kernel"):
+            assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, _name
 if only in ("all", "activation"):
     n0 = len(KERNELS)
     h = torch.randn(E, M, 2 * 128, generator=g).bfloat16()
@@ -101,6 +114,13 @@ def test_gemm_format_variants_compile_for_sm90():
 
 def test_gemm_autotune_configs_compile_for_sm90():
     assert len(_run("autotune")) > 0
+
+
+def test_masked_dequant_variants_compile_for_sm90():
+    names = _run("masked")
+    # fp8 (1 variant: ue8m0 is the same kernel), nvfp4 linear / swizzled x per-row / static gs, the BF16 GEMM
+    assert names.count("grouped_gemm_masked_kernel") == 1, names
+    assert names.count("fp8_masked_dequant_kernel") == 1 and names.count("nvfp4_masked_dequant_kernel") == 3, names
 
 
 def test_activation_variants_compile_for_sm90():

@@ -59,7 +59,7 @@ def check_against_reference(a, b, masked_m, out, slack=1e-3):
         assert err <= bound, f"expert {e}: max err {err:.3g} > bound {bound:.3g} (torch bf16 err {torch_err:.3g})"
 
 
-def run_case(device, E, max_m, K, N, masked, a_fmt, b_fmt, config="auto", seed=0):
+def run_case(device, E, max_m, K, N, masked, a_fmt, b_fmt, config="auto", seed=0, a_path="auto"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(E, max_m, K, generator=g)
     w = torch.randn(E, N, K, generator=g) / K**0.5
@@ -67,7 +67,7 @@ def run_case(device, E, max_m, K, N, masked, a_fmt, b_fmt, config="auto", seed=0
     b = _to(make_b(w, b_fmt), device)
     masked_m = torch.tensor(masked, dtype=torch.int32, device=device)
     out = torch.full((E, max_m, N), SENTINEL, dtype=torch.bfloat16, device=device)
-    res = grouped_gemm_masked(a, b, masked_m, out=out, config=config)
+    res = grouped_gemm_masked(a, b, masked_m, out=out, config=config, a_path=a_path)
     assert res is out
     check_against_reference(_to(a, "cpu"), _to(b, "cpu"), masked_m.cpu(), out.cpu())
 
@@ -223,9 +223,10 @@ def test_masked_m_above_max_m_checked_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("a_fmt,b_fmt", [("nvfp4-swizzled", "bf16"), ("nvfp4-linear", "fp8"), ("fp8", "fp8"),
                                          ("nvfp4-swizzled", "nvfp4"), ("bf16", "bf16")])
-def test_gpu_prefill_shapes(a_fmt, b_fmt):
+@pytest.mark.parametrize("a_path", ["registers", "bf16"])
+def test_gpu_prefill_shapes(a_fmt, b_fmt, a_path):
     # DeepSeek-V3 GEMM1 shape per expert (K=7168, N=2*2048/8 sharded-ish), uneven rows
-    run_case("cuda", E=4, max_m=256, K=7168, N=512, masked=[256, 130, 0, 1], a_fmt=a_fmt, b_fmt=b_fmt)
+    run_case("cuda", E=4, max_m=256, K=7168, N=512, masked=[256, 130, 0, 1], a_fmt=a_fmt, b_fmt=b_fmt, a_path=a_path)
 
 
 @pytest.mark.gpu

@@ -289,5 +289,9 @@ def test_bench_smoke(tmp_path):
     res = main(["--smoke", "--out", str(tmp_path)])
     assert set(res) == {"prefill", "decode", "epmoe"}
     data = json.loads((tmp_path / "bench_moe_epmoe.json").read_text())
-    assert [r["payload"] for r in data["rows"]] == ["bf16", "nvfp4", "nvfp4"]
+    assert [(r["payload"], r["act_path"]) for r in data["rows"]] == [
+        ("bf16", "auto"), ("nvfp4", "auto"), ("nvfp4", "registers"), ("nvfp4", "auto")
+    ]
+    prefill = json.loads((tmp_path / "bench_moe_prefill.json").read_text())["rows"]
+    assert {r.get("a_path") for r in prefill} >= {"auto", "registers"}
     assert (tmp_path / "bench_moe_prefill.csv").exists() and (tmp_path / "bench_moe_decode.csv").exists()

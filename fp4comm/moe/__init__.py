@@ -2,7 +2,7 @@
 NVFP4 re-quantization, routing, and the expert-parallel MoE layer ``EPMoE``."""
 
 from .activation import silu_and_mul
-from .gemm import GemmConfig, dequantize_weights, grouped_gemm_masked, operand_format, quantize_weights
+from .gemm import GemmConfig, dequantize_masked, dequantize_weights, grouped_gemm_masked, operand_format, quantize_weights
 from .layer import EPMoE, LocalDispatcher, MoEConfig, random_moe_state_dict
 from .router import select_experts
 
@@ -11,6 +11,7 @@ __all__ = [
     "GemmConfig",
     "LocalDispatcher",
     "MoEConfig",
+    "dequantize_masked",
     "dequantize_weights",
     "grouped_gemm_masked",
     "operand_format",

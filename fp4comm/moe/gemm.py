@@ -44,6 +44,7 @@ from ..reference import moe as _ref
 __all__ = [
     "GemmConfig",
     "grouped_gemm_masked",
+    "dequantize_masked",
     "quantize_weights",
     "dequantize_weights",
     "operand_format",
@@ -308,6 +309,7 @@ def grouped_gemm_masked(
     expected_m: int | None = None,
     config: GemmConfig | str = "auto",
     check_masked_m: bool = False,
+    a_path: str = "auto",
     impl: str = "auto",
 ) -> torch.Tensor:
     """Masked grouped GEMM ``out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e].T``.
@@ -325,6 +327,14 @@ def grouped_gemm_masked(
         config: ``"auto"`` (autotune on GPU, :func:`_select_config` under the interpreter),
             ``"heuristic"`` (:func:`_select_config`) or a :class:`GemmConfig`.
         check_masked_m: on GPU, also check ``masked_m <= max_m`` (one device sync).
+        a_path: how FP8 / NVFP4 activations reach the tensor cores: ``"registers"`` (the
+            tiles are dequantized in registers inside the GEMM), ``"bf16"`` (two passes:
+            :func:`dequantize_masked` writes BF16 rows ``< masked_m``, then the BF16 GEMM; costs
+            an ``[E, max_m, K]`` BF16 temporary), or ``"auto"``: ``"bf16"`` on a GPU when the
+            typical rows per expert (``expected_m``, else ``max_m``) are at least
+            :data:`TWO_PASS_MIN_M` (prefill: the GEMM is compute-bound and the BF16 main loop
+            is faster than dequantizing in it), else ``"registers"`` (decode: weight-bound).
+            Results agree to BF16 rounding of the dequantized activations.
         impl: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -358,12 +368,18 @@ def grouped_gemm_masked(
         out = torch.empty(E, max_m, N, dtype=out_dtype, device=device)
     if E == 0 or max_m == 0 or N == 0:
         return out
+    check_choice("a_path", a_path, ("auto", "registers", "bf16"))
     if not use_triton(device, impl):
         return _ref.grouped_gemm_masked_ref(a, b, masked_m, out=out)
     if K == 0:
         raise ValueError("a: K must be > 0")
 
     m_hint = max_m if expected_m is None else max(1, min(int(expected_m), max_m))
+    if A.fmt != "bf16" and (a_path == "bf16" or (a_path == "auto" and _gpu_codegen(device) and m_hint >= TWO_PASS_MIN_M)):
+        a16 = dequantize_masked(a, masked_m, impl=impl)
+        return grouped_gemm_masked(
+            a16, b, masked_m, out=out, expected_m=expected_m, config=config, a_path="registers", impl=impl
+        )
     dummy = torch.empty(1, dtype=torch.float32, device=device)
     args = dict(
         a_ptr=A.data,
@@ -419,6 +435,70 @@ def grouped_gemm_masked(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    return out
+
+
+#: ``a_path="auto"`` takes the two-pass (BF16) route from this many typical rows per expert
+TWO_PASS_MIN_M = 64
+
+
+def dequantize_masked(
+    a: FP8BlockTensor | NVFP4Tensor, masked_m: torch.Tensor, *, out: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor:
+    """BF16 copy of the rows ``< masked_m[e]`` of a masked activation operand.
+
+    Args:
+        a: ``NVFP4Tensor`` ``[E, max_m, K]`` (linear or swizzled scales, global scale ``[]``,
+            ``[E]`` or ``[E, max_m]``) or ``FP8BlockTensor`` (1x128 scales), e.g. the
+            dispatch output.
+        masked_m: ``[E]`` int32 valid rows per expert (clamped to ``max_m`` on GPU, checked on CPU).
+        out: optional ``[E, max_m, K]`` BF16 contiguous output; rows ``>= masked_m[e]`` are not
+            written (a fresh ``out`` holds garbage there, which no masked GEMM reads).
+
+    Returns ``out``. Rounding: ``fp4comm.reference.moe.dequantize_masked_ref`` bit for bit.
+    One memory-bound pass (reads 4.5 / 8.25 bits, writes 16 bits per value).
+    """
+    if isinstance(a, torch.Tensor):
+        raise TypeError("a: expected an NVFP4Tensor or FP8BlockTensor (a BF16 tensor needs no dequantization)")
+    A, E, max_m, K = _check_operand("a", a, "max_m", is_weight=False)
+    check_tensor("masked_m", masked_m, dtype=torch.int32, shape=[E])
+    tensors = {"a": A.data, "masked_m": masked_m, "a.scales": A.sf}
+    if A.gs is not None:
+        tensors["a.global_scale"] = A.gs
+    if out is not None:
+        tensors["out"] = out
+    device = check_same_device(**tensors)
+    if out is None:
+        out = torch.empty(E, max_m, K, dtype=torch.bfloat16, device=device)
+    else:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=[E, max_m, K], contiguous=True)
+    if masked_m.device.type == "cpu":
+        mm = masked_m
+        if E and (int(mm.max()) > max_m or int(mm.min()) < 0):
+            raise ValueError(f"masked_m: values must lie in [0, max_m={max_m}], got min {int(mm.min())}, max {int(mm.max())}")
+    if E == 0 or max_m == 0 or K == 0:
+        return out
+    if not use_triton(device, impl):
+        ref = _ref.dequantize_masked_ref(a, masked_m)
+        for e in range(E):
+            m = min(int(masked_m[e]), max_m)
+            out[e, :m] = ref[e, :m]
+        return out
+    from ..kernels.masked import fp8_masked_dequant_kernel, nvfp4_masked_dequant_kernel
+
+    if A.fmt == "nvfp4":
+        rows, bw = 4, 128
+        kw = K // 8
+        nvfp4_masked_dequant_kernel[(cdiv(max_m, rows), cdiv(kw, bw), E)](
+            A.data.view(torch.int32), A.sf, A.gs, masked_m, out, max_m, kw, A.ksf, A.mt, A.kt,
+            GS_MODE=A.gs_mode, SWIZZLE=A.swizzled, ROWS=rows, BW=bw, num_warps=4,
+        )  # fmt: skip
+    else:
+        rows, bk = 4, 1024
+        fp8_masked_dequant_kernel[(cdiv(max_m, rows), cdiv(K, bk), E)](
+            A.data.view(torch.uint8), A.sf, masked_m, out, max_m, K,
+            HW_CVT=_gpu_codegen(device), ROWS=rows, BK=bk, num_warps=4,
+        )  # fmt: skip
     return out
 
 

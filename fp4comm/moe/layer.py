@@ -73,6 +73,9 @@ class MoEConfig:
         gemm_config: tile configs of the expert GEMMs: ``"auto"`` (autotuned on GPU) or
             ``"heuristic"`` (``fp4comm.moe.gemm._select_config``: no tuning runs, e.g. quick
             benchmarks), see :func:`fp4comm.moe.grouped_gemm_masked`.
+        act_path: how FP8 / NVFP4 GEMM inputs reach the tensor cores (``a_path`` of
+            :func:`fp4comm.moe.grouped_gemm_masked`): ``"auto"`` (two-pass BF16 at prefill
+            sizes on Hopper, in-register dequantization for decode), ``"registers"``, ``"bf16"``.
     """
 
     hidden: int
@@ -94,6 +97,7 @@ class MoEConfig:
     scale_layout: str = "swizzled"
     max_tokens_per_rank: int = 4096
     gemm_config: str = "auto"
+    act_path: str = "auto"
 
     def validate(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=NVFP4_BLOCK)
@@ -108,6 +112,7 @@ class MoEConfig:
         check_choice("intermediate_quant", self.intermediate_quant, ("auto", "nvfp4", "none"))
         check_choice("scale_layout", self.scale_layout, ("linear", "swizzled"))
         check_choice("gemm_config", self.gemm_config, ("auto", "heuristic"))
+        check_choice("act_path", self.act_path, ("auto", "registers", "bf16"))
         if self.payload == "fp8" and self.hidden % FP8_BLOCK:
             raise ValueError(f"hidden: must be a multiple of {FP8_BLOCK} for the fp8 payload, got {self.hidden}")
         if self.weight_format == "fp8" and (self.hidden % FP8_BLOCK or self.intermediate % FP8_BLOCK):
@@ -390,9 +395,10 @@ class EPMoE(nn.Module):
         if num_tokens is not None:
             expected_m = max(1, -(-num_tokens * self.world_size * c.top_k // c.num_experts))
         h = grouped_gemm_masked(activations, self.w13, masked_m, expected_m=expected_m, config=c.gemm_config,
-                                impl=self.impl)  # fmt: skip
+                                a_path=c.act_path, impl=self.impl)  # fmt: skip
         act = silu_and_mul(h, masked_m, quantize=c.gemm2_quant, scale_layout=c.scale_layout, impl=self.impl)
-        return grouped_gemm_masked(act, self.w2, masked_m, expected_m=expected_m, config=c.gemm_config, impl=self.impl)
+        return grouped_gemm_masked(act, self.w2, masked_m, expected_m=expected_m, config=c.gemm_config,
+                                   a_path=c.act_path, impl=self.impl)  # fmt: skip
 
     # ---- reference
     @torch.no_grad()
@@ -449,7 +455,7 @@ class EPMoE(nn.Module):
         return (
             f"experts {self.expert_range.start}..{self.expert_range.stop - 1} of {c.num_experts}, top_k={c.top_k}, "
             f"H={c.hidden}, I={c.intermediate}, payload={c.payload}, weights={c.weight_format}, "
-            f"gemm2_in={c.gemm2_quant}, backend={c.backend if self.distributed else 'local'}"
+            f"gemm2_in={c.gemm2_quant}, act_path={c.act_path}, backend={c.backend if self.distributed else 'local'}"
         )
 
 

@@ -82,6 +82,28 @@ def dequantize_any_ref(t: torch.Tensor | FP8BlockTensor | NVFP4Tensor, *, weight
     raise TypeError(f"expected a tensor, FP8BlockTensor or NVFP4Tensor, got {type(t).__name__}")
 
 
+def dequantize_masked_ref(a: FP8BlockTensor | NVFP4Tensor, masked_m: torch.Tensor) -> torch.Tensor:
+    """BF16 ``[E, max_m, K]`` of a masked activation operand, rows ``< masked_m[e]`` (others 0).
+
+    NVFP4: ``bf16((e2m1(q) * sf) * r)`` with ``r = 1 / gs`` rounded once (the product
+    ``e2m1 * sf`` is exact); FP8: ``bf16(e4m3(q) * s)``. This is the rounding of the
+    two-pass GEMM's dequantization kernel (``fp4comm.moe.dequantize_masked``).
+    """
+    E, max_m = a.shape[0], a.shape[1]
+    if isinstance(a, NVFP4Tensor):
+        gs = a.global_scale.float()
+        gs = gs.reshape(E, max_m) if gs.dim() == 2 else gs.reshape(-1, 1).expand(E, max_m) if gs.dim() == 1 else gs.expand(E, max_m)
+        r = ieee_div(1.0, gs.contiguous())
+        unit = NVFP4Tensor(a.data, a.scales, torch.ones(E, max_m, device=gs.device), a.scale_layout, a.shape)
+        x = dequantize_nvfp4_ref(unit, torch.float32) * r[..., None]  # / 1 is exact: e2m1 * sf
+    elif isinstance(a, FP8BlockTensor):
+        x = dequantize_fp8_blockwise_ref(a, torch.float32)
+    else:
+        raise TypeError(f"a: expected an FP8BlockTensor or NVFP4Tensor, got {type(a).__name__}")
+    rows = torch.arange(max_m, device=x.device)[None, :] < masked_m.to(x.device).long()[:, None]
+    return torch.where(rows[..., None], x, torch.zeros_like(x)).to(torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- GEMM
 def grouped_gemm_masked_ref(
     a, b, masked_m: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None

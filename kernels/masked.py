@@ -1,0 +1,99 @@
+"""Masked-layout dequantization: NVFP4 / FP8-block activations ``[E, max_m, K]`` -> BF16,
+rows ``< masked_m[e]`` only (the rows a masked grouped GEMM reads).
+
+This is the first half of the two-pass expert GEMM on Hopper (no FP4 tensor cores): one
+memory-bound pass lands BF16 operands, then the BF16 grouped GEMM runs at BF16 speed. The
+wire and the receive buffer stay 4-bit; only the GEMM input is widened.
+
+Rounding (the reference is ``fp4comm.reference.moe.dequantize_masked_ref``):
+NVFP4 ``bf16((e2m1(q) * sf) * r)`` with ``r = 1 / gs`` rounded once per row (``e2m1 * sf``
+is exact in FP32); FP8 ``bf16(e4m3(q) * s)``.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import e2m1_decode, e4m3_decode, store_rounded, swizzled_sf_offset
+
+GS_STATIC = tl.constexpr(0)
+GS_PER_EXPERT = tl.constexpr(1)
+GS_PER_ROW = tl.constexpr(2)
+
+
+@triton.jit
+def nvfp4_masked_dequant_kernel(
+    q_ptr,  # int32 words [E * MAX_M, KW], 8 codes each (low nibble = even element)
+    sf_ptr,  # uint8 scales: linear [E, MAX_M, KSF] or swizzled [E, MT*128, KT*4]
+    gs_ptr,  # fp32: [1] static, [E] per expert, [E, MAX_M] per row
+    mm_ptr,  # int32 [E]
+    out_ptr,  # bf16 [E, MAX_M, KW * 8]
+    MAX_M,
+    KW,
+    KSF,
+    MT,
+    KT,
+    GS_MODE: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BW: tl.constexpr,
+):
+    e = tl.program_id(2)
+    m0 = tl.program_id(0) * ROWS
+    mm = tl.minimum(tl.load(mm_ptr + e), MAX_M)
+    if m0 < mm:
+        rows = m0 + tl.arange(0, ROWS)
+        w = tl.program_id(1) * BW + tl.arange(0, BW)
+        mask = (rows < mm)[:, None] & (w < KW)[None, :]
+        grow = e.to(tl.int64) * MAX_M + rows
+        words = tl.load(q_ptr + grow[:, None] * KW + w[None, :], mask=mask, other=0)
+        blk = (w // 2).to(tl.int64)
+        if SWIZZLE:
+            sf_off = swizzled_sf_offset(e.to(tl.int64), rows[:, None].to(tl.int64), blk[None, :], MT, KT)
+        else:
+            sf_off = grow[:, None] * KSF + blk[None, :]
+        sf = e4m3_decode(tl.load(sf_ptr + sf_off, mask=mask, other=0).to(tl.int32))
+        if GS_MODE == GS_PER_ROW:
+            gs = tl.load(gs_ptr + grow, mask=rows < mm, other=1.0)
+        elif GS_MODE == GS_PER_EXPERT:
+            gs = tl.zeros((ROWS,), tl.float32) + tl.load(gs_ptr + e)
+        else:
+            gs = tl.zeros((ROWS,), tl.float32) + tl.load(gs_ptr)
+        r = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), gs)
+        shifts = tl.arange(0, 8) * 4
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 15
+        # magnitude, then the code's sign as a bit flip: an E2M1 -0 (code 8) stays -0
+        # (Triton's float negation is 0 - x, which would make it +0)
+        v = (e2m1_decode(codes & 7) * sf[:, :, None]) * r[:, None, None]
+        v = (v.to(tl.int32, bitcast=True) ^ ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+        offs = grow[:, None, None] * (KW * 8) + w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        store_rounded(out_ptr + offs, v, mask[:, :, None])
+
+
+@triton.jit
+def fp8_masked_dequant_kernel(
+    q_ptr,  # uint8 E4M3 [E * MAX_M, K]
+    s_ptr,  # fp32 [E * MAX_M, K / 128]
+    mm_ptr,
+    out_ptr,  # bf16 [E, MAX_M, K]
+    MAX_M,
+    K,
+    HW_CVT: tl.constexpr,  # GPU: hardware E4M3 -> FP32 conversion (same values)
+    ROWS: tl.constexpr,
+    BK: tl.constexpr,  # multiple of 128
+):
+    e = tl.program_id(2)
+    m0 = tl.program_id(0) * ROWS
+    mm = tl.minimum(tl.load(mm_ptr + e), MAX_M)
+    if m0 < mm:
+        rows = m0 + tl.arange(0, ROWS)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        mask = (rows < mm)[:, None] & (k < K)[None, :]
+        grow = e.to(tl.int64) * MAX_M + rows
+        offs = grow[:, None] * K + k[None, :]
+        qb = tl.load(q_ptr + offs, mask=mask, other=0)
+        if HW_CVT:
+            x = qb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            x = e4m3_decode(qb.to(tl.int32))
+        s = tl.load(s_ptr + grow[:, None] * (K // 128) + (k // 128)[None, :], mask=mask, other=0.0)
+        store_rounded(out_ptr + offs, x * s, mask)
