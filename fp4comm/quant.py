@@ -204,7 +204,8 @@ def quantize_nvfp4(
         _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
-            IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, num_warps=warps,
+            IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
+            num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,

@@ -27,14 +27,19 @@ GS_MODE_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, writte
 
 
 @triton.jit
-def _nvfp4_load_halves(x_ptr, row, blk, bmask, H):
+def _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED: tl.constexpr):
     """Words of blocks ``blk`` of rows ``row`` as two [len(blk), 4] tiles (first and second
     half of each block), so that one thread holds whole blocks: block reductions need no
-    shuffles and each half is one 16-byte load for 16-bit inputs."""
+    shuffles and each half is one 16-byte load for 16-bit inputs. ``MASKED`` False: every
+    block is in range (``bmask`` unused)."""
     base = row * (H // 2) + blk * 8
     k = tl.arange(0, 4)[None, :]
-    wa = tl.load(x_ptr + (base[:, None] + k), mask=bmask[:, None], other=0)
-    wb = tl.load(x_ptr + (base[:, None] + (k + 4)), mask=bmask[:, None], other=0)
+    if MASKED:
+        wa = tl.load(x_ptr + (base[:, None] + k), mask=bmask[:, None], other=0)
+        wb = tl.load(x_ptr + (base[:, None] + (k + 4)), mask=bmask[:, None], other=0)
+    else:
+        wa = tl.load(x_ptr + (base[:, None] + k))
+        wb = tl.load(x_ptr + (base[:, None] + (k + 4)))
     return wa, wb
 
 
@@ -68,27 +73,32 @@ def _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS: tl.constexpr, IS_BF16: tl.conste
 
 
 @triton.jit
-def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr):
+def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr,
+                       MASKED: tl.constexpr):
     # 8 code bytes per block in one 8-byte store: block (row, blk) is int64 word row * KSF + blk
     q64 = q_ptr.to(tl.pointer_type(tl.uint64))
     packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-    tl.store(q64 + (row * KSF + blk), packed, mask=bmask)
     if SWIZZLE:
         sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
         sf_off = row * KSF + blk
-    tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    if MASKED:
+        tl.store(q64 + (row * KSF + blk), packed, mask=bmask)
+        tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    else:
+        tl.store(q64 + (row * KSF + blk), packed)
+        tl.store(sf_ptr + sf_off, sfb)
 
 
 @triton.jit
 def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, MT, KT,
-                          IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr):
-    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H)
+                          IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr):
+    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED)
     ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
     eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
     vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
     pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
-    _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
+    _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, MASKED)
 
 
 @triton.jit
@@ -110,20 +120,21 @@ def nvfp4_quantize_kernel(
     NB: tl.constexpr,  # blocks per chunk (power of two); NCHUNK * NB >= KSF
     NCHUNK: tl.constexpr,  # chunks per row (> 1 only with ROWS == 1)
     ROWS: tl.constexpr,  # rows per program (power of two)
+    EVEN_K: tl.constexpr = False,  # NCHUNK > 1 and NCHUNK * NB == KSF: no block masks
 ):
     """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
     elementwise. A tile is [ROWS * NB, 4] words per block half (tile block i is block i % NB
     of row i // NB); with num_warps * 32 == ROWS * NB each thread owns one whole block.
     Short rows: ROWS rows in one tile. Long rows: one row streamed in NCHUNK chunks of NB
     blocks; a per-token scale then takes a first pass for the row's amax (the second pass
-    reads the row from L2)."""
+    reads the row from L2; its loop is unrolled, so all of the row's loads are in flight at once)."""
     i = tl.arange(0, ROWS * NB)
     row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
     rmask = row < N
     if NCHUNK == 1:
         blk = i % NB
         bmask = (blk < KSF) & rmask
-        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H)
+        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, True)
         ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
         eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
         vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
@@ -141,22 +152,22 @@ def nvfp4_quantize_kernel(
         else:
             gs = tl.load(gs_ptr)
         pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
-        _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
+        _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, True)
     else:
         r = tl.program_id(0).to(tl.int64)
         if GS_MODE == GS_MODE_PER_TOKEN:
             acc_e = tl.zeros((NB, 4), tl.uint32)
             acc_o = tl.zeros((NB, 4), tl.uint32)
-            for c in range(NCHUNK):
-                blk = c * NB + i
-                wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H)
+            for ca in tl.static_range(NCHUNK):
+                blk = ca * NB + i
+                wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, not EVEN_K)
                 acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
             amax = _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS, IS_BF16)
             if not (amax < float("inf")):  # rare: the row holds NaN/Inf, take its finite maximum
                 fin = tl.zeros((NB, 4), tl.float32)
-                for c in range(NCHUNK):
-                    blk = c * NB + i
-                    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H)
+                for cf in range(NCHUNK):
+                    blk = cf * NB + i
+                    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, True)
                     ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
                     eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
                     fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
@@ -171,7 +182,7 @@ def nvfp4_quantize_kernel(
         for c in range(NCHUNK):
             blk = c * NB + i
             _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, blk < KSF, gs, H, KSF, M, MT, KT,
-                                  IN_BITS, IS_BF16, SWIZZLE)  # fmt: skip
+                                  IN_BITS, IS_BF16, SWIZZLE, not EVEN_K)  # fmt: skip
 
 
 @triton.jit
