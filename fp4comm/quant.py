@@ -48,25 +48,26 @@ _QUANT_CHUNK_BLOCKS = 64
 def _quant_config(H: int, N: int) -> tuple[int, int, int, int]:
     """(rows per program, blocks per chunk, chunks per row, num_warps) for NVFP4 quantize.
 
-    Rows longer than one chunk of 1024 values are streamed chunk by chunk with 4 warps (8
-    values a thread; a per-token scale costs a second, L2-resident read of the row); rows of
-    <= 1024 values are packed several to a ~4K-value tile, one pass. Measured on H200 at
-    H = 7168 (issue 2): whole-row tiles and streamed chunks both reach ~28-31% of a D2D
-    copy's bandwidth, so the kernel is bound by the ALU work of the comparison-based E2M1
-    encode, not by occupancy; streaming is kept because it needs far fewer registers.
+    The kernel gives each thread whole 16-value blocks (two 16-byte loads for 16-bit inputs,
+    one 8-byte store of codes), so a tile of ``rows * blocks`` blocks wants ``tile / 32``
+    warps. Rows longer than one chunk of 64 blocks are streamed chunk by chunk with 2 warps
+    (one block a thread per chunk; a per-token scale costs a second, L2-resident read of
+    the row); rows of <= 64 blocks are packed several to a tile of <= 256 blocks, one pass.
+    Issue 2 (H200, H = 7168): the kernel is bound by ALU issue, not by memory or occupancy,
+    so the layout avoids replicated and cross-thread work.
     """
     ksf = H // 16
     if ksf <= _QUANT_CHUNK_BLOCKS:
         nb = triton.next_power_of_2(ksf)
         rows = min(max(1, 256 // nb), triton.next_power_of_2(max(N, 1)))
-        return rows, nb, 1, _launch_config(16 * nb * rows)
+        return rows, nb, 1, max(1, min(8, rows * nb // 32))
     return 1, _QUANT_CHUNK_BLOCKS, cdiv(ksf, _QUANT_CHUNK_BLOCKS), _quant_warps()
 
 
 def _quant_warps() -> int:
-    """num_warps of the streamed NVFP4 quantize (one 1024-value chunk: 4 warps = 8 values a
-    thread, one 16-byte load each)."""
-    return 4
+    """num_warps of the streamed NVFP4 quantize: 2 = one block (16 values) a thread per
+    64-block chunk; 1 = two blocks a thread (more than 2 replicates work)."""
+    return 2
 
 
 def _rows_per_program(H: int, N: int) -> int:
@@ -203,7 +204,8 @@ def quantize_nvfp4(
         _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
-            IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, num_warps=warps,
+            IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
+            num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,

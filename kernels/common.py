@@ -61,26 +61,40 @@ def e4m3_decode(b):
     return (v.to(tl.int32, bitcast=True) ^ ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
+# e2m1_rne_bits: the magic addend for |v| in [2^e, 2^(e+1)) (e = 0, 1, 2 after clamping) is
+# 2^(22+e) + 2e ulps; its bits are ``E * E2M1_MAGIC_MUL + E2M1_MAGIC_ADD`` for the biased
+# exponent E = 127 + e.
+E2M1_MAGIC_MUL = tl.constexpr(0x800002)  # 2^23 + 2
+E2M1_MAGIC_ADD = tl.constexpr(184549122)  # 22 * 2^23 - 254
+
+
+@triton.jit
+def e2m1_rne_bits(v):
+    """FP32 -> int32 whose low 3 bits are the E2M1 magnitude code of ``|v|`` (RNE, ties to the
+    even code, satfinite), bits 3..22 zero and bits 23..30 an exponent (149..151).
+
+    One FP32 add does the rounding: ``t = min(|v|, 6)`` plus a magic number whose ulp is
+    the E2M1 quantum of ``t``'s binade (0.5 below 2, then 1, then 2), i.e. ``2^(22+e)`` for
+    ``e = clamp(floor(log2 t), 0, 2)``. The sum's mantissa counts quanta, so rounding to
+    nearest even on it is RNE onto the E2M1 grid; the magic number's mantissa is preloaded
+    with the even offset ``2e`` (the codes of 1, 2 and 4 are 2, 4 and 6), so the sum's low
+    bits are the code itself. Clamping at 6 saturates (everything above 6 rounds to 6).
+    NaN gives a garbage word (callers mask non-finite blocks)."""
+    t = tl.minimum(tl.abs(v), 6.0)
+    e = tl.maximum(t, 1.0).to(tl.int32, bitcast=True) >> 23
+    magic = (e * E2M1_MAGIC_MUL + E2M1_MAGIC_ADD).to(tl.float32, bitcast=True)
+    return (t + magic).to(tl.int32, bitcast=True)
+
+
 @triton.jit
 def e2m1_encode(v):
     """FP32 -> E2M1 code (int32, 0..15): RNE (ties to the even code), satfinite, sign bit
-    kept for negatives that round to zero. NaN -> a masked-out value (callers zero it).
+    kept for negatives that round to zero. NaN -> some code (callers zero non-finite blocks).
 
-    By FP32 bit arithmetic rather than comparisons (about half the ALU work; the NVFP4
-    quantize kernels are ALU-bound on Hopper, which has no E2M1 conversion instruction):
-      * ``|v| < 1``: the sub-normal range, quantum 0.5: adding 2^22 (whose ulp is 0.5) rounds
-        to nearest even, and the low mantissa bits of the sum are the code (0, 1 or 2);
-      * ``|v| >= 1``: round the mantissa to one bit, ties to even; the exponent and that bit
-        are ``(bits >> 22) - 252``: 1 -> 2, 1.5 -> 3, 2 -> 4, 3 -> 5, 4 -> 6, 6 -> 7;
-      * codes above 7 (|v| >= 7) saturate to 7 (6.0).
-    """
-    a = tl.abs(v)
-    sub = ((a + 4194304.0).to(tl.int32, bitcast=True) & 7)
-    bits = a.to(tl.int32, bitcast=True)
-    nrm = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
-    code = tl.minimum(tl.where(a < 1.0, sub, nrm), 7)
-    sign = ((v.to(tl.int32, bitcast=True) >> 31) & 1) & (v == v).to(tl.int32)
-    return code | (sign << 3)
+    By FP32 bit arithmetic (:func:`e2m1_rne_bits`) rather than comparisons; Hopper has no
+    E2M1 conversion instruction."""
+    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
+    return (e2m1_rne_bits(v) & 7) | (sign << 3)
 
 
 @triton.jit
@@ -240,3 +254,90 @@ def fp8_block_quantize_tile(xf, UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
     qb = tl.where(bad[:, None], E4M3_NAN_BYTE, qb)
     sf = tl.where(bad, float("nan"), sf)
     return qb, sf
+
+
+@triton.jit
+def abs_key(x):
+    """FP32 -> uint32 ordering like ``|x|`` (the bits shifted left by one drop the sign), with
+    Inf and NaN above every finite value: an integer max of keys is one IMNMX, exact and the
+    same on every backend (float max needs an abs and treats NaN differently per backend)."""
+    return x.to(tl.uint32, bitcast=True) << 1
+
+
+@triton.jit
+def abs_from_key(k):
+    """Inverse of :func:`abs_key` for the maximum: uint32 key -> ``|x|`` as FP32 (>= Inf, or
+    NaN, when a non-finite value was seen)."""
+    return (k >> 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nvfp4_halves_stats(ea, oa, eb, ob):
+    """Even/odd elements of the two halves of NB blocks (``[NB, 4]`` each, one block per tile
+    row) -> (``max |x|`` per block [NB], non-finite flag per block [NB]). The maximum is the
+    finite maximum exactly when the flag is off."""
+    k = tl.maximum(tl.maximum(abs_key(ea), abs_key(oa)), tl.maximum(abs_key(eb), abs_key(ob)))
+    vmax = abs_from_key(tl.max(k, axis=1))
+    return vmax, ~(vmax < float("inf"))
+
+
+@triton.jit
+def finite_abs(x):
+    """``|x|`` where finite, else 0."""
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+@triton.jit
+def nvfp4_pack_codes(even, odd, inv):
+    """Quantize and pack 8 consecutive elements per tile row: ``even``/``odd`` ``[R, 4]``
+    (word j holds elements 2j and 2j+1), encode factor ``inv`` [R] -> int32 [R] holding the
+    8 E2M1 codes, element i in bits 4i..4i+3 (the little-endian bytes of the packed data).
+
+    The sign bit of each code is the sign bit of ``x`` (``inv >= 0``, so ``x * inv`` has
+    ``x``'s sign, also when it rounds to zero). :func:`e2m1_rne_bits` leaves exponent bits at
+    23..30 above the code; shifted by >= 9 they leave the word, so only the three lowest
+    nibbles need masking."""
+    j = tl.arange(0, 4)[None, :]
+    se = e2m1_rne_bits(even * inv[:, None]) & tl.where(j < 2, 7, -1)
+    so = e2m1_rne_bits(odd * inv[:, None]) & tl.where(j < 1, 7, -1)
+    sgn_e = (even.to(tl.int32, bitcast=True) >> 31) & 1
+    sgn_o = (odd.to(tl.int32, bitcast=True) >> 31) & 1
+    sh = 8 * j
+    word = (se << sh) + (sgn_e << (sh + 3)) + (so << (sh + 4)) + (sgn_o << (sh + 7))
+    return tl.sum(word, axis=1)
+
+
+# e4m3_encode_nonneg: magic addend for a in [2^E, 2^(E+1)), E = max(exponent, -6): 2^(E+20)
+# (ulp = the E4M3 quantum 2^(E-3)) plus 8 * (E + 6) ulps, so that the sum's mantissa is the
+# E4M3 byte; its bits are ``X * E4M3_MAGIC_MUL + E4M3_MAGIC_ADD`` for X = E + 127.
+E4M3_MAGIC_MUL = tl.constexpr(0x800008)  # 2^23 + 8
+E4M3_MAGIC_ADD = tl.constexpr(167771192)  # 20 * 2^23 - 8 * 121
+E4M3_MIN_NORMAL_EXP = tl.constexpr(121)  # biased FP32 exponent of 2^-6
+
+
+@triton.jit
+def e4m3_encode_nonneg(a):
+    """FP32 ``a >= 0`` -> (E4M3 value as FP32, E4M3 byte as int32), RNE, satfinite (``a >=
+    448`` and Inf -> 448): the same as :func:`e4m3_encode` for those inputs, with one FP32
+    add for the rounding (as in :func:`e2m1_rne_bits`; the subnormal range is the binade
+    of 2^-6 with the same quantum 2^-9). NaN gives garbage (callers mask non-finite blocks)."""
+    a = tl.minimum(a, E4M3_MAX)
+    x = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, E4M3_MIN_NORMAL_EXP)
+    magic = (x * E4M3_MAGIC_MUL + E4M3_MAGIC_ADD).to(tl.float32, bitcast=True)
+    s = a + magic
+    return s - magic, s.to(tl.int32, bitcast=True) & 0x7FFFFF
+
+
+@triton.jit
+def nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs):
+    """NB blocks as even/odd elements of their two halves (``[NB, 4]`` each) with per-block
+    ``vmax``/``bad`` from :func:`nvfp4_halves_stats` and encode scale ``gs`` (scalar or [NB])
+    -> (codes of the first halves int32 [NB], of the second halves int32 [NB], scale bytes
+    uint8 [NB]). Same numerics as :func:`nvfp4_quantize_tile` (DESIGN.md section 3)."""
+    sfv, sfb = e4m3_encode_nonneg(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
+    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    pa = tl.where(bad, 0, nvfp4_pack_codes(ea, oa, inv))
+    pb = tl.where(bad, 0, nvfp4_pack_codes(eb, ob, inv))
+    sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
+    return pa, pb, sfb.to(tl.uint8)

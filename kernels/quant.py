@@ -7,14 +7,17 @@ import triton.language as tl
 
 from .common import (
     e4m3_decode,
+    finite_abs,
     fp8_block_quantize_tile,
-    store_rounded,
+    abs_from_key,
+    abs_key,
     nvfp4_dequantize_tile,
     nvfp4_gs_from_amax,
-    nvfp4_pair_stats,
-    nvfp4_quantize_pairs,
-    unpack_pairs,
+    nvfp4_halves_stats,
+    nvfp4_quantize_halves,
+    store_rounded,
     swizzled_sf_offset,
+    unpack_pairs,
 )
 
 # global-scale modes
@@ -24,28 +27,84 @@ GS_MODE_PER_TOKEN = tl.constexpr(2)  # computed here from the row's amax, writte
 
 
 @triton.jit
-def _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
-    """Words [len(blk), 8] of blocks ``blk`` of rows ``row`` -> (even, odd) FP32 tiles."""
-    woffs = row[:, None] * (H // 2) + blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-    w = tl.load(x_ptr + woffs, mask=bmask[:, None], other=0)
-    even, odd = unpack_pairs(w, IN_BITS, IS_BF16)
-    return even, odd, woffs
+def _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED: tl.constexpr):
+    """Words of blocks ``blk`` of rows ``row`` as two [len(blk), 4] tiles (first and second
+    half of each block), so that one thread holds whole blocks: block reductions need no
+    shuffles and each half is one 16-byte load for 16-bit inputs. ``MASKED`` False: every
+    block is in range (``bmask`` unused)."""
+    base = row * (H // 2) + blk * 8
+    k = tl.arange(0, 4)[None, :]
+    if MASKED:
+        wa = tl.load(x_ptr + (base[:, None] + k), mask=bmask[:, None], other=0)
+        wb = tl.load(x_ptr + (base[:, None] + (k + 4)), mask=bmask[:, None], other=0)
+    else:
+        wa = tl.load(x_ptr + (base[:, None] + k))
+        wb = tl.load(x_ptr + (base[:, None] + (k + 4)))
+    return wa, wb
 
 
 @triton.jit
-def _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr):
-    tl.store(q_ptr + woffs, packed, mask=bmask[:, None])
+def _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """Running maxima of :func:`abs_key` of even / odd elements. For BF16 the keys come
+    straight from the words: ``w << 17`` is the even element's key, ``w << 1`` the odd
+    element's key above 16 bits of the even element (cleared in :func:`_nvfp4_absmax_finish`;
+    they cannot change the maximum of the upper bits)."""
+    if IN_BITS == 16 and IS_BF16:
+        ua = wa.to(tl.uint32, bitcast=True)
+        ub = wb.to(tl.uint32, bitcast=True)
+        acc_e = tl.maximum(acc_e, tl.maximum(ua << 17, ub << 17))
+        acc_o = tl.maximum(acc_o, tl.maximum(ua << 1, ub << 1))
+    else:
+        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+        acc_e = tl.maximum(acc_e, tl.maximum(abs_key(ea), abs_key(eb)))
+        acc_o = tl.maximum(acc_o, tl.maximum(abs_key(oa), abs_key(ob)))
+    return acc_e, acc_o
+
+
+@triton.jit
+def _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """-> the program's ``max |x|`` (>= Inf, or NaN, when it saw a non-finite value)."""
+    ke = tl.max(acc_e)
+    ko = tl.max(acc_o)
+    if IN_BITS == 16 and IS_BF16:
+        ko = (ko >> 17) << 17
+    return abs_from_key(tl.maximum(ke, ko))
+
+
+@triton.jit
+def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr,
+                       MASKED: tl.constexpr):
+    # 8 code bytes per block in one 8-byte store: block (row, blk) is int64 word row * KSF + blk
+    q64 = q_ptr.to(tl.pointer_type(tl.uint64))
+    packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
     if SWIZZLE:
         sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
         sf_off = row * KSF + blk
-    tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    if MASKED:
+        tl.store(q64 + (row * KSF + blk), packed, mask=bmask)
+        tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    else:
+        tl.store(q64 + (row * KSF + blk), packed)
+        tl.store(sf_ptr + sf_off, sfb)
+
+
+@triton.jit
+def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, MT, KT,
+                          IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr):
+    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED)
+    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+    pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+    _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, MASKED)
 
 
 @triton.jit
 def nvfp4_quantize_kernel(
     x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
-    q_ptr,  # [N, H/2] uint8
+    q_ptr,  # [N, H/2] uint8 (8-byte aligned)
     sf_ptr,  # uint8: [N, KSF] linear, or swizzled [E, Mp, Kp]
     gs_ptr,  # fp32: [1] static, [N] per row / per token (output for GS_MODE_PER_TOKEN)
     N,
@@ -61,22 +120,30 @@ def nvfp4_quantize_kernel(
     NB: tl.constexpr,  # blocks per chunk (power of two); NCHUNK * NB >= KSF
     NCHUNK: tl.constexpr,  # chunks per row (> 1 only with ROWS == 1)
     ROWS: tl.constexpr,  # rows per program (power of two)
+    EVEN_K: tl.constexpr = False,  # NCHUNK > 1 and NCHUNK * NB == KSF: no block masks
 ):
     """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
-    elementwise. Short rows: ROWS rows in one [ROWS * NB, 8] tile (tile block i is block
-    i % NB of row i // NB). Long rows: one row streamed in NCHUNK chunks of NB blocks, so a
-    program holds only ~1K values and many programs share an SM; a per-token scale then
-    takes a first pass for the row's amax (the second pass reads the row from L2)."""
+    elementwise. A tile is [ROWS * NB, 4] words per block half (tile block i is block i % NB
+    of row i // NB); with num_warps * 32 == ROWS * NB each thread owns one whole block.
+    Short rows: ROWS rows in one tile. Long rows: one row streamed in NCHUNK chunks of NB
+    blocks; a per-token scale then takes a first pass for the row's amax (the second pass
+    reads the row from L2; its loop is unrolled, so all of the row's loads are in flight at once)."""
     i = tl.arange(0, ROWS * NB)
     row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
     rmask = row < N
     if NCHUNK == 1:
         blk = i % NB
         bmask = (blk < KSF) & rmask
-        even, odd, woffs = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
-        vmax, bad = nvfp4_pair_stats(even, odd)
+        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, True)
+        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+        vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
         if GS_MODE == GS_MODE_PER_TOKEN:
-            gs_row = nvfp4_gs_from_amax(tl.max(tl.reshape(vmax, (ROWS, NB)), axis=1))
+            amax_b = vmax
+            if tl.max(bad.to(tl.int32), axis=0) != 0:  # rare: finite maxima of blocks holding NaN/Inf
+                fin = tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)), tl.maximum(finite_abs(eb), finite_abs(ob)))
+                amax_b = tl.where(bad, tl.max(fin, axis=1), vmax)
+            gs_row = nvfp4_gs_from_amax(tl.max(tl.reshape(amax_b, (ROWS, NB)), axis=1))
             rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             tl.store(gs_ptr + rows, gs_row, mask=rows < N)
             gs = tl.reshape(tl.broadcast_to(gs_row[:, None], (ROWS, NB)), (ROWS * NB,))
@@ -84,19 +151,29 @@ def nvfp4_quantize_kernel(
             gs = tl.load(gs_ptr + row, mask=rmask, other=1.0)
         else:
             gs = tl.load(gs_ptr)
-        packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
-        _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
+        pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+        _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, True)
     else:
         r = tl.program_id(0).to(tl.int64)
         if GS_MODE == GS_MODE_PER_TOKEN:
-            amax = tl.zeros((NB,), tl.float32)
-            for c in range(NCHUNK):
-                blk = c * NB + i
-                bmask = blk < KSF
-                even, odd, _ = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
-                vmax, _ = nvfp4_pair_stats(even, odd)
-                amax = tl.maximum(amax, vmax)
-            gs = nvfp4_gs_from_amax(tl.max(amax, axis=0))
+            acc_e = tl.zeros((NB, 4), tl.uint32)
+            acc_o = tl.zeros((NB, 4), tl.uint32)
+            for ca in tl.static_range(NCHUNK):
+                blk = ca * NB + i
+                wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, not EVEN_K)
+                acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
+            amax = _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS, IS_BF16)
+            if not (amax < float("inf")):  # rare: the row holds NaN/Inf, take its finite maximum
+                fin = tl.zeros((NB, 4), tl.float32)
+                for cf in range(NCHUNK):
+                    blk = cf * NB + i
+                    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, True)
+                    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+                    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+                    fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
+                                                     tl.maximum(finite_abs(eb), finite_abs(ob))))
+                amax = tl.max(fin)
+            gs = nvfp4_gs_from_amax(amax)
             tl.store(gs_ptr + r, gs)
         elif GS_MODE == GS_MODE_PER_ROW:
             gs = tl.load(gs_ptr + r)
@@ -104,11 +181,8 @@ def nvfp4_quantize_kernel(
             gs = tl.load(gs_ptr)
         for c in range(NCHUNK):
             blk = c * NB + i
-            bmask = blk < KSF
-            even, odd, woffs = _nvfp4_load_chunk(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16)
-            vmax, bad = nvfp4_pair_stats(even, odd)
-            packed, sfb = nvfp4_quantize_pairs(even, odd, vmax, bad, gs)
-            _nvfp4_store_chunk(q_ptr, sf_ptr, woffs, packed, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE)
+            _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, blk < KSF, gs, H, KSF, M, MT, KT,
+                                  IN_BITS, IS_BF16, SWIZZLE, not EVEN_K)  # fmt: skip
 
 
 @triton.jit

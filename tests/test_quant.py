@@ -177,6 +177,36 @@ def test_nonfinite_blocks_become_nan_and_check_finite_raises(device):
         fp4comm.quantize_fp8_blockwise(torch.cat([x, x], -1).to(device), check_finite=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("H", [7168, 1040], ids=["streamed", "streamed_partial_chunk"])
+def test_nonfinite_long_rows_match_reference(dtype, H, device):
+    """Streamed rows (the per-token amax pass and its finite-max fallback): NaN / +-Inf in
+    even and odd positions (for BF16 the odd element is read with its word's low half),
+    a row of only non-finite values, and one clean row."""
+    x = make_input((5, H), torch.float32, seed=11)
+    x[0, 1] = float("inf")  # odd element, Inf
+    x[0, 4000 % H] = -float("inf")  # even element
+    x[1, 7] = float("nan")
+    x[1, 2] = 1e30 if dtype == torch.float32 else 100.0  # the row's finite maximum, next to NaN
+    x[2] = float("nan")
+    x[3, H - 1] = -float("inf")  # last block of the row
+    x = x.to(dtype)
+    for gs in ("per_token", 0.37):
+        got = fp4comm.quantize_nvfp4(x.to(device), gs)
+        assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs))
+
+
+def test_saturated_and_subnormal_block_scales_long_rows(device):
+    """Codes of blocks whose E4M3 scale saturates (a large static gs) or is subnormal / zero
+    (tiny blocks beside a huge one), where ``x * inv`` exceeds 6 and must saturate."""
+    x = make_input((4, 7168), torch.bfloat16, seed=12)
+    x[1, 100:200] *= 1e-6
+    x[2, ::97] = 3e4
+    for gs in ("per_token", 1e4, 2.0):
+        got = fp4comm.quantize_nvfp4(x.to(device), gs)
+        assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs))
+
+
 # ----------------------------------------------------------------------------- error bounds
 def test_round_trip_sqnr(device):
     x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
