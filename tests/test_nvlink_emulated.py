@@ -6,6 +6,7 @@ exchange built from the reference quantizers."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -330,6 +331,64 @@ def test_ll_undersized_outputs_are_refused():
     ys = run_combine(bufs, [eo, eo], outs)
     assert all(not bool(y.float().abs().sum()) for y in ys)
     for b in bufs:
+        b.destroy()
+
+
+class _MetaMemory:
+    """Symmetric memory that records the allocations and backs them with meta tensors (no
+    storage), so a buffer at the bench's shape can be built on CPU to check its sizes."""
+
+    emulated = True
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+        self.allocs = []
+
+    def alloc(self, shape, dtype):
+        from fp4comm.ep.symmem import SymmetricTensor
+
+        self.allocs.append((tuple(shape), dtype))
+        ptrs = torch.zeros(self.world_size, dtype=torch.int64)
+        return SymmetricTensor(local=torch.empty(shape, dtype=dtype, device="meta"), peer_ptrs=ptrs)
+
+    def num_sms(self):
+        return 132
+
+    def free(self, t):
+        pass
+
+
+@pytest.mark.parametrize("payload,cpayload", [("nvfp4", "bf16"), ("bf16", "bf16"), ("nvfp4", "nvfp4")])
+def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
+    """The 4x H200 bench shape (H=7168, E=256, R=4, top-8, T_max=512): every slot / combine
+    row / flag the kernels can address (their index formulas at the largest indices) lies
+    inside its buffer (no more, no less), and with the bf16 payload the largest byte
+    offsets pass 2^31, i.e. the kernels must (and do, see ``kernels/nvlink.py``: slot and
+    row indices become int64 before ``* ROW_BYTES``) compute them in int64. Output sets
+    hold ``E_local * max_m`` rows (``max_m = R * T_max``)."""
+    R, E, K, H, TMAX = 4, 256, 8, 7168, 512
+    cfg = LowLatencyConfig(
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, payload=payload, combine_payload=cpayload
+    )
+    for rank in (0, R - 1):
+        mem = _MetaMemory(rank, R)
+        b = LowLatencyBuffer(cfg, mem=mem)
+        EL, RB, CRB = b.num_local_experts, b.layout.row_bytes, b.crow_bytes
+        assert (EL, b.max_m) == (64, R * TMAX)
+        slots, dflags, crows, cflags = (math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in mem.allocs)
+        g = b._dsend
+        # dispatch: the last slot (b=1, last local expert, last source, position T_max-1)
+        last = 1 * g.slot_b + (EL - 1) * g.slot_e + (R - 1) * g.slot_s + (TMAX - 1)
+        assert (last + 1) * RB == slots
+        assert (1 * g.flag_b + (EL - 1) * g.flag_e + (R - 1) * g.flag_s + 1) * 8 == dflags
+        # combine: row b*CB + t*K + k of the source's buffer, flag b*FLAG_B + src
+        c = b._cgeo
+        assert (1 * c["cb"] + (TMAX - 1) * K + (K - 1) + 1) * CRB == crows
+        assert (1 * c["cflag_b"] + (R - 1) * c["cflag_s"] + 1) * 8 == cflags
+        specs = b._out_specs()
+        assert specs["x"][0][:2] == (EL, R * TMAX) and specs["src_rank"][0] == (EL, R * TMAX)
+        if payload == "bf16":  # byte offsets past int32: an int32 product would wrap
+            assert last * RB > 2**31
         b.destroy()
 
 
