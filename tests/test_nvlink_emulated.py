@@ -6,6 +6,7 @@ exchange built from the reference quantizers."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -242,6 +243,155 @@ def test_ll_outputs_are_fixed_double_buffers():
         b.destroy()
 
 
+def _run_compile_warmup(buf):
+    """Run ``LowLatencyBuffer._compile_all`` (what the constructor does on GPUs only) on CPU:
+    the warm-up launches are recorded instead of compiled."""
+    warm, real = [], buf._launch
+
+    def launch(kernel, grid, args, kw, warmup=False):
+        if warmup:
+            warm.append((kernel, args))
+            return None
+        return real(kernel, grid, args, kw)
+
+    buf._launch = launch
+    buf._compile_all()
+    return warm
+
+
+def _out_shapes(o):
+    return dict(
+        x=tuple(o.x.shape), scales=None if o.scales is None else tuple(o.scales.shape),
+        gs=None if o.global_scale is None else tuple(o.global_scale.shape), masked_m=tuple(o.masked_m.shape),
+        w=tuple(o.topk_weights.shape), src_rank=tuple(o.handle.src_rank.shape), src_slot=tuple(o.handle.src_slot.shape),
+    )  # fmt: skip
+
+
+def test_ll_gpu_compile_warmup_keeps_full_size_outputs():
+    """Regression (4x H200 bench: illegal memory access; 2x H200 reference-model test:
+    cudaErrorInvalidAddressSpace): the compile warm-up that the constructor runs on GPUs
+    only built the cached output sets at ``[1, 1, ...]``, so every receive kernel wrote
+    ``E_local * max_m`` rows past their end and combine read garbage ``src_rank`` (peer
+    pointer table index) back. Run that warm-up on CPU: the outputs stay full size, and a
+    cycle with unequal token counts per rank and the nvfp4 combine wire at H=512 (the
+    reference test's shape, scaled down) is still bit-exact."""
+    R, E, K, H, TMAX = 2, 8, 4, 512, 6
+    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, combine_payload="nvfp4")
+    EL, MM = E // R, R * TMAX
+    want = dict(x=(EL, MM, H // 2), scales=(EL, MM, H // 16), gs=(EL, MM), masked_m=(EL,), w=(EL, MM),
+                src_rank=(EL, MM), src_slot=(EL, MM))  # fmt: skip
+    world = EmulatedWorld(R)
+    bufs = [LowLatencyBuffer(cfg, mem=world.rank(r)) for r in range(R)]
+    for b in bufs:
+        warm = _run_compile_warmup(b)
+        assert len(warm) == 4
+        # the receive kernel's output arguments are the real, full-size set
+        for t in warm[1][1]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.dtype != torch.int64:
+                assert t.shape[:2] == (EL, MM), t.shape
+        for st in b._out_sets:
+            assert tuple(st["x"].shape) == want["x"] and tuple(st["src_rank"].shape) == want["src_rank"]
+    xs, ids, ws = make_inputs(R, [TMAX, TMAX - 2], H, E, K, seed=7)
+    for it in range(3):  # both output sets
+        pend = [b.dispatch_send(x, i, w) for b, x, i, w in zip(bufs, xs, ids, ws)]
+        for o in pend:
+            assert _out_shapes(o) == want
+        outs = [b.dispatch_recv(o) for b, o in zip(bufs, pend)]
+        check_dispatch(cfg, outs, expected_dispatch("nvfp4", xs, ids, ws, R, E), R)
+        eos = expert_outputs(outs, cfg, seed=it)
+        ys = run_combine(bufs, eos, outs)
+        for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
+            assert torch.equal(y, ref)
+    for b in bufs:
+        b.destroy()
+
+
+def test_ll_undersized_outputs_are_refused():
+    """The receive / combine halves refuse output or handle tensors smaller than
+    ``[E_local, max_m]`` (host check, no sync) instead of writing past their end."""
+    R, E, K, H = 2, 4, 2, 32
+    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=3, payload="nvfp4")
+    world = EmulatedWorld(R)
+    bufs = [LowLatencyBuffer(cfg, mem=world.rank(r)) for r in range(R)]
+    xs, ids, ws = make_inputs(R, [3, 2], H, E, K, seed=8)
+    pend = [b.dispatch_send(x, i, w) for b, x, i, w in zip(bufs, xs, ids, ws)]
+    good_x = pend[0].x
+    pend[0].x = good_x[:1, :1]
+    with pytest.raises(ValueError, match="dispatch_recv: x"):
+        bufs[0].dispatch_recv(pend[0])
+    pend[0].x = good_x
+    outs = [b.dispatch_recv(o) for b, o in zip(bufs, pend)]
+    eo = torch.zeros(E // R, bufs[0].max_m, H, dtype=torch.bfloat16)
+    h = outs[0].handle
+    good = h.src_rank
+    h.src_rank = good[:1, :1]
+    with pytest.raises(ValueError, match="handle: src_rank"):
+        bufs[0].combine_send(eo, h)
+    h.src_rank = good
+    ys = run_combine(bufs, [eo, eo], outs)
+    assert all(not bool(y.float().abs().sum()) for y in ys)
+    for b in bufs:
+        b.destroy()
+
+
+class _MetaMemory:
+    """Symmetric memory that records the allocations and backs them with meta tensors (no
+    storage), so a buffer at the bench's shape can be built on CPU to check its sizes."""
+
+    emulated = True
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+        self.allocs = []
+
+    def alloc(self, shape, dtype):
+        from fp4comm.ep.symmem import SymmetricTensor
+
+        self.allocs.append((tuple(shape), dtype))
+        ptrs = torch.zeros(self.world_size, dtype=torch.int64)
+        return SymmetricTensor(local=torch.empty(shape, dtype=dtype, device="meta"), peer_ptrs=ptrs)
+
+    def num_sms(self):
+        return 132
+
+    def free(self, t):
+        pass
+
+
+@pytest.mark.parametrize("payload,cpayload", [("nvfp4", "bf16"), ("bf16", "bf16"), ("nvfp4", "nvfp4")])
+def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
+    """The 4x H200 bench shape (H=7168, E=256, R=4, top-8, T_max=512): every slot / combine
+    row / flag the kernels can address (their index formulas at the largest indices) lies
+    inside its buffer (no more, no less), and with the bf16 payload the largest byte
+    offsets pass 2^31, i.e. the kernels must (and do, see ``kernels/nvlink.py``: slot and
+    row indices become int64 before ``* ROW_BYTES``) compute them in int64. Output sets
+    hold ``E_local * max_m`` rows (``max_m = R * T_max``)."""
+    R, E, K, H, TMAX = 4, 256, 8, 7168, 512
+    cfg = LowLatencyConfig(
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, payload=payload, combine_payload=cpayload
+    )
+    for rank in (0, R - 1):
+        mem = _MetaMemory(rank, R)
+        b = LowLatencyBuffer(cfg, mem=mem)
+        EL, RB, CRB = b.num_local_experts, b.layout.row_bytes, b.crow_bytes
+        assert (EL, b.max_m) == (64, R * TMAX)
+        slots, dflags, crows, cflags = (math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in mem.allocs)
+        g = b._dsend
+        # dispatch: the last slot (b=1, last local expert, last source, position T_max-1)
+        last = 1 * g.slot_b + (EL - 1) * g.slot_e + (R - 1) * g.slot_s + (TMAX - 1)
+        assert (last + 1) * RB == slots
+        assert (1 * g.flag_b + (EL - 1) * g.flag_e + (R - 1) * g.flag_s + 1) * 8 == dflags
+        # combine: row b*CB + t*K + k of the source's buffer, flag b*FLAG_B + src
+        c = b._cgeo
+        assert (1 * c["cb"] + (TMAX - 1) * K + (K - 1) + 1) * CRB == crows
+        assert (1 * c["cflag_b"] + (R - 1) * c["cflag_s"] + 1) * 8 == cflags
+        specs = b._out_specs()
+        assert specs["x"][0][:2] == (EL, R * TMAX) and specs["src_rank"][0] == (EL, R * TMAX)
+        if payload == "bf16":  # byte offsets past int32: an int32 product would wrap
+            assert last * RB > 2**31
+        b.destroy()
+
+
 def test_ll_async_hook_and_combine_identity():
     """Send halves first (async hook), receive later; identity experts give
     ``sum_k w_k * dequant(quant(x_t))``."""
@@ -472,6 +622,9 @@ for p, l, c in [("nvfp4", "linear", "bf16"), ("nvfp4", "swizzled", "nvfp4"), ("f
     cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=16, payload=p, scale_layout=l, combine_payload=c)
     b = LowLatencyBuffer(cfg, mem=EmulatedWorld(R).rank(0), sync_check=False)
     b._num_sms, b._gpu = 132, True  # the GPU variant (inline PTX: globaltimer, ld.acquire, fences)
+    b._compile_all()  # the constructor's GPU-only warm-up: must leave full-size output sets
+    shapes = [tuple(s["x"].shape[:2]) for s in b._out_sets]
+    assert shapes == [(E // R, b.max_m)] * 2, shapes
     o = b.dispatch(torch.zeros(T, H).bfloat16(), torch.zeros(T, K, dtype=torch.int32), torch.zeros(T, K))
     b.combine(torch.zeros(E // R, b.max_m, H).bfloat16(), o.handle)
 from fp4comm.kernels.nvlink import signal_wait_kernel
@@ -492,4 +645,4 @@ def test_nvlink_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "COMPILED 17" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and "COMPILED 33" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -404,7 +404,7 @@ class LowLatencyBuffer:
         check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(T, K), device=self.device)
         ids = topk_ids.to(torch.int32).contiguous()
         wts = topk_weights.to(torch.float32).contiguous()
-        out = self._alloc_dispatch_out(self.num_local_experts, self.max_m)
+        out = self._alloc_dispatch_out()
         self._launch(*self._dsend_args(x, ids, wts))
         if self.backend == "torch":
             self._a2a(self._stage["drecv"], self._stage["dsend"])
@@ -526,7 +526,9 @@ class LowLatencyBuffer:
         x = torch.empty(2, H, dtype=torch.bfloat16, device=dev)
         ids = torch.empty(2, K, dtype=torch.int32, device=dev)
         wts = torch.empty(2, K, dtype=torch.float32, device=dev)
-        out = self._alloc_dispatch_out(1, 1)
+        # the real output set of the next call (not a small stand-in: the sets are created
+        # once, on first use, and every later call reuses them)
+        out = self._alloc_dispatch_out()
         eo = torch.empty(1, 1, H, dtype=torch.bfloat16, device=dev)
         y = torch.empty(2, H, dtype=torch.bfloat16, device=dev)
         self._launch(*self._dsend_args(x, ids, wts), warmup=True)
@@ -535,16 +537,21 @@ class LowLatencyBuffer:
         self._launch(*self._crecv_args(y, ids, wts), warmup=True)
         if self.backend == "nvlink":
             self.mem.barrier()
-            torch.cuda.current_stream(dev).synchronize()
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()
         # torch backend: flags arrive through the stream-ordered all-to-all before the
         # receive kernel runs; it never waits on a peer, so no barrier is needed.
 
-    def _alloc_dispatch_out(self, EL: int, MM: int) -> LowLatencyDispatchOutput:
+    def _alloc_dispatch_out(self) -> LowLatencyDispatchOutput:
         """The output of the next call: tensors of the fixed output set ``(calls + 1) % 2``
-        (allocated, zero-filled, on first use), wrapped in fresh dataclasses."""
+        (allocated, zero-filled, on first use), wrapped in fresh dataclasses.
+
+        Always full size ``[E_local, max_m, ...]``: the sets are cached on first use, so
+        a caller must not choose their shape (the GPU-only compile warm-up once created
+        them at ``[1, 1, ...]`` and every receive kernel then wrote past their end)."""
         sets = getattr(self, "_out_sets", None)
         if sets is None:
-            sets = self._out_sets = [self._new_out_set(EL, MM) for _ in range(2)]
+            sets = self._out_sets = [self._new_out_set() for _ in range(2)]
         t = sets[(self._calls + 1) % 2]
         handle = LowLatencyHandle(
             src_rank=t["src_rank"], src_slot=t["src_slot"], masked_m=t["masked_m"],
@@ -554,31 +561,49 @@ class LowLatencyBuffer:
             x=t["x"], scales=t["scales"], global_scale=t["gs"], masked_m=t["masked_m"], topk_weights=t["w"], handle=handle
         )
 
-    def _new_out_set(self, EL: int, MM: int) -> dict:
-        cfg, dev = self.config, self.device
-        H = cfg.hidden
-        empty = torch.zeros  # zero once, so padding rows read as zeros until a call writes them
+    def _out_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
+        """Shape and dtype of every tensor of an output set (``None``: absent): the receive
+        kernels write ``E_local * max_m`` rows into each, so these are the only sizes a set
+        may have (computed once)."""
+        specs = getattr(self, "_specs", None)
+        if specs is not None:
+            return specs
+        cfg = self.config
+        H, EL, MM = cfg.hidden, self.num_local_experts, self.max_m
+        f8, f32, i32 = torch.float8_e4m3fn, torch.float32, torch.int32
         if cfg.payload == "nvfp4":
-            x = empty(EL, MM, H // 2, dtype=torch.uint8, device=dev)
             ksf = H // 16
-            if cfg.scale_layout == "swizzled":
-                scales = empty(EL, MM, round_up(ksf, 4), dtype=torch.float8_e4m3fn, device=dev)
-            else:
-                scales = empty(EL, MM, ksf, dtype=torch.float8_e4m3fn, device=dev)
-            gs = empty(EL, MM, dtype=torch.float32, device=dev)
+            kcols = round_up(ksf, 4) if cfg.scale_layout == "swizzled" else ksf
+            x, scales, gs = ((EL, MM, H // 2), torch.uint8), ((EL, MM, kcols), f8), ((EL, MM), f32)
         elif cfg.payload == "fp8":
-            x = empty(EL, MM, H, dtype=torch.float8_e4m3fn, device=dev)
-            scales = empty(EL, MM, H // 128, dtype=torch.float32, device=dev)
-            gs = None
+            x, scales, gs = ((EL, MM, H), f8), ((EL, MM, H // 128), f32), None
         else:
-            x = empty(EL, MM, H, dtype=torch.bfloat16, device=dev)
-            scales = gs = None
-        return dict(
-            x=x, scales=scales, gs=gs, masked_m=empty(EL, dtype=torch.int32, device=dev),
-            src_rank=empty(EL, MM, dtype=torch.int32, device=dev), src_slot=empty(EL, MM, dtype=torch.int32, device=dev),
-            w=empty(EL, MM, dtype=torch.float32, device=dev),
-            y=empty(cfg.max_tokens_per_rank, H, dtype=torch.bfloat16, device=dev),
+            x, scales, gs = ((EL, MM, H), torch.bfloat16), None, None
+        self._specs = dict(
+            x=x, scales=scales, gs=gs, masked_m=((EL,), i32), src_rank=((EL, MM), i32), src_slot=((EL, MM), i32),
+            w=((EL, MM), f32), y=((cfg.max_tokens_per_rank, H), torch.bfloat16),
         )  # fmt: skip
+        return self._specs
+
+    def _new_out_set(self) -> dict:
+        # zero once, so padding rows read as zeros until a call writes them
+        return {
+            k: None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=self.device)
+            for k, spec in self._out_specs().items()
+        }
+
+    def _check_out_set(self, what: str, tensors: dict) -> None:
+        """Host-side guard (metadata only, no sync): the tensors a kernel is about to fill or
+        read row by row have the full output shapes (anything smaller is written past its
+        end: illegal addresses or silently corrupted neighbours on GPUs)."""
+        specs = self._out_specs()
+        for k, t in tensors.items():
+            spec = specs[k]
+            if spec is None:
+                continue
+            if t is None or tuple(t.shape) != spec[0] or t.dtype != spec[1] or not t.is_contiguous():
+                got = None if t is None else (tuple(t.shape), t.dtype, t.is_contiguous())
+                raise ValueError(f"{what}: {k} must be a contiguous {spec[1]} tensor of shape {spec[0]}, got {got}")
 
     def dispatch_recv(self, out: LowLatencyDispatchOutput) -> LowLatencyDispatchOutput:
         """Receive half: wait for the flags of this rank's experts and compact the slots into
@@ -586,6 +611,11 @@ class LowLatencyBuffer:
         self._check_alive()
         if self._phase != "dispatch_sent" or out.handle.call != self._calls:
             raise RuntimeError("dispatch_recv: call it once, after the dispatch_send that returned `out`")
+        h = out.handle
+        self._check_out_set("dispatch_recv", dict(
+            x=out.x, scales=out.scales, gs=out.global_scale, masked_m=out.masked_m, src_rank=h.src_rank,
+            src_slot=h.src_slot, w=out.topk_weights,
+        ))  # fmt: skip
         self._launch(*self._drecv_args(out))
         self._phase = "dispatched"
         if self.sync_check and not self._capturing():
@@ -617,6 +647,8 @@ class LowLatencyBuffer:
         cfg = self.config
         H, EL, MM = cfg.hidden, self.num_local_experts, self.max_m
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(EL, MM, H), device=self.device, contiguous=True)
+        h = handle
+        self._check_out_set("handle", dict(masked_m=h.masked_m, src_rank=h.src_rank, src_slot=h.src_slot))
         self._launch(*self._csend_args(expert_out, handle))
         if self.backend == "torch":
             self._a2a(self._stage["crecv"], self._stage["csend"])
