@@ -120,12 +120,12 @@ def test_collectives_per_call_and_buffer_reuse(dist_pool, backend):  # noqa: F81
     for per_rank in got:
         for nd, nc in per_rank:
             if backend == "torch":
-                assert nd == {"all_gather": 1, "all_to_all_single": 1}, nd
+                assert nd == {"all_gather_into_tensor": 1, "all_to_all_single": 1}, nd
                 assert nc == {"all_to_all_single": 1}, nc
             else:
                 # CPU emulation: the flag kernel's wait is split by one host barrier
                 # (on GPUs it spins in the kernel: no collective at all)
-                assert nd == {"all_gather": 1, "barrier": 1}, nd
+                assert nd == {"all_gather_into_tensor": 1, "barrier": 1}, nd
                 assert nc == {"barrier": 1}, nc
 
 
