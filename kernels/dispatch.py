@@ -3,10 +3,13 @@
 * :func:`ep_pack_kernel`: BF16 token -> message rows (quantized in registers, BF16 read
   once), stored through a device table of destination base addresses, so the same kernel
   fills a local send buffer or peers' symmetric memory.
+* :func:`ep_layout_kernel`: ``topk_ids`` -> per-rank / per-expert counts (straight into the
+  vector the count all-gather sends) and each token's row in each destination block.
 * :func:`ep_permute_index_kernel`: received rows -> slot of every ``(row, k)`` hitting a
   local expert (deterministic: receive order), and ``masked_m``.
-* :func:`ep_permute_kernel`: received rows -> masked per-expert layout, scales straight
-  into the linear or 128x4 swizzled layout.
+* :func:`ep_permute_kernel`: received rows -> masked per-expert layout, one program per
+  ``ROWS`` slots (padding slots filled in the same pass), scales straight into the linear
+  or 128x4 swizzled layout.
 * :func:`ep_combine_expert_kernel`: expert side, FP32 ``sum_k w_k * out[slot]`` over a
   row's local experts (k ascending), one BF16 partial row per received row.
 * :func:`ep_combine_source_kernel`: source side, FP32 sum of a token's per-rank partial
@@ -122,6 +125,57 @@ def ep_pack_kernel(
 
 
 @triton.jit
+def ep_layout_kernel(
+    ids_ptr,  # [T, K] int32 / int64 global expert ids (anything outside [0, E) is "not routed")
+    meta_ptr,  # [2 + R + E] int64 out: [0, range_bad, per-rank token counts, per-expert pair counts]
+    rank_offset_ptr,  # [T, R] int32 out: row of token t in the block for rank r, -1 = not sent
+    T,
+    R,
+    E,
+    E_LOCAL,  # E // R
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    RP: tl.constexpr,  # power of two >= R
+    EP: tl.constexpr,  # power of two >= E
+):
+    """The dispatch layout in one program, grid ``(1,)``: tokens in chunks of ``BLOCK_T``,
+    ``is_in[t, r]`` from the ``K`` ids of each token, the exclusive per-rank prefix over tokens
+    as an inclusive scan of the chunk plus a running carry, per-expert counts as a histogram
+    kept in registers. ``range_bad`` = 1 if any id lies outside ``[-1, E)``; such ids count as
+    not routed (so a bad input never indexes out of bounds). Writes every output (T = 0
+    included), so nothing needs zeroing first."""
+    r = tl.arange(0, RP)
+    carry = tl.zeros((RP,), tl.int32)
+    hist = tl.zeros((EP,), tl.int32)
+    bad = tl.zeros((BLOCK_T,), tl.int32)
+    t0 = 0
+    while t0 < T:
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < T
+        t64 = t.to(tl.int64)
+        inr = tl.zeros((BLOCK_T, RP), tl.int32)
+        for k in tl.static_range(K):
+            e = tl.load(ids_ptr + t64 * K + k, mask=tm, other=-1)
+            bad = bad | (tm & ((e < -1) | (e >= E))).to(tl.int32)
+            ok = tm & (e >= 0) & (e < E)
+            e32 = tl.where(ok, e, 0).to(tl.int32)
+            hist += tl.histogram(e32, EP, mask=ok)
+            dst = tl.where(ok, e32 // E_LOCAL, -1)
+            inr = inr | (dst[:, None] == r[None, :]).to(tl.int32)
+        incl = tl.cumsum(inr, axis=0)
+        off = tl.where(inr != 0, carry[None, :] + incl - 1, -1)
+        tl.store(rank_offset_ptr + t64[:, None] * R + r[None, :], off, mask=tm[:, None] & (r < R)[None, :])
+        carry += tl.sum(inr, axis=0)
+        t0 += BLOCK_T
+    zero = tl.zeros((), tl.int64)
+    tl.store(meta_ptr, zero)
+    tl.store(meta_ptr + 1, zero + tl.max(bad, axis=0))
+    tl.store(meta_ptr + 2 + r, carry.to(tl.int64), mask=r < R)
+    ee = tl.arange(0, EP)
+    tl.store(meta_ptr + 2 + R + ee, hist.to(tl.int64), mask=ee < E)
+
+
+@triton.jit
 def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
                 SUB: tl.constexpr, ELP: tl.constexpr):  # fmt: skip
     """Rows ``n0 .. n0 + SUB`` of the received rows: ``(n [SUB*KP], k [SUB*KP], onehot
@@ -169,8 +223,9 @@ def ep_permute_hist_kernel(
 @triton.jit
 def ep_permute_index_kernel(
     recv_ptr,  # [N, ROW_BYTES] uint8 received rows
-    hist_ptr,  # [C, ELP] int32 from ep_permute_hist_kernel
+    hist_ptr,  # [C, ELP] int32 from ep_permute_hist_kernel (unread when C == 1)
     slot_map_ptr,  # [N, K] int32 out: e_local * MAX_M + slot, or -1 (not local / past MAX_M)
+    slot_src_ptr,  # [E_local * MAX_M] int32 out: n * K + k of the pair in each used slot
     masked_m_ptr,  # [E_local] int32 out (true counts)
     N,
     ROW_BYTES,
@@ -207,7 +262,9 @@ def ep_permute_index_kernel(
         el = tl.sum(onehot * e[None, :], axis=1)
         hit = tl.sum(onehot, axis=1) != 0
         out = tl.where(hit & (slot < MAX_M), el * MAX_M + slot, -1)
-        tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=(n < end) & (k < K))
+        pm = (n < end) & (k < K)
+        tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=pm)
+        tl.store(slot_src_ptr + out, n * K + k, mask=pm & (out >= 0))
         carry += tl.sum(onehot, axis=0)
         n0 += SUB
     if c == NUM_CHUNKS - 1:
@@ -217,9 +274,10 @@ def ep_permute_index_kernel(
 @triton.jit
 def ep_permute_kernel(
     recv_ptr,  # [N, ROW_BYTES] uint8
-    slot_map_ptr,  # [N, K] int32
+    slot_src_ptr,  # [E_local * MAX_M] int32: n * K + k of each used slot
+    masked_m_ptr,  # [E_local] int32: used slots per expert (may exceed MAX_M: the rest dropped)
     x_ptr,  # masked payload viewed as int32 words [E_local * MAX_M, PAYLOAD_WORDS]
-    sf_ptr,  # nvfp4: uint8 linear [E_local*MAX_M, KSF] or swizzled; fp8: fp32 [E_local*MAX_M, KSF]
+    sf_ptr,  # nvfp4: uint8 linear [E_local*MAX_M, SF_COLS] or swizzled; fp8: fp32 [E_local*MAX_M, KSF]
     gs_out_ptr,  # [E_local * MAX_M] fp32 (nvfp4)
     w_out_ptr,  # [E_local * MAX_M] fp32
     ROW_BYTES,
@@ -228,42 +286,53 @@ def ep_permute_kernel(
     GS_OFF,
     W_OFF,
     KSF,  # scale elements per row
+    SF_COLS,  # scale columns of the output (nvfp4 swizzled: KSF rounded up to 4; else KSF)
     MAX_M,
     MT,  # MAX_M / 128
     KT,  # ceil(KSF / 4)
     K: tl.constexpr,
     PAYLOAD: tl.constexpr,
     SWIZZLE: tl.constexpr,
+    ROWS: tl.constexpr,  # slots a program (divides MAX_M)
     BLOCK_W: tl.constexpr,
-    SF_BLOCK: tl.constexpr,  # pow2 >= KSF
+    SF_BLOCK: tl.constexpr,  # pow2 >= SF_COLS
 ):
-    n = tl.program_id(0).to(tl.int64)
+    """Grid ``(E_local * MAX_M / ROWS,)``: ``ROWS`` consecutive slots of one expert. Used
+    slots (``< masked_m``) gather their received row (payload, scales, gs, the pair's
+    weight); padding slots get scales 0, gs 1, weight 0 (their payload is left as is). So
+    every output but the payload needs no fill before."""
+    s0 = tl.program_id(0).to(tl.int64) * ROWS
+    e = s0 // MAX_M
+    m = s0 % MAX_M + tl.arange(0, ROWS)
+    slot = s0 + tl.arange(0, ROWS)
+    real = m < tl.load(masked_m_ptr + e)
+    src = tl.load(slot_src_ptr + slot, mask=real, other=0)
+    n = (src // K).to(tl.int64)
+    k = src % K
     row = recv_ptr + n * ROW_BYTES
-    src_w = row.to(tl.pointer_type(tl.int32))
+    c = 0
+    while c < PAYLOAD_WORDS:
+        w = c + tl.arange(0, BLOCK_W)
+        wm = real[:, None] & (w < PAYLOAD_WORDS)[None, :]
+        v = tl.load(row.to(tl.pointer_type(tl.int32))[:, None] + w[None, :], mask=wm)
+        tl.store(x_ptr + slot[:, None] * PAYLOAD_WORDS + w[None, :], v, mask=wm)
+        c += BLOCK_W
     j = tl.arange(0, SF_BLOCK)
-    jm = j < KSF
-    for k in tl.static_range(K):
-        slot = tl.load(slot_map_ptr + n * K + k)
-        if slot >= 0:
-            s64 = slot.to(tl.int64)
-            c = 0
-            while c < PAYLOAD_WORDS:
-                w = c + tl.arange(0, BLOCK_W)
-                wm = w < PAYLOAD_WORDS
-                tl.store(x_ptr + s64 * PAYLOAD_WORDS + w, tl.load(src_w + w, mask=wm), mask=wm)
-                c += BLOCK_W
-            if PAYLOAD == 0:
-                sfb = tl.load(row + SCALE_OFF + j, mask=jm)
-                if SWIZZLE:
-                    sf_off = swizzled_sf_offset(s64 // MAX_M, s64 % MAX_M, j.to(tl.int64), MT, KT)
-                else:
-                    sf_off = s64 * KSF + j
-                tl.store(sf_ptr + sf_off, sfb, mask=jm)
-                tl.store(gs_out_ptr + s64, tl.load((row + GS_OFF).to(tl.pointer_type(tl.float32))))
-            elif PAYLOAD == 1:
-                sf = tl.load((row + SCALE_OFF).to(tl.pointer_type(tl.float32)) + j, mask=jm)
-                tl.store(sf_ptr + s64 * KSF + j, sf, mask=jm)
-            tl.store(w_out_ptr + s64, tl.load((row + W_OFF).to(tl.pointer_type(tl.float32)) + k))
+    if PAYLOAD == 0:
+        sfb = tl.load(row[:, None] + SCALE_OFF + j[None, :], mask=real[:, None] & (j < KSF)[None, :], other=0)
+        if SWIZZLE:
+            sf_off = swizzled_sf_offset(e, m.to(tl.int64)[:, None], j.to(tl.int64)[None, :], MT, KT)
+        else:
+            sf_off = slot[:, None] * SF_COLS + j[None, :]
+        tl.store(sf_ptr + sf_off, sfb, mask=(j < SF_COLS)[None, :] & (m >= 0)[:, None])
+        gs = tl.load((row + GS_OFF).to(tl.pointer_type(tl.float32)), mask=real, other=1.0)
+        tl.store(gs_out_ptr + slot, gs)
+    elif PAYLOAD == 1:
+        jm = (j < KSF)[None, :]
+        sf = tl.load((row + SCALE_OFF).to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=real[:, None] & jm, other=0.0)
+        tl.store(sf_ptr + slot[:, None] * KSF + j[None, :], sf, mask=jm & (m >= 0)[:, None])
+    wt = tl.load((row + W_OFF).to(tl.pointer_type(tl.float32)) + k, mask=real, other=0.0)
+    tl.store(w_out_ptr + slot, wt)
 
 
 @triton.jit

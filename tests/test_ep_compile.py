@@ -25,6 +25,14 @@ def test_ep_kernels_compile_for_sm90():
             rows = torch.zeros(T, msg.row_bytes, dtype=torch.uint8)
             for layout in (("swizzled", "linear") if payload == "nvfp4" else ("linear",)):
                 p = B.permute_rows(msg, rows, expert_base=0, num_local_experts=El, max_m=128, scale_layout=layout)
+            B._ONE_CHUNK_ROWS = 0  # the multi-chunk path (histogram kernel) too
+            B.permute_rows(msg, torch.zeros(200, msg.row_bytes, dtype=torch.uint8), expert_base=0,
+                           num_local_experts=El, max_m=256)
+            B._ONE_CHUNK_ROWS = 1024
+        import fp4comm.ep.layout as L
+        force_triton(L)
+        for dt in (torch.int32, torch.int64):
+            L.layout_meta(torch.zeros(T, K, dtype=dt), 256, R)
         from fp4comm.ep.backend import RowTargets
         from fp4comm.ep.message import CombineLayout
         for wire in ("bf16", "fp8", "nvfp4"):
@@ -40,8 +48,12 @@ def test_ep_kernels_compile_for_sm90():
                 assert "mul.rn.f32" in ptx or "mul.f32" in ptx or name == "ep_combine_source_kernel", name
         """
     )
-    # distinct variants: pack 4 nvfp4 gs modes + fp8 + bf16 (6); permute histogram + index (shared by all
-    # payloads, 2) + copy per nvfp4 layout / fp8 / bf16 (4); combine (expert + source) x 3 wires (6)
-    assert len(names) == 18, names
-    assert {"ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
+    # distinct variants: pack 4 nvfp4 gs modes + fp8 + bf16 (6); permute: index kernel single-chunk and
+    # chunked (2) + histogram (1), shared by all payloads; the copy per nvfp4 layout / fp8 / bf16 at
+    # max_m 128 (4) and again at max_m 256 (3); combine (expert + source) x 3 wires (6); layout
+    # (int32 / int64 ids, 2)
+    import collections
+
+    assert len(names) == 24, collections.Counter(names)
+    assert {"ep_layout_kernel", "ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
             "ep_combine_expert_kernel", "ep_combine_source_kernel"} <= set(names), names

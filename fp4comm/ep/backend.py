@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
+import numpy as np
 import torch
 
 
@@ -135,6 +136,59 @@ def host_to_device(values: list[list[int]], device: torch.device) -> torch.Tenso
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def plan_array(counts: np.ndarray, rank: int) -> np.ndarray:
+    """:func:`plan_vectors` in numpy: ``counts`` ``[R, R]`` int64 -> ``[len(PLAN_ROWS), R]``."""
+    R = counts.shape[0]
+    send, recv = counts[rank], counts[:, rank]
+    out = np.empty((len(PLAN_ROWS), R), dtype=np.int64)
+    ar = np.arange(R, dtype=np.int64)
+    np.cumsum(send, out=out[0])
+    out[0] -= send  # send_start
+    out[1] = counts[:rank].sum(0)  # in_receiver
+    np.cumsum(recv, out=out[2])
+    out[2] -= recv  # recv_start
+    out[3] = out[2] + recv  # recv_end
+    out[4] = counts[:, :rank].sum(1) - out[2]  # at_source_shift
+    out[5] = ar + 1
+    out[6] = out[0] + ar
+    out[7] = out[2] + ar
+    out[8] = out[6] + 1
+    return out
+
+
+class HostStager:
+    """Small int64 host tables -> the device, without a host sync and without a pinned
+    allocation per call: a ring of ``slots`` fixed pinned staging buffers and device
+    tables; a staging buffer is rewritten only after the copy that last read it completed
+    (its CUDA event), and a device table is overwritten ``slots`` calls later (in stream
+    order). On the CPU the array itself (no copy)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, slots: int = 2) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._i = 0
+        if self.cuda:
+            self._host = [torch.empty(shape, dtype=torch.int64, pin_memory=True) for _ in range(slots)]
+            self._np = [h.numpy() for h in self._host]
+            self._dev = [torch.empty(shape, dtype=torch.int64, device=device) for _ in range(slots)]
+            self._events = [None] * slots
+
+    def put(self, arr: np.ndarray) -> torch.Tensor:
+        if not self.cuda:
+            return torch.from_numpy(arr)
+        i = self._i
+        self._i = (i + 1) % len(self._host)
+        ev = self._events[i]
+        if ev is not None:
+            ev.synchronize()  # the copy that last read this staging buffer (long done, in practice)
+        else:
+            ev = self._events[i] = torch.cuda.Event()
+        self._np[i][...] = arr
+        self._dev[i].copy_(self._host[i], non_blocking=True)
+        ev.record()
+        return self._dev[i]
+
+
 @dataclass
 class RowTargets:
     """Where a kernel stores (or reads) the rows for rank ``r``: row ``row_base[r] + i`` of the
@@ -178,16 +232,30 @@ class EPBackend(ABC):
 
     def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
         """All-gather a small vector: ``meta`` ``[W]`` int64 on :attr:`device` ->
-        ``[R, W]`` int64 **on the CPU** (row ``s`` from rank ``s``). One collective and one
-        host sync; the buffer calls it once per dispatch (counts + validation codes), never
-        in combine."""
+        ``[R, W]`` int64 **on the CPU** (row ``s`` from rank ``s``). One collective
+        (``all_gather_into_tensor`` into a fixed buffer) and one host sync (a non-blocking
+        copy into a fixed pinned buffer, then a stream sync); the buffer calls it once per
+        dispatch (counts + validation codes), never in combine. The result is a fixed
+        buffer too: valid until the next call."""
         import torch.distributed as dist
 
-        R = dist.get_world_size(self.group)
-        meta = meta.to(self.device, torch.int64).contiguous()
-        out = torch.empty(R, meta.shape[0], dtype=torch.int64, device=self.device)
-        dist.all_gather(list(out.unbind(0)), meta, group=self.group)
-        return out.cpu()
+        W = meta.shape[0]
+        bufs = getattr(self, "_meta_bufs", None)
+        if bufs is None or bufs[0].shape[1] != W:
+            R = dist.get_world_size(self.group)
+            cuda = self.device.type == "cuda"
+            flat = torch.empty(R * W, dtype=torch.int64, device=self.device)  # gloo wants it 1-d
+            out = flat.view(R, W)
+            host = torch.empty(R, W, dtype=torch.int64, pin_memory=True) if cuda else out
+            bufs = self._meta_bufs = (out, host, flat)
+        out, host, flat = bufs
+        if meta.dtype != torch.int64 or meta.device != self.device:
+            meta = meta.to(self.device, torch.int64)
+        dist.all_gather_into_tensor(flat, meta.contiguous(), group=self.group)
+        if host is not out:
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return host
 
     @abstractmethod
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:

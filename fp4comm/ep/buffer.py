@@ -21,6 +21,7 @@ import importlib
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,8 +29,8 @@ from .._checks import check_choice, check_positive_int, check_tensor
 from .._runtime import IMPLS, cdiv, round_up, use_triton
 from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
 from ..reference import ep as ref
-from .backend import EPBackend, RowTargets, TransferPlan, host_to_device, plan_vectors, pointer_table
-from .layout import _layout
+from .backend import PLAN_ROWS, EPBackend, HostStager, RowTargets, TransferPlan, plan_array, pointer_table
+from .layout import _layout, layout_meta
 from .message import COMBINE_PAYLOADS, PAYLOADS, CombineLayout, MessageLayout
 
 #: backend name -> "module:Class" (imported on first use). One line per backend.
@@ -370,13 +371,22 @@ _ONEHOT_TILE = 4096
 _MAX_CHUNKS = 128
 
 
+#: up to this many received rows the slot assignment is one program (one chunk: no
+#: histogram launch); more rows spread over up to :data:`_MAX_CHUNKS` programs
+_ONE_CHUNK_ROWS = 1024
+#: slots a program of the permute copy (multiple of nothing but a divisor of 128)
+_PERMUTE_ROWS = 32
+
+
 def _permute_index_params(N: int, K: int, El: int) -> tuple[int, int, int, int, int]:
     """``(KP, ELP, SUB, BLOCK_N, C)`` of the two-phase slot assignment (see
-    :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`): ``C`` chunks of ``BLOCK_N`` rows, scanned
-    ``SUB`` rows at a time."""
+    :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`, :data:`_ONE_CHUNK_ROWS`): ``C`` chunks of
+    ``BLOCK_N`` rows, scanned ``SUB`` rows at a time."""
     KP, ELP = triton_next_pow2(K), max(2, triton_next_pow2(El))
     SUB = max(1, min(64, _ONEHOT_TILE // (KP * ELP)))
     SUB = 1 << (SUB.bit_length() - 1)
+    if N <= _ONE_CHUNK_ROWS:
+        return KP, ELP, SUB, round_up(max(N, 1), SUB), min(N, 1)
     block_n = max(SUB, triton_next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
     return KP, ELP, SUB, block_n, cdiv(N, block_n)
 
@@ -425,42 +435,46 @@ def permute_rows(
         "fp8": (torch.float8_e4m3fn, msg.hidden),
         "bf16": (torch.bfloat16, msg.hidden),
     }[msg.payload]
+    # every output but the payload is written in full by the kernels (padding included)
     x = torch.empty(El, max_m, pcols, dtype=pdtype, device=dev)
     ksf = msg.num_scales
     scales = gs = None
+    sf_cols = ksf
     if msg.payload == "nvfp4":
-        cols = round_up(ksf, 4) if scale_layout == "swizzled" else ksf
-        scales = torch.zeros(El, max_m, cols, dtype=torch.uint8, device=dev)
-        gs = torch.ones(El, max_m, dtype=torch.float32, device=dev)
+        sf_cols = round_up(ksf, 4) if scale_layout == "swizzled" else ksf
+        scales = torch.empty(El, max_m, sf_cols, dtype=torch.uint8, device=dev)
+        gs = torch.empty(El, max_m, dtype=torch.float32, device=dev)
     elif msg.payload == "fp8":
-        scales = torch.zeros(El, max_m, ksf, dtype=torch.float32, device=dev)
-    w = torch.zeros(El, max_m, dtype=torch.float32, device=dev)
+        scales = torch.empty(El, max_m, ksf, dtype=torch.float32, device=dev)
+    w = torch.empty(El, max_m, dtype=torch.float32, device=dev)
     if slot_map is None:
         slot_map = torch.empty(N, K, dtype=torch.int32, device=dev)
-    if N == 0:
-        masked_m = torch.zeros(El, dtype=torch.int32, device=dev)
-    else:
-        masked_m = torch.empty(El, dtype=torch.int32, device=dev)
-        KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El)
-        hist = torch.empty(C, ELP, dtype=torch.int32, device=dev)
-        common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
+    masked_m = torch.empty(El, dtype=torch.int32, device=dev)
+    KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El)
+    C = max(C, 1)  # N = 0: one program still writes masked_m (zeros)
+    # one int32 scratch: [C, ELP] chunk histograms, then [El * max_m] slot -> (n * K + k)
+    scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
+    hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
+    common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
+    if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
         ep_permute_hist_kernel[(C,)](
             rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4
         )
-        ep_permute_index_kernel[(C,)](
-            rows, hist, slot_map, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
-            block_n, C, **common, num_warps=4,
-        )  # fmt: skip
-        words = msg.payload_bytes // 4
-        ep_permute_kernel[(N,)](
-            rows, slot_map, x.view(torch.uint8).view(torch.int32),
-            w if scales is None else scales, w if gs is None else gs, w,
-            msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
-            max(ksf, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
-            K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled",
-            BLOCK_W=min(1024, triton_next_pow2(words)), SF_BLOCK=triton_next_pow2(max(ksf, 1)),
-            num_warps=4,
-        )  # fmt: skip
+    ep_permute_index_kernel[(C,)](
+        rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
+        block_n, C, **common, num_warps=4,
+    )  # fmt: skip
+    words = msg.payload_bytes // 4
+    rows_per = _PERMUTE_ROWS
+    ep_permute_kernel[(El * max_m // rows_per,)](
+        rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
+        w if scales is None else scales, w if gs is None else gs, w,
+        msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
+        max(ksf, 1), max(sf_cols, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
+        K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled", ROWS=rows_per,
+        BLOCK_W=min(_ONEHOT_TILE // rows_per, triton_next_pow2(words)), SF_BLOCK=triton_next_pow2(max(sf_cols, 1)),
+        num_warps=4,
+    )  # fmt: skip
     if msg.payload == "nvfp4":
         scales = scales.view(torch.float8_e4m3fn)
     return PermuteResult(x, scales, gs, w, masked_m, slot_map)
@@ -616,6 +630,11 @@ class EPBuffer:
         # fixed: the map back of the latest dispatch (handles hold views of it)
         self._slot_map = torch.empty(self.max_recv_tokens, cfg.num_topk, dtype=torch.int32, device=self.device)
         self.calls = {"dispatch": 0, "combine": 0}  # counters (tests, benchmarks)
+        # per-call host work kept off the hot path: the layout kernel's output (the vector
+        # the count all-gather sends) and the staging of the plan's device offsets
+        self._triton = use_triton(self.device, cfg.impl)
+        self._meta = torch.empty(2 + self.num_ranks + cfg.num_experts, dtype=torch.int64, device=self.device)
+        self._plan_stager = HostStager((len(PLAN_ROWS), self.num_ranks), self.device)
 
     # ---- construction checks
     def _check_config_across_ranks(self) -> None:
@@ -727,51 +746,58 @@ class EPBuffer:
         backend = self._alive()
         cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
         err = self._validate_dispatch(x, topk_ids, topk_weights, global_scale)
-        if err is None:
+        ids = topk_ids.contiguous() if err is None else None
+        if err is not None:
+            meta = torch.zeros(2 + R + E, dtype=torch.int64, device=self.device)
+            meta[0] = err.code
+        elif self._triton:  # one kernel writes the exchanged vector and the offsets
+            meta, rank_offset = layout_meta(ids, E, R, meta=self._meta)
+        else:
             lay = _layout(topk_ids, E, R)
+            rank_offset = lay.rank_offset
             range_bad = ((topk_ids < -1) | (topk_ids >= E)).any().long().reshape(1)
             meta = torch.cat([
                 torch.zeros(1, dtype=torch.int64, device=self.device), range_bad,
                 lay.num_tokens_per_rank.long(), lay.num_tokens_per_expert.long(),
             ])  # fmt: skip
-        else:
-            meta = torch.zeros(2 + R + E, dtype=torch.int64, device=self.device)
-            meta[0] = err.code
-        allm = backend.exchange_meta(meta)  # [R, 2 + R + E] on CPU
-        _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch")
-        if bool(allm[:, 1].any()):
-            bad = [r for r in range(R) if allm[r, 1]]
+        allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
+        if allm[:, 0].any():
+            _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch")
+        if allm[:, 1].any():
+            bad = np.flatnonzero(allm[:, 1]).tolist()
             raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; dispatch did nothing")
         counts = allm[:, 2 : 2 + R]
         experts = allm[:, 2 + R :].sum(0)
         recv_rows = counts.sum(0)
-        if bool((recv_rows > self.max_recv_tokens).any()):
-            r = int(torch.argmax(recv_rows))
+        if recv_rows.max() > self.max_recv_tokens:
+            r = int(np.argmax(recv_rows))
             raise ValueError(
                 f"max_recv_tokens: receive overflow, rank {r} would receive {int(recv_rows[r])} rows "
                 f"> capacity {self.max_recv_tokens}; dispatch did nothing"
             )
-        if cfg.max_m is not None and bool((experts > cfg.max_m).any()):
-            e = int(torch.argmax(experts))
+        if cfg.max_m is not None and experts.max() > cfg.max_m:
+            e = int(np.argmax(experts))
             raise ValueError(
                 f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
                 f"> max_m={cfg.max_m}; dispatch did nothing"
             )
-        local = experts[self.rank * El : (self.rank + 1) * El]
-        max_m = cfg.max_m if cfg.max_m is not None else ref.round_max_m(local)
-        counts_l = tuple(tuple(c) for c in counts.tolist())
-        vec = host_to_device(plan_vectors(counts_l, self.rank), self.device)  # one async copy
+        if cfg.max_m is not None:
+            max_m = cfg.max_m
+        else:  # ref.round_max_m of the local counts
+            m = int(experts[self.rank * El : (self.rank + 1) * El].max())
+            max_m = max(ref.MASKED_M_ALIGN, -(-m // ref.MASKED_M_ALIGN) * ref.MASKED_M_ALIGN)
+        counts_l = tuple(map(tuple, counts.tolist()))
+        vec = self._plan_stager.put(plan_array(counts, self.rank))  # one async copy, fixed buffers
         plan = TransferPlan(self.rank, counts_l, self.msg.row_bytes, cfg.hidden, vec)
 
         self._generation += 1
         self._handle = None
         impl = cfg.impl
         weights = topk_weights.float().contiguous()
-        ids = topk_ids.contiguous()
 
         def pack(dests: RowTargets) -> None:
             pack_rows(
-                self.msg, x, ids, weights, lay.rank_offset, dests,
+                self.msg, x, ids, weights, rank_offset, dests,
                 global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
             )  # fmt: skip
 
@@ -782,7 +808,7 @@ class EPBuffer:
         )  # fmt: skip
         backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued
         handle = EPHandle(
-            self._id, self._generation, plan, x.shape[0], lay.rank_offset, p.slot_map,
+            self._id, self._generation, plan, x.shape[0], rank_offset, p.slot_map,
             p.topk_weights.reshape(-1), max_m,
         )  # fmt: skip
         self._handle = handle

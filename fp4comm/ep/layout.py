@@ -5,7 +5,10 @@ never once per expert. Expert ``e`` lives on rank ``e // (E // R)``. ``topk_ids 
 means "not routed". Duplicate ids within a token are allowed: each ``(token, k)`` pair
 gets its own slot on the receiver.
 
-Everything here is plain torch (cumsums), deterministic, and runs on the tensors' device.
+Where Triton runs (GPU, or CPU under ``TRITON_INTERPRET=1``) one kernel
+(``kernels/dispatch.py:ep_layout_kernel``, :func:`layout_meta`) computes everything; the
+plain-torch twin (:func:`_layout`, cumsums) is the reference. Both are deterministic and run
+on the tensors' device.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_tensor
+from .._runtime import use_triton
 
 
 @dataclass
@@ -64,10 +68,69 @@ def get_dispatch_layout(topk_ids: torch.Tensor, num_experts: int, num_ranks: int
     check_positive_int("num_experts", num_experts)
     if num_experts % num_ranks:
         raise ValueError(f"num_experts: must be a multiple of num_ranks={num_ranks}, got {num_experts}")
-    if topk_ids.numel() and bool(((topk_ids < -1) | (topk_ids >= num_experts)).any()):
-        bad = topk_ids[(topk_ids < -1) | (topk_ids >= num_experts)][0].item()
-        raise ValueError(f"topk_ids: values must lie in [-1, {num_experts}), found {bad}")
-    return _layout(topk_ids, num_experts, num_ranks)
+    if not use_triton(topk_ids.device):
+        _check_range(topk_ids, num_experts, None)
+        return _layout(topk_ids, num_experts, num_ranks)
+    meta, rank_offset = layout_meta(topk_ids, num_experts, num_ranks)
+    R = num_ranks
+    _check_range(topk_ids, num_experts, meta[1])
+    return DispatchLayout(
+        num_tokens_per_rank=meta[2 : 2 + R].int(),
+        num_tokens_per_expert=meta[2 + R :].int(),
+        is_token_in_rank=rank_offset >= 0,
+        rank_offset=rank_offset,
+    )
+
+
+def _check_range(topk_ids: torch.Tensor, num_experts: int, flag: torch.Tensor | None) -> None:
+    """``ValueError`` naming the first id outside ``[-1, E)`` (``flag``: the kernel's 0-dim
+    range flag, read instead of a scan)."""
+    if not topk_ids.numel():
+        return
+    bad_mask = None
+    if flag is None:
+        bad_mask = (topk_ids < -1) | (topk_ids >= num_experts)
+        if not bool(bad_mask.any()):
+            return
+    elif not int(flag):
+        return
+    if bad_mask is None:
+        bad_mask = (topk_ids < -1) | (topk_ids >= num_experts)
+    bad = topk_ids[bad_mask][0].item()
+    raise ValueError(f"topk_ids: values must lie in [-1, {num_experts}), found {bad}")
+
+
+#: the layout kernel holds a ``[BLOCK_T, RP]`` int32 tile (tokens x padded ranks)
+_LAYOUT_TILE = 4096
+
+
+def layout_meta(
+    topk_ids: torch.Tensor, num_experts: int, num_ranks: int, meta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel launch (no validation, no host sync): ``meta`` ``[2 + R + E]`` int64 =
+    ``[0, range_bad, num_tokens_per_rank (R), num_tokens_per_expert (E)]`` (the vector
+    :class:`~fp4comm.ep.EPBuffer` all-gathers; ``range_bad`` = 1 if an id lies outside
+    ``[-1, E)``, such ids count as -1) and ``rank_offset`` ``[T, R]`` int32 (see
+    :class:`DispatchLayout`). ``topk_ids`` must be contiguous; ``meta``: optional output
+    (every entry written)."""
+    from ..kernels.dispatch import ep_layout_kernel
+
+    T, K = topk_ids.shape
+    R, E = num_ranks, num_experts
+    dev = topk_ids.device
+    if meta is None:
+        meta = torch.empty(2 + R + E, dtype=torch.int64, device=dev)
+    rank_offset = torch.empty(T, R, dtype=torch.int32, device=dev)
+    RP = _pow2(R)
+    block_t = max(16, min(_pow2(max(T, 1)), _LAYOUT_TILE // RP))
+    ep_layout_kernel[(1,)](
+        topk_ids, meta, rank_offset, T, R, E, E // R, K=K, BLOCK_T=block_t, RP=RP, EP=_pow2(E), num_warps=4
+    )
+    return meta, rank_offset
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _layout(topk_ids: torch.Tensor, num_experts: int, num_ranks: int) -> DispatchLayout:
