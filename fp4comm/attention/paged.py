@@ -139,24 +139,32 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format))
 
 
+#: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
+#: programs resident an SM, 16 is >= 5 waves, so the last, partly filled wave costs little.
+KV_SPLIT_PROGRAMS_PER_SM = 16
+
+
 def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
     """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
 
     Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
-    each streaming megabytes. A decode program (4 warps, ~40 KB of shared memory) leaves room
-    for ~4 resident per SM, and one SM needs several in flight to keep its share of HBM
-    busy; with fewer than ``4 * num_sms`` programs the pipe is not kept full. Then split by
-    the smallest power of two that gives >= ``8 * num_sms`` programs (>= 2 waves of 4 per
-    SM, so uneven program counts per SM cost little: at batch 32 x 8 KV heads on 132 SMs,
-    8 splits = 2048 programs, 15.5 per SM), but never so far that a split covers fewer
-    than :data:`MIN_KEYS_PER_SPLIT` keys (then the combine pass and the repeated prologue
-    cost more than they gain; the combine moves ``splits * T * Hq * head_dim`` FP32, e.g.
-    4 MB against 1 GB of fp8 cache at 32 x 16k); at most :data:`MAX_KV_SPLITS`. Powers of
-    two only (each value is a separate compiled kernel).
+    each streaming megabytes. A decode program (4 warps, 168 registers in the fp8 mode 3
+    build) leaves room for ~3 resident per SM, so ``num_programs`` of a few per SM run in
+    2-3 waves whose last one is partly empty (2048 programs on 132 x 3 slots = 5.2 waves:
+    the sixth runs 17% full). Split by the smallest power of two that gives >=
+    :data:`KV_SPLIT_PROGRAMS_PER_SM` programs an SM (b32 x 8 KV heads at 16k: 16 splits of
+    1024 keys = 256 KB of fp8 K+V each; b128: 4 splits), but never so far that a split
+    covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (512 keys = 128 KB at head_dim 128,
+    fp8: each program still streams >= 64 KB, and the combine pass, which moves ``splits *
+    T * Hq * head_dim`` FP32 twice, stays ~1-2% of the cache bytes); at most
+    :data:`MAX_KV_SPLITS`. Powers of two only (each value is a separate compiled kernel).
+    Was ``>= 8 * num_sms`` programs (8 splits at b32, none at b128) before the fp8 kernel
+    stopped being conversion-bound; ``bench_attention.py --quick`` times splits 4..32.
     """
-    if num_programs >= 4 * num_sms or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
+    target = KV_SPLIT_PROGRAMS_PER_SM * num_sms
+    if num_programs >= target or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
         return 1
-    want = next_pow2(cdiv(8 * num_sms, max(1, num_programs)))
+    want = next_pow2(cdiv(target, max(1, num_programs)))
     cap = 1 << ((max_seqlen_k // MIN_KEYS_PER_SPLIT).bit_length() - 1)
     return max(1, min(want, cap, MAX_KV_SPLITS))
 
