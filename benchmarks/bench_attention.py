@@ -42,7 +42,8 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import torch.nn.functional as F  # noqa: E402
 
-from fp4comm.attention import AttentionTiles, KVCache, attention_tiles, write_kv_cache  # noqa: E402
+from fp4comm.attention import AttentionTiles, KVCache, attention_tiles, select_num_kv_splits, write_kv_cache  # noqa: E402
+from fp4comm.attention.paged import _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
 DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
@@ -54,17 +55,20 @@ TARGET_PREFILL_VS_SDPA = 0.8
 
 
 def decode_variants(Hq: int, Hkv: int, D: int):
-    """fp8 decode (batch 32) candidates for ``--quick``: the default, then one change each:
-    the E4M3 conversion mode (0 = Triton's cast, 1 = integer ops, 2 = integer ops before V's
-    layout change), 8 warps,
-    N = 64 / 2 stages, and a forced split count (the default's next power of two up)."""
+    """fp8 decode (batch 32) candidates for ``--quick``: the default (mode 3 = FP16 operands,
+    hardware E4M3 conversion), then one change each: the conversion mode (0 = Triton's cast,
+    1 = integer ops, 2 = integer ops before V's layout change, 3 = FP16 operands), 8 warps,
+    N = 64 / 2 stages, N = 256 (mode 3), and forced split counts (the heuristic's choice is
+    in the ``default`` row's note)."""
     t = attention_tiles(D, Hq // Hkv, 1, "fp8")
     out = [("default", t, None)]
     for name, kw in (("cvt0", dict(kv_convert=0)), ("cvt1", dict(kv_convert=1)), ("cvt2", dict(kv_convert=2)),
-                     ("warps8", dict(num_warps=8)), ("cvt2_warps8", dict(kv_convert=2, num_warps=8)),
-                     ("n64_s2", dict(block_n=64, num_stages=2))):
+                     ("cvt3", dict(kv_convert=3)), ("warps8", dict(num_warps=8)),
+                     ("cvt2_warps8", dict(kv_convert=2, num_warps=8)), ("n64_s2", dict(block_n=64, num_stages=2)),
+                     ("cvt3_n256_s2", dict(kv_convert=3, block_n=256, num_stages=2))):
         out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
-    out.append(("splits16", t, 16))
+    for splits in (4, 8, 16, 32):
+        out.append((f"splits{splits}", t, splits))
     return out
 
 
@@ -185,6 +189,7 @@ def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs, tune=False,
             if "target" in r:
                 r["meets"] = r["pct_peak"] >= TARGET_DECODE_PCT and r["speedup_vs_sdpa"] >= TARGET_DECODE_VS_SDPA
             if tune and fmt == "fp8" and B == tune_batch:
+                auto_splits = f"auto ({select_num_kv_splits(B * Hkv, L, _num_sms(dev))})"
                 for name, tiles, splits in decode_variants(Hq, Hkv, D):
                     def fv(c=c, bt=bt, out=out, tiles=tiles, splits=splits):
                         c.attend(q, bt, seq_lens, cu, softmax_scale=D ** -0.5, max_seqlen_q=1, check_indices=False,
@@ -196,7 +201,7 @@ def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs, tune=False,
                                      us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
                                      speedup_vs_sdpa=sdpa_us / us_v,
                                      note=f"N={tiles.block_n} w={tiles.num_warps} st={tiles.num_stages} "
-                                          f"cvt={tiles.kv_convert} splits={splits or 'auto'}"))
+                                          f"cvt={tiles.kv_convert} splits={splits or auto_splits}"))
             del c, bt
     return rows
 

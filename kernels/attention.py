@@ -24,6 +24,7 @@ software-pipelines (``num_stages``). It also selects explicit BF16 rounding (see
 import triton
 import triton.language as tl
 
+from .common import e4m3_decode
 from .kv_cache import bf16_rne
 
 
@@ -45,11 +46,14 @@ def _e4m3x4_to_bf16(x, PURE: tl.constexpr):
     ``sign << 15 | (b & 0x7F) << 4``: a BF16 whose exponent/mantissa fields are E4M3's, i.e.
     the code's value times ``2^-120`` (subnormals included: BF16 has them down to
     ``2^-133``); ``mul.rn.bf16x2`` by ``2^120`` (``0x7B80``) is exact. All 254 finite codes
-    convert exactly; the NaN codes (``0x7F``/``0xFF``) read as +-480. No F2F conversions
-    (quarter-rate on Hopper), unlike ``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``."""
+    convert exactly. The NaN codes (``0x7F``/``0xFF``) would read as +-480: ``(b & 0x7F) +
+    1`` has bit 7 set exactly for them, and ``prmt``'s sign-replicating selectors (``0x9988``,
+    ``0xBBAA``) spread that bit over the code's 16-bit lane, OR-ed in -> ``0xFFFF`` (NaN):
+    6 more integer ops per 4 codes. No F2F conversions (quarter-rate on Hopper), unlike
+    ``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``."""
     return tl.inline_asm_elementwise(
         """{
-        .reg .b32 t0, t1, t2;
+        .reg .b32 t0, t1, t2, t3;
         prmt.b32 t0, $2, 0, 0x9180;
         prmt.b32 t1, $2, 0, 0xB3A2;
         shl.b32 t0, t0, 4;
@@ -57,10 +61,60 @@ def _e4m3x4_to_bf16(x, PURE: tl.constexpr):
         and.b32 t0, t0, 0x87F087F0;
         and.b32 t1, t1, 0x87F087F0;
         mov.b32 t2, 0x7B807B80;
-        mul.rn.bf16x2 $0, t0, t2;
-        mul.rn.bf16x2 $1, t1, t2;
+        mul.rn.bf16x2 t0, t0, t2;
+        mul.rn.bf16x2 t1, t1, t2;
+        and.b32 t2, $2, 0x7F7F7F7F;
+        add.u32 t2, t2, 0x01010101;
+        prmt.b32 t3, t2, 0, 0x9988;
+        prmt.b32 t2, t2, 0, 0xBBAA;
+        or.b32 $0, t0, t3;
+        or.b32 $1, t1, t2;
         }""",
         "=r,=r,r", [x], dtype=tl.bfloat16, is_pure=PURE, pack=4)
+
+
+@triton.jit
+def _e4m3x4_to_f16(x, PURE: tl.constexpr):
+    """E4M3 codes (a uint8 tile) -> FP16 with the hardware conversion (sm_89+):
+    ``cvt.rn.f16x2.e4m3x2``, one F2F per pair of codes, exact for every finite code, NaN
+    codes (``0x7F``/``0xFF``) -> NaN. ``PURE`` False keeps Triton from moving it past a layout
+    change (see :func:`_kv_operand`)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 lo, hi;
+        mov.b32 {lo, hi}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, lo;
+        cvt.rn.f16x2.e4m3x2 $1, hi;
+        }""",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=PURE, pack=4)
+
+
+@triton.jit
+def _i8x4_to_f16(x, PURE: tl.constexpr):
+    """int8 codes (a uint8 tile) -> FP16, exact, no F2F: ``b ^ 0x80`` is ``b + 128`` as an
+    unsigned byte; placed under the high byte ``0x64`` it is the FP16 ``1024 + b + 128``
+    (FP16's quantum at 1024 is 1), and ``sub.f16x2`` of ``1152`` (``0x6480``) leaves ``b``
+    exactly. 1 ``xor`` + 2 ``prmt`` + 2 ``sub.f16x2`` per 4 codes."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, a, b, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64646464;
+        prmt.b32 a, t, c, 0x5150;
+        prmt.b32 b, t, c, 0x5352;
+        mov.b32 c, 0x64806480;
+        sub.rn.f16x2 $0, a, c;
+        sub.rn.f16x2 $1, b, c;
+        }""",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=PURE, pack=4)
+
+
+@triton.jit
+def _e4m3_to_f16_portable(x):
+    """E4M3 tile -> FP16 by integer arithmetic (the interpreter's FP8 casts are unreliable):
+    exact for every code, NaN codes -> NaN."""
+    b = x.to(tl.uint8, bitcast=True).to(tl.int32)
+    return e4m3_decode(b).to(tl.float16)
 
 
 @triton.jit
@@ -71,16 +125,17 @@ def _keep_layout(x):
 
 
 @triton.jit
-def _kv_to_bf16(x, CVT: tl.constexpr, IS_V: tl.constexpr):
+def _kv_to_bf16(x, CVT: tl.constexpr, IS_V: tl.constexpr, INTERPRET: tl.constexpr):
     """Dequantize a cache tile to BF16 (exact for finite E4M3 codes and for int8).
 
     ``CVT`` (chosen by :func:`fp4comm.attention.paged.kv_convert_mode`) for E4M3 tiles:
 
-    * 0: Triton's cast (the only mode under the interpreter: exact there, NaN kept). On
+    * 0: Triton's cast (under the interpreter, whose FP8 cast loses the NaN codes,
+      :func:`~fp4comm.kernels.common.e4m3_decode`: exact, NaN kept). On
       sm_90: ``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``, 1.5 F2F per value, and the cast of
       the V tile is hoisted past its layout change, so V is read from shared memory one byte
       per instruction (8-bit operands have no transposing ``ldmatrix``).
-    * 1: :func:`_e4m3x4_to_bf16` (integer ops, no F2F); still hoisted for V (byte reads).
+    * 1: :func:`_e4m3x4_to_bf16` (integer ops, no F2F, NaN kept); still hoisted for V (byte reads).
     * 2: as 1, but V's conversion is marked impure so Triton keeps it before the layout
       change: V goes fp8 -> registers (16-byte reads) -> BF16 -> shared -> ``ldmatrix.trans``
       (more shared memory, no byte reads). K's conversion is hoisted in every mode (its
@@ -96,10 +151,58 @@ def _kv_to_bf16(x, CVT: tl.constexpr, IS_V: tl.constexpr):
         return y
     elif x.dtype == tl.bfloat16:
         return x
+    elif INTERPRET:  # the interpreter's FP8 cast mishandles the NaN codes: bit arithmetic
+        return e4m3_decode(x.to(tl.uint8, bitcast=True).to(tl.int32)).to(tl.bfloat16)
     elif CVT == 0:
         return x.to(tl.bfloat16)
     else:
         return _e4m3x4_to_bf16(x.to(tl.uint8, bitcast=True), not (IS_V and CVT == 2))
+
+
+@triton.jit
+def _kv_operand(x, CVT: tl.constexpr, IS_V: tl.constexpr, INTERPRET: tl.constexpr):
+    """A cache tile as the operand of the dots: BF16 (modes 0-2, :func:`_kv_to_bf16`) or, in
+    mode 3, FP16 (exact for every E4M3 code, NaN kept, and for int8): on the GPU the
+    hardware E4M3 conversion (:func:`_e4m3x4_to_f16`) or the int8 magic-number trick
+    (:func:`_i8x4_to_f16`), K's hoisted into its operand layout (8-byte runs from shared
+    memory), V's kept before its layout change (16-byte global reads, FP16 ``ldmatrix.trans``
+    afterwards: 8-bit operands have no transposing ``ldmatrix``); under the interpreter
+    the portable conversions (bit arithmetic for E4M3)."""
+    if CVT == 3:
+        if x.dtype == tl.bfloat16:
+            return x
+        elif INTERPRET:
+            if x.dtype == tl.int8:
+                return x.to(tl.float32).to(tl.float16)
+            else:
+                return _e4m3_to_f16_portable(x)
+        elif x.dtype == tl.int8:
+            return _i8x4_to_f16(x.to(tl.uint8, bitcast=True), not IS_V)
+        else:
+            return _e4m3x4_to_f16(x.to(tl.uint8, bitcast=True), not IS_V)
+    else:
+        return _kv_to_bf16(x, CVT, IS_V, INTERPRET)
+
+
+@triton.jit
+def _to_operand(p, CVT: tl.constexpr, INTERPRET: tl.constexpr):
+    """FP32 probabilities -> the dot operand type of mode ``CVT`` (FP16 in mode 3, else BF16), RNE."""
+    if CVT == 3:
+        return p.to(tl.float16)
+    else:
+        return _to_bf16(p, INTERPRET)
+
+
+@triton.jit
+def _pow2_exponent_scale(a, TARGET: tl.constexpr):
+    """For FP32 ``a >= 0``: ``(f, 1 / f)``, powers of two with ``a * f`` in ``[2^TARGET,
+    2^(TARGET+1))`` when ``a`` is normal and the exponents in range (else clamped, both
+    normal): an exact rescale into the range of FP16."""
+    e = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    fe = tl.minimum(tl.maximum(127 + 127 + TARGET - e, 2), 252)
+    f = (fe << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - fe) << 23).to(tl.float32, bitcast=True)
+    return f, inv
 
 
 @triton.jit
@@ -197,12 +300,14 @@ def _attend_tile(
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
-    s = _dot(q, tl.trans(_kv_to_bf16(k, CVT, False)), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRET)
+    s = _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], BLOCK_N], tl.float32),
+             INTERPRET)
+    # qk_scale: [M], per row (softmax scale * q/k descales, and mode 3's power-of-two q rescale)
     if DYNAMIC:
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
-        s = s * (ks * qk_scale)[None, :]
+        s = s * qk_scale[:, None] * ks[None, :]
     else:
-        s = s * qk_scale
+        s = s * qk_scale[:, None]
     if MASK:
         ok = n_ok[None, :]
         if CAUSAL:
@@ -216,10 +321,19 @@ def _attend_tile(
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :])
+    vf = _kv_operand(v, CVT, True, INTERPRET)
     if DYNAMIC:
         vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
-        p = p * vs[None, :]
-    acc = _dot(_to_bf16(p, INTERPRET), _kv_to_bf16(v, CVT, True), acc * alpha[:, None], INTERPRET)
+        if CVT == 3:
+            # p * vs in FP16: rescale by a power of two so the tile's largest is in [1, 2)
+            f, inv = _pow2_exponent_scale(tl.max(vs, 0), 0)
+            pv = _dot(_to_operand(p * (vs * f)[None, :], CVT, INTERPRET), vf,
+                      tl.zeros([q.shape[0], vf.shape[1]], tl.float32), INTERPRET)
+            acc = acc * alpha[:, None] + pv * inv
+        else:
+            acc = _dot(_to_operand(p * vs[None, :], CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
+    else:
+        acc = _dot(_to_operand(p, CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
     return m_i, l_i, acc
 
 
@@ -311,6 +425,16 @@ def paged_attention_kernel(
         k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
         v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
         qk_scale = sm_scale_log2 * q_descale * k_descale
+        if CVT == 3:
+            # FP16 operands: each query row times a power of two that puts its max |q| in
+            # [2^14, 2^15) is exact in FP16 (BF16/E4M3 have <= 8 significant bits), and the
+            # power of two comes back out with the descales in the per-row score scale
+            q = q.to(tl.float32)
+            f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
+            q = (q * f[:, None]).to(tl.float16)
+            qk_scale = qk_scale * inv
+        else:
+            qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
 
         # keys this tile may see: [lo, hi)
         first_pos = L - q_len + qt * BLOCK_Q

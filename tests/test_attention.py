@@ -31,7 +31,8 @@ from fp4comm.attention import (
     select_num_kv_splits,
 )
 from fp4comm.reference import attention as ref
-from fp4comm.attention.paged import kv_convert_mode
+from fp4comm.attention import paged as paged_mod
+from fp4comm.attention.paged import effective_convert_mode, kv_convert_mode
 from tests.sm90 import compile_calls
 
 ABS_SLACK = 2e-3
@@ -328,13 +329,14 @@ def test_tile_and_split_heuristics():
     t = attention_tiles(256, 3, 4096, "bf16")
     assert t.group_pad == 4 and t.block_m == 64
     assert select_num_kv_splits(32 * 8, 65536, 132) > 1  # long-context decode splits
-    assert select_num_kv_splits(128 * 8, 65536, 132) == 1  # enough programs already
+    assert select_num_kv_splits(512 * 8, 65536, 132) == 1  # enough programs already
+    assert select_num_kv_splits(128 * 8, 16384, 132) == 4  # b128 x 8 KV heads: 4096 programs, 31 an SM
     assert select_num_kv_splits(8, 600, 132) == 1  # too short to split
     s = select_num_kv_splits(1, 1 << 20, 132)
     assert s & (s - 1) == 0 and 1 < s <= 32
-    # batch 32 x 8 KV heads at 16k on 132 SMs: >= 2 waves of 4 programs an SM
+    # batch 32 x 8 KV heads at 16k on 132 SMs: >= 16 programs an SM, each >= 64 KB of fp8 K+V
     s = select_num_kv_splits(32 * 8, 16384, 132)
-    assert 32 * 8 * s >= 8 * 132 and 16384 // s >= 512
+    assert s == 16 and 32 * 8 * s >= 16 * 132 and (16384 // s) * 2 * 128 >= 64 * 1024
     assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
     assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
@@ -359,6 +361,75 @@ def test_tiles_override(fmt):
     assert_close_to_ref(out, reference(case), what=f"{fmt} small tiles")
     with pytest.raises(ValueError, match="tiles"):
         run(case, tiles=AttentionTiles(block_q=4, group_pad=1, block_n=16, num_warps=4, num_stages=2))
+
+
+def test_convert_mode_selection():
+    """fp8 and int8 default to mode 3 (FP16 operands) on the GPU; the interpreter runs modes
+    0 and 3 (1/2 are inline PTX: they fall back to 0); bf16 caches never convert."""
+    assert kv_convert_mode("fp8") == kv_convert_mode("fp8_dynamic") == paged_mod.FP8_CONVERT_GPU == 3
+    assert kv_convert_mode("int8") == kv_convert_mode("int8_dynamic") == paged_mod.INT8_CONVERT_GPU == 3
+    assert kv_convert_mode("bf16") == 0
+    for mode in (0, 1, 2, 3):
+        assert effective_convert_mode(mode, "fp8", False) == mode
+        assert effective_convert_mode(mode, "int8_dynamic", True) == (mode if mode in (0, 3) else 0)
+        assert effective_convert_mode(mode, "bf16", False) == 0
+    with pytest.raises(ValueError, match="kv_convert"):
+        effective_convert_mode(4, "fp8", False)
+
+
+def _with_mode(case, mode):
+    t = attention_tiles(case["D"], case["Hq"] // case["Hkv"], int((case["cu"][1:] - case["cu"][:-1]).max()),
+                        case["fmt"])
+    return AttentionTiles(**{**t.__dict__, "kv_convert": mode})
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
+def test_convert_modes_agree(fmt):
+    """Mode 3 (FP16 operands, per-row power-of-two query rescale, per-tile rescale of
+    ``p * v_scale``) and mode 0 (BF16) both match the reference, with queries spanning a
+    range FP16 could not hold unscaled (rows of magnitude 1e-6 and 1e6) and, for dynamic
+    formats, V scales far below FP16's range."""
+    case = build([40, 300, 17], [1, 1, 17], Hq=4, Hkv=2, D=64, bs=16, fmt=fmt, seed=31)
+    q = case["q"].float()
+    q[:, 0] *= 1e-6
+    q[:, 1] *= 1e6
+    case["q"] = q.to(torch.bfloat16)
+    if case["cache"].v_scale_cache is not None:
+        case["cache"].v_scale_cache.mul_(1e-12)
+    want = reference(case)
+    outs = {m: run(case, tiles=_with_mode(case, m)) for m in (0, 3)}
+    for m, o in outs.items():
+        assert_close_to_ref(o, want, what=f"{fmt} cvt={m}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_dynamic", "int8"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_nan_codes_read_as_nan(fmt, mode):
+    """A NaN E4M3 code (0x7F / 0xFF) in K or V reads as NaN (never as a finite +-480): the
+    query rows attending to it (the KV head's whole group of the sequence) come out NaN,
+    exactly where the reference has NaN; every other row is finite and matches. int8 has no
+    NaN code: its bytes 0x7F / 0xFF are 127 / -1."""
+    if mode in (1, 2) and DEV.type != "cuda":
+        pytest.skip("modes 1 and 2 are inline PTX (GPU only)")
+    case = build([40, 33], [1, 1], Hq=4, Hkv=2, D=64, bs=16, fmt=fmt, seed=32)
+    c = case["cache"]
+    key, blk = 5, int(case["bt"][0, 0])
+    c.k_cache.view(torch.uint8)[blk, key, 1, 3] = 0x7F  # sequence 0, KV head 1 (query heads 2, 3)
+    blk1 = int(case["bt"][1, 1])
+    c.v_cache.view(torch.uint8)[blk1, 2, 0, 7] = 0xFF  # sequence 1 (key 18), KV head 0 (query heads 0, 1)
+    want = reference(case)
+    out = run(case, tiles=_with_mode(case, mode)).float().cpu()
+    if fmt == "int8":
+        assert_close_to_ref(out, want, what="int8 0x7F/0xFF bytes are finite codes")
+        return
+    nan_rows = torch.zeros(2, 4, dtype=torch.bool)
+    nan_rows[0, 2:] = True
+    nan_rows[1, :2] = True
+    assert torch.equal(want.isnan().any(-1), nan_rows)  # the reference's reading
+    assert torch.equal(out.isnan().any(-1), nan_rows), out.isnan().sum(-1)
+    assert out[0, 2:].isnan().all() and out[1, :2, 7].isnan().all()  # a NaN key: whole rows; a NaN value: its column
+    assert torch.equal(out.isnan(), want.isnan())
+    assert_close_to_ref(out[~nan_rows], want[~nan_rows], what=f"{fmt} cvt={mode} finite rows")
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -453,7 +524,7 @@ def test_gpu_long_context_decode(fmt):
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_gpu_convert_modes_agree(fmt):
     """Every finite E4M3 code (and int8 value) in the cache: the GPU conversion modes
-    (0 = Triton's cast, 1/2 = integer ops; int8: 0/2) give the reference's answer, decode and
+    (0 = Triton's cast, 1/2 = integer ops, 3 = FP16 operands; int8: 0/2/3) give the reference's answer, decode and
     prefill; modes differ at most by accumulation order."""
     case = build([1000, 77], [1, 77], Hq=8, Hkv=2, D=128, bs=16, fmt=fmt, device="cuda", seed=23)
     c = case["cache"]
@@ -466,7 +537,7 @@ def test_gpu_convert_modes_agree(fmt):
             t.copy_(codes - 127)
     want = reference(case)
     outs = {}
-    for mode in ((0, 1, 2) if fmt == "fp8" else (0, 2)):
+    for mode in ((0, 1, 2, 3) if fmt == "fp8" else (0, 2, 3)):
         tiles_d = attention_tiles(128, 4, 77, fmt)
         outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode}))
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
@@ -514,12 +585,15 @@ def test_kernels_compile_for_sm90():
         bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
         # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
         VARIANTS = [
-            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 2 (integer E4M3, V converted before layout change)
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots)
+            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode, integer E4M3, V before layout change
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 2)),  # decode, 8 warps
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 64, 4, 2, 2)),  # decode, N 64, 2 stages
-            ("int8", 128, 1, torch.bfloat16, 8, 16, None),  # decode int8, CVT 2
+            ("int8", 128, 1, torch.bfloat16, 8, 16, None),  # decode int8, CVT 3 (magic-number FP16)
+            ("int8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode int8, CVT 2
+            ("fp8_dynamic", 128, 1, torch.bfloat16, 8, 16, None),  # decode, CVT 3, per-tile FP16 rescale of p * v_scale
             ("bf16", 128, 1, torch.bfloat16, 8, 16, None),  # decode bf16
             ("fp8", 128, 1, torch.bfloat16, 1, 128, None),  # a page holds whole tiles: one block-table read a tile
             ("bf16", 128, 4096, torch.bfloat16, 1, 16, None),  # prefill, N 64
@@ -539,13 +613,23 @@ def test_kernels_compile_for_sm90():
         mla_decode(torch.zeros(2, 128, 512).bfloat16(), torch.zeros(2, 128, 64).bfloat16(), cache, bt, sl, 0.1, "fp8",
                    num_kv_splits=2, check_indices=False)
         for name, sig, consts, ptx in KERNELS:
-            if name == "paged_attention_kernel" and consts.get("CVT") == 2:  # no byte reads of V, no F2F
+            if name == "paged_attention_kernel" and consts.get("CVT") == 2:  # no byte reads of V, no F2F to BF16
                 assert "ld.shared.b8" not in ptx, ("CVT 2: V read a byte at a time", consts)
                 assert sig["q_ptr"] != "*bf16" or "cvt.bf16.f16" not in ptx, ("CVT 2: F2F conversions", consts)
+            if name == "paged_attention_kernel" and consts.get("CVT") == 3:  # FP16 operands, no byte reads
+                assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx, ("CVT 3: byte reads", consts)
+                assert sig["q_ptr"] != "*bf16" or "cvt.bf16.f16" not in ptx, ("CVT 3: F2F to BF16", consts)
+                assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx or "wgmma" in ptx, consts
+                if sig["kc_ptr"] == "*fp8e4nv":  # hardware E4M3 -> FP16 (NaN kept), nothing else converts
+                    assert "cvt.rn.f16x2.e4m3x2" in ptx, ("CVT 3: no hardware E4M3 conversion", consts)
+                else:  # int8: magic numbers, no F2F on the cache tiles
+                    assert ptx.count("sub.rn.f16x2") >= 64 and "cvt.rn.f32.s8" not in ptx, ("CVT 3 int8", consts)
+            if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3):  # 16-byte global reads
+                assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # 29 launches, 24 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 24, names
+    # 32 launches, 27 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 27, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel"} <= set(names), names

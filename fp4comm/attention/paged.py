@@ -35,43 +35,72 @@ class AttentionTiles:
     block_n: int  # keys per inner-loop step
     num_warps: int
     num_stages: int
-    kv_convert: int = 0  # E4M3 -> BF16 conversion on the GPU, see kv_convert_mode()
+    kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
 
     @property
     def block_m(self) -> int:
         return self.block_q * self.group_pad
 
 
-#: E4M3 -> BF16 conversion of fp8 cache tiles on the GPU (``CVT`` constexpr, see
-#: ``_kv_to_bf16`` in :mod:`fp4comm.kernels.attention`): 0 = Triton's cast (1.5 F2F a value,
-#: a quarter-rate pipe on Hopper, and V read from shared memory a byte at a time); 1 =
-#: integer ops + one ``mul.bf16x2`` per pair (finite codes exact, the NaN code reads as
-#: +-480), V still byte-read; 2 = as 1 with V converted before its layout change (16-byte
-#: reads, a BF16 round trip through shared memory instead).
+#: Conversion of fp8 cache tiles on the GPU (``CVT`` constexpr, see ``_kv_operand`` /
+#: ``_kv_to_bf16`` in :mod:`fp4comm.kernels.attention`). Every mode reads a NaN code
+#: (0x7F/0xFF) as NaN and every finite code exactly.
 #:
-#: Default 0 until a GPU run verifies modes 1/2 (their inline PTX has only been compiled, not
-#: run) and mode 1/2 map the NaN code to NaN: reading a NaN cache entry as a finite +-480
-#: would hide corruption. ``bench_attention.py --quick`` times all modes (``tune`` rows).
-FP8_CONVERT_GPU = 0
-#: int8 -> BF16 on the GPU: 0 = Triton's cast, hoisted past V's layout change (V byte-read
-#: from shared memory); 2 = the same cast kept before it (``_keep_layout``). Default 0 until
-#: verified on a GPU, as above.
-INT8_CONVERT_GPU = 0
+#: * 0 = Triton's cast to BF16 (``cvt.rn.f16x2.e4m3x2`` + ``cvt.bf16.f16``: 1.5 F2F a value,
+#:   a quarter-rate pipe on Hopper, and V read from shared memory a byte at a time);
+#: * 1 = integer ops + one ``mul.bf16x2`` per pair to BF16, NaN fixed up by 6 more integer
+#:   ops per 4 codes; V still byte-read;
+#: * 2 = as 1 with V converted before its layout change (16-byte reads, a BF16 round trip
+#:   through shared memory instead);
+#: * 3 = FP16 dot operands: ``cvt.rn.f16x2.e4m3x2`` alone (0.5 F2F a value, NaN -> NaN in
+#:   hardware), V converted before its layout change as in 2; queries are rescaled per row
+#:   by a power of two (exact) into FP16's range and the probabilities rounded to FP16 (3
+#:   more bits than BF16). The only mode besides 0 the interpreter runs (with portable
+#:   conversions there), so the CPU tests cover its arithmetic.
+#:
+#: H200, b32 / 16k decode (before mode 3 and the NaN fix of 1/2): mode 0 588 us, 1 517 us,
+#: 2 415 us. Mode 3 is the default on the strength of its instruction counts (see
+#: :func:`kv_convert_mode`); ``bench_attention.py --quick`` times all modes (``tune`` rows):
+#: flip this if another measures faster.
+FP8_CONVERT_GPU = 3
+#: int8 on the GPU: 0 = Triton's cast through FP32 to BF16 (byte permutes + magic numbers,
+#: then ``cvt.rn.bf16x2.f32``), hoisted past V's layout change (V byte-read from shared
+#: memory); 2 = the same cast kept before it (``_keep_layout``); 3 = FP16 operands, exact
+#: magic-number conversion (``(b ^ 0x80) | 0x6400`` as FP16 minus 1152: no F2F), V converted
+#: before its layout change. H200 b32 / 16k, mode 0: 481 us.
+INT8_CONVERT_GPU = 3
+#: Modes the interpreter can run: the others use inline PTX (they fall back to 0 there).
+INTERPRETER_MODES = (0, 3)
 
 
 def kv_convert_mode(kv_format: str) -> int:
     """The ``CVT`` mode of the kernel for ``kv_format`` on the GPU: :data:`FP8_CONVERT_GPU`
     for fp8 caches, :data:`INT8_CONVERT_GPU` for int8, 0 for bf16.
 
-    Why not Triton's cast: measured on H200 (mode 0), fp8 decode at b32/16k took 664 us =
-    34% of HBM, no faster than bf16 with half the bytes. Compiled for sm_90 (decode tile
-    M=16, N=128, D=128, 4 warps; ptxas): mode 0 has 222 registers (2 programs an SM),
-    per thread and tile 128 one-byte shared loads and 384 F2F; mode 2 has 166 registers
-    (3 programs an SM), no byte loads, no F2F (2 ``prmt`` + 2 ``mul.bf16x2`` per 4 values),
-    74 KB of shared memory. int8 mode 0: 218 registers, 128 byte loads; mode 2: 166, none.
-    The interpreter always uses mode 0 (inline PTX cannot run there). Flip the constants
-    (or pass ``tiles=``) if the GPU measures a mode slower."""
+    Why not Triton's cast: measured on H200 (mode 0), fp8 decode at b32/16k took 588 us =
+    38% of HBM, no faster than bf16 with half the bytes: bound by the conversion. Compiled
+    for sm_90 (decode tile M=16, N=128, D=128, 4 warps; ptxas): mode 0 has 222 registers (2
+    programs an SM), per thread and tile 128 one-byte shared loads and 384 F2F; mode 2 has
+    166 registers (3 programs an SM), no byte loads, no F2F (before its NaN fix: 2 ``prmt`` +
+    2 ``mul.bf16x2`` + 4 integer ops per 4 values; now 6 more); mode 3 has 128 F2F per thread
+    and tile (one ``cvt.rn.f16x2.e4m3x2`` per 2 values, on the conversion pipe, leaving the
+    integer/FMA pipes to the rest of the loop), no byte loads. int8 mode 0: 218 registers,
+    128 byte loads; mode 2: 166, none; mode 3: no F2F, no byte loads. The interpreter runs
+    mode 3 (portable conversions) or 0 (:data:`INTERPRETER_MODES`). Flip the constants (or
+    pass ``tiles=``) if the GPU measures another mode faster."""
     return {"fp8": FP8_CONVERT_GPU, "int8": INT8_CONVERT_GPU}.get(ref.base_format(kv_format), 0)
+
+
+def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) -> int:
+    """The ``CVT`` the kernel is launched with: 0 for bf16 caches (nothing to convert), and
+    under the interpreter modes outside :data:`INTERPRETER_MODES` fall back to 0."""
+    if ref.base_format(kv_format) == "bf16":
+        return 0
+    if kv_convert not in (0, 1, 2, 3):
+        raise ValueError(f"tiles.kv_convert: must be 0, 1, 2 or 3, got {kv_convert}")
+    if interpreting and kv_convert not in INTERPRETER_MODES:
+        return 0
+    return kv_convert
 
 
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
@@ -110,24 +139,32 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format))
 
 
+#: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
+#: programs resident an SM, 16 is >= 5 waves, so the last, partly filled wave costs little.
+KV_SPLIT_PROGRAMS_PER_SM = 16
+
+
 def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
     """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
 
     Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
-    each streaming megabytes. A decode program (4 warps, ~40 KB of shared memory) leaves room
-    for ~4 resident per SM, and one SM needs several in flight to keep its share of HBM
-    busy; with fewer than ``4 * num_sms`` programs the pipe is not kept full. Then split by
-    the smallest power of two that gives >= ``8 * num_sms`` programs (>= 2 waves of 4 per
-    SM, so uneven program counts per SM cost little: at batch 32 x 8 KV heads on 132 SMs,
-    8 splits = 2048 programs, 15.5 per SM), but never so far that a split covers fewer
-    than :data:`MIN_KEYS_PER_SPLIT` keys (then the combine pass and the repeated prologue
-    cost more than they gain; the combine moves ``splits * T * Hq * head_dim`` FP32, e.g.
-    4 MB against 1 GB of fp8 cache at 32 x 16k); at most :data:`MAX_KV_SPLITS`. Powers of
-    two only (each value is a separate compiled kernel).
+    each streaming megabytes. A decode program (4 warps, 168 registers in the fp8 mode 3
+    build) leaves room for ~3 resident per SM, so ``num_programs`` of a few per SM run in
+    2-3 waves whose last one is partly empty (2048 programs on 132 x 3 slots = 5.2 waves:
+    the sixth runs 17% full). Split by the smallest power of two that gives >=
+    :data:`KV_SPLIT_PROGRAMS_PER_SM` programs an SM (b32 x 8 KV heads at 16k: 16 splits of
+    1024 keys = 256 KB of fp8 K+V each; b128: 4 splits), but never so far that a split
+    covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (512 keys = 128 KB at head_dim 128,
+    fp8: each program still streams >= 64 KB, and the combine pass, which moves ``splits *
+    T * Hq * head_dim`` FP32 twice, stays ~1-2% of the cache bytes); at most
+    :data:`MAX_KV_SPLITS`. Powers of two only (each value is a separate compiled kernel).
+    Was ``>= 8 * num_sms`` programs (8 splits at b32, none at b128) before the fp8 kernel
+    stopped being conversion-bound; ``bench_attention.py --quick`` times splits 4..32.
     """
-    if num_programs >= 4 * num_sms or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
+    target = KV_SPLIT_PROGRAMS_PER_SM * num_sms
+    if num_programs >= target or max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT:
         return 1
-    want = next_pow2(cdiv(8 * num_sms, max(1, num_programs)))
+    want = next_pow2(cdiv(target, max(1, num_programs)))
     cap = 1 << ((max_seqlen_k // MIN_KEYS_PER_SPLIT).bit_length() - 1)
     return max(1, min(want, cap, MAX_KV_SPLITS))
 
@@ -218,8 +255,8 @@ def paged_attention(
             when ``None``. Passing a smaller value than the truth leaves rows uncomputed.
         num_kv_splits: force the split-KV factor (power of two); ``None`` =
             :func:`select_num_kv_splits`.
-        tiles: override :func:`attention_tiles` (benchmark sweeps); ``kv_convert`` is
-            ignored under the interpreter.
+        tiles: override :func:`attention_tiles` (benchmark sweeps); under the interpreter
+            ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`).
         out: optional ``[T, num_heads, head_dim]`` ``bfloat16`` output buffer.
         check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
             entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
@@ -327,7 +364,7 @@ def paged_attention(
         HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
         NUM_SPLITS=num_kv_splits, PAGE=bs if bs & (bs - 1) == 0 else 0,
-        CVT=0 if exact else tiles.kv_convert, INTERPRET=exact,
+        CVT=effective_convert_mode(tiles.kv_convert, kv_format, exact), INTERPRET=exact,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:

@@ -181,7 +181,8 @@ def masked_softmax_attention(
 ) -> torch.Tensor:
     """FP32 attention of ``q [H, M, D]`` over ``k, v [H, N, Dv]`` with a ``[M, N]`` mask.
 
-    Rows with no allowed key return zeros (not NaN).
+    Rows with no allowed key return zeros (not NaN); NaN in an allowed key or value gives a
+    NaN row.
     """
     if k.shape[-2] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
@@ -192,7 +193,9 @@ def masked_softmax_attention(
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     o = torch.einsum("hmn,hnd->hmd", p, v)
-    return torch.where(denom > 0, o / denom.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(o))
+    # zeros only where no key is allowed (denominator 0); a NaN score or value (e.g. a NaN
+    # code in the cache) makes its row NaN, never a silent zero
+    return torch.where(denom == 0, torch.zeros_like(o), o / denom.clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def attention_mask(
