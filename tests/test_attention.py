@@ -417,7 +417,7 @@ def test_nan_codes_read_as_nan(fmt, mode):
     c.k_cache.view(torch.uint8)[blk, key, 1, 3] = 0x7F  # sequence 0, KV head 1 (query heads 2, 3)
     blk1 = int(case["bt"][1, 1])
     c.v_cache.view(torch.uint8)[blk1, 2, 0, 7] = 0xFF  # sequence 1 (key 18), KV head 0 (query heads 0, 1)
-    want = reference(case)
+    want = reference(case).float().cpu()
     out = run(case, tiles=_with_mode(case, mode)).float().cpu()
     if fmt == "int8":
         assert_close_to_ref(out, want, what="int8 0x7F/0xFF bytes are finite codes")
