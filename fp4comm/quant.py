@@ -190,7 +190,10 @@ def quantize_nvfp4(
     data = torch.empty(*lead, H // 2, dtype=torch.uint8, device=x.device)
     if scale_layout == "swizzled":
         Mp, Kp = swizzled_shape(M, KSF)
-        scales = torch.zeros(*batch, Mp, Kp, dtype=torch.uint8, device=x.device)
+        # the kernel writes every scale of the unpadded layout; only padding needs a zero fill
+        # (a memset launch costs more than the whole quantize for small N)
+        alloc = torch.empty if (Mp, Kp) == (M, KSF) else torch.zeros
+        scales = alloc(*batch, Mp, Kp, dtype=torch.uint8, device=x.device)
     else:
         Mp, Kp = M, KSF
         scales = torch.empty(*lead, KSF, dtype=torch.uint8, device=x.device)
