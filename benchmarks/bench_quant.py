@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-warps", type=int, nargs="*", default=None,
         help="also time the quantize kernels at these num_warps (tuning aid for fp4comm.quant._quant_warps)",
     )  # fmt: skip
+    ap.add_argument(
+        "--resident", action="store_true",
+        help="also time NVFP4 quantize with whole rows held in registers (fp4comm.quant._QUANT_RESIDENT)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -124,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         q._launch_config, q._quant_warps = default, default_q
         print_table(sweep, "num_warps sweep")
         rows += sweep
+    if args.resident:
+        import fp4comm.quant as q
+
+        default_r, q._QUANT_RESIDENT = q._QUANT_RESIDENT, True
+        res = [{**r, "op": f"{r['op']} resident"} for r in run(tokens, hidden, device, args.iters)
+               if r["op"].startswith("nvfp4")]  # fmt: skip
+        q._QUANT_RESIDENT = default_r
+        print_table(res, "NVFP4 quantize, whole row in registers")
+        rows += res
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}

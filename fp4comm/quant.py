@@ -70,6 +70,17 @@ def _quant_warps() -> int:
     return 2
 
 
+#: NVFP4 quantize of rows of 2..15 chunks: hold the whole row in registers (one HBM read, no
+#: second pass for a per-token scale, every load in flight at once) instead of streaming it.
+#: H = 7168 on sm_90 (2 warps): 167 registers per-token / 128 static, vs 71 streamed; not yet
+#: timed on a GPU, so off by default (benchmarks/bench_quant.py --resident compares).
+_QUANT_RESIDENT = False
+
+
+def _quant_resident(nchunk: int) -> bool:
+    return _QUANT_RESIDENT and 2 <= nchunk <= 15
+
+
 def _rows_per_program(H: int, N: int) -> int:
     """Rows a dequantize program handles: enough short rows to fill a ~4K-element tile (fewer
     launches, full vectors for H < 4096; also ~20x fewer interpreter steps on CPU), one row
@@ -190,7 +201,10 @@ def quantize_nvfp4(
     data = torch.empty(*lead, H // 2, dtype=torch.uint8, device=x.device)
     if scale_layout == "swizzled":
         Mp, Kp = swizzled_shape(M, KSF)
-        scales = torch.zeros(*batch, Mp, Kp, dtype=torch.uint8, device=x.device)
+        # the kernel writes every scale of the unpadded layout; only padding needs a zero fill
+        # (a memset launch costs more than the whole quantize for small N)
+        alloc = torch.empty if (Mp, Kp) == (M, KSF) else torch.zeros
+        scales = alloc(*batch, Mp, Kp, dtype=torch.uint8, device=x.device)
     else:
         Mp, Kp = M, KSF
         scales = torch.empty(*lead, KSF, dtype=torch.uint8, device=x.device)
@@ -205,6 +219,7 @@ def quantize_nvfp4(
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
             IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
+            RESIDENT=_quant_resident(nchunk),
             num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(

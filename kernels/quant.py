@@ -102,6 +102,46 @@ def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, 
 
 
 @triton.jit
+def _nvfp4_finite_amax(x_ptr, row, i, KSF, H, NB: tl.constexpr, NCHUNK: tl.constexpr, IN_BITS: tl.constexpr,
+                       IS_BF16: tl.constexpr):
+    """Finite ``max |x|`` of a streamed row (read again chunk by chunk; for rows holding NaN/Inf)."""
+    fin = tl.zeros((NB, 4), tl.float32)
+    for cf in range(NCHUNK):
+        blk = cf * NB + i
+        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, True)
+        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+        fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
+                                         tl.maximum(finite_abs(eb), finite_abs(ob))))
+    return tl.max(fin)
+
+
+@triton.jit
+def _nvfp4_seg_load(x_ptr, r, KSF, H, C0: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, GS_MODE: tl.constexpr,
+                    IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """Segment of row ``r`` held in registers: chunks ``C0 .. C0 + G - 1`` (``G * NB`` blocks,
+    ``G`` a power of two; thread t holds blocks t, t + 32 * num_warps, ...) -> (even/odd
+    elements of both halves, per-block max and non-finite flag, the :func:`abs_key` of the
+    segment's ``max |x|``)."""
+    blk = C0 * NB + tl.arange(0, G * NB)
+    wa, wb = _nvfp4_load_halves(x_ptr, r, blk, blk < KSF, H, MASKED)
+    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+    key = tl.max(abs_key(vmax), axis=0)
+    return ea, oa, eb, ob, vmax, bad, key
+
+
+@triton.jit
+def _nvfp4_seg_store(q_ptr, sf_ptr, ea, oa, eb, ob, vmax, bad, gs, r, KSF, M, MT, KT, C0: tl.constexpr,
+                     G: tl.constexpr, NB: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr):
+    """Quantize and store a segment from :func:`_nvfp4_seg_load`."""
+    blk = C0 * NB + tl.arange(0, G * NB)
+    pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+    _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, r, blk, blk < KSF, KSF, M, MT, KT, SWIZZLE, MASKED)
+
+
+@triton.jit
 def nvfp4_quantize_kernel(
     x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
     q_ptr,  # [N, H/2] uint8 (8-byte aligned)
@@ -121,6 +161,7 @@ def nvfp4_quantize_kernel(
     NCHUNK: tl.constexpr,  # chunks per row (> 1 only with ROWS == 1)
     ROWS: tl.constexpr,  # rows per program (power of two)
     EVEN_K: tl.constexpr = False,  # NCHUNK > 1 and NCHUNK * NB == KSF: no block masks
+    RESIDENT: tl.constexpr = False,  # NCHUNK in 2..15: the whole row is loaded at once, one pass
 ):
     """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
     elementwise. A tile is [ROWS * NB, 4] words per block half (tile block i is block i % NB
@@ -153,6 +194,45 @@ def nvfp4_quantize_kernel(
             gs = tl.load(gs_ptr)
         pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
         _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, True)
+    elif RESIDENT:
+        # the row as up to four segments of 8, 4, 2, 1 chunks (the bits of NCHUNK), all loads
+        # issued before any math: one HBM read, no second pass for a per-token scale
+        r = tl.program_id(0).to(tl.int64)
+        MK: tl.constexpr = not EVEN_K
+        C4: tl.constexpr = NCHUNK & 8
+        C2: tl.constexpr = NCHUNK & 12
+        C1: tl.constexpr = NCHUNK & 14
+        key = tl.zeros((), tl.uint32)
+        if NCHUNK & 8:
+            ea8, oa8, eb8, ob8, vm8, bad8, am8 = _nvfp4_seg_load(x_ptr, r, KSF, H, 0, 8, NB, GS_MODE, IN_BITS, IS_BF16, MK)
+            key = tl.maximum(key, am8)
+        if NCHUNK & 4:
+            ea4, oa4, eb4, ob4, vm4, bad4, am4 = _nvfp4_seg_load(x_ptr, r, KSF, H, C4, 4, NB, GS_MODE, IN_BITS, IS_BF16, MK)
+            key = tl.maximum(key, am4)
+        if NCHUNK & 2:
+            ea2, oa2, eb2, ob2, vm2, bad2, am2 = _nvfp4_seg_load(x_ptr, r, KSF, H, C2, 2, NB, GS_MODE, IN_BITS, IS_BF16, MK)
+            key = tl.maximum(key, am2)
+        if NCHUNK & 1:
+            ea1, oa1, eb1, ob1, vm1, bad1, am1 = _nvfp4_seg_load(x_ptr, r, KSF, H, C1, 1, NB, GS_MODE, IN_BITS, IS_BF16, MK)
+            key = tl.maximum(key, am1)
+        if GS_MODE == GS_MODE_PER_TOKEN:
+            amax = abs_from_key(key)
+            if not (amax < float("inf")):  # rare: the row holds NaN/Inf, re-read it for its finite maximum
+                amax = _nvfp4_finite_amax(x_ptr, row, i, KSF, H, NB, NCHUNK, IN_BITS, IS_BF16)
+            gs = nvfp4_gs_from_amax(amax)
+            tl.store(gs_ptr + r, gs)
+        elif GS_MODE == GS_MODE_PER_ROW:
+            gs = tl.load(gs_ptr + r)
+        else:
+            gs = tl.load(gs_ptr)
+        if NCHUNK & 8:
+            _nvfp4_seg_store(q_ptr, sf_ptr, ea8, oa8, eb8, ob8, vm8, bad8, gs, r, KSF, M, MT, KT, 0, 8, NB, SWIZZLE, MK)
+        if NCHUNK & 4:
+            _nvfp4_seg_store(q_ptr, sf_ptr, ea4, oa4, eb4, ob4, vm4, bad4, gs, r, KSF, M, MT, KT, C4, 4, NB, SWIZZLE, MK)
+        if NCHUNK & 2:
+            _nvfp4_seg_store(q_ptr, sf_ptr, ea2, oa2, eb2, ob2, vm2, bad2, gs, r, KSF, M, MT, KT, C2, 2, NB, SWIZZLE, MK)
+        if NCHUNK & 1:
+            _nvfp4_seg_store(q_ptr, sf_ptr, ea1, oa1, eb1, ob1, vm1, bad1, gs, r, KSF, M, MT, KT, C1, 1, NB, SWIZZLE, MK)
     else:
         r = tl.program_id(0).to(tl.int64)
         if GS_MODE == GS_MODE_PER_TOKEN:
@@ -164,15 +244,7 @@ def nvfp4_quantize_kernel(
                 acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
             amax = _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS, IS_BF16)
             if not (amax < float("inf")):  # rare: the row holds NaN/Inf, take its finite maximum
-                fin = tl.zeros((NB, 4), tl.float32)
-                for cf in range(NCHUNK):
-                    blk = cf * NB + i
-                    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, True)
-                    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-                    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
-                    fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
-                                                     tl.maximum(finite_abs(eb), finite_abs(ob))))
-                amax = tl.max(fin)
+                amax = _nvfp4_finite_amax(x_ptr, row, i, KSF, H, NB, NCHUNK, IN_BITS, IS_BF16)
             gs = nvfp4_gs_from_amax(amax)
             tl.store(gs_ptr + r, gs)
         elif GS_MODE == GS_MODE_PER_ROW:

@@ -196,6 +196,25 @@ def test_nonfinite_long_rows_match_reference(dtype, H, device):
         assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H", [7168, 9216, 1040], ids=["4+2+1_chunks", "8+1_chunks", "2_chunks_partial"])
+def test_resident_rows_match_reference(dtype, H, device, monkeypatch):
+    """The register-resident long-row path (``_QUANT_RESIDENT``): segments of 8/4/2/1 chunks,
+    a masked last chunk, NaN/Inf rows (finite maximum re-read), every scale mode and layout."""
+    import fp4comm.quant as Q
+
+    monkeypatch.setattr(Q, "_QUANT_RESIDENT", True)
+    x = make_input((3, H), torch.float32, seed=13)
+    x[1, 5] = float("nan")
+    x[2, H - 1] = -float("inf")
+    x = x.to(dtype)
+    for gs in ("per_token", 0.37, torch.full((3,), 0.5)):
+        for layout in ("linear", "swizzled") if (H // 16) % 4 == 0 else ("linear",):
+            got = fp4comm.quantize_nvfp4(x.to(device), gs.to(device) if isinstance(gs, torch.Tensor) else gs,
+                                         scale_layout=layout)
+            assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs, scale_layout=layout))
+
+
 def test_saturated_and_subnormal_block_scales_long_rows(device):
     """Codes of blocks whose E4M3 scale saturates (a large static gs) or is subnormal / zero
     (tiny blocks beside a huge one), where ``x * inv`` exceeds 6 and must saturate."""

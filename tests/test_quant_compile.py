@@ -16,6 +16,12 @@ def test_quant_kernels_compile_for_sm90():
                         t = Q.quantize_nvfp4(x, gs, scale_layout=layout, pad_scales=True)
                         t.global_scale = torch.ones(T) if not isinstance(gs, float) else torch.tensor(gs)
                         Q.dequantize_nvfp4(t, torch.bfloat16)
+            Q._QUANT_RESIDENT = True  # the register-resident long-row variant
+            for dt in (torch.bfloat16, torch.float32):
+                for layout in ("linear", "swizzled"):
+                    for gs in ("per_token", 2.0):
+                        Q.quantize_nvfp4(torch.zeros(T, H, dtype=dt), gs, scale_layout=layout, pad_scales=True)
+            Q._QUANT_RESIDENT = False
             x = torch.zeros(T, max(H // 128, 1) * 128, dtype=torch.bfloat16)
             for ue8m0 in (False, True):
                 Q.dequantize_fp8_blockwise(Q.quantize_fp8_blockwise(x, ue8m0=ue8m0))
