@@ -42,7 +42,8 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import torch.nn.functional as F  # noqa: E402
 
-from fp4comm.attention import AttentionTiles, KVCache, attention_tiles, select_num_kv_splits, write_kv_cache  # noqa: E402
+from fp4comm.attention import (AttentionTiles, KVCache, attention_tiles, select_num_kv_splits,  # noqa: E402
+                               write_kv_cache, write_tiles)
 from fp4comm.attention.paged import _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
@@ -245,7 +246,13 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     return rows
 
 
-def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
+#: ``--quick`` write tiling candidates ``(tokens a program, num_warps)`` beside the default
+#: (:func:`fp4comm.attention.write_tiles`), for these formats
+WRITE_VARIANTS = ((1, 2), (2, 2), (8, 4), (8, 8), (16, 8))
+WRITE_TUNE_FORMATS = ("bf16", "fp8", "fp8_dynamic")
+
+
+def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
     rows = []
     k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
     v = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
@@ -263,9 +270,23 @@ def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
         us = bench(fn, smoke)
         nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
         gbps = nbytes / us / 1e3
+        bt, _, _, nw = write_tiles(Hkv, D, T)
         rows.append(dict(section="write", name="write_kv_cache", format=fmt, batch=T, context=0, us=us, gbps=gbps,
                          pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps,
-                         target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT))
+                         target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT,
+                         note=f"default: {bt} tokens a program, w={nw}"))
+        if tune and fmt in WRITE_TUNE_FORMATS:
+            for tiles in WRITE_VARIANTS:
+                def fv(c=c, slots=slots, tiles=tiles):
+                    write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale,
+                                   v_scale=c.v_scale, k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache,
+                                   check_indices=False, tiles=tiles)
+
+                us_v = bench(fv, smoke)
+                g = nbytes / us_v / 1e3
+                rows.append(dict(section="tune", name=f"write t{tiles[0]}w{tiles[1]}", format=fmt, batch=T,
+                                 context=0, us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
+                                 note=f"{tiles[0]} tokens a program, w={tiles[1]}"))
         del c
     return rows
 
@@ -329,7 +350,7 @@ def main(argv=None):
     copy_gbps = rows[0]["gbps"]
     rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs, tune, tune_batch)
     rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs, tune)
-    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs)
+    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs, tune or smoke)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device: {device_name}  Hq={Hq} Hkv={Hkv} D={D} block_size={bs}  peak={args.peak_gbps:.0f} GB/s  "
           f"copy={copy_gbps:.0f} GB/s")

@@ -97,6 +97,27 @@ def test_write_bit_exact(fmt, shape, dtype):
     assert_same(a, b)
 
 
+@pytest.mark.parametrize("tiles", [(4, 2), (8, 1)], ids=["t4w2", "t8w1"])
+@pytest.mark.parametrize("shape", ["T9_H3_D48_bs5", "T17_H2_D64_bs16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_write_bit_exact_multi_token(fmt, shape, tiles):
+    """Several tokens a program (the prefill tiling; small writes default to one): a partial
+    last tile, skipped tokens inside a tile, padded heads and head dims."""
+    T, H, D, bs = SHAPES[shape]
+    k, v = make_inputs(T, H, D, torch.bfloat16)
+    nb = (2 * T) // bs + 2
+    g = torch.Generator().manual_seed(11)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[1::3] = -1
+    slots = slots.to(DEV)
+    a = make_cache(nb, bs, H, D, fmt)
+    b = clone(a)
+    for c, impl in ((a, "triton"), (b, "reference")):
+        write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale, v_scale=c.v_scale,
+                       k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache, impl=impl, tiles=tiles)
+    assert_same(a, b)
+
+
 def test_write_strided_inputs_and_int64_slots():
     """k, v as slices of a fused QKV tensor (token stride != H * D)."""
     T, H, D = 6, 2, 64
@@ -239,10 +260,11 @@ def test_empty_and_all_skipped():
 
 
 def test_write_tiles():
-    assert write_tiles(8, 128) == (8, 128, 2)
-    bh, bd, _ = write_tiles(64, 256)
-    assert bd == 256 and bh * bd <= 4096
-    assert write_tiles(1, 48)[1] == 64
+    assert write_tiles(8, 128, 32768) == (4, 8, 128, 4)  # 4 tokens x 8 heads x 128 a program
+    assert write_tiles(8, 128, 32) == (1, 8, 128, 1)  # decode: one token a program
+    bt, bh, bd, _ = write_tiles(64, 256)
+    assert bd == 256 and bt * bh * bd <= 4096
+    assert write_tiles(1, 48)[2] == 64
 
 
 # ----------------------------------------------------------------------------- bad inputs
