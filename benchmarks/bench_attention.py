@@ -249,7 +249,8 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
 
 #: ``--quick`` write tiling candidates ``(tokens a program, num_warps)`` beside the default
 #: (:func:`fp4comm.attention.write_tiles`), for these formats
-WRITE_VARIANTS = ((1, 2), (2, 2), (8, 4), (8, 8), (16, 8))
+#: (``False`` third: ``div_rn`` instead of the reciprocal + FMA division, fp8/int8 only)
+WRITE_VARIANTS = ((4, 4, False), (1, 2), (2, 2), (8, 4), (8, 8), (16, 8))
 WRITE_TUNE_FORMATS = ("bf16", "fp8", "fp8_dynamic")
 
 
@@ -278,6 +279,8 @@ def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
                          note=f"default: {bt} tokens a program, w={nw}"))
         if tune and fmt in WRITE_TUNE_FORMATS:
             for tiles in WRITE_VARIANTS:
+                if fmt == "bf16" and len(tiles) > 2:
+                    continue
                 def fv(c=c, slots=slots, tiles=tiles):
                     write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale,
                                    v_scale=c.v_scale, k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache,
@@ -285,9 +288,10 @@ def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
 
                 us_v = bench(fv, smoke)
                 g = nbytes / us_v / 1e3
-                rows.append(dict(section="tune", name=f"write t{tiles[0]}w{tiles[1]}", format=fmt, batch=T,
+                div = "" if len(tiles) < 3 or tiles[2] else " div_rn"
+                rows.append(dict(section="tune", name=f"write t{tiles[0]}w{tiles[1]}{div}", format=fmt, batch=T,
                                  context=0, us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
-                                 note=f"{tiles[0]} tokens a program, w={tiles[1]}"))
+                                 note=f"{tiles[0]} tokens a program, w={tiles[1]}{div}"))
         del c
     return rows
 

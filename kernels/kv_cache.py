@@ -46,21 +46,53 @@ def bf16_rne(x):
 
 
 @triton.jit
+def div_exact(x, s, y):
+    """``x / s`` rounded to nearest even (as ``div_rn``), given ``y = RN(1 / s)`` and
+    ``2^-60 <= s <= 2^60``, in 1 multiply + 4 FMAs instead of a full IEEE division per value
+    (reciprocal approximation, Newton steps and a slow-path branch in SASS).
+
+    ``q0 = RN(x * y)`` is within 1.5 ulp of ``x / s``; one residual correction
+    (``e = x - q0 * s``, exact in an FMA; ``q1 = RN(q0 + e * y)``) makes it faithful, and a
+    second one, by Markstein's theorem (``y`` the correctly rounded reciprocal, ``q1``
+    faithful, no underflow or overflow), is the correctly rounded quotient. The scale range
+    keeps the residuals normal wherever the quotient matters (``|x / s| >= 2^-12``: smaller
+    quotients are +-0 in E4M3 and 0 in int8 whatever their last bits). ``q0`` itself is
+    returned where it is +-0 or tiny (``< 1e-30``, sign kept: the corrections would make
+    ``-0`` into ``+0``), huge (``> 1e30``, saturates either way; Inf stays Inf, the
+    corrections would make it NaN) or NaN.
+
+    Only for compiled code: the interpreter's ``fma`` rounds twice. The numpy mirror in
+    tests/test_kv_cache.py checks the algorithm against IEEE division with exact FMAs."""
+    q0 = x * y
+    q1 = tl.fma(tl.fma(-q0, s, x), y, q0)
+    q2 = tl.fma(tl.fma(-q1, s, x), y, q1)
+    a = tl.abs(q0)
+    return tl.where((a >= 1e-30) & (a <= 1e30), q2, q0)
+
+
+@triton.jit
 def quantize_tile(x, scale, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     """Quantize an FP32 tile with a decode-direction ``scale`` (broadcastable FP32).
 
     fp8: ``sat(x / scale)`` to +-448, RNE, NaN -> NaN (byte 0x7F); int8: clamp to +-127 then
     round half to even, NaN -> 0; bf16: RNE cast (``scale`` unused).
+    """
+    if FMT == 0:
+        return bf16_rne(x)
+    else:
+        return quantize_quotient(tl.math.div_rn(x, scale), FMT, INTERPRET)
+
+
+@triton.jit
+def quantize_quotient(v, FMT: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp8 / int8 codes of the FP32 quotients ``v = x / scale`` (see :func:`quantize_tile`).
 
     The E4M3 rounding: on the GPU the cast of the clamped value (sm_90 emits
     ``cvt.rn.satfinite.e4m3x2.f32``: RNE, subnormals and the sign of zero kept, 1 F2F per
     pair; bit-exact vs torch on H200); under the interpreter (``INTERPRET``), whose cast
     rounds subnormal ties differently, :func:`e4m3_round` first (about 15 integer ops).
     """
-    if FMT == 0:
-        return bf16_rne(x)
-    elif FMT == 1:
-        v = tl.math.div_rn(x, scale)
+    if FMT == 1:
         c = tl.minimum(tl.maximum(v, -448.0), 448.0)
         c = tl.where(v != v, 0.0, c)
         if INTERPRET:
@@ -69,7 +101,6 @@ def quantize_tile(x, scale, FMT: tl.constexpr, INTERPRET: tl.constexpr):
         b = tl.where(v != v, 0x7F, b)
         return b.to(tl.float8e4nv, bitcast=True)
     else:
-        v = tl.math.div_rn(x, scale)
         c = tl.minimum(tl.maximum(v, -127.0), 127.0)
         c = tl.where(v != v, 0.0, c)
         r = (c + 12582912.0) - 12582912.0  # |c| <= 127: exact round half to even
@@ -86,20 +117,33 @@ def dynamic_scale_rows(x, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows(x, s, FMT: tl.constexpr, DYNAMIC: tl.constexpr, INTERPRET: tl.constexpr):
+def _quantize_rows(x, s, FMT: tl.constexpr, DYNAMIC: tl.constexpr, FAST_DIV: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """Quantize FP32 rows ``x [R, BLOCK_D]`` (one (token, head) a row) with the per-row static
     scales ``s`` (dynamic formats: computed here; bf16: unused); returns the codes and the
-    per-row decode scales."""
+    per-row decode scales.
+
+    ``FAST_DIV`` (compiled code only): divide with :func:`div_exact` (one reciprocal a row)
+    when every row's scale is in its range (a branch uniform over the program), else with
+    ``div_rn``."""
     if FMT == 0:
         return quantize_tile(x, 1.0, FMT, INTERPRET), s
-    elif DYNAMIC:
-        if FMT == 1:
-            s = dynamic_scale_rows(x, 448.0)
-        else:
-            s = dynamic_scale_rows(x, 127.0)
-        return quantize_tile(x, s[:, None], FMT, INTERPRET), s
     else:
-        return quantize_tile(x, s[:, None], FMT, INTERPRET), s
+        if DYNAMIC:
+            if FMT == 1:
+                s = dynamic_scale_rows(x, 448.0)
+            else:
+                s = dynamic_scale_rows(x, 127.0)
+        if INTERPRET or not FAST_DIV:
+            q = quantize_tile(x, s[:, None], FMT, INTERPRET)
+        else:
+            in_range = ((s >= 8.673617379884035e-19) & (s <= 1.152921504606847e18)).to(tl.int32)  # 2^-60, 2^60
+            if tl.min(in_range, 0) == 1:
+                y = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+                q = quantize_quotient(div_exact(x, s[:, None], y[:, None]), FMT, INTERPRET)
+            else:
+                q = quantize_tile(x, s[:, None], FMT, INTERPRET)
+        return q, s
 
 
 @triton.jit
@@ -114,7 +158,7 @@ def write_kv_cache_kernel(
     stride_ksb, stride_kss, stride_ksh,
     stride_vsb, stride_vss, stride_vsh,
     FMT: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FAST_DIV: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T), cdiv(num_heads, BLOCK_H))``: tokens ``[t0, t0 + BLOCK_T)``,
     heads ``[h0, h0 + BLOCK_H)``, as one tile of ``BLOCK_T * BLOCK_H`` rows (row ``r``: token
@@ -153,10 +197,10 @@ def write_kv_cache_kernel(
     smask = mask & (slot >= 0)[:, None]
     blk = tl.where(slot >= 0, slot, 0) // block_size
     off = tl.where(slot >= 0, slot, 0) % block_size
-    qk, sk = _quantize_rows(xk.to(tl.float32), sk, FMT, DYNAMIC, INTERPRET)
+    qk, sk = _quantize_rows(xk.to(tl.float32), sk, FMT, DYNAMIC, FAST_DIV, INTERPRET)
     tl.store(kc_ptr + (blk * stride_kcb + off * stride_kcs + heads * stride_kch)[:, None] + offs_d[None, :], qk,
              mask=smask)
-    qv, sv = _quantize_rows(xv.to(tl.float32), sv, FMT, DYNAMIC, INTERPRET)
+    qv, sv = _quantize_rows(xv.to(tl.float32), sv, FMT, DYNAMIC, FAST_DIV, INTERPRET)
     tl.store(vc_ptr + (blk * stride_vcb + off * stride_vcs + heads * stride_vch)[:, None] + offs_d[None, :], qv,
              mask=smask)
     if DYNAMIC:

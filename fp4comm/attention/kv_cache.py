@@ -50,7 +50,7 @@ def write_kv_cache(
     v_scale_cache: torch.Tensor | None = None,
     check_indices: bool = True,
     impl: str = "auto",
-    tiles: tuple[int, int] | None = None,
+    tiles: tuple[int, int] | tuple[int, int, bool] | None = None,
 ) -> None:
     """Quantize ``k``/``v`` and store them into the paged caches, in place.
 
@@ -72,7 +72,8 @@ def write_kv_cache(
             for finite, > 0 values (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
         tiles: ``(tokens_per_program, num_warps)`` override of :func:`write_tiles`' choice
-            (tuning; tokens a program a power of 2).
+            (tuning; tokens a program a power of 2), optionally ``(..., fast_div)`` to
+            override :data:`WRITE_FAST_DIV`.
 
     Quantized values saturate (fp8 to +-448, int8 to +-127), they never wrap or become Inf.
     """
@@ -111,8 +112,10 @@ def write_kv_cache(
     from fp4comm.kernels import kv_cache as _k
 
     BLOCK_T, BLOCK_H, BLOCK_D, num_warps = write_tiles(H, D, T)
+    fast_div = WRITE_FAST_DIV
     if tiles is not None:
-        BLOCK_T, num_warps = tiles
+        BLOCK_T, num_warps = tiles[:2]
+        fast_div = bool(tiles[2]) if len(tiles) > 2 else fast_div
         if BLOCK_T < 1 or BLOCK_T & (BLOCK_T - 1) or num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"tiles: (tokens a program, a power of 2; num_warps), got {tiles!r}")
     ks = k_scale if k_scale is not None else dummy(dev)
@@ -131,7 +134,7 @@ def write_kv_cache(
         ksc.stride(0), ksc.stride(1), ksc.stride(2),
         vsc.stride(0), vsc.stride(1), vsc.stride(2),
         FMT=FORMAT_CODE[ref.base_format(kv_format)], DYNAMIC=dynamic,
-        BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D,
+        BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, FAST_DIV=fast_div,
         INTERPRET=triton_interpreting() and dev.type == "cpu",
         num_warps=num_warps,
     )
@@ -140,6 +143,12 @@ def write_kv_cache(
 #: elements of K (and again of V) a write program moves: 4096 = 8 KB of BF16 in at 8 KV heads x
 #: head dim 128 = 4 tokens; with 4 warps 32 elements (four 16-byte reads) a thread a tensor
 WRITE_TILE_ELEMS = 4096
+#: fp8/int8 writes on the GPU divide by the scale with ``fp4comm.kernels.kv_cache.div_exact``
+#: (reciprocal a row + 1 multiply + 4 FMAs a value, correctly rounded: bit-identical to the
+#: IEEE division) instead of ``div.rn.f32`` (sm_90 SASS: MUFU.RCP, FCHK and a branch to a
+#: slow-path call per value; ~26 -> ~22 instructions a value with the quantization): the
+#: write is issue bound near 50 us at 32k tokens otherwise. ``False`` restores ``div_rn``.
+WRITE_FAST_DIV = True
 #: fewest programs a write keeps before it moves fewer tokens a program (about 4 an SM)
 WRITE_MIN_PROGRAMS = 512
 
