@@ -197,10 +197,16 @@ def write_kv_cache_kernel(
     smask = mask & (slot >= 0)[:, None]
     blk = tl.where(slot >= 0, slot, 0) // block_size
     off = tl.where(slot >= 0, slot, 0) % block_size
-    qk, sk = _quantize_rows(xk.to(tl.float32), sk, FMT, DYNAMIC, FAST_DIV, INTERPRET)
+    if FMT == 0 and k_ptr.dtype.element_ty == tl.bfloat16:  # bf16 -> bf16: a copy (NaN payloads too, as torch)
+        qk = xk
+    else:
+        qk, sk = _quantize_rows(xk.to(tl.float32), sk, FMT, DYNAMIC, FAST_DIV, INTERPRET)
     tl.store(kc_ptr + (blk * stride_kcb + off * stride_kcs + heads * stride_kch)[:, None] + offs_d[None, :], qk,
              mask=smask)
-    qv, sv = _quantize_rows(xv.to(tl.float32), sv, FMT, DYNAMIC, FAST_DIV, INTERPRET)
+    if FMT == 0 and v_ptr.dtype.element_ty == tl.bfloat16:
+        qv = xv
+    else:
+        qv, sv = _quantize_rows(xv.to(tl.float32), sv, FMT, DYNAMIC, FAST_DIV, INTERPRET)
     tl.store(vc_ptr + (blk * stride_vcb + off * stride_vcs + heads * stride_vch)[:, None] + offs_d[None, :], qv,
              mask=smask)
     if DYNAMIC:
