@@ -16,7 +16,9 @@ Prints a table (``tabulate`` when installed) with each issue-6 target beside the
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 decode tile /
 conversion variants at batch 32 (``tune`` rows: which :class:`AttentionTiles` to make the
-default), prefill 8k (bf16 with N = 64 and 128, fp8), writes; about 90 s on one H200.
+default), prefill 8k (bf16 with N = 64 and 128, fp8), writes (plus ``tune`` rows ``write tNwM``:
+N tokens a program, M warps, and ``div_rn``: the IEEE division instead of the reciprocal + FMA
+one, for bf16 / fp8 / fp8_dynamic); about 90 s on one H200.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
     python benchmarks/bench_attention.py --quick         # GPU, ~90 s on one H200
@@ -59,15 +61,14 @@ def decode_variants(Hq: int, Hkv: int, D: int):
     """fp8 decode (batch 32) candidates for ``--quick``: the default (mode 3 = FP16 operands,
     hardware E4M3 conversion, N = 128, 5 stages: K/V two tiles ahead), then one change each:
     ``s3`` = the previous default (3 stages: one tile ahead, a full ``cp.async`` wait at the
-    top of every iteration), N = 64 at 3 / 5 / 7 stages (146-156 registers, 39-72 KB shared:
-    3 programs an SM), conversion mode 2 (integer ops) at 5 stages, 8 warps at 3 stages, and
-    forced split counts (the heuristic's choice is in the ``default`` row's note)."""
+    top of every iteration; 4 stages compile to the same), N = 64 at 3 / 5 / 7 stages (146-162
+    registers, 39-72 KB shared: 3 programs an SM), conversion mode 2 (integer ops) at 5
+    stages, and forced split counts (the heuristic's choice is in the ``default`` row's note)."""
     t = attention_tiles(D, Hq // Hkv, 1, "fp8")
     out = [("default", t, None)]
-    for name, kw in (("s3", dict(num_stages=3)), ("s4", dict(num_stages=4)),
+    for name, kw in (("s3", dict(num_stages=3)),
                      ("n64_s3", dict(block_n=64, num_stages=3)), ("n64_s5", dict(block_n=64, num_stages=5)),
-                     ("n64_s7", dict(block_n=64, num_stages=7)), ("cvt2", dict(kv_convert=2)),
-                     ("warps8_s3", dict(num_warps=8, num_stages=3))):
+                     ("n64_s7", dict(block_n=64, num_stages=7)), ("cvt2", dict(kv_convert=2))):
         out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
     for splits in (8, 16, 32):
         out.append((f"splits{splits}", t, splits))
@@ -250,7 +251,7 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
 #: ``--quick`` write tiling candidates ``(tokens a program, num_warps)`` beside the default
 #: (:func:`fp4comm.attention.write_tiles`), for these formats
 #: (``False`` third: ``div_rn`` instead of the reciprocal + FMA division, fp8/int8 only)
-WRITE_VARIANTS = ((4, 4, False), (1, 2), (2, 2), (8, 4), (8, 8), (16, 8))
+WRITE_VARIANTS = ((4, 4, False), (2, 2), (8, 4), (8, 8))
 WRITE_TUNE_FORMATS = ("bf16", "fp8", "fp8_dynamic")
 
 
