@@ -16,7 +16,9 @@ Prints a table (``tabulate`` when installed) with each issue-6 target beside the
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 decode tile /
 conversion variants at batch 32 (``tune`` rows: which :class:`AttentionTiles` to make the
-default), prefill 8k (bf16 with N = 64 and 128, fp8), writes; about 90 s on one H200.
+default), prefill 8k (bf16 with N = 64 and 128, fp8), writes (plus ``tune`` rows ``write tNwM``:
+N tokens a program, M warps, and ``div_rn``: the IEEE division instead of the reciprocal + FMA
+one, for bf16 / fp8 / fp8_dynamic); about 90 s on one H200.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
     python benchmarks/bench_attention.py --quick         # GPU, ~90 s on one H200
@@ -42,7 +44,8 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import torch.nn.functional as F  # noqa: E402
 
-from fp4comm.attention import AttentionTiles, KVCache, attention_tiles, select_num_kv_splits, write_kv_cache  # noqa: E402
+from fp4comm.attention import (AttentionTiles, KVCache, attention_tiles, select_num_kv_splits,  # noqa: E402
+                               write_kv_cache, write_tiles)
 from fp4comm.attention.paged import _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
@@ -56,18 +59,18 @@ TARGET_PREFILL_VS_SDPA = 0.8
 
 def decode_variants(Hq: int, Hkv: int, D: int):
     """fp8 decode (batch 32) candidates for ``--quick``: the default (mode 3 = FP16 operands,
-    hardware E4M3 conversion), then one change each: the conversion mode (0 = Triton's cast,
-    1 = integer ops, 2 = integer ops before V's layout change, 3 = FP16 operands), 8 warps,
-    N = 64 / 2 stages, N = 256 (mode 3), and forced split counts (the heuristic's choice is
-    in the ``default`` row's note)."""
+    hardware E4M3 conversion, N = 128, 5 stages: K/V two tiles ahead), then one change each:
+    ``s3`` = the previous default (3 stages: one tile ahead, a full ``cp.async`` wait at the
+    top of every iteration; 4 stages compile to the same), N = 64 at 3 / 5 / 7 stages (146-162
+    registers, 39-72 KB shared: 3 programs an SM), conversion mode 2 (integer ops) at 5
+    stages, and forced split counts (the heuristic's choice is in the ``default`` row's note)."""
     t = attention_tiles(D, Hq // Hkv, 1, "fp8")
     out = [("default", t, None)]
-    for name, kw in (("cvt0", dict(kv_convert=0)), ("cvt1", dict(kv_convert=1)), ("cvt2", dict(kv_convert=2)),
-                     ("cvt3", dict(kv_convert=3)), ("warps8", dict(num_warps=8)),
-                     ("cvt2_warps8", dict(kv_convert=2, num_warps=8)), ("n64_s2", dict(block_n=64, num_stages=2)),
-                     ("cvt3_n256_s2", dict(kv_convert=3, block_n=256, num_stages=2))):
+    for name, kw in (("s3", dict(num_stages=3)),
+                     ("n64_s3", dict(block_n=64, num_stages=3)), ("n64_s5", dict(block_n=64, num_stages=5)),
+                     ("n64_s7", dict(block_n=64, num_stages=7)), ("cvt2", dict(kv_convert=2))):
         out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
-    for splits in (4, 8, 16, 32):
+    for splits in (8, 16, 32):
         out.append((f"splits{splits}", t, splits))
     return out
 
@@ -245,7 +248,14 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     return rows
 
 
-def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
+#: ``--quick`` write tiling candidates ``(tokens a program, num_warps)`` beside the default
+#: (:func:`fp4comm.attention.write_tiles`), for these formats
+#: (``False`` third: ``div_rn`` instead of the reciprocal + FMA division, fp8/int8 only)
+WRITE_VARIANTS = ((4, 4, False), (2, 2), (8, 4), (8, 8))
+WRITE_TUNE_FORMATS = ("bf16", "fp8", "fp8_dynamic")
+
+
+def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
     rows = []
     k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
     v = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
@@ -263,9 +273,26 @@ def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
         us = bench(fn, smoke)
         nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
         gbps = nbytes / us / 1e3
+        bt, _, _, nw = write_tiles(Hkv, D, T)
         rows.append(dict(section="write", name="write_kv_cache", format=fmt, batch=T, context=0, us=us, gbps=gbps,
                          pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps,
-                         target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT))
+                         target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT,
+                         note=f"default: {bt} tokens a program, w={nw}"))
+        if tune and fmt in WRITE_TUNE_FORMATS:
+            for tiles in WRITE_VARIANTS:
+                if fmt == "bf16" and len(tiles) > 2:
+                    continue
+                def fv(c=c, slots=slots, tiles=tiles):
+                    write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale,
+                                   v_scale=c.v_scale, k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache,
+                                   check_indices=False, tiles=tiles)
+
+                us_v = bench(fv, smoke)
+                g = nbytes / us_v / 1e3
+                div = "" if len(tiles) < 3 or tiles[2] else " div_rn"
+                rows.append(dict(section="tune", name=f"write t{tiles[0]}w{tiles[1]}{div}", format=fmt, batch=T,
+                                 context=0, us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
+                                 note=f"{tiles[0]} tokens a program, w={tiles[1]}{div}"))
         del c
     return rows
 
@@ -329,7 +356,7 @@ def main(argv=None):
     copy_gbps = rows[0]["gbps"]
     rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs, tune, tune_batch)
     rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs, tune)
-    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs)
+    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs, tune or smoke)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device: {device_name}  Hq={Hq} Hkv={Hkv} D={D} block_size={bs}  peak={args.peak_gbps:.0f} GB/s  "
           f"copy={copy_gbps:.0f} GB/s")

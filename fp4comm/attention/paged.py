@@ -103,6 +103,19 @@ def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) 
     return kv_convert
 
 
+#: ``num_stages`` of fp8/int8 decode (head dim <= 128, N = 128). The K/V tile addresses come
+#: from a block-table load in the same iteration, and Triton's pipeliner splits the
+#: ``num_stages - 1`` stages of latency over that two-load chain: at 3 (and at 4) the K/V
+#: ``cp.async`` are issued one iteration ahead and every iteration begins with
+#: ``DEPBAR.LE SB0, 0x0`` (wait for all of them: no overlap of a program's loads with its own
+#: compute; sm_90 SASS of b32/16k fp8, 2 K/V buffers, 74 KB shared, 168 registers); at 5 the
+#: tiles are two iterations ahead (waits ``0x3``/``0x1``, 3 buffers, 107.5 KB shared: 2
+#: programs an SM, 128 KB of cache reads in flight an SM). H200 before: 3 stages, 372 us at
+#: b32/16k = 60% of peak; ``bench_attention.py --quick`` times 3 vs 5 and N = 64 at 5 / 7
+#: (``tune`` rows ``s3``, ``n64_s5``, ``n64_s7``).
+DECODE_ONE_BYTE_STAGES = 5
+
+
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
     """Tile sizes of the paged-attention kernel, in one place with the reasons.
 
@@ -120,7 +133,8 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       (sm_90, ptxas, 8 warps, wgmma): N = 64 is 182 registers (bf16 and fp8, no spill),
       N = 128 is 244 (bf16) / 255 with spills (fp8). Only the tiles on the causal diagonal
       are masked (see the kernel), and q tiles run longest first.
-    * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200.
+    * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
+      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (5), see there.
     * ``kv_convert``: :func:`kv_convert_mode`.
     """
     group_pad = next_pow2(group)
@@ -136,6 +150,8 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
         block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
+    if decode and one_byte and head_dim <= 128:
+        num_stages = DECODE_ONE_BYTE_STAGES
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format))
 
 
