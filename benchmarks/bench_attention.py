@@ -16,9 +16,7 @@ Prints a table (``tabulate`` when installed) with each issue-6 target beside the
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 decode tile /
 conversion variants at batch 32 (``tune`` rows: which :class:`AttentionTiles` to make the
-default), prefill 8k (bf16 with N = 64 and 128, fp8), writes (plus ``tune`` rows ``write tNwM``:
-N tokens a program, M warps, and ``div_rn``: the IEEE division instead of the reciprocal + FMA
-one, for bf16 / fp8 / fp8_dynamic); about 90 s on one H200.
+default), prefill 8k (bf16 with N = 64 and 128, fp8), writes; about 60 s on one H200.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
     python benchmarks/bench_attention.py --quick         # GPU, ~90 s on one H200
@@ -248,13 +246,6 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     return rows
 
 
-#: ``--quick`` write tiling candidates ``(tokens a program, num_warps)`` beside the default
-#: (:func:`fp4comm.attention.write_tiles`), for these formats
-#: (``False`` third: ``div_rn`` instead of the reciprocal + FMA division, fp8/int8 only)
-WRITE_VARIANTS = ((4, 4, False), (2, 2), (8, 4), (8, 8))
-WRITE_TUNE_FORMATS = ("bf16", "fp8", "fp8_dynamic")
-
-
 def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
     rows = []
     k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
@@ -273,26 +264,11 @@ def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
         us = bench(fn, smoke)
         nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
         gbps = nbytes / us / 1e3
-        bt, _, _, nw = write_tiles(Hkv, D, T)
+        _, _, nw = write_tiles(Hkv, D)
         rows.append(dict(section="write", name="write_kv_cache", format=fmt, batch=T, context=0, us=us, gbps=gbps,
                          pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps,
                          target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT,
-                         note=f"default: {bt} tokens a program, w={nw}"))
-        if tune and fmt in WRITE_TUNE_FORMATS:
-            for tiles in WRITE_VARIANTS:
-                if fmt == "bf16" and len(tiles) > 2:
-                    continue
-                def fv(c=c, slots=slots, tiles=tiles):
-                    write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale,
-                                   v_scale=c.v_scale, k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache,
-                                   check_indices=False, tiles=tiles)
-
-                us_v = bench(fv, smoke)
-                g = nbytes / us_v / 1e3
-                div = "" if len(tiles) < 3 or tiles[2] else " div_rn"
-                rows.append(dict(section="tune", name=f"write t{tiles[0]}w{tiles[1]}{div}", format=fmt, batch=T,
-                                 context=0, us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
-                                 note=f"{tiles[0]} tokens a program, w={tiles[1]}{div}"))
+                         note=f"one token a program, w={nw}"))
         del c
     return rows
 

@@ -493,8 +493,7 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(mod)
     rows = mod.main(["--smoke", "--quick", "--out", str(tmp_path / "res")])
     assert rows and all(r["us"] > 0 for r in rows)
-    n_write = sum(len(t) < 3 or f != "bf16" for t in mod.WRITE_VARIANTS for f in mod.WRITE_TUNE_FORMATS)
-    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1 + n_write
+    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1
     assert all("meets" in r for r in rows if r["section"] == "write")
     assert (tmp_path / "res.json").exists() and (tmp_path / "res.csv").exists()
 
@@ -587,7 +586,7 @@ def test_kernels_compile_for_sm90():
         bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
         # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
         VARIANTS = [
-            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots), 5 stages
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots)
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode, integer E4M3, V before layout change
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
@@ -628,15 +627,6 @@ def test_kernels_compile_for_sm90():
                     assert ptx.count("sub.rn.f16x2") >= 64 and "cvt.rn.f32.s8" not in ptx, ("CVT 3 int8", consts)
             if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3):  # 16-byte global reads
                 assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
-            if name == "paged_attention_kernel" and consts.get("CVT") == 3 and consts.get("NUM_SPLITS") == 4:
-                # default fp8 decode (5 stages): K/V two tiles ahead, the loop never waits for all
-                # of its cp.async groups (3 stages: "wait_group 0" only, no overlap in a program)
-                waits = set(re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx))
-                assert waits - {"0"}, ("decode K/V not pipelined", waits, consts)
-            if name == "write_kv_cache_kernel" and consts.get("FMT") in (1, 2) and consts.get("FAST_DIV"):
-                # reciprocal + FMA division: 4 FMAs a value (K and V); div.rn only in the fallback
-                n = consts["BLOCK_T"] * consts["BLOCK_H"] * consts["BLOCK_D"]
-                assert ptx.count("fma.rn.f32") >= 8 * n // (32 * 4) and "div.rn.f32" in ptx, consts
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """

@@ -50,7 +50,6 @@ def write_kv_cache(
     v_scale_cache: torch.Tensor | None = None,
     check_indices: bool = True,
     impl: str = "auto",
-    tiles: tuple[int, int] | tuple[int, int, bool] | None = None,
 ) -> None:
     """Quantize ``k``/``v`` and store them into the paged caches, in place.
 
@@ -71,9 +70,6 @@ def write_kv_cache(
         check_indices: check ``slot_mapping`` against the cache size and the static scales
             for finite, > 0 values (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
-        tiles: ``(tokens_per_program, num_warps)`` override of :func:`write_tiles`' choice
-            (tuning; tokens a program a power of 2), optionally ``(..., fast_div)`` to
-            override :data:`WRITE_FAST_DIV`.
 
     Quantized values saturate (fp8 to +-448, int8 to +-127), they never wrap or become Inf.
     """
@@ -111,22 +107,16 @@ def write_kv_cache(
 
     from fp4comm.kernels import kv_cache as _k
 
-    BLOCK_T, BLOCK_H, BLOCK_D, num_warps = write_tiles(H, D, T)
-    fast_div = WRITE_FAST_DIV
-    if tiles is not None:
-        BLOCK_T, num_warps = tiles[:2]
-        fast_div = bool(tiles[2]) if len(tiles) > 2 else fast_div
-        if BLOCK_T < 1 or BLOCK_T & (BLOCK_T - 1) or num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"tiles: (tokens a program, a power of 2; num_warps), got {tiles!r}")
+    BLOCK_H, BLOCK_D, num_warps = write_tiles(H, D)
     ks = k_scale if k_scale is not None else dummy(dev)
     vs = v_scale if v_scale is not None else dummy(dev)
     ksc = k_scale_cache if k_scale_cache is not None else dummy(dev).view(1, 1, 1)
     vsc = v_scale_cache if v_scale_cache is not None else dummy(dev).view(1, 1, 1)
-    grid = (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H))
+    grid = (T, cdiv(H, BLOCK_H))
     _k.write_kv_cache_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping,
         ks, vs, ksc, vsc,
-        T, H, D, bs,
+        H, D, bs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -134,43 +124,24 @@ def write_kv_cache(
         ksc.stride(0), ksc.stride(1), ksc.stride(2),
         vsc.stride(0), vsc.stride(1), vsc.stride(2),
         FMT=FORMAT_CODE[ref.base_format(kv_format)], DYNAMIC=dynamic,
-        BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, FAST_DIV=fast_div,
-        INTERPRET=triton_interpreting() and dev.type == "cpu",
+        BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, INTERPRET=triton_interpreting() and dev.type == "cpu",
         num_warps=num_warps,
     )
 
 
-#: elements of K (and again of V) a write program moves: 4096 = 8 KB of BF16 in at 8 KV heads x
-#: head dim 128 = 4 tokens; with 4 warps 32 elements (four 16-byte reads) a thread a tensor
-WRITE_TILE_ELEMS = 4096
-#: fp8/int8 writes on the GPU divide by the scale with ``fp4comm.kernels.kv_cache.div_exact``
-#: (reciprocal a row + 1 multiply + 4 FMAs a value, correctly rounded: bit-identical to the
-#: IEEE division) instead of ``div.rn.f32`` (sm_90 SASS: MUFU.RCP, FCHK and a branch to a
-#: slow-path call per value; ~26 -> ~22 instructions a value with the quantization): the
-#: write is issue bound near 50 us at 32k tokens otherwise. ``False`` restores ``div_rn``.
-WRITE_FAST_DIV = True
-#: fewest programs a write keeps before it moves fewer tokens a program (about 4 an SM)
-WRITE_MIN_PROGRAMS = 512
+def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, BLOCK_D, num_warps)`` of the cache-write kernel.
 
-
-def write_tiles(num_kv_heads: int, head_dim: int, num_tokens: int = 1 << 20) -> tuple[int, int, int, int]:
-    """``(BLOCK_T, BLOCK_H, BLOCK_D, num_warps)`` of the cache-write kernel.
-
-    The write is pure bandwidth but was latency bound with one token a program (a slot read,
-    the dependent K read and store, then V's: 4 KB in flight a program, about 60% of HBM peak
-    whatever the format). A program now moves ``BLOCK_T`` tokens x ``BLOCK_H`` heads x
-    ``BLOCK_D`` (:data:`WRITE_TILE_ELEMS` elements of K and as many of V, all read before
-    anything is stored) with 16-byte accesses; more heads than fit are split over a second
-    grid dim; small writes (decode) keep one token a program while the grid would fall under
-    :data:`WRITE_MIN_PROGRAMS`. Per-(token, head) dynamic scales are row reductions of the tile.
+    The write is pure bandwidth: one program per token moves all its heads (up to 4096
+    elements: 8 KB of BF16 in, 4 KB of FP8 out for K and again for V) so each program issues
+    large, contiguous 16-byte accesses and the grid (one program per token) is big enough at
+    prefill sizes; more heads than that are split over a second grid dim. Per-(token, head)
+    dynamic scales reduce along ``BLOCK_D`` inside the tile.
     """
     BLOCK_D = next_pow2(head_dim)
-    BLOCK_H = max(1, min(next_pow2(num_kv_heads), WRITE_TILE_ELEMS // BLOCK_D))
-    BLOCK_T = max(1, WRITE_TILE_ELEMS // (BLOCK_H * BLOCK_D))
-    while BLOCK_T > 1 and cdiv(num_tokens, BLOCK_T) < WRITE_MIN_PROGRAMS:
-        BLOCK_T //= 2
-    num_warps = max(1, min(8, BLOCK_T * BLOCK_H * BLOCK_D // 1024))
-    return BLOCK_T, BLOCK_H, BLOCK_D, num_warps
+    BLOCK_H = max(1, min(next_pow2(num_kv_heads), 4096 // BLOCK_D))
+    num_warps = 4 if BLOCK_H * BLOCK_D >= 2048 else 2 if BLOCK_H * BLOCK_D >= 512 else 1
+    return BLOCK_H, BLOCK_D, num_warps
 
 
 @dataclass

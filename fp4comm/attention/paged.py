@@ -110,10 +110,11 @@ def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) 
 #: ``DEPBAR.LE SB0, 0x0`` (wait for all of them: no overlap of a program's loads with its own
 #: compute; sm_90 SASS of b32/16k fp8, 2 K/V buffers, 74 KB shared, 168 registers); at 5 the
 #: tiles are two iterations ahead (waits ``0x3``/``0x1``, 3 buffers, 107.5 KB shared: 2
-#: programs an SM, 128 KB of cache reads in flight an SM). H200 before: 3 stages, 372 us at
-#: b32/16k = 60% of peak; ``bench_attention.py --quick`` times 3 vs 5 and N = 64 at 5 / 7
-#: (``tune`` rows ``s3``, ``n64_s5``, ``n64_s7``).
-DECODE_ONE_BYTE_STAGES = 5
+#: programs an SM, 128 KB of cache reads in flight an SM). Measured on H200 (b32/16k fp8,
+#: ``bench_attention.py --quick``): 3 stages 372-373 us (two runs), 5 stages 399 us, N = 64 at
+#: 5 / 7 stages 422 / 435 us: the occupancy lost to the third buffer costs more than the
+#: deeper prefetch wins, so 3 it is (``tune`` rows keep the comparison).
+DECODE_ONE_BYTE_STAGES = 3
 
 
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
@@ -134,7 +135,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       N = 128 is 244 (bf16) / 255 with spills (fp8). Only the tiles on the causal diagonal
       are masked (see the kernel), and q tiles run longest first.
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
-      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (5), see there.
+      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (3), see there.
     * ``kv_convert``: :func:`kv_convert_mode`.
     """
     group_pad = next_pow2(group)
