@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         "--resident", action="store_true",
         help="also time NVFP4 quantize with whole rows held in registers (fp4comm.quant._QUANT_RESIDENT)",
     )  # fmt: skip
+    ap.add_argument(
+        "--swz-rows", type=int, nargs="*", default=None,
+        help="also time swizzled NVFP4 quantize with these rows per program (fp4comm.quant._QUANT_SWZ_ROWS; "
+        "0 = one row a program, the previous default)",
+    )  # fmt: skip
+    ap.add_argument("--swz-maxnreg", type=int, default=None,
+                    help="with --swz-rows: also time each rows value > 0 with this register cap")  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         q._QUANT_RESIDENT = default_r
         print_table(res, "NVFP4 quantize, whole row in registers")
         rows += res
+    if args.swz_rows:
+        import fp4comm.quant as q
+
+        default_s = q._QUANT_SWZ_ROWS
+        swz = []
+        for r_ in args.swz_rows:
+            q._QUANT_SWZ_ROWS = r_
+            swz += [{**r, "op": f"{r['op']} swz_rows={r_}"} for r in run(tokens, hidden, device, args.iters)
+                    if r["op"] in ("d2d copy", "nvfp4 swizzled")]  # fmt: skip
+            if args.swz_maxnreg and r_:
+                q._QUANT_SWZ_MAXNREG = args.swz_maxnreg
+                swz += [{**r, "op": f"{r['op']} swz_rows={r_} maxnreg={args.swz_maxnreg}"}
+                        for r in run(tokens, hidden, device, args.iters) if r["op"] == "nvfp4 swizzled"]  # fmt: skip
+                q._QUANT_SWZ_MAXNREG = None
+        q._QUANT_SWZ_ROWS = default_s
+        print_table(swz, f"NVFP4 quantize, swizzled scales, rows of a 128-row tile per program (default {default_s})")
+        rows += swz
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}

@@ -81,6 +81,29 @@ def _quant_resident(nchunk: int) -> bool:
     return _QUANT_RESIDENT and 2 <= nchunk <= 15
 
 
+#: NVFP4 quantize, swizzled scales, rows of > 1 chunk: rows of one 128-row swizzle tile per
+#: program (0 = off: one row a program, as the linear layout). One row a program writes its
+#: scale bytes as 4-byte pieces of 8 different 32-byte sectors per warp store (the 128x4 layout
+#: puts a row's 4 k-scales of a tile at (m % 32) * 16 + (m % 128) // 32 * 4); R rows that share
+#: those sectors (2: m, m+1; 4: m, m+32, m+64, m+96; 8: both) write R * 4 contiguous bytes, 8
+#: = whole sectors. Each program streams its R rows in chunks of _QUANT_SWZ_NB blocks a row,
+#: one block a thread (R * _QUANT_SWZ_NB / 32 warps), so the per-token second pass still finds
+#: the rows in L2 (bytes in flight per thread as for one row a program at the same chunk).
+#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 compares them.
+_QUANT_SWZ_ROWS = 4
+_QUANT_SWZ_NB = 64
+#: register cap (ptx .maxnreg) for the multi-row swizzled program, or None. sm_90, H = 7168,
+#: per-token, 8 rows (16 warps): 78 registers = one program (16 warps) an SM; 64 = two programs
+#: (32 warps) with 8 spill instructions. Untimed: bench_quant.py --swz-maxnreg 64 compares.
+_QUANT_SWZ_MAXNREG = None
+
+
+def _quant_swz_rows(swizzled: bool, nchunk: int, rows: int, M: int) -> int:
+    if not swizzled or nchunk < 2 or rows != 1 or _quant_resident(nchunk) or M < 128:
+        return 0
+    return _QUANT_SWZ_ROWS
+
+
 def _rows_per_program(H: int, N: int) -> int:
     """Rows a dequantize program handles: enough short rows to fill a ~4K-element tile (fewer
     launches, full vectors for H < 4096; also ~20x fewer interpreter steps on CPU), one row
@@ -215,12 +238,19 @@ def quantize_nvfp4(
         from .kernels import quant as _k
 
         rows, nb, nchunk, warps = _quant_config(H, N)
-        _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
+        grid, swz_rows, masked = cdiv(N, rows), _quant_swz_rows(scale_layout == "swizzled", nchunk, rows, M), True
+        if swz_rows:
+            nb = _QUANT_SWZ_NB
+            nchunk = cdiv(KSF, nb)
+            warps = max(1, swz_rows * nb // 32)
+            grid = (N // M) * cdiv(Mp, 128) * (128 // swz_rows)
+            masked = M % 128 != 0 or nchunk * nb != KSF
+        _k.nvfp4_quantize_kernel[(grid,)](
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
             IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
-            RESIDENT=_quant_resident(nchunk),
-            num_warps=warps,
+            RESIDENT=_quant_resident(nchunk), SWZ_ROWS=swz_rows, MASKED=masked,
+            num_warps=warps, **({"maxnreg": _QUANT_SWZ_MAXNREG} if swz_rows and _QUANT_SWZ_MAXNREG else {}),
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,
