@@ -40,7 +40,9 @@ def _bench(fn, device: torch.device, iters: int) -> tuple[float, float]:
     return float(t.median()), float(t.std()) if len(ts) > 1 else 0.0
 
 
-def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5) -> list[dict]:
+def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5, ops=None) -> list[dict]:
+    """Rows for each token count: the copy baseline and the quantize ops (``ops``: a subset of
+    names to time, default all)."""
     import fp4comm
 
     rows = []
@@ -57,10 +59,12 @@ def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5) ->
         }
         results = {}
         for name, (fn, out_bytes) in cases.items():
+            if ops is not None and name not in ops:
+                continue
             us, sd = _bench(fn, device, iters)
             results[name] = (us, sd, in_bytes + out_bytes)
         # D2D copy moving the same number of bytes as the NVFP4 (linear) quantize
-        moved = results["nvfp4 linear"][2]
+        moved = in_bytes + cases["nvfp4 linear"][1]
         src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         us, sd = _bench(lambda: dst.copy_(src), device, iters)
@@ -107,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time swizzled NVFP4 quantize with these rows per program (fp4comm.quant._QUANT_SWZ_ROWS; "
         "0 = one row a program, the previous default)",
     )  # fmt: skip
-    ap.add_argument("--swz-maxnreg", type=int, default=None,
-                    help="with --swz-rows: also time each rows value > 0 with this register cap")  # fmt: skip
+    ap.add_argument(
+        "--maxnreg", type=int, nargs="*", default=None,
+        help="time NVFP4 quantize (and each --swz-rows value) at these register caps of the long-row kernel "
+        "(fp4comm.quant._QUANT_MAXNREG; 0 = no cap)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -144,22 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         q._QUANT_RESIDENT = default_r
         print_table(res, "NVFP4 quantize, whole row in registers")
         rows += res
-    if args.swz_rows:
+    if args.swz_rows or args.maxnreg:
         import fp4comm.quant as q
 
-        default_s = q._QUANT_SWZ_ROWS
+        default_s, default_n = q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG
+        caps = args.maxnreg if args.maxnreg else [default_n]
         swz = []
-        for r_ in args.swz_rows:
-            q._QUANT_SWZ_ROWS = r_
-            swz += [{**r, "op": f"{r['op']} swz_rows={r_}"} for r in run(tokens, hidden, device, args.iters)
-                    if r["op"] in ("d2d copy", "nvfp4 swizzled")]  # fmt: skip
-            if args.swz_maxnreg and r_:
-                q._QUANT_SWZ_MAXNREG = args.swz_maxnreg
-                swz += [{**r, "op": f"{r['op']} swz_rows={r_} maxnreg={args.swz_maxnreg}"}
-                        for r in run(tokens, hidden, device, args.iters) if r["op"] == "nvfp4 swizzled"]  # fmt: skip
-                q._QUANT_SWZ_MAXNREG = None
-        q._QUANT_SWZ_ROWS = default_s
-        print_table(swz, f"NVFP4 quantize, swizzled scales, rows of a 128-row tile per program (default {default_s})")
+        for cap in caps:
+            q._QUANT_MAXNREG = cap or None
+            for r_ in args.swz_rows if args.swz_rows else [default_s]:
+                q._QUANT_SWZ_ROWS = r_
+                keep = ("d2d copy", "nvfp4 swizzled") + (("nvfp4 linear",) if r_ == (args.swz_rows or [default_s])[0] else ())
+                swz += [{**r, "op": f"{r['op']} swz_rows={r_} maxnreg={cap or 0}"}
+                        for r in run(tokens, hidden, device, args.iters, keep)]  # fmt: skip
+        q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG = default_s, default_n
+        print_table(swz, f"NVFP4 quantize variants (defaults: swz_rows={default_s}, maxnreg={default_n or 0}; "
+                         "swz_rows applies to the swizzled rows only)")  # fmt: skip
         rows += swz
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

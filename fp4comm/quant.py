@@ -89,13 +89,21 @@ def _quant_resident(nchunk: int) -> bool:
 #: = whole sectors. Each program streams its R rows in chunks of _QUANT_SWZ_NB blocks a row,
 #: one block a thread (R * _QUANT_SWZ_NB / 32 warps), so the per-token second pass still finds
 #: the rows in L2 (bytes in flight per thread as for one row a program at the same chunk).
-#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 compares them.
-_QUANT_SWZ_ROWS = 4
+#: sm_90, H = 7168, per-token: 2/4/8 rows = 4/8/16 warps at 77/72/78 registers (one row: 2
+#: warps, 71), i.e. 12/12/8 rows resident per SM (one row: 14); under _QUANT_MAXNREG = 64 all
+#: reach 16, and 8 rows writes whole sectors, hence the default 8 (untimed on a GPU).
+#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 --maxnreg 0 64 compares them.
+_QUANT_SWZ_ROWS = 8
 _QUANT_SWZ_NB = 64
-#: register cap (ptx .maxnreg) for the multi-row swizzled program, or None. sm_90, H = 7168,
-#: per-token, 8 rows (16 warps): 78 registers = one program (16 warps) an SM; 64 = two programs
-#: (32 warps) with 8 spill instructions. Untimed: bench_quant.py --swz-maxnreg 64 compares.
-_QUANT_SWZ_MAXNREG = None
+#: register cap (ptx .maxnreg) of the NVFP4 quantize of long rows (> 1 chunk), or None.
+#: sm_90, H = 7168, per-token: 70-78 registers -> 64 leaves the quantize loop as it is (254
+#: instructions a chunk, no spills in it; 6-8 spill instructions in the amax pass) and lets 16
+#: rows run at once per SM instead of 14 (2 warps a row at <= 64 registers: 16 programs), i.e.
+#: 2112 rows on 132 SMs: T = 4096 takes 2 waves of rows instead of 3 (2.2 waves at 1848).
+#: Per-token only: the static / per-row kernels take 48 registers uncapped, but 56 under a cap
+#: of 64 (ptxas spends the budget), i.e. fewer programs per SM. bench_quant.py --maxnreg 0 64
+#: compares (0 = no cap, the previous code).
+_QUANT_MAXNREG = 64
 
 
 def _quant_swz_rows(swizzled: bool, nchunk: int, rows: int, M: int) -> int:
@@ -250,7 +258,7 @@ def quantize_nvfp4(
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
             IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
             RESIDENT=_quant_resident(nchunk), SWZ_ROWS=swz_rows, MASKED=masked,
-            num_warps=warps, **({"maxnreg": _QUANT_SWZ_MAXNREG} if swz_rows and _QUANT_SWZ_MAXNREG else {}),
+            num_warps=warps, **({"maxnreg": _QUANT_MAXNREG} if nchunk > 1 and gs_mode == 2 and _QUANT_MAXNREG else {}),
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,
