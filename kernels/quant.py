@@ -181,59 +181,60 @@ def _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_M
     m0 = (q % (32 // P)) * P + (q // (32 // P)) * (32 * (R // P))
     mt = m0 + (s % P) + (s // P) * 32  # row within the tile, < 128
     m = t * 128 + mt
-    rvalid = m < M
-    n = e.to(tl.int64) * M + m
-    within = (mt % 32) * 16 + (mt // 32) * 4 + k4
-    sf_base = g.to(tl.int64) * KT * 512 + within
-    q64 = q_ptr.to(tl.pointer_type(tl.uint64))
-    if GS_MODE == GS_MODE_PER_TOKEN:
-        acc_e = tl.zeros((B, 4), tl.uint32)
-        acc_o = tl.zeros((B, 4), tl.uint32)
-        for ca in tl.static_range(NCHUNK):
-            blk = ca * NB + kg * 4 + k4
-            wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, MASKED)
-            acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
-        ke = _nvfp4_rowset_reduce(tl.max(acc_e, axis=1), R, B)
-        ko = _nvfp4_rowset_reduce(tl.max(acc_o, axis=1), R, B)
-        if IN_BITS == 16 and IS_BF16:
-            ko = (ko >> 17) << 17
-        amax = abs_from_key(tl.maximum(ke, ko))  # [R]
-        if tl.min((amax < float("inf")).to(tl.int32), axis=0) == 0:
-            # rare: a row holds NaN/Inf, take its finite maximum
-            fin = tl.zeros((B, 4), tl.float32)
-            for cf in range(NCHUNK):
-                blk = cf * NB + kg * 4 + k4
-                wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, True)
-                ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-                eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
-                fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
-                                                 tl.maximum(finite_abs(eb), finite_abs(ob))))
-            amax = tl.where(amax < float("inf"), amax, _nvfp4_rowset_reduce(tl.max(fin, axis=1), R, B))
-        gs_r = nvfp4_gs_from_amax(amax)
-        sl = tl.arange(0, R)
-        m_r = t * 128 + m0 + (sl % P) + (sl // P) * 32
-        tl.store(gs_ptr + (e.to(tl.int64) * M + m_r), gs_r, mask=m_r < M)
-        gs = _nvfp4_rowset_bcast(gs_r, R, B)
-    elif GS_MODE == GS_MODE_PER_ROW:
-        gs = tl.load(gs_ptr + n, mask=rvalid, other=1.0)
-    else:
-        gs = tl.load(gs_ptr)
-    for c in range(NCHUNK):
-        blk = c * NB + kg * 4 + k4
-        bmask = rvalid & (blk < KSF)
-        wa, wb = _nvfp4_load_halves(x_ptr, n, blk, bmask, H, MASKED)
-        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
-        vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
-        pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
-        packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-        sf_off = sf_base + (c * (NB // 4) + kg).to(tl.int64) * 512
-        if MASKED:
-            tl.store(q64 + (n * KSF + blk), packed, mask=bmask)
-            tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    if t * 128 + m0 < M:  # else every row of the program is padding of the last tile
+        rvalid = m < M
+        n = e.to(tl.int64) * M + m
+        within = (mt % 32) * 16 + (mt // 32) * 4 + k4
+        sf_base = g.to(tl.int64) * KT * 512 + within
+        q64 = q_ptr.to(tl.pointer_type(tl.uint64))
+        if GS_MODE == GS_MODE_PER_TOKEN:
+            acc_e = tl.zeros((B, 4), tl.uint32)
+            acc_o = tl.zeros((B, 4), tl.uint32)
+            for ca in tl.static_range(NCHUNK):
+                blk = ca * NB + kg * 4 + k4
+                wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, MASKED)
+                acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
+            ke = _nvfp4_rowset_reduce(tl.max(acc_e, axis=1), R, B)
+            ko = _nvfp4_rowset_reduce(tl.max(acc_o, axis=1), R, B)
+            if IN_BITS == 16 and IS_BF16:
+                ko = (ko >> 17) << 17
+            amax = abs_from_key(tl.maximum(ke, ko))  # [R]
+            if tl.min((amax < float("inf")).to(tl.int32), axis=0) == 0:
+                # rare: a row holds NaN/Inf, take its finite maximum
+                fin = tl.zeros((B, 4), tl.float32)
+                for cf in range(NCHUNK):
+                    blk = cf * NB + kg * 4 + k4
+                    wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, True)
+                    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+                    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+                    fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
+                                                     tl.maximum(finite_abs(eb), finite_abs(ob))))
+                amax = tl.where(amax < float("inf"), amax, _nvfp4_rowset_reduce(tl.max(fin, axis=1), R, B))
+            gs_r = nvfp4_gs_from_amax(amax)
+            sl = tl.arange(0, R)
+            m_r = t * 128 + m0 + (sl % P) + (sl // P) * 32
+            tl.store(gs_ptr + (e.to(tl.int64) * M + m_r), gs_r, mask=m_r < M)
+            gs = _nvfp4_rowset_bcast(gs_r, R, B)
+        elif GS_MODE == GS_MODE_PER_ROW:
+            gs = tl.load(gs_ptr + n, mask=rvalid, other=1.0)
         else:
-            tl.store(q64 + (n * KSF + blk), packed)
-            tl.store(sf_ptr + sf_off, sfb)
+            gs = tl.load(gs_ptr)
+        for c in range(NCHUNK):
+            blk = c * NB + kg * 4 + k4
+            bmask = rvalid & (blk < KSF)
+            wa, wb = _nvfp4_load_halves(x_ptr, n, blk, bmask, H, MASKED)
+            ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+            eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+            vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+            pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+            packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+            sf_off = sf_base + (c * (NB // 4) + kg).to(tl.int64) * 512
+            if MASKED:
+                tl.store(q64 + (n * KSF + blk), packed, mask=bmask)
+                tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+            else:
+                tl.store(q64 + (n * KSF + blk), packed)
+                tl.store(sf_ptr + sf_off, sfb)
 
 
 @triton.jit
