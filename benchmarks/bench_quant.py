@@ -40,7 +40,9 @@ def _bench(fn, device: torch.device, iters: int) -> tuple[float, float]:
     return float(t.median()), float(t.std()) if len(ts) > 1 else 0.0
 
 
-def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5) -> list[dict]:
+def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5, ops=None) -> list[dict]:
+    """Rows for each token count: the copy baseline and the quantize ops (``ops``: a subset of
+    names to time, default all)."""
     import fp4comm
 
     rows = []
@@ -57,10 +59,12 @@ def run(tokens: list[int], hidden: int, device: torch.device, iters: int = 5) ->
         }
         results = {}
         for name, (fn, out_bytes) in cases.items():
+            if ops is not None and name not in ops:
+                continue
             us, sd = _bench(fn, device, iters)
             results[name] = (us, sd, in_bytes + out_bytes)
         # D2D copy moving the same number of bytes as the NVFP4 (linear) quantize
-        moved = results["nvfp4 linear"][2]
+        moved = in_bytes + cases["nvfp4 linear"][1]
         src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         us, sd = _bench(lambda: dst.copy_(src), device, iters)
@@ -102,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         "--resident", action="store_true",
         help="also time NVFP4 quantize with whole rows held in registers (fp4comm.quant._QUANT_RESIDENT)",
     )  # fmt: skip
+    ap.add_argument(
+        "--swz-rows", type=int, nargs="*", default=None,
+        help="also time swizzled NVFP4 quantize with these rows per program (fp4comm.quant._QUANT_SWZ_ROWS; "
+        "0 = one row a program, the previous default)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--maxnreg", type=int, nargs="*", default=None,
+        help="time NVFP4 quantize (and each --swz-rows value) at these register caps of the long-row kernel "
+        "(fp4comm.quant._QUANT_MAXNREG; 0 = no cap)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,6 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         q._QUANT_RESIDENT = default_r
         print_table(res, "NVFP4 quantize, whole row in registers")
         rows += res
+    if args.swz_rows or args.maxnreg:
+        import fp4comm.quant as q
+
+        default_s, default_n = q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG
+        caps = args.maxnreg if args.maxnreg else [default_n]
+        swz = []
+        for cap in caps:
+            q._QUANT_MAXNREG = cap or None
+            for r_ in args.swz_rows if args.swz_rows else [default_s]:
+                q._QUANT_SWZ_ROWS = r_
+                keep = ("d2d copy", "nvfp4 swizzled") + (("nvfp4 linear",) if r_ == (args.swz_rows or [default_s])[0] else ())
+                swz += [{**r, "op": f"{r['op']} swz_rows={r_} maxnreg={cap or 0}"}
+                        for r in run(tokens, hidden, device, args.iters, keep)]  # fmt: skip
+        q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG = default_s, default_n
+        print_table(swz, f"NVFP4 quantize variants (defaults: swz_rows={default_s}, maxnreg={default_n or 0}; "
+                         "swz_rows applies to the swizzled rows only)")  # fmt: skip
+        rows += swz
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}

@@ -142,6 +142,102 @@ def _nvfp4_seg_store(q_ptr, sf_ptr, ea, oa, eb, ob, vmax, bad, gs, r, KSF, M, MT
 
 
 @triton.jit
+def _nvfp4_rowset_reduce(v, R: tl.constexpr, B: tl.constexpr):
+    """Per-row maximum of a rowset tile ``v`` [B] (tile index ``(kg * R + s) * 4 + k4``:
+    row slot ``s``) -> [R]."""
+    v3 = tl.reshape(v, (B // (4 * R), R, 4))
+    return tl.max(tl.max(v3, axis=2), axis=0)
+
+
+@triton.jit
+def _nvfp4_rowset_bcast(v, R: tl.constexpr, B: tl.constexpr):
+    """[R] per-row values -> the rowset tile [B] (inverse layout of :func:`_nvfp4_rowset_reduce`)."""
+    return tl.reshape(tl.broadcast_to(v[None, :, None], (B // (4 * R), R, 4)), (B,))
+
+
+@triton.jit
+def _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_MODE: tl.constexpr,
+                           IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, NB: tl.constexpr, NCHUNK: tl.constexpr,
+                           R: tl.constexpr, MASKED: tl.constexpr):
+    """Swizzled scales, long rows: a program quantizes ``R`` rows of one 128-row swizzle tile
+    that share 32-byte sectors of the scale layout (R = 8: rows m, m+1, m+32, m+33, m+64, m+65,
+    m+96, m+97 for even m < 32; R = 4: m, m+32, m+64, m+96; R = 2: m, m+1), streamed in
+    NCHUNK chunks of NB blocks per row. Tile index ``i = (kg * R + s) * 4 + k4`` holds block
+    ``c * NB + kg * 4 + k4`` of row slot ``s``, one block a thread, so the 32 lanes of a warp
+    write 32 / R scale groups of R * 4 contiguous bytes (R = 8: one whole sector per store
+    instruction; one row a program writes 8 sectors of 4 bytes)."""
+    B: tl.constexpr = R * NB
+    P: tl.constexpr = 2 if (R == 2 or R == 8) else 1  # rows of a slot pair: m, m + 1
+    QT: tl.constexpr = 128 // R  # programs per swizzle tile
+    i = tl.arange(0, B)
+    k4 = i % 4
+    s = (i // 4) % R
+    kg = i // (4 * R)
+    pid = tl.program_id(0)
+    g = pid // QT  # e * MT + t
+    q = pid % QT
+    e = g // MT
+    t = g % MT
+    m0 = (q % (32 // P)) * P + (q // (32 // P)) * (32 * (R // P))
+    mt = m0 + (s % P) + (s // P) * 32  # row within the tile, < 128
+    m = t * 128 + mt
+    if t * 128 + m0 < M:  # else every row of the program is padding of the last tile
+        rvalid = m < M
+        n = e.to(tl.int64) * M + m
+        within = (mt % 32) * 16 + (mt // 32) * 4 + k4
+        sf_base = g.to(tl.int64) * KT * 512 + within
+        q64 = q_ptr.to(tl.pointer_type(tl.uint64))
+        if GS_MODE == GS_MODE_PER_TOKEN:
+            acc_e = tl.zeros((B, 4), tl.uint32)
+            acc_o = tl.zeros((B, 4), tl.uint32)
+            for ca in tl.static_range(NCHUNK):
+                blk = ca * NB + kg * 4 + k4
+                wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, MASKED)
+                acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
+            ke = _nvfp4_rowset_reduce(tl.max(acc_e, axis=1), R, B)
+            ko = _nvfp4_rowset_reduce(tl.max(acc_o, axis=1), R, B)
+            if IN_BITS == 16 and IS_BF16:
+                ko = (ko >> 17) << 17
+            amax = abs_from_key(tl.maximum(ke, ko))  # [R]
+            if tl.min((amax < float("inf")).to(tl.int32), axis=0) == 0:
+                # rare: a row holds NaN/Inf, take its finite maximum
+                fin = tl.zeros((B, 4), tl.float32)
+                for cf in range(NCHUNK):
+                    blk = cf * NB + kg * 4 + k4
+                    wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, True)
+                    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+                    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+                    fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
+                                                     tl.maximum(finite_abs(eb), finite_abs(ob))))
+                amax = tl.where(amax < float("inf"), amax, _nvfp4_rowset_reduce(tl.max(fin, axis=1), R, B))
+            gs_r = nvfp4_gs_from_amax(amax)
+            sl = tl.arange(0, R)
+            m_r = t * 128 + m0 + (sl % P) + (sl // P) * 32
+            tl.store(gs_ptr + (e.to(tl.int64) * M + m_r), gs_r, mask=m_r < M)
+            gs = _nvfp4_rowset_bcast(gs_r, R, B)
+        elif GS_MODE == GS_MODE_PER_ROW:
+            gs = tl.load(gs_ptr + n, mask=rvalid, other=1.0)
+        else:
+            gs = tl.load(gs_ptr)
+        for c in range(NCHUNK):
+            blk = c * NB + kg * 4 + k4
+            bmask = rvalid & (blk < KSF)
+            wa, wb = _nvfp4_load_halves(x_ptr, n, blk, bmask, H, MASKED)
+            ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+            eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+            vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+            pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+            packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+            sf_off = sf_base + (c * (NB // 4) + kg).to(tl.int64) * 512
+            if MASKED:
+                tl.store(q64 + (n * KSF + blk), packed, mask=bmask)
+                tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+            else:
+                tl.store(q64 + (n * KSF + blk), packed)
+                tl.store(sf_ptr + sf_off, sfb)
+
+
+@triton.jit
 def nvfp4_quantize_kernel(
     x_ptr,  # [N, H/2] words: int32 (bf16/fp16 pairs) or int64 (fp32 pairs), rows contiguous
     q_ptr,  # [N, H/2] uint8 (8-byte aligned)
@@ -162,6 +258,9 @@ def nvfp4_quantize_kernel(
     ROWS: tl.constexpr,  # rows per program (power of two)
     EVEN_K: tl.constexpr = False,  # NCHUNK > 1 and NCHUNK * NB == KSF: no block masks
     RESIDENT: tl.constexpr = False,  # NCHUNK in 2..15: the whole row is loaded at once, one pass
+    SWZ_ROWS: tl.constexpr = 0,  # SWIZZLE, NCHUNK > 1: rows of a 128-row tile per program (2, 4, 8), see
+    # _nvfp4_quantize_rowset; grid = E * MT * (128 // SWZ_ROWS); ROWS must be 1
+    MASKED: tl.constexpr = True,  # SWZ_ROWS: some row or block may be out of range
 ):
     """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
     elementwise. A tile is [ROWS * NB, 4] words per block half (tile block i is block i % NB
@@ -172,7 +271,10 @@ def nvfp4_quantize_kernel(
     i = tl.arange(0, ROWS * NB)
     row = tl.program_id(0).to(tl.int64) * ROWS + i // NB
     rmask = row < N
-    if NCHUNK == 1:
+    if SWZ_ROWS > 0:
+        _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_MODE, IN_BITS, IS_BF16, NB, NCHUNK,
+                               SWZ_ROWS, MASKED)  # fmt: skip
+    elif NCHUNK == 1:
         blk = i % NB
         bmask = (blk < KSF) & rmask
         wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, True)

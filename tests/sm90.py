@@ -36,7 +36,7 @@ _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", tor
        torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 KERNELS, _SEEN = [], set()
 def _compile_only(self, *args, grid, warmup, **kw):
-    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kw}
+    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg") if k in kw}
     vals = dict(zip(self.arg_names, args)); vals.update(kw)
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(self.params):
