@@ -91,9 +91,10 @@ def _quant_resident(nchunk: int) -> bool:
 #: the rows in L2 (bytes in flight per thread as for one row a program at the same chunk).
 #: sm_90, H = 7168, per-token: 2/4/8 rows = 4/8/16 warps at 77/72/78 registers (one row: 2
 #: warps, 71), i.e. 12/12/8 rows resident per SM (one row: 14); under _QUANT_MAXNREG = 64 all
-#: reach 16, and 8 rows writes whole sectors, hence the default 8 (untimed on a GPU).
-#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 --maxnreg 0 64 compares them.
-_QUANT_SWZ_ROWS = 8
+#: reach 16, and 8 rows writes whole sectors. Not yet timed on a GPU (its bit-exact tests ran
+#: only under the interpreter), so the default stays 0, the H200-measured path;
+#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 --maxnreg 0 64 compares them in one run.
+_QUANT_SWZ_ROWS = 0
 _QUANT_SWZ_NB = 64
 #: register cap (ptx .maxnreg) of the NVFP4 quantize of long rows (> 1 chunk), or None.
 #: sm_90, H = 7168, per-token: 70-78 registers -> 64 leaves the quantize loop as it is (254
@@ -102,8 +103,8 @@ _QUANT_SWZ_NB = 64
 #: 2112 rows on 132 SMs: T = 4096 takes 2 waves of rows instead of 3 (2.2 waves at 1848).
 #: Per-token only: the static / per-row kernels take 48 registers uncapped, but 56 under a cap
 #: of 64 (ptxas spends the budget), i.e. fewer programs per SM. bench_quant.py --maxnreg 0 64
-#: compares (0 = no cap, the previous code).
-_QUANT_MAXNREG = 64
+#: compares (0 = no cap, the measured code; None stays the default until a GPU run says 64 wins).
+_QUANT_MAXNREG = None
 
 
 def _quant_swz_rows(swizzled: bool, nchunk: int, rows: int, M: int) -> int:
