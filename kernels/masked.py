@@ -14,10 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import e2m1_decode, e4m3_decode, store_rounded, swizzled_sf_offset
-
-GS_STATIC = tl.constexpr(0)
-GS_PER_EXPERT = tl.constexpr(1)
-GS_PER_ROW = tl.constexpr(2)
+from .gemm import GS_PER_EXPERT, GS_PER_ROW  # the GEMM operand's global-scale modes
 
 
 @triton.jit

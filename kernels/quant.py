@@ -44,6 +44,34 @@ def _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _nvfp4_load_pairs(x_ptr, row, blk, bmask, H, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`_nvfp4_load_halves` as FP32 even / odd elements of both halves (ea, oa, eb, ob)."""
+    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED)
+    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    return ea, oa, eb, ob
+
+
+@triton.jit
+def _finite_abs4(ea, oa, eb, ob):
+    """Elementwise finite ``|x|`` maximum of the four element tiles of a block (NaN/Inf -> 0)."""
+    return tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)), tl.maximum(finite_abs(eb), finite_abs(ob)))
+
+
+@triton.jit
+def _nvfp4_finite_abs_chunks(x_ptr, row, boff, rmask, KSF, H, NB: tl.constexpr, NCHUNK: tl.constexpr,
+                             IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """Per-element finite ``|x|`` maxima over the NCHUNK chunks of blocks ``c * NB + boff`` of rows
+    ``row`` (re-read; only for rows holding NaN/Inf) -> [len(boff), 4]."""
+    fin = tl.zeros((boff.shape[0], 4), tl.float32)
+    for cf in range(NCHUNK):
+        blk = cf * NB + boff
+        ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, row, blk, rmask & (blk < KSF), H, IN_BITS, IS_BF16, True)
+        fin = tl.maximum(fin, _finite_abs4(ea, oa, eb, ob))
+    return fin
+
+
+@triton.jit
 def _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr):
     """Running maxima of :func:`abs_key` of even / odd elements. For BF16 the keys come
     straight from the words: ``w << 17`` is the even element's key, ``w << 1`` the odd
@@ -73,29 +101,33 @@ def _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS: tl.constexpr, IS_BF16: tl.conste
 
 
 @triton.jit
-def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr,
-                       MASKED: tl.constexpr):
-    # 8 code bytes per block in one 8-byte store: block (row, blk) is int64 word row * KSF + blk
+def _nvfp4_store_blocks(q_ptr, sf_ptr, pa, pb, sfb, qblk, sf_off, bmask, MASKED: tl.constexpr):
+    """8 code bytes per block in one 8-byte store (block ``qblk`` is int64 word ``qblk`` of the
+    codes), its scale byte at ``sf_off``."""
     q64 = q_ptr.to(tl.pointer_type(tl.uint64))
     packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+    if MASKED:
+        tl.store(q64 + qblk, packed, mask=bmask)
+        tl.store(sf_ptr + sf_off, sfb, mask=bmask)
+    else:
+        tl.store(q64 + qblk, packed)
+        tl.store(sf_ptr + sf_off, sfb)
+
+
+@triton.jit
+def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE: tl.constexpr,
+                       MASKED: tl.constexpr):
     if SWIZZLE:
         sf_off = swizzled_sf_offset(row // M, row % M, blk.to(tl.int64), MT, KT)
     else:
         sf_off = row * KSF + blk
-    if MASKED:
-        tl.store(q64 + (row * KSF + blk), packed, mask=bmask)
-        tl.store(sf_ptr + sf_off, sfb, mask=bmask)
-    else:
-        tl.store(q64 + (row * KSF + blk), packed)
-        tl.store(sf_ptr + sf_off, sfb)
+    _nvfp4_store_blocks(q_ptr, sf_ptr, pa, pb, sfb, row * KSF + blk, sf_off, bmask, MASKED)
 
 
 @triton.jit
 def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, MT, KT,
                           IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr):
-    wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, MASKED)
-    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16, MASKED)
     vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
     pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
     _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, MASKED)
@@ -105,15 +137,7 @@ def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, 
 def _nvfp4_finite_amax(x_ptr, row, i, KSF, H, NB: tl.constexpr, NCHUNK: tl.constexpr, IN_BITS: tl.constexpr,
                        IS_BF16: tl.constexpr):
     """Finite ``max |x|`` of a streamed row (read again chunk by chunk; for rows holding NaN/Inf)."""
-    fin = tl.zeros((NB, 4), tl.float32)
-    for cf in range(NCHUNK):
-        blk = cf * NB + i
-        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, True)
-        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
-        fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
-                                         tl.maximum(finite_abs(eb), finite_abs(ob))))
-    return tl.max(fin)
+    return tl.max(_nvfp4_finite_abs_chunks(x_ptr, row, i, i >= 0, KSF, H, NB, NCHUNK, IN_BITS, IS_BF16))
 
 
 @triton.jit
@@ -124,9 +148,7 @@ def _nvfp4_seg_load(x_ptr, r, KSF, H, C0: tl.constexpr, G: tl.constexpr, NB: tl.
     elements of both halves, per-block max and non-finite flag, the :func:`abs_key` of the
     segment's ``max |x|``)."""
     blk = C0 * NB + tl.arange(0, G * NB)
-    wa, wb = _nvfp4_load_halves(x_ptr, r, blk, blk < KSF, H, MASKED)
-    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, r, blk, blk < KSF, H, IN_BITS, IS_BF16, MASKED)
     vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
     key = tl.max(abs_key(vmax), axis=0)
     return ea, oa, eb, ob, vmax, bad, key
@@ -186,7 +208,6 @@ def _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_M
         n = e.to(tl.int64) * M + m
         within = (mt % 32) * 16 + (mt // 32) * 4 + k4
         sf_base = g.to(tl.int64) * KT * 512 + within
-        q64 = q_ptr.to(tl.pointer_type(tl.uint64))
         if GS_MODE == GS_MODE_PER_TOKEN:
             acc_e = tl.zeros((B, 4), tl.uint32)
             acc_o = tl.zeros((B, 4), tl.uint32)
@@ -201,14 +222,7 @@ def _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_M
             amax = abs_from_key(tl.maximum(ke, ko))  # [R]
             if tl.min((amax < float("inf")).to(tl.int32), axis=0) == 0:
                 # rare: a row holds NaN/Inf, take its finite maximum
-                fin = tl.zeros((B, 4), tl.float32)
-                for cf in range(NCHUNK):
-                    blk = cf * NB + kg * 4 + k4
-                    wa, wb = _nvfp4_load_halves(x_ptr, n, blk, rvalid & (blk < KSF), H, True)
-                    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-                    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
-                    fin = tl.maximum(fin, tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)),
-                                                     tl.maximum(finite_abs(eb), finite_abs(ob))))
+                fin = _nvfp4_finite_abs_chunks(x_ptr, n, kg * 4 + k4, rvalid, KSF, H, NB, NCHUNK, IN_BITS, IS_BF16)
                 amax = tl.where(amax < float("inf"), amax, _nvfp4_rowset_reduce(tl.max(fin, axis=1), R, B))
             gs_r = nvfp4_gs_from_amax(amax)
             sl = tl.arange(0, R)
@@ -222,19 +236,11 @@ def _nvfp4_quantize_rowset(x_ptr, q_ptr, sf_ptr, gs_ptr, H, KSF, M, MT, KT, GS_M
         for c in range(NCHUNK):
             blk = c * NB + kg * 4 + k4
             bmask = rvalid & (blk < KSF)
-            wa, wb = _nvfp4_load_halves(x_ptr, n, blk, bmask, H, MASKED)
-            ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-            eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+            ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, n, blk, bmask, H, IN_BITS, IS_BF16, MASKED)
             vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
             pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
-            packed = pa.to(tl.uint32, bitcast=True).to(tl.uint64) | (pb.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
             sf_off = sf_base + (c * (NB // 4) + kg).to(tl.int64) * 512
-            if MASKED:
-                tl.store(q64 + (n * KSF + blk), packed, mask=bmask)
-                tl.store(sf_ptr + sf_off, sfb, mask=bmask)
-            else:
-                tl.store(q64 + (n * KSF + blk), packed)
-                tl.store(sf_ptr + sf_off, sfb)
+            _nvfp4_store_blocks(q_ptr, sf_ptr, pa, pb, sfb, n * KSF + blk, sf_off, bmask, MASKED)
 
 
 @triton.jit
@@ -277,15 +283,12 @@ def nvfp4_quantize_kernel(
     elif NCHUNK == 1:
         blk = i % NB
         bmask = (blk < KSF) & rmask
-        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, True)
-        ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
-        eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+        ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16, True)
         vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
         if GS_MODE == GS_MODE_PER_TOKEN:
             amax_b = vmax
             if tl.max(bad.to(tl.int32), axis=0) != 0:  # rare: finite maxima of blocks holding NaN/Inf
-                fin = tl.maximum(tl.maximum(finite_abs(ea), finite_abs(oa)), tl.maximum(finite_abs(eb), finite_abs(ob)))
-                amax_b = tl.where(bad, tl.max(fin, axis=1), vmax)
+                amax_b = tl.where(bad, tl.max(_finite_abs4(ea, oa, eb, ob), axis=1), vmax)
             gs_row = nvfp4_gs_from_amax(tl.max(tl.reshape(amax_b, (ROWS, NB)), axis=1))
             rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             tl.store(gs_ptr + rows, gs_row, mask=rows < N)

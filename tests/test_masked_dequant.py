@@ -4,32 +4,16 @@
 import pytest
 import torch
 
-from fp4comm.formats import FP8BlockTensor, NVFP4Tensor
 from fp4comm.moe import dequantize_masked, grouped_gemm_masked, quantize_weights
 from fp4comm.reference.moe import dequantize_any_ref, dequantize_masked_ref
-from fp4comm.reference.quant import quantize_fp8_blockwise_ref, quantize_nvfp4_ref
-
-SENTINEL = 12352.0  # exact in BF16
-
-
-def _to(t, device):
-    if isinstance(t, NVFP4Tensor):
-        return NVFP4Tensor(t.data.to(device), t.scales.to(device), t.global_scale.to(device), t.scale_layout, t.shape)
-    return FP8BlockTensor(t.data.to(device), t.scales.to(device), t.block, t.ue8m0)
+from tests.test_grouped_gemm import SENTINEL, _to, make_a
 
 
 def _make(fmt, E, M, K, seed=0):
+    # channels spread over six decades, so block scales and global scales both vary
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(E, M, K, generator=g) * torch.logspace(-3, 3, K)[torch.randperm(K, generator=g)]
-    if fmt == "nvfp4-linear":
-        return quantize_nvfp4_ref(x, "per_token", scale_layout="linear")
-    if fmt == "nvfp4-swizzled":
-        return quantize_nvfp4_ref(x, "per_token", scale_layout="swizzled")
-    if fmt == "nvfp4-static":
-        return quantize_nvfp4_ref(x, 2688.0 / float(x.abs().max()), scale_layout="swizzled")
-    if fmt == "fp8":
-        return quantize_fp8_blockwise_ref(x)
-    return quantize_fp8_blockwise_ref(x, 128, True)
+    return make_a(x, fmt)
 
 
 FORMATS = ["nvfp4-linear", "nvfp4-swizzled", "nvfp4-static", "fp8", "fp8-ue8m0"]

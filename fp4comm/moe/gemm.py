@@ -244,6 +244,13 @@ class _Operand:
     pow2: bool = False  # fp8 with power-of-two (UE8M0) scales
 
 
+def _check_masked_m_range(masked_m: torch.Tensor, max_m: int) -> None:
+    """Host check ``0 <= masked_m <= max_m`` (a device sync when ``masked_m`` is on a GPU)."""
+    mm = masked_m.cpu()
+    if mm.numel() and (int(mm.max()) > max_m or int(mm.min()) < 0):
+        raise ValueError(f"masked_m: values must lie in [0, max_m={max_m}], got min {int(mm.min())}, max {int(mm.max())}")
+
+
 def _check_operand(name: str, t, rows_name: str, is_weight: bool) -> tuple[_Operand, int, int, int]:
     """Validate ``a`` or ``b``; returns (operand, E, rows, K)."""
     fmt = operand_format(t) if isinstance(t, (torch.Tensor, FP8BlockTensor, NVFP4Tensor)) else None
@@ -361,9 +368,7 @@ def grouped_gemm_masked(
     elif out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: must be one of bfloat16, float16, float32, got {out_dtype}")
     if masked_m.device.type == "cpu" or check_masked_m:
-        mm = masked_m.cpu()
-        if E and (int(mm.max()) > max_m or int(mm.min()) < 0):
-            raise ValueError(f"masked_m: values must lie in [0, max_m={max_m}], got min {int(mm.min())}, max {int(mm.max())}")
+        _check_masked_m_range(masked_m, max_m)
     if out is None:
         out = torch.empty(E, max_m, N, dtype=out_dtype, device=device)
     if E == 0 or max_m == 0 or N == 0:
@@ -473,9 +478,7 @@ def dequantize_masked(
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=[E, max_m, K], contiguous=True)
     if masked_m.device.type == "cpu":
-        mm = masked_m
-        if E and (int(mm.max()) > max_m or int(mm.min()) < 0):
-            raise ValueError(f"masked_m: values must lie in [0, max_m={max_m}], got min {int(mm.min())}, max {int(mm.max())}")
+        _check_masked_m_range(masked_m, max_m)
     if E == 0 or max_m == 0 or K == 0:
         return out
     if not use_triton(device, impl):

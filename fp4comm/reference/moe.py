@@ -91,10 +91,8 @@ def dequantize_masked_ref(a: FP8BlockTensor | NVFP4Tensor, masked_m: torch.Tenso
     """
     E, max_m = a.shape[0], a.shape[1]
     if isinstance(a, NVFP4Tensor):
-        gs = a.global_scale.float()
-        gs = gs.reshape(E, max_m) if gs.dim() == 2 else gs.reshape(-1, 1).expand(E, max_m) if gs.dim() == 1 else gs.expand(E, max_m)
-        r = ieee_div(1.0, gs.contiguous())
-        unit = NVFP4Tensor(a.data, a.scales, torch.ones(E, max_m, device=gs.device), a.scale_layout, a.shape)
+        r = ieee_div(1.0, a.global_scale.float().expand(E, max_m).contiguous())  # [] or [E, max_m]
+        unit = NVFP4Tensor(a.data, a.scales, torch.ones(E, max_m, device=r.device), a.scale_layout, a.shape)
         x = dequantize_nvfp4_ref(unit, torch.float32) * r[..., None]  # / 1 is exact: e2m1 * sf
     elif isinstance(a, FP8BlockTensor):
         x = dequantize_fp8_blockwise_ref(a, torch.float32)
