@@ -39,7 +39,8 @@ class TransferPlan:
         row_bytes: bytes of one dispatch message row (:class:`~fp4comm.ep.message.MessageLayout`).
         hidden: ``H``.
         vec: ``[len(PLAN_ROWS), R]`` int64 on the device: the row offsets kernels index
-            with (:func:`plan_vectors`), copied once per dispatch without a host sync.
+            with (:func:`plan_array`), copied once per dispatch without a host sync
+            (:class:`HostStager`).
     """
 
     rank: int
@@ -104,40 +105,9 @@ PLAN_ROWS = (
 )
 
 
-def plan_vectors(counts, rank: int) -> list[list[int]]:
-    """Host values of :data:`PLAN_ROWS` for ``counts[s][r]`` (``R x R``)."""
-    R = len(counts)
-    send = [counts[rank][r] for r in range(R)]
-    recv = [counts[s][rank] for s in range(R)]
-    send_start = [0, *accumulate(send)][:-1]
-    recv_start = [0, *accumulate(recv)][:-1]
-    in_recv = [sum(counts[s][r] for s in range(rank)) for r in range(R)]
-    at_src = [sum(counts[s][r] for r in range(rank)) - recv_start[s] for s in range(R)]
-    return [
-        send_start,
-        in_recv,
-        recv_start,
-        [a + b for a, b in zip(recv_start, recv)],
-        at_src,
-        [s + 1 for s in range(R)],
-        [a + r for r, a in enumerate(send_start)],
-        [a + s for s, a in enumerate(recv_start)],
-        [a + r + 1 for r, a in enumerate(send_start)],
-    ]
-
-
-def host_to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Small int64 host table -> device without a host sync: a pinned staging copy and a
-    non-blocking transfer (the caching host allocator keeps the staging buffer alive until
-    the copy ran). On the CPU a plain tensor."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def plan_array(counts: np.ndarray, rank: int) -> np.ndarray:
-    """:func:`plan_vectors` in numpy: ``counts`` ``[R, R]`` int64 -> ``[len(PLAN_ROWS), R]``."""
+    """Host values of :data:`PLAN_ROWS` for ``counts[s][r]``: ``counts`` ``[R, R]`` int64 ->
+    ``[len(PLAN_ROWS), R]``."""
     R = counts.shape[0]
     send, recv = counts[rank], counts[:, rank]
     out = np.empty((len(PLAN_ROWS), R), dtype=np.int64)

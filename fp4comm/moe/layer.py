@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -427,17 +427,12 @@ class EPMoE(nn.Module):
                 routed_scaling_factor=c.routed_scaling_factor,
             )  # fmt: skip
         w, ids = routing
-        w, ids = w.to(dev), ids.to(dev)
-        out = torch.zeros(x.shape[0], c.hidden, dtype=torch.float32, device=dev)
-        xf = x.float()
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            g = sd[f"experts.{e}.gate_proj.weight"].to(dev).float()
-            u = sd[f"experts.{e}.up_proj.weight"].to(dev).float()
-            d = sd[f"experts.{e}.down_proj.weight"].to(dev).float()
-            xe = xf[tok]
-            ye = (F.silu(xe @ g.T) * (xe @ u.T)) @ d.T
-            out.index_add_(0, tok, ye * w[tok, slot].float()[:, None])
+
+        def expert(e: int, xe: torch.Tensor) -> torch.Tensor:  # weights fetched per routed expert
+            g, u, d = (sd[f"experts.{e}.{p}_proj.weight"].to(dev) for p in ("gate", "up", "down"))
+            return _ref.mlp_ref(xe, g, u, d)
+
+        out = _ref.routed_experts_ref(x, w.to(dev), ids.to(dev), expert)
         if c.shared_intermediate:
             out += _ref.mlp_ref(
                 x, sd["shared_experts.gate_proj.weight"].to(dev), sd["shared_experts.up_proj.weight"].to(dev),
@@ -457,10 +452,3 @@ class EPMoE(nn.Module):
             f"H={c.hidden}, I={c.intermediate}, payload={c.payload}, weights={c.weight_format}, "
             f"gemm2_in={c.gemm2_quant}, act_path={c.act_path}, backend={c.backend if self.distributed else 'local'}"
         )
-
-
-def with_overrides(config: MoEConfig, **kw) -> MoEConfig:
-    """``dataclasses.replace`` for configs (validated)."""
-    c = replace(config, **kw)
-    c.validate()
-    return c

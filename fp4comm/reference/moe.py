@@ -23,6 +23,8 @@ No Triton, no pytest. Everything is FP32 with IEEE round-to-nearest unless writt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -162,6 +164,22 @@ def select_experts_ref(
 
 
 # ----------------------------------------------------------------------------- dense MoE
+def routed_experts_ref(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``sum_k w_k * expert(e_k, x_t)`` ``[T, H]`` FP32 over the routed experts (ids ``-1``
+    skipped); ``expert(e, xe)`` maps the FP32 rows ``xe`` routed to expert ``e`` to its output."""
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        out.index_add_(0, tok, expert(e, xf[tok]) * topk_weights[tok, slot].float()[:, None])
+    return out
+
+
 def moe_forward_ref(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -171,14 +189,10 @@ def moe_forward_ref(
 ) -> torch.Tensor:
     """Dense FP32 MoE: ``x [T, H]``, ``gate_up [E, 2I, H]`` (gate rows first), ``down [E, H, I]``
     -> ``sum_k w_k * down_e(silu(gate_e x) * up_e x)`` ``[T, H]`` FP32. ids ``-1`` skipped."""
-    xf = x.float()
-    out = torch.zeros_like(xf)
-    for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = xf[tok] @ gate_up[e].float().T
-        y = silu_and_mul_ref(h) @ down[e].float().T
-        out.index_add_(0, tok, y * topk_weights[tok, slot].float()[:, None])
-    return out
+    n = gate_up.shape[1] // 2
+    return routed_experts_ref(
+        x, topk_weights, topk_ids, lambda e, xe: mlp_ref(xe, gate_up[e, :n], gate_up[e, n:], down[e])
+    )
 
 
 def mlp_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
