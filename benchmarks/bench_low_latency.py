@@ -37,14 +37,44 @@ def _routing(T, E, K, gen, device):
     return ids.to(device), (w / w.sum(1, keepdim=True)).to(device)
 
 
-def run_one(buf, T, iters, warmup, seed):
-    cfg = buf.config
-    dev = buf.device
+def _inputs(buf, T, seed):
+    """Tokens and routing of one sweep point (the same for both modes)."""
     gen = torch.Generator().manual_seed(seed + buf.rank)
-    x = torch.randn(T, cfg.hidden, generator=gen).bfloat16().to(dev)
-    ids, w = _routing(T, cfg.num_experts, cfg.num_topk, gen, dev)
+    x = torch.randn(T, buf.config.hidden, generator=gen).bfloat16().to(buf.device)
+    ids, w = _routing(T, buf.config.num_experts, buf.config.num_topk, gen, buf.device)
+    return x, ids, w
+
+
+def _expert_out(buf, out, seed):
+    # made on the GPU: [E_local, max_m, H] is ~1e9 values at EP4 (minutes on one CPU core)
+    g = torch.Generator(device=buf.device).manual_seed(seed + buf.rank)
+    return torch.randn(*out.x.shape[:2], buf.config.hidden, generator=g, device=buf.device, dtype=torch.bfloat16)
+
+
+def _result(buf, T, ids, ev):
+    """Median dispatch / combine microseconds of the events ``(start, dispatched, combined)``
+    and the bytes this rank sent to peers."""
+    torch.cuda.synchronize()
+    buf.check()
+    td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
+    tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
+    owner = ids.long() // buf.num_local_experts
+    remote_pairs = int(((ids >= 0) & (owner != buf.rank)).sum())
+    return dict(
+        tokens=T, dispatch_us=td, combine_us=tc,
+        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=remote_pairs * buf.crow_bytes,
+    )  # fmt: skip
+
+
+def _events(iters):
+    return [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+
+
+def run_one(buf, T, iters, warmup, seed):
+    """Eager Python calls, one dispatch + combine an iteration."""
+    x, ids, w = _inputs(buf, T, seed)
     eo = None
-    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    ev = _events(iters)
     for i in range(warmup + iters):
         if i == warmup:
             torch.cuda.synchronize()
@@ -55,37 +85,23 @@ def run_one(buf, T, iters, warmup, seed):
         out = buf.dispatch(x, ids, w)
         if e:
             e[1].record()
-        if eo is None:  # made on the GPU: [E_local, max_m, H] is ~1e9 values at EP4 (minutes on one CPU core)
-            g = torch.Generator(device=dev).manual_seed(seed + buf.rank)
-            eo = torch.randn(out.x.shape[0], out.x.shape[1], cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16)
+        if eo is None:
+            eo = _expert_out(buf, out, seed)
         buf.combine(eo, out.handle)
         if e:
             e[2].record()
-    torch.cuda.synchronize()
-    buf.check()
-    td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
-    tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
-    R, EL = buf.world_size, buf.num_local_experts
-    owner = ids.long() // EL
-    remote_pairs = int(((ids >= 0) & (owner != buf.rank)).sum())
-    return dict(
-        tokens=T, dispatch_us=td, combine_us=tc,
-        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=remote_pairs * buf.crow_bytes,
-    )  # fmt: skip
+    return _result(buf, T, ids, ev)
 
 
 def run_graph(buf, T, iters, warmup, seed):
     """Like :func:`run_one`, with dispatch and combine replayed from two CUDA graphs."""
-    cfg, dev = buf.config, buf.device
-    gen = torch.Generator().manual_seed(seed + buf.rank)
-    x = torch.randn(T, cfg.hidden, generator=gen).bfloat16().to(dev)
-    ids, w = _routing(T, cfg.num_experts, cfg.num_topk, gen, dev)
+    dev = buf.device
+    x, ids, w = _inputs(buf, T, seed)
     s = torch.cuda.Stream(dev)
     s.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(s):  # eager warm-up off the default stream, as capture wants
         out = buf.dispatch(x, ids, w)
-        g = torch.Generator(device=dev).manual_seed(seed + buf.rank)
-        eo = torch.randn(out.x.shape[0], out.x.shape[1], cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16)
+        eo = _expert_out(buf, out, seed)
         buf.combine(eo, out.handle)
     torch.cuda.current_stream(dev).wait_stream(s)
     torch.cuda.synchronize()
@@ -101,24 +117,14 @@ def run_graph(buf, T, iters, warmup, seed):
         gc.replay()
     torch.cuda.synchronize()
     dist.barrier()
-    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    ev = _events(iters)
     for e in ev:  # queued back to back: the GPU, not the host, sets the pace
         e[0].record()
         gd.replay()
         e[1].record()
         gc.replay()
         e[2].record()
-    torch.cuda.synchronize()
-    buf.check()
-    td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
-    tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
-    owner = ids.long() // buf.num_local_experts
-    remote_pairs = int(((ids >= 0) & (owner != buf.rank)).sum())
-    del gd, gc
-    return dict(
-        tokens=T, dispatch_us=td, combine_us=tc,
-        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=remote_pairs * buf.crow_bytes,
-    )  # fmt: skip
+    return _result(buf, T, ids, ev)
 
 
 def main(argv=None) -> int:
@@ -174,7 +180,8 @@ def main(argv=None) -> int:
             c_b = sum(a["combine_bytes"] for a in allr) / R
             rows.append(
                 dict(
-                    backend=backend, mode=mode, ranks=R, tokens=T, hidden=args.hidden, experts=args.experts, topk=args.topk,
+                    backend=backend, mode=mode, ranks=R, tokens=T, hidden=args.hidden, experts=args.experts,
+                    topk=args.topk,
                     payload=args.payload, combine_payload=args.combine_payload,
                     dispatch_us=round(d_us, 2), combine_us=round(c_us, 2),
                     dispatch_MB=round(d_b / 1e6, 3), combine_MB=round(c_b / 1e6, 3),

@@ -49,6 +49,14 @@ def e4m3_encode(x):
 
 
 @triton.jit
+def flip_sign(v, sign31):
+    """FP32 ``v`` with its sign bit XOR-ed with bit 31 of the int32 ``sign31``: how the
+    decoders apply a code's sign, so that a negative-zero code decodes to -0 (Triton's float
+    negation is ``0 - x``, which turns -0 into +0)."""
+    return (v.to(tl.int32, bitcast=True) ^ sign31).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e4m3_decode(b):
     """E4M3 byte (int32, 0..255) -> FP32 (0x7F / 0xFF -> NaN)."""
     e = (b >> 3) & 15
@@ -57,8 +65,7 @@ def e4m3_decode(b):
     vs = m.to(tl.float32) * 0.001953125
     v = tl.where(e == 0, vs, vn)
     v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
-    # sign as a bit flip: byte 0x80 is -0 (Triton's float negation, 0 - x, would give +0)
-    return (v.to(tl.int32, bitcast=True) ^ ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return flip_sign(v, (b & 0x80) << 24)
 
 
 # e2m1_rne_bits: the magic addend for |v| in [2^e, 2^(e+1)) (e = 0, 1, 2 after clamping) is
@@ -103,7 +110,7 @@ def e2m1_decode(c):
     e = (c >> 1) & 3
     m = (c & 1).to(tl.float32)
     mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * tl.where(e == 1, 0.5, tl.where(e == 2, 1.0, 2.0)))
-    return tl.where((c & 8) != 0, -mag, mag)
+    return flip_sign(mag, (c & 8) << 28)
 
 
 @triton.jit

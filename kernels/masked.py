@@ -58,10 +58,7 @@ def nvfp4_masked_dequant_kernel(
         r = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), gs)
         shifts = tl.arange(0, 8) * 4
         codes = (words[:, :, None] >> shifts[None, None, :]) & 15
-        # magnitude, then the code's sign as a bit flip: an E2M1 -0 (code 8) stays -0
-        # (Triton's float negation is 0 - x, which would make it +0)
-        v = (e2m1_decode(codes & 7) * sf[:, :, None]) * r[:, None, None]
-        v = (v.to(tl.int32, bitcast=True) ^ ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+        v = (e2m1_decode(codes) * sf[:, :, None]) * r[:, None, None]
         offs = grow[:, None, None] * (KW * 8) + w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
         store_rounded(out_ptr + offs, v, mask[:, :, None])
 

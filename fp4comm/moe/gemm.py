@@ -381,10 +381,11 @@ def grouped_gemm_masked(
 
     m_hint = max_m if expected_m is None else max(1, min(int(expected_m), max_m))
     if A.fmt != "bf16" and (a_path == "bf16" or (a_path == "auto" and _gpu_codegen(device) and m_hint >= TWO_PASS_MIN_M)):
-        a16 = dequantize_masked(a, masked_m, impl=impl)
-        return grouped_gemm_masked(
-            a16, b, masked_m, out=out, expected_m=expected_m, config=config, a_path="registers", impl=impl
-        )
+        # two passes: the operands are validated already, so launch the dequantization and go on
+        # with the BF16 copy as ``a``
+        a16 = torch.empty(E, max_m, K, dtype=torch.bfloat16, device=device)
+        _launch_masked_dequant(A, masked_m, a16, E, max_m, K, device)
+        A = _Operand("bf16", a16, None, None, False, 0, 1, 1, 1)
     dummy = torch.empty(1, dtype=torch.float32, device=device)
     args = dict(
         a_ptr=A.data,
@@ -487,6 +488,12 @@ def dequantize_masked(
             m = min(int(masked_m[e]), max_m)
             out[e, :m] = ref[e, :m]
         return out
+    _launch_masked_dequant(A, masked_m, out, E, max_m, K, device)
+    return out
+
+
+def _launch_masked_dequant(A: _Operand, masked_m, out, E: int, max_m: int, K: int, device) -> None:
+    """The dequantization kernel of a validated NVFP4 / FP8 operand into ``out``."""
     from ..kernels.masked import fp8_masked_dequant_kernel, nvfp4_masked_dequant_kernel
 
     if A.fmt == "nvfp4":
@@ -502,7 +509,6 @@ def dequantize_masked(
             A.data.view(torch.uint8), A.sf, masked_m, out, max_m, K,
             HW_CVT=_gpu_codegen(device), ROWS=rows, BK=bk, num_warps=4,
         )  # fmt: skip
-    return out
 
 
 # ----------------------------------------------------------------------------- weights
