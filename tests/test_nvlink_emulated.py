@@ -129,6 +129,16 @@ def wire_roundtrip(fmt, y):
     return y.float()
 
 
+def check_combine(cfg, bufs, outs, ids, ws, R, seed):
+    """Combine random expert outputs of ``outs`` on every rank; each result equals
+    :func:`expected_combine` bit for bit. Returns the outputs."""
+    eos = expert_outputs(outs, cfg, seed=seed)
+    ys = run_combine(bufs, eos, outs)
+    for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
+        assert torch.equal(y, ref)
+    return ys
+
+
 def expected_combine(cfg, eos, outs, ids, ws, R):
     """Source-side reduction, FP32, k ascending, then BF16 (RNE)."""
     EL = cfg.num_experts // R
@@ -185,10 +195,7 @@ def test_ll_dispatch_combine_bit_exact(R, E, K, H, payload, layout, cpayload):
     xs, ids, ws = make_inputs(R, T_list, H, E, K, seed=1)
     outs = run_dispatch(bufs, xs, ids, ws)
     check_dispatch(cfg, outs, expected_dispatch(payload, xs, ids, ws, R, E), R)
-    eos = expert_outputs(outs, cfg, seed=2)
-    ys = run_combine(bufs, eos, outs)
-    for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
-        assert torch.equal(y, ref)
+    check_combine(cfg, bufs, outs, ids, ws, R, seed=2)
     for b in bufs:
         b.destroy()
 
@@ -204,10 +211,7 @@ def test_ll_many_cycles_varying_tokens_and_duplicates():
         xs, ids, ws = make_inputs(R, T_list, H, E, K, seed=10 + it, dup=it % 2 == 1)
         outs = run_dispatch(bufs, xs, ids, ws)
         check_dispatch(cfg, outs, expected_dispatch("nvfp4", xs, ids, ws, R, E), R)
-        eos = expert_outputs(outs, cfg, seed=it)
-        ys = run_combine(bufs, eos, outs)
-        for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
-            assert torch.equal(y, ref)
+        check_combine(cfg, bufs, outs, ids, ws, R, seed=it)
     for b in bufs:
         assert int(b._counter.abs().sum()) == 0  # arrival counters reset themselves
         assert b._epoch.tolist() == [6, 6, 6, 6]
@@ -231,10 +235,7 @@ def test_ll_outputs_are_fixed_double_buffers():
                 n = int(o.masked_m[e])
                 lin = unswizzle_scales(o.scales[e : e + 1], o.x.shape[1], H // 16).reshape(o.x.shape[1], -1)
                 assert not bool(lin[n:].view(torch.uint8).any())
-        eos = expert_outputs(outs, cfg, seed=it)
-        ys = run_combine(bufs, eos, outs)
-        for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
-            assert torch.equal(y, ref)
+        ys = check_combine(cfg, bufs, outs, ids, ws, R, seed=it)
         o = outs[0]
         ptrs.append((o.x.data_ptr(), o.scales.data_ptr(), o.global_scale.data_ptr(), o.masked_m.data_ptr(),
                      o.topk_weights.data_ptr(), o.handle.src_rank.data_ptr(), ys[0].data_ptr()))  # fmt: skip
@@ -298,10 +299,7 @@ def test_ll_gpu_compile_warmup_keeps_full_size_outputs():
             assert _out_shapes(o) == want
         outs = [b.dispatch_recv(o) for b, o in zip(bufs, pend)]
         check_dispatch(cfg, outs, expected_dispatch("nvfp4", xs, ids, ws, R, E), R)
-        eos = expert_outputs(outs, cfg, seed=it)
-        ys = run_combine(bufs, eos, outs)
-        for y, ref in zip(ys, expected_combine(cfg, eos, outs, ids, ws, R)):
-            assert torch.equal(y, ref)
+        check_combine(cfg, bufs, outs, ids, ws, R, seed=it)
     for b in bufs:
         b.destroy()
 
