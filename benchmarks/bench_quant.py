@@ -102,20 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-warps", type=int, nargs="*", default=None,
         help="also time the quantize kernels at these num_warps (tuning aid for fp4comm.quant._quant_warps)",
     )  # fmt: skip
-    ap.add_argument(
-        "--resident", action="store_true",
-        help="also time NVFP4 quantize with whole rows held in registers (fp4comm.quant._QUANT_RESIDENT)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--swz-rows", type=int, nargs="*", default=None,
-        help="also time swizzled NVFP4 quantize with these rows per program (fp4comm.quant._QUANT_SWZ_ROWS; "
-        "0 = one row a program, the previous default)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--maxnreg", type=int, nargs="*", default=None,
-        help="time NVFP4 quantize (and each --swz-rows value) at these register caps of the long-row kernel "
-        "(fp4comm.quant._QUANT_MAXNREG; 0 = no cap)",
-    )  # fmt: skip
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -142,32 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         q._launch_config, q._quant_warps = default, default_q
         print_table(sweep, "num_warps sweep")
         rows += sweep
-    if args.resident:
-        import fp4comm.quant as q
-
-        default_r, q._QUANT_RESIDENT = q._QUANT_RESIDENT, True
-        res = [{**r, "op": f"{r['op']} resident"} for r in run(tokens, hidden, device, args.iters)
-               if r["op"].startswith("nvfp4")]  # fmt: skip
-        q._QUANT_RESIDENT = default_r
-        print_table(res, "NVFP4 quantize, whole row in registers")
-        rows += res
-    if args.swz_rows or args.maxnreg:
-        import fp4comm.quant as q
-
-        default_s, default_n = q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG
-        caps = args.maxnreg if args.maxnreg else [default_n]
-        swz = []
-        for cap in caps:
-            q._QUANT_MAXNREG = cap or None
-            for r_ in args.swz_rows if args.swz_rows else [default_s]:
-                q._QUANT_SWZ_ROWS = r_
-                keep = ("d2d copy", "nvfp4 swizzled") + (("nvfp4 linear",) if r_ == (args.swz_rows or [default_s])[0] else ())
-                swz += [{**r, "op": f"{r['op']} swz_rows={r_} maxnreg={cap or 0}"}
-                        for r in run(tokens, hidden, device, args.iters, keep)]  # fmt: skip
-        q._QUANT_SWZ_ROWS, q._QUANT_MAXNREG = default_s, default_n
-        print_table(swz, f"NVFP4 quantize variants (defaults: swz_rows={default_s}, maxnreg={default_n or 0}; "
-                         "swz_rows applies to the swizzled rows only)")  # fmt: skip
-        rows += swz
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}

@@ -70,47 +70,11 @@ def _quant_warps() -> int:
     return 2
 
 
-#: NVFP4 quantize of rows of 2..15 chunks: hold the whole row in registers (one HBM read, no
-#: second pass for a per-token scale, every load in flight at once) instead of streaming it.
-#: H = 7168 on sm_90 (2 warps): 167 registers per-token / 128 static, vs 71 streamed; not yet
-#: timed on a GPU, so off by default (benchmarks/bench_quant.py --resident compares).
-_QUANT_RESIDENT = False
-
-
-def _quant_resident(nchunk: int) -> bool:
-    return _QUANT_RESIDENT and 2 <= nchunk <= 15
-
-
-#: NVFP4 quantize, swizzled scales, rows of > 1 chunk: rows of one 128-row swizzle tile per
-#: program (0 = off: one row a program, as the linear layout). One row a program writes its
-#: scale bytes as 4-byte pieces of 8 different 32-byte sectors per warp store (the 128x4 layout
-#: puts a row's 4 k-scales of a tile at (m % 32) * 16 + (m % 128) // 32 * 4); R rows that share
-#: those sectors (2: m, m+1; 4: m, m+32, m+64, m+96; 8: both) write R * 4 contiguous bytes, 8
-#: = whole sectors. Each program streams its R rows in chunks of _QUANT_SWZ_NB blocks a row,
-#: one block a thread (R * _QUANT_SWZ_NB / 32 warps), so the per-token second pass still finds
-#: the rows in L2 (bytes in flight per thread as for one row a program at the same chunk).
-#: sm_90, H = 7168, per-token: 2/4/8 rows = 4/8/16 warps at 77/72/78 registers (one row: 2
-#: warps, 71), i.e. 12/12/8 rows resident per SM (one row: 14); under _QUANT_MAXNREG = 64 all
-#: reach 16, and 8 rows writes whole sectors. Not yet timed on a GPU (its bit-exact tests ran
-#: only under the interpreter), so the default stays 0, the H200-measured path;
-#: benchmarks/bench_quant.py --swz-rows 0 2 4 8 --maxnreg 0 64 compares them in one run.
-_QUANT_SWZ_ROWS = 0
-_QUANT_SWZ_NB = 64
-#: register cap (ptx .maxnreg) of the NVFP4 quantize of long rows (> 1 chunk), or None.
-#: sm_90, H = 7168, per-token: 70-78 registers -> 64 leaves the quantize loop as it is (254
-#: instructions a chunk, no spills in it; 6-8 spill instructions in the amax pass) and lets 16
-#: rows run at once per SM instead of 14 (2 warps a row at <= 64 registers: 16 programs), i.e.
-#: 2112 rows on 132 SMs: T = 4096 takes 2 waves of rows instead of 3 (2.2 waves at 1848).
-#: Per-token only: the static / per-row kernels take 48 registers uncapped, but 56 under a cap
-#: of 64 (ptxas spends the budget), i.e. fewer programs per SM. bench_quant.py --maxnreg 0 64
-#: compares (0 = no cap, the measured code; None stays the default until a GPU run says 64 wins).
-_QUANT_MAXNREG = None
-
-
-def _quant_swz_rows(swizzled: bool, nchunk: int, rows: int, M: int) -> int:
-    if not swizzled or nchunk < 2 or rows != 1 or _quant_resident(nchunk) or M < 128:
-        return 0
-    return _QUANT_SWZ_ROWS
+# Variants measured slower on H200 and removed (H = 7168, bf16, per-token gs; % of a D2D copy of
+# the same bytes at T = 4096 / 16384, the default being 71-74% / 84% linear, 64% / 75% swizzled):
+# whole rows held in registers (167 registers, no second L2 pass): slower; several rows of a
+# 128-row swizzle tile per program (whole scale sectors per store): 4 rows 65% / 73%, 8 rows
+# 53% / 58%; a 64-register cap (16 rows per SM, 2 waves at T = 4096): 58% / 73% linear.
 
 
 def _rows_per_program(H: int, N: int) -> int:
@@ -247,19 +211,11 @@ def quantize_nvfp4(
         from .kernels import quant as _k
 
         rows, nb, nchunk, warps = _quant_config(H, N)
-        grid, swz_rows, masked = cdiv(N, rows), _quant_swz_rows(scale_layout == "swizzled", nchunk, rows, M), True
-        if swz_rows:
-            nb = _QUANT_SWZ_NB
-            nchunk = cdiv(KSF, nb)
-            warps = max(1, swz_rows * nb // 32)
-            grid = (N // M) * cdiv(Mp, 128) * (128 // swz_rows)
-            masked = M % 128 != 0 or nchunk * nb != KSF
-        _k.nvfp4_quantize_kernel[(grid,)](
+        _k.nvfp4_quantize_kernel[(cdiv(N, rows),)](
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
             IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
-            RESIDENT=_quant_resident(nchunk), SWZ_ROWS=swz_rows, MASKED=masked,
-            num_warps=warps, **({"maxnreg": _QUANT_MAXNREG} if nchunk > 1 and gs_mode == 2 and _QUANT_MAXNREG else {}),
+            num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,

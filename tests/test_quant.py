@@ -196,46 +196,6 @@ def test_nonfinite_long_rows_match_reference(dtype, H, device):
         assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("H", [7168, 9216, 1040], ids=["4+2+1_chunks", "8+1_chunks", "2_chunks_partial"])
-def test_resident_rows_match_reference(dtype, H, device, monkeypatch):
-    """The register-resident long-row path (``_QUANT_RESIDENT``): segments of 8/4/2/1 chunks,
-    a masked last chunk, NaN/Inf rows (finite maximum re-read), every scale mode and layout."""
-    import fp4comm.quant as Q
-
-    monkeypatch.setattr(Q, "_QUANT_RESIDENT", True)
-    x = make_input((3, H), torch.float32, seed=13)
-    x[1, 5] = float("nan")
-    x[2, H - 1] = -float("inf")
-    x = x.to(dtype)
-    for gs in ("per_token", 0.37, torch.full((3,), 0.5)):
-        for layout in ("linear", "swizzled") if (H // 16) % 4 == 0 else ("linear",):
-            got = fp4comm.quantize_nvfp4(x.to(device), gs.to(device) if isinstance(gs, torch.Tensor) else gs,
-                                         scale_layout=layout)
-            assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs, scale_layout=layout))
-
-
-@pytest.mark.parametrize("rows", [2, 4, 8])
-def test_swizzled_rowset_match_reference(rows, device, monkeypatch):
-    """Swizzled scales with several rows of a 128-row tile per program (``_QUANT_SWZ_ROWS``):
-    a partial last tile (M % 128 != 0) in two expert slabs with a partial last chunk (H = 1088:
-    68 blocks = 64 + 4), every scale mode; full tiles and chunks (no masks), per-token; NaN/Inf rows."""
-    import fp4comm.quant as Q
-
-    monkeypatch.setattr(Q, "_QUANT_SWZ_ROWS", rows)
-    for shape in ((2, 130, 1088), (128, 2048)):
-        x = make_input(shape, torch.float32, seed=14)
-        x[..., 1, 5] = float("nan")
-        x[..., 129 % shape[-2], -1] = -float("inf")
-        x[..., 40, :] = float("inf")
-        x = x.to(torch.bfloat16)
-        lead = shape[:-1]
-        for gs in ("per_token", 0.37, torch.full(lead, 0.5)) if len(shape) == 3 else ("per_token",):
-            got = fp4comm.quantize_nvfp4(x.to(device), gs.to(device) if isinstance(gs, torch.Tensor) else gs,
-                                         scale_layout="swizzled")
-            assert_nvfp4_equal(got, ref.quantize_nvfp4_ref(x, gs, scale_layout="swizzled"))
-
-
 def test_saturated_and_subnormal_block_scales_long_rows(device):
     """Codes of blocks whose E4M3 scale saturates (a large static gs) or is subnormal / zero
     (tiny blocks beside a huge one), where ``x * inv`` exceeds 6 and must saturate."""

@@ -16,18 +16,6 @@ def test_quant_kernels_compile_for_sm90():
                         t = Q.quantize_nvfp4(x, gs, scale_layout=layout, pad_scales=True)
                         t.global_scale = torch.ones(T) if not isinstance(gs, float) else torch.tensor(gs)
                         Q.dequantize_nvfp4(t, torch.bfloat16)
-            Q._QUANT_RESIDENT = True  # the register-resident long-row variant
-            for dt in (torch.bfloat16, torch.float32):
-                for layout in ("linear", "swizzled"):
-                    for gs in ("per_token", 2.0):
-                        Q.quantize_nvfp4(torch.zeros(T, H, dtype=dt), gs, scale_layout=layout, pad_scales=True)
-            Q._QUANT_RESIDENT = False
-            for R in (2, 4, 8):  # swizzled long rows, several rows of a 128-row tile a program
-                Q._QUANT_SWZ_ROWS = R
-                xs = torch.zeros(130, 7168, dtype=torch.bfloat16)
-                for gs in ("per_token", 2.0, torch.ones(130)):
-                    Q.quantize_nvfp4(xs, gs, scale_layout="swizzled")
-                Q.quantize_nvfp4(xs[:128], "per_token", scale_layout="swizzled")  # unmasked
             x = torch.zeros(T, max(H // 128, 1) * 128, dtype=torch.bfloat16)
             for ue8m0 in (False, True):
                 Q.dequantize_fp8_blockwise(Q.quantize_fp8_blockwise(x, ue8m0=ue8m0))
