@@ -535,7 +535,8 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(mod)
     rows = mod.main(["--smoke", "--quick", "--out", str(tmp_path / "res")])
     assert rows and all(r["us"] > 0 for r in rows)
-    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1
+    tune = len(mod.decode_variants(4, 2, 64)) + len(mod.prefill_variants(4, 2, 64, 32, 16))
+    assert sum(r["section"] == "tune" for r in rows) == tune
     assert all("meets" in r for r in rows if r["section"] == "write")
     assert (tmp_path / "res.json").exists() and (tmp_path / "res.csv").exists()
 
@@ -647,6 +648,8 @@ def test_kernels_compile_for_sm90():
             ("bf16", 64, 4096, torch.bfloat16, 1, 12, None),  # prefill D 64 (N 128), runtime block size
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, None),  # prefill fp8 cache, fp8 q
             ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 0, "fa")),  # prefill kernel
+            ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -676,6 +679,6 @@ def test_kernels_compile_for_sm90():
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # 32 launches, 27 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 27, names
-    assert {"write_kv_cache_kernel", "paged_attention_kernel"} <= set(names), names
+    # 34 launches, 29 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 29, names
+    assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

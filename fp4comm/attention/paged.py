@@ -1,6 +1,6 @@
 """Paged attention over bf16 / fp8 / int8 KV caches: varlen prefill, decode, chunked prefill.
 
-One kernel serves every case: the ``q_len`` queries of sequence ``i`` are the *last*
+One kernel serves every case (prefill can take a specialised one, see :data:`PREFILL_KERNEL`): the ``q_len`` queries of sequence ``i`` are the *last*
 ``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
 paged cache (write them first with :func:`fp4comm.attention.write_kv_cache`). Prefill is
 ``q_len == seq_len``, decode ``q_len == 1``, chunked prefill anything in between.
@@ -294,7 +294,9 @@ def paged_attention(
         num_kv_splits: force the split-KV factor (power of two); ``None`` =
             :func:`select_num_kv_splits`.
         tiles: override :func:`attention_tiles` (benchmark sweeps); under the interpreter
-            ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`).
+            ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`);
+            ``kernel="fa"`` runs the prefill-specialised kernel (:data:`PREFILL_KERNEL`) unless
+            ``num_kv_splits > 1`` is forced.
         out: optional ``[T, num_heads, head_dim]`` ``bfloat16`` output buffer.
         check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
             entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
