@@ -1,7 +1,7 @@
 """Paged attention over bf16 / fp8 / int8 KV caches: varlen prefill, decode, chunked prefill.
 
-One kernel serves every case (prefill can take a specialised one, see :data:`PREFILL_KERNEL`): the ``q_len`` queries of sequence ``i`` are the *last*
-``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
+One kernel serves every case (prefill can take a specialised one, see
+:data:`PREFILL_KERNEL`): the ``q_len`` queries of sequence ``i`` are the *last* ``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
 paged cache (write them first with :func:`fp4comm.attention.write_kv_cache`). Prefill is
 ``q_len == seq_len``, decode ``q_len == 1``, chunked prefill anything in between.
 """
