@@ -16,10 +16,13 @@ Prints a table (``tabulate`` when installed) with each issue-6 target beside the
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 decode tile /
 conversion variants at batch 32 (``tune`` rows: which :class:`AttentionTiles` to make the
-default), prefill 8k (bf16 with N = 64 and 128, fp8), writes; about 60 s on one H200.
+default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the prefill-specialised
+``fa`` kernel, see :func:`prefill_variants`), writes; about 90 s on one H200.
+``--only prefill`` (or ``decode`` / ``write``) runs one section.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
     python benchmarks/bench_attention.py --quick         # GPU, ~90 s on one H200
+    python benchmarks/bench_attention.py --quick --only prefill   # GPU, prefill rows only
     python benchmarks/bench_attention.py                 # GPU, < 3 min on one H200
     python benchmarks/bench_attention.py --smoke         # anywhere
 """
@@ -70,6 +73,30 @@ def decode_variants(Hq: int, Hkv: int, D: int):
         out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
     for splits in (8, 16, 32):
         out.append((f"splits{splits}", t, splits))
+    return out
+
+
+def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
+    """Prefill candidates for ``--quick`` (``tune`` rows) as ``(name, format, fp8 queries,
+    tiles, splits, block size)``: the generic kernel at N = 128 and with one split (the split
+    heuristic gives 2 splits + a combine pass at one 8k sequence on 132 SMs); the
+    prefill-specialised ``fa`` kernel (:data:`fp4comm.attention.paged.PREFILL_KERNEL`) at N =
+    64 / 128 and 2-4 stages, with an fp8 cache (bf16 and fp8 queries), and with pages of 128
+    keys (one block-table read a tile; the other rows use ``bs``)."""
+    t = attention_tiles(D, Hq // Hkv, L, "bf16")
+    t8 = attention_tiles(D, Hq // Hkv, L, "fp8")
+
+    def tiles(base, **kw):
+        return AttentionTiles(**{**base.__dict__, **kw})
+
+    out = [("N=128", "bf16", False, tiles(t, block_n=128), None, bs),
+           ("splits=1", "bf16", False, t, 1, bs)]
+    for n, st in ((64, 3), (128, 3), (64, 4), (128, 2), (128, 4)):
+        out.append((f"fa N={n} st={st}", "bf16", False, tiles(t, kernel="fa", block_n=n, num_stages=st), None, bs))
+    out += [("fa", "fp8", False, tiles(t8, kernel="fa"), None, bs),
+            ("fa fp8 q", "fp8", True, tiles(t8, kernel="fa"), None, bs),
+            ("fa N=128 bs=128", "bf16", False, tiles(t, kernel="fa", block_n=128), None, 128),
+            ("fa bs=128", "bf16", False, tiles(t, kernel="fa"), None, 128)]
     return out
 
 
@@ -214,19 +241,19 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     seq_lens = torch.tensor([L], dtype=torch.int32, device=dev)
     sdpa_us = None
-    variants = [("bf16", False, None), ("fp8", False, None), ("fp8", True, None)]
-    if tune:  # bf16 with 128 keys a step (the default is 64 at head_dim 128)
-        t = attention_tiles(D, Hq // Hkv, L, "bf16")
-        variants.append(("bf16", False, AttentionTiles(**{**t.__dict__, "block_n": 128})))
-    for fmt, q_fp8, tiles in variants:
-        c, bt = make_cache(fmt, 1, L, Hkv, D, bs, dev)
+    variants = [("", "bf16", False, None, None, bs), ("", "fp8", False, None, None, bs),
+                (" fp8 q", "fp8", True, None, None, bs)]
+    if tune:
+        variants += [(" " + name, *v) for name, *v in prefill_variants(Hq, Hkv, D, L, bs)]
+    for suffix, fmt, q_fp8, tiles, splits, page in variants:
+        c, bt = make_cache(fmt, 1, L, Hkv, D, page, dev)
         qq = q.to(torch.float8_e4m3fn) if q_fp8 else q
         qd = torch.tensor(1.0, device=dev) if q_fp8 else None
         out = torch.empty(L, Hq, D, dtype=torch.bfloat16, device=dev)
 
-        def fn(c=c, bt=bt, qq=qq, qd=qd, out=out, tiles=tiles):
+        def fn(c=c, bt=bt, qq=qq, qd=qd, out=out, tiles=tiles, splits=splits):
             c.attend(qq, bt, seq_lens, cu, softmax_scale=D ** -0.5, q_descale=qd, max_seqlen_q=L,
-                     check_indices=False, out=out, tiles=tiles)
+                     check_indices=False, out=out, tiles=tiles, num_kv_splits=splits)
 
         us = bench(fn, smoke)
         if fmt == "bf16" and sdpa_us is None:
@@ -236,10 +263,12 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
             rows.append(dict(section="prefill", name="sdpa (dense, causal)", format="bf16", batch=1, context=L,
                              us=sdpa_us, tflops=flops / sdpa_us / 1e6))
             del k, v
-        name = "paged_attention" + (" fp8 q" if q_fp8 else "") + (f" N={tiles.block_n}" if tiles else "")
-        rows.append(dict(section="tune" if tiles else "prefill", name=name, format=fmt,
-                         batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us))
-        if fmt == "bf16":
+        t = tiles or attention_tiles(D, Hq // Hkv, L, fmt)
+        rows.append(dict(section="tune" if tiles else "prefill", name="paged_attention" + suffix, format=fmt,
+                         batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,
+                         note=f"{t.kernel} N={t.block_n} w={t.num_warps} st={t.num_stages} cvt={t.kv_convert} "
+                              f"bs={page} splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
+        if fmt == "bf16" and not q_fp8:
             rows[-1].update(target=f">={TARGET_PREFILL_VS_SDPA}x sdpa",
                             meets=rows[-1]["speedup_vs_sdpa"] >= TARGET_PREFILL_VS_SDPA)
         del c, bt
@@ -308,6 +337,7 @@ def main(argv=None):
     p.add_argument("--contexts", default="4096,16384,65536")
     p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip decode configs above batch*context")
     p.add_argument("--prefill-len", type=int, default=8192)
+    p.add_argument("--only", choices=("decode", "prefill", "write"), help="run one section (and the roofline)")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or dev.type != "cuda"
@@ -330,9 +360,12 @@ def main(argv=None):
         tune_batch = 32
     rows = run_roofline(dev, smoke, args.peak_gbps)
     copy_gbps = rows[0]["gbps"]
-    rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs, tune, tune_batch)
-    rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs, tune)
-    rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs, tune or smoke)
+    if args.only in (None, "decode"):
+        rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs, tune, tune_batch)
+    if args.only in (None, "prefill"):
+        rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs, tune)
+    if args.only in (None, "write"):
+        rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs, tune or smoke)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device: {device_name}  Hq={Hq} Hkv={Hkv} D={D} block_size={bs}  peak={args.peak_gbps:.0f} GB/s  "
           f"copy={copy_gbps:.0f} GB/s")

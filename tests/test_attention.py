@@ -14,6 +14,7 @@ All scales and descales differ from 1 (and from each other, per head and per seq
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -101,10 +102,23 @@ def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_bl
                 k_raw=ks_raw, v_raw=vs_raw, S=S, Hq=Hq, Hkv=Hkv, D=D, fmt=fmt)
 
 
-def run(case, impl="triton", **kw):
+#: kernels the prefill tests run: the generic one and the prefill-specialised one
+KERNELS = ["generic", "fa"]
+
+
+def default_tiles(case):
+    return attention_tiles(case["D"], case["Hq"] // case["Hkv"], int((case["cu"][1:] - case["cu"][:-1]).max()),
+                           case["fmt"])
+
+
+def run(case, impl="triton", kernel=None, **kw):
+    """``paged_attention`` on ``case``; ``kernel`` forces ``AttentionTiles.kernel`` (on the
+    given ``tiles`` or the default ones), also for decode-shaped tiles."""
     c = case["cache"]
     kw.setdefault("softmax_scale", case["D"] ** -0.5)
     kw.setdefault("q_descale", case["q_descale"])
+    if kernel is not None:
+        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), kernel=kernel)
     return c.attend(case["q"], case["bt"], case["seq_lens"], case["cu"], impl=impl, **kw)
 
 
@@ -174,12 +188,15 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_formats_vs_reference(fmt, shape):
+def test_formats_vs_reference(fmt, shape, kernel):
+    if kernel == "fa" and shape == "decode":
+        pytest.skip("decode runs the generic kernel")
     seq_lens, q_lens = SHAPES[shape]
     case = build(seq_lens, q_lens, Hq=4, Hkv=2, D=64, bs=16, fmt=fmt)
-    out = run(case)
+    out = run(case, kernel=kernel)
     want = reference(case)
     assert_close_to_ref(out, want, what=f"{fmt}/{shape}")
     # rows of padded sequences (nothing to attend) are exactly zero
@@ -191,12 +208,13 @@ def test_formats_vs_reference(fmt, shape):
     assert_close_to_ref(out, unquantized(case), tol=QUANT_TOL[fmt], what=f"{fmt}/{shape} vs unquantized")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", ["prefill", "chunked"], ids=["prefill", "chunked"])
-def test_bf16_within_2x_sdpa(shape):
+def test_bf16_within_2x_sdpa(shape, kernel):
     seq_lens, q_lens = SHAPES[shape]
     case = build(seq_lens, q_lens, Hq=4, Hkv=2, D=64, bs=16, fmt="bf16", seed=1)
     want = reference(case)
-    out = run(case)
+    out = run(case, kernel=kernel)
     err_kernel = (out.float() - want).abs().max().item()
     err_sdpa = (sdpa_bf16(case) - want).abs().max().item()
     assert err_kernel <= 2 * err_sdpa + 1e-4, f"kernel {err_kernel:.3e} vs SDPA-bf16 {err_sdpa:.3e}"
@@ -205,15 +223,17 @@ def test_bf16_within_2x_sdpa(shape):
 @pytest.mark.parametrize(
     "Hq,Hkv", [(4, 4), (6, 2), (8, 1), (3, 1)], ids=["mha", "gqa3", "mqa8", "mqa3"]
 )
-def test_gqa_mqa(Hq, Hkv):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gqa_mqa(Hq, Hkv, kernel):
     case = build([17, 40], [17, 1], Hq=Hq, Hkv=Hkv, D=64, bs=8, fmt="fp8_dynamic", seed=2)
-    assert_close_to_ref(run(case), reference(case), what=f"Hq={Hq} Hkv={Hkv}")
+    assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"Hq={Hq} Hkv={Hkv}")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("D", [128, 256], ids=["d128", "d256"])
-def test_head_dims(D):
+def test_head_dims(D, kernel):
     case = build([17, 33], [17, 2], Hq=2, Hkv=1, D=D, bs=16, fmt="int8", seed=3)
-    assert_close_to_ref(run(case), reference(case), what=f"D={D}")
+    assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"D={D}")
 
 
 @pytest.mark.parametrize("splits", [2, 4], ids=["split2", "split4"])
@@ -227,24 +247,33 @@ def test_split_kv(fmt, splits):
     assert torch.equal(out[3].float(), torch.zeros_like(out[3].float()))  # padded row (seq_len 0): zeros
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("window", [1, 7, 40], ids=["w1", "w7", "w40"])
-def test_sliding_window(window):
+def test_sliding_window(window, kernel):
+    """The fa kernel also with 8-key tiles: tiles inside every row's window run unmasked,
+    the window's leading edge and the diagonal masked."""
     case = build([60, 17], [20, 1], Hq=2, Hkv=2, D=64, bs=8, fmt="bf16", seed=5)
-    out = run(case, sliding_window=window)
+    out = run(case, sliding_window=window, kernel=kernel)
     assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window}")
-    full = run(case)
+    full = run(case, kernel=kernel)
     assert not torch.equal(out, full)
+    if kernel == "fa":
+        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2, kernel="fa")
+        out = run(case, sliding_window=window, tiles=small)
+        assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window} small tiles")
 
 
-def test_non_causal():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_causal(kernel):
     case = build([17, 30], [17, 5], Hq=2, Hkv=1, D=64, bs=8, fmt="int8_dynamic", seed=6)
-    out = run(case, causal=False)
+    out = run(case, causal=False, kernel=kernel)
     assert_close_to_ref(out, reference(case, causal=False), what="non-causal")
     assert_close_to_ref(out, unquantized(case, causal=False), tol=QUANT_TOL["int8_dynamic"], what="non-causal e2e")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", ["tensor", "per_head", "per_seq_head"])
-def test_fp8_queries_and_descales(kind):
+def test_fp8_queries_and_descales(kind, kernel):
     """FP8 queries with q_descale; every descale element is honoured (a kernel that read only
     the first element would fail: the values differ per sequence and head)."""
     case = build([17, 40, 5], [3, 1, 5], Hq=4, Hkv=2, D=64, bs=8, fmt="fp8", seed=7, q_fp8=True)
@@ -260,16 +289,20 @@ def test_fp8_queries_and_descales(kind):
     else:
         kd, vd = (base_k * f).contiguous(), (base_v * f.flip(1)).contiguous()
     qd = case["q_descale"] if kind != "per_seq_head" else case["q_descale"] * f.flip(0).contiguous()
-    out = run(case, q_descale=qd, k_descale=kd, v_descale=vd)
+    out = run(case, q_descale=qd, k_descale=kd, v_descale=vd, kernel=kernel)
     want = reference(case, q_descale=qd, k_descale=kd, v_descale=vd)
     assert_close_to_ref(out, want, what=kind)
     if kind != "tensor":  # using only element [0] would give a different answer
-        first = run(case, q_descale=qd.reshape(-1)[:1], k_descale=kd.reshape(-1)[:1], v_descale=vd.reshape(-1)[:1])
+        first = run(case, q_descale=qd.reshape(-1)[:1], k_descale=kd.reshape(-1)[:1], v_descale=vd.reshape(-1)[:1],
+                    kernel=kernel)
         assert (first.float() - want).abs().max() > 10 * ((out.float() - want).abs().max() + ABS_SLACK)
     if kind == "tensor":
         # fp8 queries: the q scale really is folded in (vs the dequantized-query reference)
-        base = run(case, q_descale=None, k_descale=kd, v_descale=vd)
+        base = run(case, q_descale=None, k_descale=kd, v_descale=vd, kernel=kernel)
         assert (base.float() - want).abs().max() > 1e-2
+        # a negative descale (the fa kernel moves its sign into the queries) is honoured too
+        neg = run(case, q_descale=qd, k_descale=-kd, v_descale=vd, kernel=kernel)
+        assert_close_to_ref(neg, reference(case, q_descale=qd, k_descale=-kd, v_descale=vd), what="negative")
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
@@ -321,7 +354,7 @@ def test_empty_batch_and_out_buffer():
     assert out.data_ptr() == buf.data_ptr() and not buf.isnan().any()
 
 
-def test_tile_and_split_heuristics():
+def test_tile_and_split_heuristics(monkeypatch):
     t = attention_tiles(128, 8, 1, "fp8")
     assert t.block_m >= 16 and t.group_pad == 8 and t.block_n == 128
     t = attention_tiles(128, 1, 8192, "bf16")
@@ -340,24 +373,34 @@ def test_tile_and_split_heuristics():
     assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
     assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
+    # the kernel knob: prefill tiles follow PREFILL_KERNEL, decode tiles stay generic
+    assert attention_tiles(128, 4, 8192, "bf16").kernel == paged_mod.PREFILL_KERNEL == "generic"
+    monkeypatch.setattr(paged_mod, "PREFILL_KERNEL", "fa")
+    assert attention_tiles(128, 4, 8192, "bf16").kernel == "fa"
+    assert attention_tiles(128, 4, 1, "bf16").kernel == "generic"
+    case = build([9], [9], Hq=2, Hkv=1, D=64, bs=8, fmt="bf16")
+    with pytest.raises(ValueError, match="tiles.kernel"):
+        run(case, kernel="flash")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bs", [12, 64, 128], ids=["bs12_runtime", "bs64_page_per_tile", "bs128_page_per_tile"])
-def test_block_sizes_and_unmasked_tiles(bs):
+def test_block_sizes_and_unmasked_tiles(bs, kernel):
     """Whole tiles below the causal diagonal run unmasked; pages of a power-of-two size that
     hold whole tiles are read with one block-table entry a tile; other sizes at run time."""
     case = build([300, 130, 1], [300, 1, 1], Hq=4, Hkv=2, D=64, bs=bs, fmt="int8_dynamic", seed=12)
-    assert_close_to_ref(run(case), reference(case), what=f"bs={bs}")
+    assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"bs={bs}")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_tiles_override(fmt):
+def test_tiles_override(fmt, kernel):
     """Small explicit tiles: many unmasked tiles below the diagonal and several diagonal
     tiles per q tile (chunked prefill, decode), vs the reference; and the same answer as
     the default tiles up to BF16 rounding of p."""
     case = build([15, 17, 300], [5, 17, 33], Hq=4, Hkv=2, D=64, bs=16, fmt=fmt, seed=13)
     small = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kv_convert=2)
-    out = run(case, tiles=small)
+    out = run(case, tiles=small, kernel=kernel)
     assert_close_to_ref(out, reference(case), what=f"{fmt} small tiles")
     with pytest.raises(ValueError, match="tiles"):
         run(case, tiles=AttentionTiles(block_q=4, group_pad=1, block_n=16, num_warps=4, num_stages=2))
@@ -377,14 +420,13 @@ def test_convert_mode_selection():
         effective_convert_mode(4, "fp8", False)
 
 
-def _with_mode(case, mode):
-    t = attention_tiles(case["D"], case["Hq"] // case["Hkv"], int((case["cu"][1:] - case["cu"][:-1]).max()),
-                        case["fmt"])
-    return AttentionTiles(**{**t.__dict__, "kv_convert": mode})
+def _with_mode(case, mode, kernel="generic"):
+    return dataclasses.replace(default_tiles(case), kv_convert=mode, kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
-def test_convert_modes_agree(fmt):
+def test_convert_modes_agree(fmt, kernel):
     """Mode 3 (FP16 operands, per-row power-of-two query rescale, per-tile rescale of
     ``p * v_scale``) and mode 0 (BF16) both match the reference, with queries spanning a
     range FP16 could not hold unscaled (rows of magnitude 1e-6 and 1e6) and, for dynamic
@@ -397,7 +439,7 @@ def test_convert_modes_agree(fmt):
     if case["cache"].v_scale_cache is not None:
         case["cache"].v_scale_cache.mul_(1e-12)
     want = reference(case)
-    outs = {m: run(case, tiles=_with_mode(case, m)) for m in (0, 3)}
+    outs = {m: run(case, tiles=_with_mode(case, m, kernel)) for m in (0, 3)}
     for m, o in outs.items():
         assert_close_to_ref(o, want, what=f"{fmt} cvt={m}")
 
@@ -493,19 +535,21 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(mod)
     rows = mod.main(["--smoke", "--quick", "--out", str(tmp_path / "res")])
     assert rows and all(r["us"] > 0 for r in rows)
-    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1
+    tune = len(mod.decode_variants(4, 2, 64)) + len(mod.prefill_variants(4, 2, 64, 32, 16))
+    assert sum(r["section"] == "tune" for r in rows) == tune
     assert all("meets" in r for r in rows if r["section"] == "write")
     assert (tmp_path / "res.json").exists() and (tmp_path / "res.csv").exists()
 
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("D", [64, 128, 256], ids=["d64", "d128", "d256"])
-def test_gpu_prefill_and_decode(fmt, D):
+def test_gpu_prefill_and_decode(fmt, D, kernel):
     case = build([1, 17, 300, 1000, 0], [1, 17, 64, 1000, 1], Hq=8, Hkv=2, D=D, bs=16, fmt=fmt, device="cuda",
                  seed=20)
-    out = run(case)
+    out = run(case, kernel=kernel)
     assert_close_to_ref(out, reference(case), what=f"gpu {fmt} D={D}")
 
 
@@ -521,8 +565,9 @@ def test_gpu_long_context_decode(fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
-def test_gpu_convert_modes_agree(fmt):
+def test_gpu_convert_modes_agree(fmt, kernel):
     """Every finite E4M3 code (and int8 value) in the cache: the GPU conversion modes
     (0 = Triton's cast, 1/2 = integer ops, 3 = FP16 operands; int8: 0/2/3) give the reference's answer, decode and
     prefill; modes differ at most by accumulation order."""
@@ -539,17 +584,18 @@ def test_gpu_convert_modes_agree(fmt):
     outs = {}
     for mode in ((0, 1, 2, 3) if fmt == "fp8" else (0, 2, 3)):
         tiles_d = attention_tiles(128, 4, 77, fmt)
-        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode}))
+        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, "kernel": kernel}))
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
     for mode, o in outs.items():
         assert (o.float() - outs[0].float()).abs().max().item() <= 1e-2 * outs[0].float().abs().max().item()
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_within_2x_sdpa():
-    case = build([2048, 700], [2048, 300], Hq=8, Hkv=2, D=128, bs=16, fmt="bf16", device="cuda", seed=22)
+@pytest.mark.parametrize("kernel,bs", [("generic", 16), ("fa", 16), ("fa", 128)])
+def test_gpu_bf16_within_2x_sdpa(kernel, bs):
+    case = build([2048, 700], [2048, 300], Hq=8, Hkv=2, D=128, bs=bs, fmt="bf16", device="cuda", seed=22)
     want = reference(case).cpu()
-    out = run(case).float().cpu()
+    out = run(case, kernel=kernel).float().cpu()
     c = case["cache"]
     err_sdpa = 0.0
     cu = case["cu"].tolist()
@@ -602,6 +648,8 @@ def test_kernels_compile_for_sm90():
             ("bf16", 64, 4096, torch.bfloat16, 1, 12, None),  # prefill D 64 (N 128), runtime block size
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, None),  # prefill fp8 cache, fp8 q
             ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 0, "fa")),  # prefill kernel
+            ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -631,6 +679,6 @@ def test_kernels_compile_for_sm90():
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # 32 launches, 27 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 27, names
-    assert {"write_kv_cache_kernel", "paged_attention_kernel"} <= set(names), names
+    # 34 launches, 29 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 29, names
+    assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

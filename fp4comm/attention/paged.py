@@ -1,7 +1,7 @@
 """Paged attention over bf16 / fp8 / int8 KV caches: varlen prefill, decode, chunked prefill.
 
-One kernel serves every case: the ``q_len`` queries of sequence ``i`` are the *last*
-``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
+One kernel serves every case (prefill can take a specialised one, see
+:data:`PREFILL_KERNEL`): the ``q_len`` queries of sequence ``i`` are the *last* ``q_len`` positions of a sequence of ``seq_lens[i]`` tokens whose K/V are already in the
 paged cache (write them first with :func:`fp4comm.attention.write_kv_cache`). Prefill is
 ``q_len == seq_len``, decode ``q_len == 1``, chunked prefill anything in between.
 """
@@ -36,11 +36,30 @@ class AttentionTiles:
     num_warps: int
     num_stages: int
     kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
+    kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
 
     @property
     def block_m(self) -> int:
         return self.block_q * self.group_pad
 
+
+#: Kernel of prefill-shaped launches (``attention_tiles`` with M > 32 rows):
+#:
+#: * ``"generic"``: :func:`fp4comm.kernels.attention.paged_attention_kernel`, the kernel that
+#:   also serves decode (and splits KV by :func:`select_num_kv_splits`: 2 splits plus a
+#:   combine pass at one 8k sequence, 32 q / 8 KV heads, on 132 SMs). H200, 8k causal, D 128,
+#:   bf16: 259 TFLOP/s at N = 64, 297 at N = 128 (SDPA 614).
+#: * ``"fa"``: :func:`fp4comm.kernels.attention_prefill.paged_prefill_kernel`, laid out as
+#:   the fast flash-attention forward kernels for Hopper (see its module docstring): one
+#:   split, a grid ordered longest first over all programs, unmasked tiles without the
+#:   ``-inf`` guard and the score scale folded into the exponent's FMA, the sliding window's
+#:   inner tiles unmasked too. Not timed yet: ``bench_attention.py --only prefill`` times it
+#:   beside the generic kernel (``tune`` rows); flip this if it measures faster.
+#:
+#: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
+#: always runs the generic kernel.
+PREFILL_KERNEL = "generic"
+PREFILL_KERNELS = ("generic", "fa")
 
 #: Conversion of fp8 cache tiles on the GPU (``CVT`` constexpr, see ``_kv_operand`` /
 #: ``_kv_to_bf16`` in :mod:`fp4comm.kernels.attention`). Every mode reads a NaN code
@@ -137,6 +156,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
       fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (3), see there.
     * ``kv_convert``: :func:`kv_convert_mode`.
+    * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
     """
     group_pad = next_pow2(group)
     prefill_m = 128 if head_dim <= 128 else 64
@@ -153,7 +173,8 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     num_stages = 3 if head_dim <= 128 else 2
     if decode and one_byte and head_dim <= 128:
         num_stages = DECODE_ONE_BYTE_STAGES
-    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format))
+    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format),
+                          "generic" if decode else PREFILL_KERNEL)
 
 
 #: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
@@ -273,7 +294,9 @@ def paged_attention(
         num_kv_splits: force the split-KV factor (power of two); ``None`` =
             :func:`select_num_kv_splits`.
         tiles: override :func:`attention_tiles` (benchmark sweeps); under the interpreter
-            ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`).
+            ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`);
+            ``kernel="fa"`` runs the prefill-specialised kernel (:data:`PREFILL_KERNEL`) unless
+            ``num_kv_splits > 1`` is forced.
         out: optional ``[T, num_heads, head_dim]`` ``bfloat16`` output buffer.
         check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
             entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
@@ -351,7 +374,16 @@ def paged_attention(
         tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format)
     elif tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
         raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
+    if tiles.kernel not in PREFILL_KERNELS:
+        raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
+    dynamic_args = (k_scale_cache, v_scale_cache) if dynamic else (None, None)
+    exact = triton_interpreting() and dev.type == "cpu"
+    if tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1):
+        _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd, kd, vd, *dynamic_args,
+                        float(softmax_scale), bool(causal), sliding_window, num_q_tiles, tiles,
+                        effective_convert_mode(tiles.kv_convert, kv_format, exact), exact)
+        return out
     if num_kv_splits is None:
         num_kv_splits = select_num_kv_splits(S * num_q_tiles * Hkv, block_table.shape[1] * bs, _num_sms(dev))
     if num_kv_splits > 1:
@@ -361,7 +393,6 @@ def paged_attention(
         ws_o, ws_lse = dummy(dev).view(1, 1, 1, 1), dummy(dev).view(1, 1, 1)
     ksc = k_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
     vsc = v_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
-    exact = triton_interpreting() and dev.type == "cpu"
     grid = (S * num_q_tiles, Hkv, num_kv_splits)
     _k.paged_attention_kernel[grid](
         q, k_cache, v_cache, out, ws_o, ws_lse,
@@ -387,6 +418,38 @@ def paged_attention(
     if num_kv_splits > 1:
         combine_splits(ws_o, ws_lse, out, exact)
     return out
+
+
+def _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd, kd, vd, k_scale_cache,
+                    v_scale_cache, softmax_scale: float, causal: bool, sliding_window: int | None, num_q_tiles: int,
+                    tiles: AttentionTiles, cvt: int, exact: bool) -> None:
+    """Launch the prefill-specialised kernel (``tiles.kernel == "fa"``) on validated inputs:
+    one program per (q tile, sequence, KV head), longest q tiles first; ``qd / kd / vd`` are
+    :func:`check_descale` triples, the scale caches ``None`` for static formats."""
+    from fp4comm.kernels import attention_prefill as _kp
+
+    dev = q.device
+    S, Hkv, bs = block_table.shape[0], k_cache.shape[2], k_cache.shape[1]
+    ksc = k_scale_cache if k_scale_cache is not None else dummy(dev).view(1, 1, 1)
+    vsc = v_scale_cache if v_scale_cache is not None else dummy(dev).view(1, 1, 1)
+    _kp.paged_prefill_kernel[(num_q_tiles * S * Hkv,)](
+        q, k_cache, v_cache, out,
+        block_table, seq_lens, cu_seqlens_q,
+        qd[0], kd[0], vd[0], ksc, vsc,
+        softmax_scale * math.log2(math.e), q.shape[1] // Hkv, bs, sliding_window or 0, S, Hkv, num_q_tiles,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ksc.stride(0), ksc.stride(1), ksc.stride(2),
+        vsc.stride(0), vsc.stride(1), vsc.stride(2),
+        block_table.stride(0),
+        qd[1], qd[2], kd[1], kd[2], vd[1], vd[2],
+        out.stride(0), out.stride(1),
+        HEAD_DIM=q.shape[2], GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
+        DYNAMIC=k_scale_cache is not None, CAUSAL=causal, USE_WINDOW=sliding_window is not None,
+        PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
 
 
 def combine_splits(ws_o: torch.Tensor, ws_lse: torch.Tensor, out: torch.Tensor, exact: bool) -> None:
