@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from fp4comm.kernels import attention as attention_kernels
 
 from fp4comm.attention import (
     AttentionTiles,
@@ -32,10 +33,9 @@ from fp4comm.attention import (
     paged_attention,
     select_num_kv_splits,
 )
-from fp4comm.reference import attention as ref
 from fp4comm.attention import paged as paged_mod
 from fp4comm.attention.paged import effective_convert_mode, kv_convert_mode
-from fp4comm.kernels import attention as attention_kernels
+from fp4comm.reference import attention as ref
 from tests.sm90 import compile_calls
 
 ABS_SLACK = 2e-3
@@ -539,14 +539,23 @@ def test_dynamic_needs_scale_caches():
 
 
 # ----------------------------------------------------------------------------- benchmark smoke
-def test_benchmark_smoke(tmp_path):
+def _bench_module():
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_smoke(tmp_path):
+    mod = _bench_module()
     rows = mod.main(["--smoke", "--quick", "--out", str(tmp_path / "res")])
     assert rows and all(r["us"] > 0 for r in rows)
-    assert sum(r["section"] == "tune" for r in rows) == len(mod.decode_variants(4, 2, 64)) + 1
+    n_tune = sum(len(mod.decode_variants(4, 2, 64, f, True)) for f in ("fp8", "int8")) + 1
+    assert sum(r["section"] == "tune" for r in rows) == n_tune and n_tune > 10
+    assert not any("failed" in r.get("note", "") for r in rows)
+    only = mod.main(["--smoke", "--only", "decode", "--out", str(tmp_path / "only")])
+    assert {r["section"] for r in only} == {"roofline", "decode"}
     assert all("meets" in r for r in rows if r["section"] == "write")
     assert (tmp_path / "res.json").exists() and (tmp_path / "res.csv").exists()
 
@@ -571,6 +580,22 @@ def test_gpu_long_context_decode(fmt):
     assert_close_to_ref(out, reference(case), what=f"gpu long {fmt}")
     one = run(case, num_kv_splits=1)
     assert_close_to_ref(one, reference(case), what=f"gpu long {fmt} unsplit")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic"])
+def test_gpu_decode_variants(fmt):
+    """Every decode variant the benchmark times (``decode_variants``: tiles, warps, register
+    caps, mode 4, forced splits) gives the reference's answer on the GPU, at the benchmark's
+    head shape (GQA 32 / 8, head dim 128), ragged lengths."""
+    mod = _bench_module()
+    case = build([3000, 1000, 17, 4096], [1, 1, 1, 1], Hq=32, Hkv=8, D=128, bs=16, fmt=fmt, device="cuda", seed=41)
+    want = reference(case)
+    base = "fp8" if fmt == "fp8_dynamic" else fmt
+    variants = mod.decode_variants(32, 8, 128, base, True) + mod.decode_variants(32, 8, 128, base, False)
+    assert variants
+    for name, tiles, splits in variants:
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
 
 
 @pytest.mark.gpu
