@@ -9,7 +9,8 @@ K/V tiles are gathered key by key through the block table (any ``block_size``; a
 two is a constexpr, and a page holding whole tiles costs one block-table read a tile),
 dequantized in registers to BF16 (exact for E4M3 and int8; see :func:`_kv_to_bf16` for the
 GPU conversions), fed to BF16 ``tl.dot`` with FP32
-accumulation; the softmax is online, in FP32, base 2. Per-tensor / per-(sequence, head)
+accumulation (mode 3: FP16; opt-in mode 4: K unconverted in 8-bit QK dots against a split
+query, see :func:`_split_query_dot`); the softmax is online, in FP32, base 2. Per-tensor / per-(sequence, head)
 descales are folded into the score scale (``q_descale * k_descale``) and into the output
 (``v_descale``); per-key dynamic scales multiply the score columns (K) and the
 probabilities (V) before the second dot.
