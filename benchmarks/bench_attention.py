@@ -14,15 +14,15 @@ In one run (one GPU):
 
 Prints a table (``tabulate`` when installed) with each issue-6 target beside the measured
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
-``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 decode tile /
-conversion variants at batch 32 (``tune`` rows: which :class:`AttentionTiles` to make the
-default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the prefill-specialised
-``fa`` kernel, see :func:`prefill_variants`), writes; about 90 s on one H200.
-``--only prefill`` (or ``decode`` / ``write``) runs one section.
+``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 / int8 decode tile /
+conversion variants (``tune`` rows, see :func:`decode_variants`: which :class:`AttentionTiles`
+to make the default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the
+prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes; about 90 s on one H200.
+``--only decode,prefill`` (any of ``decode`` / ``prefill`` / ``write``) runs those sections.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
     python benchmarks/bench_attention.py --quick         # GPU, ~90 s on one H200
-    python benchmarks/bench_attention.py --quick --only prefill   # GPU, prefill rows only
+    python benchmarks/bench_attention.py --quick --only decode   # decode + its tune rows
     python benchmarks/bench_attention.py                 # GPU, < 3 min on one H200
     python benchmarks/bench_attention.py --smoke         # anywhere
 """
@@ -45,9 +45,15 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import torch.nn.functional as F  # noqa: E402
 
-from fp4comm.attention import (AttentionTiles, KVCache, attention_tiles, select_num_kv_splits,  # noqa: E402
-                               write_kv_cache, write_tiles)
-from fp4comm.attention.paged import _num_sms  # noqa: E402
+from fp4comm.attention import (  # noqa: E402
+    AttentionTiles,
+    KVCache,
+    attention_tiles,
+    select_num_kv_splits,
+    write_kv_cache,
+    write_tiles,
+)
+from fp4comm.attention.paged import FP8_DOT_QK_MODE, _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
 DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
@@ -58,22 +64,49 @@ TARGET_WRITE_PCT = 80.0
 TARGET_PREFILL_VS_SDPA = 0.8
 
 
-def decode_variants(Hq: int, Hkv: int, D: int):
-    """fp8 decode (batch 32) candidates for ``--quick``: the default (mode 3 = FP16 operands,
-    hardware E4M3 conversion, N = 128, 5 stages: K/V two tiles ahead), then one change each:
-    ``s3`` = the previous default (3 stages: one tile ahead, a full ``cp.async`` wait at the
-    top of every iteration; 4 stages compile to the same), N = 64 at 3 / 5 / 7 stages (146-162
-    registers, 39-72 KB shared: 3 programs an SM), conversion mode 2 (integer ops) at 5
-    stages, and forced split counts (the heuristic's choice is in the ``default`` row's note)."""
-    t = attention_tiles(D, Hq // Hkv, 1, "fp8")
-    out = [("default", t, None)]
-    for name, kw in (("s3", dict(num_stages=3)),
-                     ("n64_s3", dict(block_n=64, num_stages=3)), ("n64_s5", dict(block_n=64, num_stages=5)),
-                     ("n64_s7", dict(block_n=64, num_stages=7)), ("cvt2", dict(kv_convert=2))):
-        out.append((name, AttentionTiles(**{**t.__dict__, **kw}), None))
-    for splits in (8, 16, 32):
-        out.append((f"splits{splits}", t, splits))
-    return out
+def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
+    """Decode candidates of ``--quick`` beside the default (``tune`` rows): ``(name, tiles,
+    splits)``. fp8 at the tuning batch (32): one change each from the default (mode 3 = FP16
+    operands, N = 128, 4 warps, 3 stages) or the opt-in mode 4 (8-bit QK dots, K never
+    converted; ``kv_convert=4``), with sm_90 ptxas figures (registers / shared a program,
+    programs an SM by both):
+
+    * ``n64_s3``: N = 64 (146 regs, 39 KB: 3); ``n64_r128``: the same capped at 128 registers
+      (``max_regs``, no spills: 4 an SM); ``w8``: 8 warps (120 regs, 74 KB: 2 of 8 warps);
+      ``n256_w8_s2``: N = 256, 8 warps, 2 stages (202 regs, 143 KB: 1); ``cvt2``: integer
+      conversion; ``splits8``: 8 splits (the heuristic picks 16 at b32: the ``default`` note);
+    * ``cvt4``: N = 128 (183 regs, 91 KB: 2); ``cvt4_w8``: 8 warps (108 regs, 91 KB: 2 of 8
+      warps); ``cvt4_n64``: N = 64 (124 regs, 48 KB: 4), and the last two at 8 splits.
+
+    int8 at the tuning batch: ``cvt4`` (s8 dots, 168 regs, 74 KB). Other batches (128): the
+    mode-4 and register-capped candidates only."""
+    t = attention_tiles(D, Hq // Hkv, 1, fmt)
+
+    def tiles(**kw):
+        return AttentionTiles(**{**t.__dict__, **kw})
+
+    cvt4 = dict(kv_convert=FP8_DOT_QK_MODE)
+    if fmt == "int8":
+        return [("cvt4", tiles(**cvt4), None)] if tune_batch else []
+    if fmt != "fp8":
+        return []
+    if not tune_batch:
+        return [("cvt4_w8", tiles(num_warps=8, **cvt4), None), ("cvt4_n64", tiles(block_n=64, **cvt4), None),
+                ("n64_r128", tiles(block_n=64, max_regs=128), None)]
+    return [
+        ("default", t, None),
+        ("n64_s3", tiles(block_n=64), None),
+        ("n64_r128", tiles(block_n=64, max_regs=128), None),
+        ("w8", tiles(num_warps=8), None),
+        ("n256_w8_s2", tiles(block_n=256, num_warps=8, num_stages=2), None),
+        ("cvt2", tiles(kv_convert=2), None),
+        ("splits8", t, 8),
+        ("cvt4", tiles(**cvt4), None),
+        ("cvt4_w8", tiles(num_warps=8, **cvt4), None),
+        ("cvt4_n64", tiles(block_n=64, **cvt4), None),
+        ("cvt4_w8_splits8", tiles(num_warps=8, **cvt4), 8),
+        ("cvt4_n64_splits8", tiles(block_n=64, **cvt4), 8),
+    ]
 
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
@@ -216,20 +249,26 @@ def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs, tune=False,
             r["speedup_vs_sdpa"] = sdpa_us / us
             if "target" in r:
                 r["meets"] = r["pct_peak"] >= TARGET_DECODE_PCT and r["speedup_vs_sdpa"] >= TARGET_DECODE_VS_SDPA
-            if tune and fmt == "fp8" and B == tune_batch:
+            if tune:
                 auto_splits = f"auto ({select_num_kv_splits(B * Hkv, L, _num_sms(dev))})"
-                for name, tiles, splits in decode_variants(Hq, Hkv, D):
+                for name, tiles, splits in decode_variants(Hq, Hkv, D, fmt, B == tune_batch):
                     def fv(c=c, bt=bt, out=out, tiles=tiles, splits=splits):
                         c.attend(q, bt, seq_lens, cu, softmax_scale=D ** -0.5, max_seqlen_q=1, check_indices=False,
                                  out=out, tiles=tiles, num_kv_splits=splits)
 
-                    us_v = bench(fv, smoke)
+                    try:
+                        us_v = bench(fv, smoke)
+                    except Exception as e:  # noqa: BLE001 - a variant that does not compile / fit: say so, go on
+                        rows.append(dict(section="tune", name=f"{fmt} decode {name}", format=fmt, batch=B, context=L,
+                                         note=f"failed: {type(e).__name__}: {str(e)[:80]}"))
+                        continue
                     g = nbytes / us_v / 1e3
-                    rows.append(dict(section="tune", name=f"fp8 decode {name}", format=fmt, batch=B, context=L,
+                    rows.append(dict(section="tune", name=f"{fmt} decode {name}", format=fmt, batch=B, context=L,
                                      us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
                                      speedup_vs_sdpa=sdpa_us / us_v,
                                      note=f"N={tiles.block_n} w={tiles.num_warps} st={tiles.num_stages} "
-                                          f"cvt={tiles.kv_convert} splits={splits or auto_splits}"))
+                                          f"cvt={tiles.kv_convert} regs<={tiles.max_regs or '-'} "
+                                          f"splits={splits or auto_splits}"))
             del c, bt
     return rows
 
@@ -337,7 +376,9 @@ def main(argv=None):
     p.add_argument("--contexts", default="4096,16384,65536")
     p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip decode configs above batch*context")
     p.add_argument("--prefill-len", type=int, default=8192)
-    p.add_argument("--only", choices=("decode", "prefill", "write"), help="run one section (and the roofline)")
+    p.add_argument("--only", default="decode,prefill,write",
+                   help="comma list of sections to run (the roofline always runs): e.g. --quick --only decode "
+                        "times the decode rows and their tune variants alone (~60 s on one H200)")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or dev.type != "cuda"
@@ -360,11 +401,14 @@ def main(argv=None):
         tune_batch = 32
     rows = run_roofline(dev, smoke, args.peak_gbps)
     copy_gbps = rows[0]["gbps"]
-    if args.only in (None, "decode"):
+    only = set(args.only.split(","))
+    if not only <= {"decode", "prefill", "write"}:
+        p.error(f"--only: sections are decode, prefill, write; got {args.only}")
+    if "decode" in only:
         rows += run_decode(dev, smoke, args.peak_gbps, copy_gbps, configs, Hq, Hkv, D, bs, tune, tune_batch)
-    if args.only in (None, "prefill"):
+    if "prefill" in only:
         rows += run_prefill(dev, smoke, prefill_len, Hq, Hkv, D, bs, tune)
-    if args.only in (None, "write"):
+    if "write" in only:
         rows += run_write(dev, smoke, args.peak_gbps, copy_gbps, write_T, Hkv, D, bs, tune or smoke)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device: {device_name}  Hq={Hq} Hkv={Hkv} D={D} block_size={bs}  peak={args.peak_gbps:.0f} GB/s  "
