@@ -624,8 +624,8 @@ rt.triton_interpreting = lambda: True  # let the buffer take CPU tensors; kernel
 from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 from fp4comm.ep.symmem import EmulatedWorld
 R, E, K, H, T = 2, 8, 4, 1024, 5
-for p, l, c in [("nvfp4", "linear", "bf16"), ("nvfp4", "swizzled", "nvfp4"), ("fp8", "linear", "fp8"), ("bf16", "linear", "bf16")]:
-    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=16, payload=p, scale_layout=l, combine_payload=c)
+for v, p, l, c in [(v, *pl) for v in ("v1", "v2") for pl in [("nvfp4", "linear", "bf16"), ("nvfp4", "swizzled", "nvfp4"), ("fp8", "linear", "fp8"), ("bf16", "linear", "bf16")]]:
+    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=16, payload=p, scale_layout=l, combine_payload=c, variant=v)
     b = LowLatencyBuffer(cfg, mem=EmulatedWorld(R).rank(0), sync_check=False)
     b._num_sms, b._gpu = 132, True  # the GPU variant (inline PTX: globaltimer, ld.acquire, fences)
     b._compile_all()  # the constructor's GPU-only warm-up: must leave full-size output sets
@@ -651,4 +651,4 @@ def test_nvlink_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "COMPILED 33" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and "COMPILED 65" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -351,7 +351,7 @@ class LowLatencyBuffer:
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
         # v2 dispatch send: rows stored per global expert this call (reset by the completer)
-        self._done = torch.zeros(_next_pow2(cfg.num_experts + 1), dtype=torch.int32, device=dev)
+        self._done = torch.zeros(max(_next_pow2(cfg.num_experts + 1), 32 * self._warps()), dtype=torch.int32, device=dev)
         self._v2 = _v2_launch() if cfg.variant == "v2" else None
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
@@ -484,8 +484,11 @@ class LowLatencyBuffer:
             xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, counter, self._status,
             geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
         )  # fmt: skip
+        # v2: at least one expert lane a thread, so the per-lane atomic results (who completes
+        # expert e) live in exactly one thread each (no replicated lanes)
+        EP = _next_pow2(E + 1) if v2 is None else max(_next_pow2(E + 1), 32 * self._warps())
         kw = dict(
-            H=H, K=K, KP=_next_pow2(K), E=E, EP=_next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=_next_pow2(K), E=E, EP=EP, E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
             CHUNK=256 if v2 is None else v2.chunk, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
