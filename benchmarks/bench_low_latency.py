@@ -194,7 +194,8 @@ def main(argv=None) -> int:
             c_b = sum(a["combine_bytes"] for a in allr) / R
             rows.append(
                 dict(
-                    backend=backend, variant=variant, mode=mode, ranks=R, tokens=T, hidden=args.hidden, experts=args.experts,
+                    backend=backend, variant=variant, mode=mode, ranks=R, tokens=T, hidden=args.hidden,
+                    experts=args.experts,
                     topk=args.topk,
                     payload=args.payload, combine_payload=args.combine_payload,
                     dispatch_us=round(d_us, 2), combine_us=round(c_us, 2),

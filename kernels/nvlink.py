@@ -300,7 +300,8 @@ def ll_dispatch_send_kernel(
             c += CHUNK
         fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
         if pid == 0:  # experts this source routes nothing to: no rows to order before the flag
-            flag_store_release(fptr, tl.zeros([EP], tl.int64) + (seq.to(tl.int64) << 32), (ex < E) & (tot == 0), sink_ptr, GPU)
+            zero = tl.zeros([EP], tl.int64) + (seq.to(tl.int64) << 32)
+            flag_store_release(fptr, zero, (ex < E) & (tot == 0), sink_ptr, GPU)
             tl.store(epoch_ptr + 1, seq)
         mine = run
         t = t_lo
@@ -386,7 +387,8 @@ def _copy_source(
     while i < c_s:
         _copy_rows(
             base, anchor, slot0 + i, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
-            src_slot_ptr, out_w_ptr, MAXM, MT, KT, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+            src_slot_ptr, out_w_ptr, MAXM, MT, KT,
+            RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
         )  # fmt: skip
         i += nsplit * RPI
 
@@ -501,7 +503,8 @@ def ll_dispatch_recv_kernel(
     if PIPELINE:
         st = 0
         for s in tl.static_range(R):
-            v, ok = wait_flag_geq(flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
+            fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
+            v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
             if not ok:
                 report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
             c_s = tl.minimum(tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0), TMAX)

@@ -116,7 +116,8 @@ def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T, variant):
     ids=["nvfp4", "nvfp4-swz-cnvfp4", "fp8-cfp8", "bf16"],
 )
 def test_ll_nvlink_equals_torch(world, payload, layout, cpayload, variant):
-    assert all(run_distributed(_ll_vs_torch, world, payload, layout, cpayload, 7168, 64, 8, 96, variant, backend="nccl"))
+    args = (payload, layout, cpayload, 7168, 64, 8, 96, variant)
+    assert all(run_distributed(_ll_vs_torch, world, *args, backend="nccl"))
 
 
 def _ll_reference(pg, variant):

@@ -84,7 +84,7 @@ class _V2Launch:
     progs_per_sm: int  # grid cap of the copy kernels: programs of `warps` warps an SM
     warps: int
     split_max: int  # programs per local expert (receive / combine send), at most
-    recv_rows: int  # rows a receive program copies at once (RPI)
+    recv_words: int  # payload words (int64, padded) a receive program copies at once
     csend_rows: int  # bf16 combine rows a send program moves at once (RPI)
     crecv_chunk: int  # bf16 combine reduce: hidden elements a work item (HC)
     chunk: int  # ids a step of the dispatch send's histogram pass
@@ -96,16 +96,17 @@ def _v2_launch() -> _V2Launch:
 
     * The copies (receive compaction, combine send, combine reduce) are latency bound:
       one row (4 KB NVFP4, 14 KB BF16) in flight per v1 program, 192 programs. v2 keeps
-      several rows' loads in flight per program (``recv_rows`` / ``csend_rows``, K rows per
-      reduce item) and runs 4 programs of 4 warps an SM: 16 warps, co-resident while a
-      thread holds <= 128 registers (tiles are sized for < 64 words a thread), so the grid
-      never exceeds what the GPU runs at once (the receive programs spin on flags).
+      several rows' loads in flight per program (``recv_words``: 4 NVFP4 rows, 2 FP8 rows,
+      1 BF16 row a step; ``csend_rows``; K rows per reduce item) and runs 4 programs of 4
+      warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
+      ptxas at H = 7168: 56 / 64 / 48 registers, no spills), so the grid never exceeds
+      what the GPU runs at once (the receive programs spin on flags).
     * ``crecv_chunk`` = 1024 BF16 elements: 7 items a token at H = 7168 (896 programs'
       worth of work at T = 128 instead of 128), 16 bytes a thread a row with 4 warps.
     * ``chunk`` = 1024 ids: the send kernel's histogram pass takes <= 4 dependent steps at
       T * K = 4096 (v1's per-token scan with 256 took up to 16).
     """
-    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_rows=4, csend_rows=2, crecv_chunk=1024, chunk=1024)
+    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, csend_rows=2, crecv_chunk=1024, chunk=1024)
 
 
 def _next_pow2(n: int) -> int:
@@ -351,7 +352,8 @@ class LowLatencyBuffer:
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
         # v2 dispatch send: rows stored per global expert this call (reset by the completer)
-        self._done = torch.zeros(max(_next_pow2(cfg.num_experts + 1), 32 * self._warps()), dtype=torch.int32, device=dev)
+        ndone = max(_next_pow2(cfg.num_experts + 1), 32 * self._warps())
+        self._done = torch.zeros(ndone, dtype=torch.int32, device=dev)
         self._v2 = _v2_launch() if cfg.variant == "v2" else None
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
@@ -496,9 +498,10 @@ class LowLatencyBuffer:
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
-    def _split(self) -> int:
-        """Programs per local expert of the receive / combine-send grids ``(E_local, split)``."""
-        EL, v2 = self.num_local_experts, self._v2
+    def _split(self, v2: _V2Launch | None) -> int:
+        """Programs per local expert of the receive / combine-send grids ``(E_local, split)``
+        (``v2``: its 4-warp programs, several an SM; ``None``: v1's)."""
+        EL = self.num_local_experts
         if v2 is None:
             return max(1, min(cdiv(self._num_sms, EL), 8))
         return max(1, min(self._num_sms * v2.progs_per_sm // EL, v2.split_max))
@@ -511,7 +514,13 @@ class LowLatencyBuffer:
         EL, R, MM = self.num_local_experts, self.world_size, self.max_m
         L, geo = self.layout, self._drecv
         slots, flags = self._drecv_bufs
-        nsplit, v2 = self._split(), self._v2
+        v2 = self._v2
+        nsplit = self._split(v2)
+        rpi = 1
+        if v2 is not None:  # rows a step: the padded payload words of a row fill v2.recv_words
+            nb = self._nb(cfg.payload)
+            row_words = nb * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
+            rpi = _next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
         ksf = H // 16
         if cfg.payload == "nvfp4":
             sf = out.scales.view(torch.uint8)
@@ -528,7 +537,7 @@ class LowLatencyBuffer:
             R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
             NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
             SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
-            num_warps=self._warps() if v2 is None else v2.warps, RPI=1 if v2 is None else v2.recv_rows,
+            num_warps=self._warps() if v2 is None else v2.warps, RPI=rpi,
             PIPELINE=v2 is not None,
         )  # fmt: skip
         return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
@@ -540,8 +549,9 @@ class LowLatencyBuffer:
         H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
         g = self._cgeo
         rows_t, flags_t = self._csend_tables
-        nsplit, v2 = self._split(), self._v2
+        v2 = self._v2
         wide = v2 is not None and cfg.combine_payload == "bf16"  # multi-row tiles: raw bf16 rows only
+        nsplit = self._split(v2 if wide else None)  # quantizing rows: v1's 8-warp programs
         yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
         args = (
             yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._sink,
