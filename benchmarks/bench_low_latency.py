@@ -17,6 +17,14 @@ measure the GPU side: kernels, NVLink stores and the flag waits. Bytes: message 
 move through local HBM); GB/s per GPU = those bytes / time. Targets (issue 4, 4x H200,
 H=7168, top-8, 256 experts): dispatch 128 tok <= 25 us, combine 128 tok <= 45 us,
 dispatch 512 tok <= 55 us.
+
+Kernel variants (``LowLatencyConfig.variant``, same bits): ``--variants v1,v2`` times each
+on the same inputs, rows side by side (``variant`` column); ``--graph-only`` skips the
+eager rows. The old-vs-new comparison on 4 GPUs::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc-per-node=4 benchmarks/bench_low_latency.py --backends nvlink \\
+        --tokens 1,128,512 --variants v1,v2 --graph-only
 """
 
 from __future__ import annotations
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", default="results")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows of the nvlink backend")
+    ap.add_argument("--graph-only", action="store_true", help="nvlink backend: only the CUDA-graph rows")
+    ap.add_argument("--variants", default="v1", help="kernel variants to time side by side, e.g. v1,v2")
     args = ap.parse_args(argv)
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "16G")  # launch edge
     dist.init_process_group("nccl")
@@ -152,10 +162,12 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     mem = None
-    for backend in args.backends.split(","):
+    if args.graph_only and args.no_graph:
+        ap.error("--graph-only and --no-graph exclude each other")
+    for backend, variant in [(b, v) for b in args.backends.split(",") for v in args.variants.split(",")]:
         cfg = LowLatencyConfig(
             hidden=args.hidden, num_experts=args.experts, num_topk=args.topk, max_tokens_per_rank=max(tokens),
-            payload=args.payload, combine_payload=args.combine_payload,
+            payload=args.payload, combine_payload=args.combine_payload, variant=variant,
         )  # fmt: skip
         if backend == "nvlink":
             mem = mem or init_nvshmem(None, dev)
@@ -163,6 +175,8 @@ def main(argv=None) -> int:
         else:
             buf = LowLatencyBuffer(cfg, backend="torch", device=dev, sync_check=False)
         modes = ["eager", "graph"] if (backend == "nvlink" and not args.no_graph) else ["eager"]
+        if backend == "nvlink" and args.graph_only:
+            modes = ["graph"]
         for mode, T in [(m, t) for m in modes for t in tokens]:
             fn = run_graph if mode == "graph" else run_one
             try:
@@ -180,7 +194,8 @@ def main(argv=None) -> int:
             c_b = sum(a["combine_bytes"] for a in allr) / R
             rows.append(
                 dict(
-                    backend=backend, mode=mode, ranks=R, tokens=T, hidden=args.hidden, experts=args.experts,
+                    backend=backend, variant=variant, mode=mode, ranks=R, tokens=T, hidden=args.hidden,
+                    experts=args.experts,
                     topk=args.topk,
                     payload=args.payload, combine_payload=args.combine_payload,
                     dispatch_us=round(d_us, 2), combine_us=round(c_us, 2),

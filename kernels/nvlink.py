@@ -171,6 +171,55 @@ def _to_bf16_rne(x):
 
 
 # ----------------------------------------------------------------------------- low latency: dispatch
+@triton.jit
+def _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K: tl.constexpr, E: tl.constexpr):
+    """Top-k ids ``[KP]`` (lanes past K and ids outside ``[-1, E)`` -> -1, the latter reported
+    as ``ST_BAD_ID``) and weights ``[KP]`` of token ``t64``."""
+    ids = tl.load(ids_ptr + t64 * K + kk, mask=kk < K, other=-1)
+    wts = tl.load(w_ptr + t64 * K + kk, mask=kk < K, other=0.0)
+    bad = (ids < -1) | (ids >= E)
+    if tl.sum(bad.to(tl.int32), axis=0) > 0:
+        report_timeout(status_ptr + ST_BAD_ID, 1 + tl.max(tl.where(bad, ids, -1), axis=0))
+    return tl.where(bad, -1, ids), wts
+
+
+@triton.jit
+def _store_token_rows(
+    anchor, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
+    SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+    H: tl.constexpr, K: tl.constexpr, E_LOCAL: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
+    ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, IDS_OFF: tl.constexpr, W_OFF: tl.constexpr,
+    SRC_OFF: tl.constexpr,
+):  # fmt: skip
+    """Store token ``t``'s encoded row into slot ``pos[k]`` of expert ``ids[k]`` (on its owner)
+    for every routed ``k``; a position ``>= TMAX`` is dropped and reported (``ST_OVERFLOW``)."""
+    for k in tl.static_range(K):
+        e = tl.sum(tl.where(kk == k, ids, 0), axis=0)  # -1 when not routed
+        p = tl.sum(tl.where(kk == k, pos, 0), axis=0)
+        if e >= 0:
+            if p < TMAX:
+                d = e // E_LOCAL
+                le = e % E_LOCAL
+                slot = b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + p
+                row_addr = tl.load(rows_table + d) + slot.to(tl.int64) * ROW_BYTES
+                _store_row(anchor, row_addr, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
+                ip = (row_addr + IDS_OFF).to(tl.pointer_type(tl.int32))
+                tl.store(ip + kk, ids, mask=kk < K)
+                fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
+                tl.store(fp + kk, wts, mask=kk < K)
+                tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), (t * K + k).to(tl.int32))
+            else:
+                report_timeout(status_ptr + ST_OVERFLOW, 1 + e % E_LOCAL)
+
+
+@triton.jit
+def _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E: tl.constexpr, E_LOCAL: tl.constexpr):
+    """Pointers ``[EP]`` to the flag of (global expert ``ex``, this source) on its owner."""
+    fbase = tl.load(flags_table + ex // E_LOCAL, mask=ex < E, other=0)
+    faddr = fbase + (b * FLAG_B + (ex % E_LOCAL) * FLAG_E + SRC_SLOT * FLAG_S).to(tl.int64) * 8
+    return faddr.to(tl.pointer_type(tl.int64))
+
+
 # Integer arguments that change from call to call are not specialized (a value of 1 or a
 # multiple of 16 would otherwise compile a new variant on one rank while its peers spin).
 @triton.jit(do_not_specialize=["T", "NPROG"])
@@ -183,7 +232,7 @@ def ll_dispatch_send_kernel(
     flags_table,  # [R] int64: base address of rank d's int64 flags
     epoch_ptr,  # [4] int64 local: [0] last finished dispatch (written by recv), [1] in flight
     sink_ptr,  # int64 local scratch: masked-off flag stores land here (GPU)
-    counter_ptr,  # int32 local arrival counter
+    counter_ptr,  # int32 local arrival counter (v1) / [EP] int32 per-expert row counters (v2)
     status_ptr,  # [4] int32 local
     SRC_SLOT,  # this rank's index along the slots' source axis
     SLOT_B,
@@ -210,77 +259,189 @@ def ll_dispatch_send_kernel(
     CHUNK: tl.constexpr,
     GPU: tl.constexpr,  # compiled for a GPU (inline PTX fences), False under the interpreter
     NPROG,  # grid size (tl.num_programs is not a scalar under the interpreter)
+    EARLY_FLAGS: tl.constexpr = False,  # v2 (see below)
 ):
-    """One program per token (persistent loop): quantize the row once, store it into the
-    slot of each of its top-k experts on the owning rank; the last program to finish
-    publishes ``(seq << 32) | count`` for every (expert, this source)."""
+    """Quantize each token row once and store it into the slot of each of its top-k experts
+    on the owning rank, then publish ``(seq << 32) | count`` for every (expert, this source).
+
+    v1 (``EARLY_FLAGS=False``): programs stride over tokens; the position of ``(t, k)`` is a
+    scan of every earlier id; the last program to arrive builds the expert histogram and
+    publishes all flags (a serial tail).
+
+    v2 (``EARLY_FLAGS=True``): program ``p`` owns the contiguous tokens
+    ``[p * TPB, (p + 1) * TPB)``. One pass over the ids gives per-expert totals and the
+    counts before its block (two histograms), positions follow from a running per-expert
+    count (the same row-major order as v1, so the same slots). After its stores (one
+    fence) each program adds its per-expert row counts to local counters
+    (``counter_ptr[e]``, acq_rel); the program that completes expert ``e`` publishes its
+    flag and resets the counter. Program 0 publishes the experts nobody routes to. No
+    program waits for another."""
     pid = tl.program_id(0)
     nprog = NPROG
     seq = tl.load(epoch_ptr) + 1
     b = seq % NBUF
     kk = tl.arange(0, KP)
-    t = pid
-    while t < T:
-        t64 = t.to(tl.int64)
-        if PAYLOAD == 2:
-            pw, sw, gs = _encode_row(x_ptr + t64 * (H // 4), H, PAYLOAD, NB)
-        else:
-            pw, sw, gs = _encode_row(x_ptr + t64 * H, H, PAYLOAD, NB)
-        ids = tl.load(ids_ptr + t64 * K + kk, mask=kk < K, other=-1)
-        wts = tl.load(w_ptr + t64 * K + kk, mask=kk < K, other=0.0)
-        bad = (ids < -1) | (ids >= E)
-        if tl.sum(bad.to(tl.int32), axis=0) > 0:
-            report_timeout(status_ptr + ST_BAD_ID, 1 + tl.max(tl.where(bad, ids, -1), axis=0))
-        ids = tl.where(bad, -1, ids)
-        # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
-        flat = t64 * K + kk
-        pos = tl.zeros([KP], dtype=tl.int32)
-        c = 0
-        while c < t * K + K:
-            offs = c + tl.arange(0, CHUNK)
-            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
-            hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
-            pos += tl.sum(hit.to(tl.int32), axis=1)
-            c += CHUNK
-        for k in tl.static_range(K):
-            e = tl.sum(tl.where(kk == k, ids, 0), axis=0)  # -1 when not routed
-            p = tl.sum(tl.where(kk == k, pos, 0), axis=0)
-            if e >= 0:
-                if p < TMAX:
-                    d = e // E_LOCAL
-                    le = e % E_LOCAL
-                    slot = b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + p
-                    row_addr = tl.load(rows_table + d) + slot.to(tl.int64) * ROW_BYTES
-                    _store_row(epoch_ptr, row_addr, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
-                    ip = (row_addr + IDS_OFF).to(tl.pointer_type(tl.int32))
-                    tl.store(ip + kk, ids, mask=kk < K)
-                    fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
-                    tl.store(fp + kk, wts, mask=kk < K)
-                    tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), (t * K + k).to(tl.int32))
-                else:
-                    report_timeout(status_ptr + ST_OVERFLOW, 1 + e % E_LOCAL)
-        t += nprog
-    if arrive_last(counter_ptr, nprog, GPU):
-        # counts per global expert, then one flag per (expert, this source) on its owner
+    XROW: tl.constexpr = H // 4 if PAYLOAD == 2 else H  # x elements (int64 words for bf16) a token
+    if EARLY_FLAGS:
         ex = tl.arange(0, EP)
-        cnt = tl.zeros([EP], dtype=tl.int32)
+        tpb = (T + nprog - 1) // nprog
+        t_lo = pid * tpb
+        t_hi = tl.minimum(t_lo + tpb, T)
+        tot = tl.zeros([EP], dtype=tl.int32)
+        run = tl.zeros([EP], dtype=tl.int32)  # pairs routed to e before the next token
         c = 0
         while c < T * K:
             offs = c + tl.arange(0, CHUNK)
             v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
             ok = (v >= 0) & (v < E) & (offs < T * K)
-            cnt += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
+            tot += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
+            okp = ok & (offs < t_lo * K)
+            run += tl.histogram(tl.where(okp, v, 0), EP, mask=okp)
             c += CHUNK
-        cnt = tl.minimum(cnt, TMAX)
-        d = ex // E_LOCAL
-        le = ex % E_LOCAL
-        fbase = tl.load(flags_table + d, mask=ex < E, other=0)
-        faddr = fbase + (b * FLAG_B + le * FLAG_E + SRC_SLOT * FLAG_S).to(tl.int64) * 8
-        val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
+        fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
+        if pid == 0:  # experts this source routes nothing to: no rows to order before the flag
+            zero = tl.zeros([EP], tl.int64) + (seq.to(tl.int64) << 32)
+            flag_store_release(fptr, zero, (ex < E) & (tot == 0), sink_ptr, GPU)
+            tl.store(epoch_ptr + 1, seq)
+        mine = run
+        t = t_lo
+        while t < t_hi:
+            t64 = t.to(tl.int64)
+            pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
+            ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
+            hit = ids[:, None] == ex[None, :]  # [KP, EP]; -1 matches nothing
+            dup = (ids[:, None] == ids[None, :]) & (kk[None, :] < kk[:, None])
+            pos = tl.sum(tl.where(hit, run[None, :], 0), axis=1) + tl.sum(dup.to(tl.int32), axis=1)
+            _store_token_rows(
+                epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
+                SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+                H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
+            )  # fmt: skip
+            run += tl.sum(hit.to(tl.int32), axis=0)
+            t += 1
+        mine = run - mine
+        has = mine > 0
         fence_sys(GPU)
         tl.debug_barrier()
-        flag_store_release(faddr.to(tl.pointer_type(tl.int64)), val, ex < E, sink_ptr, GPU)
-        tl.store(epoch_ptr + 1, seq)
+        old = tl.atomic_add(counter_ptr + ex, mine, mask=has, sem="acq_rel", scope="sys")
+        full = has & (old + mine == tot)
+        tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
+        fence_sys(GPU)
+        tl.debug_barrier()
+        val = (seq.to(tl.int64) << 32) | tl.minimum(tot, TMAX).to(tl.int64)
+        flag_store_release(fptr, val, full, sink_ptr, GPU)
+    else:
+        t = pid
+        while t < T:
+            t64 = t.to(tl.int64)
+            pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
+            ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
+            # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
+            flat = t64 * K + kk
+            pos = tl.zeros([KP], dtype=tl.int32)
+            c = 0
+            while c < t * K + K:
+                offs = c + tl.arange(0, CHUNK)
+                v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
+                hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
+                pos += tl.sum(hit.to(tl.int32), axis=1)
+                c += CHUNK
+            _store_token_rows(
+                epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
+                SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+                H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
+            )  # fmt: skip
+            t += nprog
+        if arrive_last(counter_ptr, nprog, GPU):
+            # counts per global expert, then one flag per (expert, this source) on its owner
+            ex = tl.arange(0, EP)
+            cnt = tl.zeros([EP], dtype=tl.int32)
+            c = 0
+            while c < T * K:
+                offs = c + tl.arange(0, CHUNK)
+                v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
+                ok = (v >= 0) & (v < E) & (offs < T * K)
+                cnt += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
+                c += CHUNK
+            cnt = tl.minimum(cnt, TMAX)
+            fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
+            val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
+            fence_sys(GPU)
+            tl.debug_barrier()
+            flag_store_release(fptr, val, ex < E, sink_ptr, GPU)
+            tl.store(epoch_ptr + 1, seq)
+
+
+@triton.jit
+def _copy_source(
+    base, anchor, slot0, st, c_s, j, nsplit, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr,
+    out_w_ptr, MAXM, MT, KT,
+    RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
+    ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+):  # fmt: skip
+    """Program ``j`` of ``nsplit``'s share of the ``c_s`` slot rows of source ``s`` (slots
+    ``slot0 ..``, local byte address ``base``): copied into rows ``st ..`` of local expert
+    ``le``'s masked layout, ``[RPI, ...]`` tiles (``RPI`` rows of loads in flight a step)."""
+    i = j * RPI
+    while i < c_s:
+        _copy_rows(
+            base, anchor, slot0 + i, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
+            src_slot_ptr, out_w_ptr, MAXM, MT, KT,
+            RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+        )  # fmt: skip
+        i += nsplit * RPI
+
+
+@triton.jit
+def _copy_rows(
+    base, anchor, slot0, m0, nrows, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
+    MAXM, MT, KT,
+    RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
+    ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
+    SWIZZLE: tl.constexpr,
+):  # fmt: skip
+    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` rows."""
+    r = tl.arange(0, RPI)
+    ok = r < nrows
+    row_addr = base + (slot0 + r).to(tl.int64) * ROW_BYTES  # [RPI]
+    wp = _row_words(anchor, row_addr)[:, None]
+    m = (m0 + r).to(tl.int64)
+    orow = le.to(tl.int64) * MAXM + m
+    blk = tl.arange(0, NB)
+    if PAYLOAD == 0:
+        KSF: tl.constexpr = H // 16
+        PW: tl.constexpr = H // 16
+        wm = ok[:, None] & (blk < PW)[None, :]
+        tl.store(out_x_ptr + orow[:, None] * PW + blk[None, :], tl.load(wp + blk[None, :], mask=wm), mask=wm)
+        sblk = tl.arange(0, NB // 8)
+        sw = tl.load(wp + SCALE_OFF // 8 + sblk[None, :], mask=ok[:, None] & (sblk < (KSF + 7) // 8)[None, :], other=0)
+        sfb = tl.reshape(_words_to_bytes(tl.reshape(sw, (RPI * (NB // 8),))), (RPI, NB)).to(tl.uint8)
+        if SWIZZLE:
+            off = swizzled_sf_offset(le.to(tl.int64), m[:, None], blk[None, :].to(tl.int64), MT, KT)
+            tl.store(out_sf_ptr + off, tl.where(blk[None, :] < KSF, sfb, 0), mask=ok[:, None] & (blk < KT * 4)[None, :])
+        else:
+            tl.store(out_sf_ptr + orow[:, None] * KSF + blk[None, :], sfb, mask=ok[:, None] & (blk < KSF)[None, :])
+        GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
+        tl.store(out_gs_ptr + orow, tl.load((row_addr + GS_OFF).to(tl.pointer_type(tl.float32)), mask=ok), mask=ok)
+    elif PAYLOAD == 1:
+        PW1: tl.constexpr = H // 8
+        w = tl.arange(0, NB * 16)
+        wm = ok[:, None] & (w < PW1)[None, :]
+        tl.store(out_x_ptr + orow[:, None] * PW1 + w[None, :], tl.load(wp + w[None, :], mask=wm), mask=wm)
+        NBLK: tl.constexpr = H // 128
+        sp = (row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32))[:, None]
+        bm = ok[:, None] & (blk < NBLK)[None, :]
+        tl.store(out_sf_ptr + orow[:, None] * NBLK + blk[None, :], tl.load(sp + blk[None, :], mask=bm), mask=bm)
+    else:
+        PW2: tl.constexpr = H // 4
+        w = tl.arange(0, NB * 4)
+        wm = ok[:, None] & (w < PW2)[None, :]
+        tl.store(out_x_ptr + orow[:, None] * PW2 + w[None, :], tl.load(wp + w[None, :], mask=wm), mask=wm)
+    tk = tl.load((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), mask=ok, other=0)
+    tl.store(src_rank_ptr + orow, tl.zeros([RPI], tl.int32) + s, mask=ok)
+    tl.store(src_slot_ptr + orow, tk, mask=ok)
+    tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + tk % K, mask=ok), mask=ok)
 
 
 @triton.jit(do_not_specialize=["max_spins", "timeout_us"])
@@ -322,72 +483,60 @@ def ll_dispatch_recv_kernel(
     SWIZZLE: tl.constexpr,
     GPU: tl.constexpr,
     NSPLIT,  # grid dim 1
+    RPI: tl.constexpr = 1,  # rows a program copies at once
+    PIPELINE: tl.constexpr = False,  # v2: copy source s while later sources are still in flight
 ):
-    """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, then copy its
-    slots into the masked layout ordered by (source rank, source token)."""
+    """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, copy its slots
+    into the masked layout ordered by (source rank, source token).
+
+    v1 (``PIPELINE=False, RPI=1``): every flag first, then the copy, one row at a time.
+    v2 (``PIPELINE=True``, ``RPI`` > 1): source ``s`` is copied as soon as its flag is in
+    (its rows start after those of sources ``< s``, whose counts are known by then), ``RPI``
+    rows a step."""
     le = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = NSPLIT
     seq = tl.load(epoch_ptr + 1)
     b = seq % NBUF
-    rr = tl.arange(0, RP)
-    cnt = tl.zeros([RP], dtype=tl.int32)
-    t0 = spin_start(GPU)
-    for s in tl.static_range(R):
-        fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-        v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
-        if not ok:
-            report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
-        c = tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0)
-        cnt = tl.where(rr == s, tl.minimum(c, TMAX), cnt)
-    start = tl.cumsum(cnt, axis=0) - cnt
-    if j == 0:
-        tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
     base = slots_ptr.to(tl.int64)
-    blk = tl.arange(0, NB)
-    KSF: tl.constexpr = H // 16
-    for s in tl.static_range(R):
-        c_s = tl.sum(tl.where(rr == s, cnt, 0), axis=0)
-        st = tl.sum(tl.where(rr == s, start, 0), axis=0)
-        i = j
-        while i < c_s:
-            slot = (b * SLOT_B + le * SLOT_E + s * SLOT_S + i).to(tl.int64)
-            row_addr = base + slot * ROW_BYTES
-            wp = _row_words(epoch_ptr, row_addr)
-            m = (st + i).to(tl.int64)
-            orow = le.to(tl.int64) * MAXM + m
-            if PAYLOAD == 0:
-                PW: tl.constexpr = H // 16
-                w = tl.arange(0, NB)
-                tl.store(out_x_ptr + orow * PW + w, tl.load(wp + w, mask=w < PW), mask=w < PW)
-                sblk = tl.arange(0, NB // 8)
-                sw = tl.load(wp + SCALE_OFF // 8 + sblk, mask=sblk < (KSF + 7) // 8, other=0)
-                sfb = tl.reshape(_words_to_bytes(sw), (NB,)).to(tl.uint8)
-                if SWIZZLE:
-                    kq = tl.arange(0, NB)
-                    off = swizzled_sf_offset(le.to(tl.int64), m, kq.to(tl.int64), MT, KT)
-                    tl.store(out_sf_ptr + off, tl.where(kq < KSF, sfb, 0), mask=kq < KT * 4)
-                else:
-                    tl.store(out_sf_ptr + orow * KSF + blk, sfb, mask=blk < KSF)
-                GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
-                tl.store(out_gs_ptr + orow, tl.load((row_addr + GS_OFF).to(tl.pointer_type(tl.float32))))
-            elif PAYLOAD == 1:
-                PW1: tl.constexpr = H // 8
-                w = tl.arange(0, NB * 16)
-                tl.store(out_x_ptr + orow * PW1 + w, tl.load(wp + w, mask=w < PW1), mask=w < PW1)
-                NBLK: tl.constexpr = H // 128
-                sp = (row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32))
-                tl.store(out_sf_ptr + orow * NBLK + blk, tl.load(sp + blk, mask=blk < NBLK), mask=blk < NBLK)
-            else:
-                PW2: tl.constexpr = H // 4
-                w = tl.arange(0, NB * 4)
-                tl.store(out_x_ptr + orow * PW2 + w, tl.load(wp + w, mask=w < PW2), mask=w < PW2)
-            tk = tl.load((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)))
-            kidx = tk % K
-            tl.store(src_rank_ptr + orow, s)
-            tl.store(src_slot_ptr + orow, tk)
-            tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + kidx))
-            i += nsplit
+    t0 = spin_start(GPU)
+    if PIPELINE:
+        st = 0
+        for s in tl.static_range(R):
+            fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
+            v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
+            if not ok:
+                report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
+            c_s = tl.minimum(tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0), TMAX)
+            _copy_source(
+                base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
+                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, MAXM, MT, KT,
+                RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+            )  # fmt: skip
+            st += c_s
+        if j == 0:
+            tl.store(masked_m_ptr + le, st)
+    else:
+        rr = tl.arange(0, RP)
+        cnt = tl.zeros([RP], dtype=tl.int32)
+        for s in tl.static_range(R):
+            fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
+            v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
+            if not ok:
+                report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
+            c = tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0)
+            cnt = tl.where(rr == s, tl.minimum(c, TMAX), cnt)
+        start = tl.cumsum(cnt, axis=0) - cnt
+        if j == 0:
+            tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
+        for s in tl.static_range(R):
+            c_s = tl.sum(tl.where(rr == s, cnt, 0), axis=0)
+            st = tl.sum(tl.where(rr == s, start, 0), axis=0)
+            _copy_source(
+                base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
+                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, MAXM, MT, KT,
+                RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+            )  # fmt: skip
     if (le == 0) & (j == 0):
         tl.store(epoch_ptr, seq)
 
@@ -421,10 +570,12 @@ def ll_combine_send_kernel(
     E_LOCAL: tl.constexpr,
     GPU: tl.constexpr,
     NSPLIT,
+    RPI: tl.constexpr = 1,  # bf16 wire: rows a program moves at once (> 1: one [RPI, H] tile)
 ):
     """Grid ``(E_LOCAL, NSPLIT)``: send each valid expert-output row (quantized per token
     for fp8 / nvfp4 wires) to slot ``t * K + k`` of its source rank; the last program
-    publishes ``seq`` to every rank."""
+    publishes ``seq`` to every rank. ``RPI > 1`` (bf16 wire only): ``RPI`` rows a step, their
+    loads all in flight before the peer stores."""
     le = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = NSPLIT
@@ -432,18 +583,31 @@ def ll_combine_send_kernel(
     seq = tl.load(epoch_ptr + 2) + 1
     b = seq % NBUF
     n = tl.load(masked_m_ptr + le)
-    i = j
+    i = j * RPI
     while i < n:
-        orow = le.to(tl.int64) * MAXM + i
-        s = tl.load(src_rank_ptr + orow)
-        slot = tl.load(src_slot_ptr + orow).to(tl.int64)
-        row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + slot).to(tl.int64) * CROW_BYTES
-        if CPAYLOAD == 2:
-            pw, sw, gs = _encode_row(y_ptr + orow * (H // 4), H, CPAYLOAD, NB)
+        if RPI > 1:
+            tl.static_assert(CPAYLOAD == 2, "RPI > 1 needs the bf16 combine wire")
+            r = tl.arange(0, RPI)
+            ok = i + r < n
+            orow = le.to(tl.int64) * MAXM + i + r
+            s = tl.load(src_rank_ptr + orow, mask=ok, other=0)
+            slot = tl.load(src_slot_ptr + orow, mask=ok, other=0).to(tl.int64)
+            row_addr = tl.load(rows_table + s, mask=ok, other=0) + (b * CB + SRC_SLOT * CS + slot) * CROW_BYTES
+            w = tl.arange(0, NB * 4)
+            wm = ok[:, None] & (w < H // 4)[None, :]
+            v = tl.load(y_ptr + orow[:, None] * (H // 4) + w[None, :], mask=wm)
+            tl.store(_row_words(epoch_ptr, row_addr)[:, None] + w[None, :], v, mask=wm)
         else:
-            pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
-        _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
-        i += nsplit
+            orow = le.to(tl.int64) * MAXM + i
+            s = tl.load(src_rank_ptr + orow)
+            slot = tl.load(src_slot_ptr + orow).to(tl.int64)
+            row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + slot).to(tl.int64) * CROW_BYTES
+            if CPAYLOAD == 2:
+                pw, sw, gs = _encode_row(y_ptr + orow * (H // 4), H, CPAYLOAD, NB)
+            else:
+                pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
+            _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
+        i += nsplit * RPI
     if arrive_last(counter_ptr, nprog, GPU):
         rr = tl.arange(0, RP)
         fbase = tl.load(flags_table + rr, mask=rr < R, other=0)
@@ -483,9 +647,15 @@ def ll_combine_recv_kernel(
     CSCALE_OFF: tl.constexpr,
     GPU: tl.constexpr,
     NPROG,
+    HC: tl.constexpr = 0,  # > 0 (bf16 wire): work items are (token, HC-element chunk)
 ):
     """Persistent over tokens: wait for every expert rank's flag, then
-    ``out[t] = sum_k w[t, k] * y(t, k)`` in FP32 (k ascending), rounded to BF16."""
+    ``out[t] = sum_k w[t, k] * y(t, k)`` in FP32 (k ascending), rounded to BF16.
+
+    ``HC > 0`` (v2, bf16 wire): the work items are ``(token, chunk of HC hidden elements)``
+    (``T * cdiv(H, HC)`` of them, more programs busy at small T), and the K row loads of an
+    item carry no branch (unrouted ``k``: row 0 of its slot, masked out of the sum), so they
+    are all in flight together. Same FP32 operations per element, same order, as v1."""
     pid = tl.program_id(0)
     nprog = NPROG
     seq = tl.load(epoch_ptr + 3)
@@ -496,22 +666,44 @@ def ll_combine_recv_kernel(
         if not ok:
             report_timeout(status_ptr + ST_COMBINE_TIMEOUT, r + 1)
     base = rows_ptr.to(tl.int64)
-    blk = tl.arange(0, NB)
-    col = tl.arange(0, BS)
-    t = pid
-    while t < T:
-        t64 = t.to(tl.int64)
-        acc = tl.zeros([NB, BS], dtype=tl.float32)
-        for k in tl.static_range(K):
-            e = tl.load(ids_ptr + t64 * K + k)
-            if (e >= 0) & (e < E):
+    if HC > 0:
+        tl.static_assert(CPAYLOAD == 2, "HC > 0 needs the bf16 combine wire")
+        NCH: tl.constexpr = (H + HC - 1) // HC
+        h = tl.arange(0, HC)
+        item = pid
+        while item < T * NCH:
+            t64 = (item // NCH).to(tl.int64)
+            hoff = (item % NCH) * HC + h
+            hm = hoff < H
+            acc = tl.zeros([HC], dtype=tl.float32)
+            for k in tl.static_range(K):  # k ascending, acc + w * row as v1; no branch
+                e = tl.load(ids_ptr + t64 * K + k)
                 w = tl.load(w_ptr + t64 * K + k)
-                src = e // E_LOCAL  # (not `s`/`r`: a loop variable above is a constexpr)
+                ok = (e >= 0) & (e < E)
+                src = tl.where(ok, e // E_LOCAL, 0)
                 row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
-                acc = acc + w * _load_row_f32(epoch_ptr, row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
-        offs = blk[:, None] * BS + col[None, :]
-        tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
-        t += nprog
+                rp = _row_words(epoch_ptr, row_addr).to(tl.pointer_type(tl.bfloat16))
+                v = tl.load(rp + hoff, mask=hm & ok, other=0.0).to(tl.float32)
+                acc = tl.where(ok, acc + w * v, acc)
+            tl.store(out_ptr + t64 * H + hoff, _to_bf16_rne(acc), mask=hm)
+            item += nprog
+    else:
+        blk = tl.arange(0, NB)
+        col = tl.arange(0, BS)
+        t = pid
+        while t < T:
+            t64 = t.to(tl.int64)
+            acc = tl.zeros([NB, BS], dtype=tl.float32)
+            for k in tl.static_range(K):
+                e = tl.load(ids_ptr + t64 * K + k)
+                if (e >= 0) & (e < E):
+                    w = tl.load(w_ptr + t64 * K + k)
+                    src = e // E_LOCAL  # (not `s`/`r`: a loop variable above is a constexpr)
+                    row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
+                    acc = acc + w * _load_row_f32(epoch_ptr, row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
+            offs = blk[:, None] * BS + col[None, :]
+            tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
+            t += nprog
     if pid == 0:
         tl.store(epoch_ptr + 2, seq)
 

@@ -14,6 +14,7 @@ prints its Python stack if a test runs far longer than it should (diagnosis of h
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.multigpu
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLDS = [pytest.param(n, id=f"{n}gpu", marks=pytest.mark.skipif(NUM_GPUS < n, reason=f"needs {n} GPUs")) for n in (2, 4)]
 
+
+#: kernel variants (``LowLatencyConfig.variant``): every one must give the torch fallback's bits
+LL_VARIANTS = pytest.mark.parametrize("variant", ["v1", "v2"])
 
 WATCHDOG_S = float(os.environ.get("FP4COMM_WATCHDOG_S", "90"))
 #: seconds a receive half waits for a silent peer in these tests (the library default is 60)
@@ -72,9 +76,9 @@ def _inputs(pg, T, H, E, K, seed):
 
 
 # ----------------------------------------------------------------------------- low latency
-def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T):
-    """NVSHMEM low-latency path == the torch fallback (same kernels, NCCL all-to-all) bit for
-    bit, and dispatch == the reference model."""
+def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T, variant):
+    """NVSHMEM low-latency path (kernel ``variant``) == the torch fallback (v1 kernels, NCCL
+    all-to-all) bit for bit: the variants agree with each other as well."""
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 
     mem = _setup(pg)
@@ -82,7 +86,7 @@ def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T):
         hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload=payload, scale_layout=layout,
         combine_payload=cpayload, timeout_s=PEER_TIMEOUT_S,
     )  # fmt: skip
-    nv = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
+    nv = LowLatencyBuffer(dataclasses.replace(cfg, variant=variant), mem=mem, sync_check=True)
     tb = LowLatencyBuffer(cfg, group=None, backend="torch", device=pg.device, sync_check=True)
     for it, t in enumerate([T, T // 3, 1, 0, T]):
         x, ids, w = _inputs(pg, t, H, E, K, seed=100 + it)
@@ -104,17 +108,19 @@ def _ll_vs_torch(pg, payload, layout, cpayload, H, E, K, T):
     return True
 
 
+@LL_VARIANTS
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize(
     "payload,layout,cpayload",
     [("nvfp4", "linear", "bf16"), ("nvfp4", "swizzled", "nvfp4"), ("fp8", "linear", "fp8"), ("bf16", "linear", "bf16")],
     ids=["nvfp4", "nvfp4-swz-cnvfp4", "fp8-cfp8", "bf16"],
 )
-def test_ll_nvlink_equals_torch(world, payload, layout, cpayload):
-    assert all(run_distributed(_ll_vs_torch, world, payload, layout, cpayload, 7168, 64, 8, 96, backend="nccl"))
+def test_ll_nvlink_equals_torch(world, payload, layout, cpayload, variant):
+    args = (payload, layout, cpayload, 7168, 64, 8, 96, variant)
+    assert all(run_distributed(_ll_vs_torch, world, *args, backend="nccl"))
 
 
-def _ll_reference(pg):
+def _ll_reference(pg, variant):
     """Dispatch on GPUs == the plain-torch model (reference quantizers on CPU), combine ==
     FP32 k-ascending sum of the dequantized wire rows."""
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
@@ -123,7 +129,8 @@ def _ll_reference(pg):
     mem = _setup(pg)
     R, H, E, K, T = pg.world_size, 512, 16, 4, 24
     cfg = LowLatencyConfig(
-        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, combine_payload="nvfp4", timeout_s=PEER_TIMEOUT_S
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, combine_payload="nvfp4", timeout_s=PEER_TIMEOUT_S,
+        variant=variant,
     )
     nv = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
     xs, ids, ws = make_inputs(R, [T, T - 5, 3, T][:R], H, E, K, seed=5)
@@ -160,12 +167,13 @@ def _ll_reference(pg):
     return True
 
 
+@LL_VARIANTS
 @pytest.mark.parametrize("world", WORLDS)
-def test_ll_matches_reference_model(world):
-    assert all(run_distributed(_ll_reference, world, backend="nccl"))
+def test_ll_matches_reference_model(world, variant):
+    assert all(run_distributed(_ll_reference, world, variant, backend="nccl"))
 
 
-def _ll_cuda_graph_and_cycles(pg):
+def _ll_cuda_graph_and_cycles(pg, variant):
     """Capture dispatch + identity-expert + combine once, replay with new inputs: equals
     eager. Then 1000 eager cycles with varying T: no drift (epochs), no leak (allocator)."""
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
@@ -173,7 +181,8 @@ def _ll_cuda_graph_and_cycles(pg):
     mem = _setup(pg, watchdog=300)
     H, E, K, T = 7168, 256 if pg.world_size == 4 else 64, 8, 128
     cfg = LowLatencyConfig(
-        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="bf16", timeout_s=PEER_TIMEOUT_S
+        hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="bf16", timeout_s=PEER_TIMEOUT_S,
+        variant=variant,
     )
     g_buf = LowLatencyBuffer(cfg, mem=mem, sync_check=False)
     e_buf = LowLatencyBuffer(cfg, mem=mem, sync_check=True)
@@ -214,18 +223,20 @@ def _ll_cuda_graph_and_cycles(pg):
     e_buf.check()
     assert e_buf._epoch.tolist() == [1003] * 4  # 3 checks + 1000 cycles
     assert int(e_buf._counter.abs().sum()) == 0
+    assert int(e_buf._done.abs().sum()) == 0  # v2 per-expert row counters reset themselves
     leak = torch.cuda.memory_allocated() - (before or 0)
     assert leak < (64 << 20), leak
     _teardown(mem, g_buf, e_buf)
     return True
 
 
+@LL_VARIANTS
 @pytest.mark.parametrize("world", WORLDS)
-def test_ll_cuda_graph_replay_and_1000_cycles(world):
-    assert all(run_distributed(_ll_cuda_graph_and_cycles, world, backend="nccl", timeout=600))
+def test_ll_cuda_graph_replay_and_1000_cycles(world, variant):
+    assert all(run_distributed(_ll_cuda_graph_and_cycles, world, variant, backend="nccl", timeout=600))
 
 
-def _ll_timeout(pg):
+def _ll_timeout(pg, variant):
     """Rank 0 dispatches alone: its receive half gives up after ``timeout_s`` and ``check``
     raises ``TimeoutError`` naming rank 1 (not a hang); then the buffer is torn down
     collectively as usual."""
@@ -236,7 +247,7 @@ def _ll_timeout(pg):
     from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 
     mem = _setup(pg)
-    cfg = LowLatencyConfig(hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5)
+    cfg = LowLatencyConfig(hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5, variant=variant)
     buf = LowLatencyBuffer(cfg, mem=mem, sync_check=True)  # collective: compiles, then a barrier
     x, ids, w = _inputs(pg, 8, 256, 8, 2, seed=3)
     err, took = None, 0.0
@@ -255,9 +266,10 @@ def _ll_timeout(pg):
     return True
 
 
+@LL_VARIANTS
 @pytest.mark.parametrize("world", WORLDS[:1])
-def test_ll_timeout_names_peer_gpu(world):
-    assert all(run_distributed(_ll_timeout, world, backend="nccl"))
+def test_ll_timeout_names_peer_gpu(world, variant):
+    assert all(run_distributed(_ll_timeout, world, variant, backend="nccl"))
 
 
 def _ht_flag_timeout(pg):

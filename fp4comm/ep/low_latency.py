@@ -73,6 +73,40 @@ DEFAULT_TIMEOUT_S = 60.0  # GPU: a peer silent this long is reported (TimeoutErr
 DEFAULT_TIMEOUT_SPINS = 1 << 24  # interpreter on a live multi-process group
 EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
 _INT32_MAX = (1 << 31) - 1
+#: kernel variants of :class:`LowLatencyConfig` (``variant``); equal results, different speed
+VARIANTS = ("v1", "v2")
+
+
+@dataclass(frozen=True)
+class _V2Launch:
+    """Launch shape of the ``v2`` kernels (:func:`_v2_launch`)."""
+
+    progs_per_sm: int  # grid cap of the copy kernels: programs of `warps` warps an SM
+    warps: int
+    split_max: int  # programs per local expert (receive / combine send), at most
+    recv_words: int  # payload words (int64, padded) a receive program copies at once
+    csend_rows: int  # bf16 combine rows a send program moves at once (RPI)
+    crecv_chunk: int  # bf16 combine reduce: hidden elements a work item (HC)
+    chunk: int  # ids a step of the dispatch send's histogram pass
+
+
+def _v2_launch() -> _V2Launch:
+    """Heuristics of the ``v2`` kernels, with the reasons (not yet timed on GPUs: the bench's
+    ``--variants v1,v2`` rows decide).
+
+    * The copies (receive compaction, combine send, combine reduce) are latency bound:
+      one row (4 KB NVFP4, 14 KB BF16) in flight per v1 program, 192 programs. v2 keeps
+      several rows' loads in flight per program (``recv_words``: 4 NVFP4 rows, 2 FP8 rows,
+      1 BF16 row a step; ``csend_rows``; K rows per reduce item) and runs 4 programs of 4
+      warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
+      ptxas at H = 7168: 56 / 64 / 48 registers, no spills), so the grid never exceeds
+      what the GPU runs at once (the receive programs spin on flags).
+    * ``crecv_chunk`` = 1024 BF16 elements: 7 items a token at H = 7168 (896 programs'
+      worth of work at T = 128 instead of 128), 16 bytes a thread a row with 4 warps.
+    * ``chunk`` = 1024 ids: the send kernel's histogram pass takes <= 4 dependent steps at
+      T * K = 4096 (v1's per-token scan with 256 took up to 16).
+    """
+    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, csend_rows=2, crecv_chunk=1024, chunk=1024)
 
 
 def _next_pow2(n: int) -> int:
@@ -96,6 +130,11 @@ class LowLatencyConfig:
             :meth:`LowLatencyBuffer.check` raises ``TimeoutError`` (``None``: 60).
         timeout_spins: interpreter (CPU): flag reads before a wait gives up (``None``: a
             default by device).
+        variant: kernel variant, the same bits either way (see :data:`VARIANTS`): ``"v1"``
+            (default, the H200-measured one) or ``"v2"`` (per-expert flags published by
+            whichever program completes the expert, no serial tail; receive copies pipelined
+            per source with several rows in flight; combine with more programs, multi-row
+            bf16 stores and (token, hidden chunk) reduce items; see :func:`_v2_launch`).
     """
 
     hidden: int
@@ -107,6 +146,7 @@ class LowLatencyConfig:
     combine_payload: str = "bf16"
     timeout_spins: int | None = None
     timeout_s: float | None = None
+    variant: str = "v1"
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=16)
@@ -116,6 +156,7 @@ class LowLatencyConfig:
         check_choice("payload", self.payload, tuple(PAYLOAD_CODE))
         check_choice("combine_payload", self.combine_payload, tuple(PAYLOAD_CODE))
         check_choice("scale_layout", self.scale_layout, ("linear", "swizzled"))
+        check_choice("variant", self.variant, VARIANTS)
         if self.scale_layout == "swizzled" and self.payload != "nvfp4":
             raise ValueError(f"scale_layout: 'swizzled' needs payload='nvfp4', got payload={self.payload!r}")
         if self.timeout_s is not None and not (0 < float(self.timeout_s) <= 2000):
@@ -310,6 +351,10 @@ class LowLatencyBuffer:
         self._epoch = torch.zeros(4, dtype=i64, device=dev)
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
+        # v2 dispatch send: rows stored per global expert this call (reset by the completer)
+        ndone = max(_next_pow2(cfg.num_experts + 1), 32 * self._warps())
+        self._done = torch.zeros(ndone, dtype=torch.int32, device=dev)
+        self._v2 = _v2_launch() if cfg.variant == "v2" else None
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
         self._calls = 0
@@ -430,19 +475,36 @@ class LowLatencyBuffer:
         H, K, E, TMAX, EL = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank, self.num_local_experts
         T = x.shape[0]
         rows_t, flags_t = self._dsend_tables
-        grid = (max(1, min(T, 2 * self._num_sms)),)
+        v2 = self._v2
+        nprog = max(1, min(T, 2 * self._num_sms))
+        if v2 is not None and T > 0:  # contiguous token blocks: no program without tokens
+            nprog = cdiv(T, cdiv(T, nprog))
+        grid = (nprog,)
         xin = x.view(torch.int64) if cfg.payload == "bf16" else x
+        counter = self._counter[0:1] if v2 is None else self._done
         args = (
-            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, self._counter[0:1], self._status,
+            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, counter, self._status,
             geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
         )  # fmt: skip
+        # v2: at least one expert lane a thread, so the per-lane atomic results (who completes
+        # expert e) live in exactly one thread each (no replicated lanes)
+        EP = _next_pow2(E + 1) if v2 is None else max(_next_pow2(E + 1), 32 * self._warps())
         kw = dict(
-            H=H, K=K, KP=_next_pow2(K), E=E, EP=_next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=_next_pow2(K), E=E, EP=EP, E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
-            CHUNK=256, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+            CHUNK=256 if v2 is None else v2.chunk, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+            EARLY_FLAGS=v2 is not None,
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
+
+    def _split(self, v2: _V2Launch | None) -> int:
+        """Programs per local expert of the receive / combine-send grids ``(E_local, split)``
+        (``v2``: its 4-warp programs, several an SM; ``None``: v1's)."""
+        EL = self.num_local_experts
+        if v2 is None:
+            return max(1, min(cdiv(self._num_sms, EL), 8))
+        return max(1, min(self._num_sms * v2.progs_per_sm // EL, v2.split_max))
 
     def _drecv_args(self, out):
         from ..kernels.nvlink import ll_dispatch_recv_kernel
@@ -452,7 +514,13 @@ class LowLatencyBuffer:
         EL, R, MM = self.num_local_experts, self.world_size, self.max_m
         L, geo = self.layout, self._drecv
         slots, flags = self._drecv_bufs
-        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        v2 = self._v2
+        nsplit = self._split(v2)
+        rpi = 1
+        if v2 is not None:  # rows a step: the padded payload words of a row fill v2.recv_words
+            nb = self._nb(cfg.payload)
+            row_words = nb * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
+            rpi = _next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
         ksf = H // 16
         if cfg.payload == "nvfp4":
             sf = out.scales.view(torch.uint8)
@@ -469,7 +537,8 @@ class LowLatencyBuffer:
             R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
             NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
             SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
-            num_warps=self._warps(),
+            num_warps=self._warps() if v2 is None else v2.warps, RPI=rpi,
+            PIPELINE=v2 is not None,
         )  # fmt: skip
         return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
 
@@ -480,7 +549,9 @@ class LowLatencyBuffer:
         H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
         g = self._cgeo
         rows_t, flags_t = self._csend_tables
-        nsplit = max(1, min(cdiv(self._num_sms, EL), 8))
+        v2 = self._v2
+        wide = v2 is not None and cfg.combine_payload == "bf16"  # multi-row tiles: raw bf16 rows only
+        nsplit = self._split(v2 if wide else None)  # quantizing rows: v1's 8-warp programs
         yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
         args = (
             yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._sink,
@@ -491,7 +562,8 @@ class LowLatencyBuffer:
         kw = dict(
             H=H, R=R, RP=_next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
             NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
-            E_LOCAL=EL, GPU=self._gpu, NSPLIT=nsplit, num_warps=self._warps(),
+            E_LOCAL=EL, GPU=self._gpu, NSPLIT=nsplit, num_warps=v2.warps if wide else self._warps(),
+            RPI=v2.csend_rows if wide else 1,
         )  # fmt: skip
         return ll_combine_send_kernel, (EL, nsplit), args, kw
 
@@ -503,7 +575,12 @@ class LowLatencyBuffer:
         T = ids.shape[0]
         rows, flags = self._crecv_bufs
         g = self._cgeo
-        grid = (max(1, min(T, 2 * self._num_sms)),)
+        v2 = self._v2
+        chunked = v2 is not None and cfg.combine_payload == "bf16"
+        if chunked:  # (token, hidden chunk) items
+            grid = (max(1, min(T * cdiv(H, min(v2.crecv_chunk, _next_pow2(H))), self._num_sms * v2.progs_per_sm)),)
+        else:
+            grid = (max(1, min(T, 2 * self._num_sms)),)
         args = (
             rows.data_ptr(), flags, self._epoch, self._status, ids, wts, y, T,
             g["cb"], g["cs"], g["cflag_b"], g["cflag_s"], self.timeout_spins, self._timeout_us,
@@ -512,7 +589,8 @@ class LowLatencyBuffer:
             H=H, K=K, E=E, E_LOCAL=self.num_local_experts, R=R, NBUF=self.nbuf,
             CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
             BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
-            CSCALE_OFF=self.clayout.scale_offset, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+            CSCALE_OFF=self.clayout.scale_offset, GPU=self._gpu, NPROG=grid[0],
+            num_warps=v2.warps if chunked else self._warps(), HC=min(v2.crecv_chunk, _next_pow2(H)) if chunked else 0,
         )  # fmt: skip
         return ll_combine_recv_kernel, grid, args, kw
 
