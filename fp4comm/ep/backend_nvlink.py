@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._launch import launch
 from .backend import EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
 from .message import MessageLayout, combine_row_bytes
 from .symmem import SymmetricMemory
@@ -167,11 +168,11 @@ class NVLinkBackend(EPBackend):
                 for sl in (ST_DISPATCH, ST_COMBINE):
                     signal_wait_kernel.warmup(*args, grid=(R,), **{**kw, "STATUS_SLOT": sl})
                 return
-            signal_wait_kernel[(R,)](*args, **kw)
+            launch(signal_wait_kernel, (R,), *args, **kw)
         else:  # interpreter: every rank signals before anyone waits
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
+            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
             self.mem.barrier()
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
+            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
         self._pending = slot
 
     def destroy(self) -> None:
