@@ -807,7 +807,7 @@ class EPBuffer:
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
             scale_layout=cfg.scale_layout, slot_map=self._slot_map[: plan.num_recv], impl=impl,
         )  # fmt: skip
-        backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued
+        backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued (or deferred)
         handle = EPHandle(
             self._id, self._generation, plan, x.shape[0], rank_offset, p.slot_map,
             p.topk_weights.reshape(-1), max_m,
