@@ -165,13 +165,18 @@ def _case(buf, T, args, dev, timer, dist):
         t4 = time.perf_counter()
         _sync(dev)
         t5 = time.perf_counter()
-        for k, v in (("dispatch_host", t1 - t0), ("dispatch_wall", t2 - t0), ("combine_host", t4 - t3), ("combine_wall", t5 - t3)):
+        for k, v in (
+            ("dispatch_host", t1 - t0),
+            ("dispatch_wall", t2 - t0),
+            ("combine_host", t4 - t3),
+            ("combine_wall", t5 - t3),
+        ):
             t[k] += v
     n = args.iters
     phases = {k: (v / n * 1e6, timer.cnt[k] / n) for k, v in sorted(timer.acc.items(), key=lambda kv: -kv[1])}
     vec = torch.tensor([t[k] / n * 1e6 for k in t], dtype=torch.float64, device=dev)
     dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-    out = dict(zip(t, vec.tolist()))
+    out = dict(zip(t, vec.tolist(), strict=True))
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
@@ -216,7 +221,9 @@ def run(args) -> None:
                 L.ENABLED, host = KNOBS[variant]
                 NB.set_host_variant(host)
                 times, phases, kernels = _case(buf, T, args, dev, timer, dist)
-                results.append(dict(backend=backend, variant=variant, tokens=T, **times, phases=phases, kernels=kernels))
+                results.append(
+                    dict(backend=backend, variant=variant, tokens=T, **times, phases=phases, kernels=kernels)
+                )
                 if lead:
                     _print_case(results[-1])
         L.ENABLED = True
@@ -246,7 +253,9 @@ def _print_case(r) -> None:
 
 def _summary(results) -> None:
     print("\n#### summary (us; host = until the call returns, wall = until the device is idle; max over ranks)")
-    print(f"{'backend':8s} {'variant':13s} {'T':>5s} {'disp host':>10s} {'disp wall':>10s} {'comb host':>10s} {'comb wall':>10s}")
+    print(
+        f"{'backend':8s} {'variant':13s} {'T':>5s} {'disp host':>10s} {'disp wall':>10s} {'comb host':>10s} {'comb wall':>10s}"
+    )
     for r in results:
         print(f"{r['backend']:8s} {r['variant']:13s} {r['tokens']:5d} {r['dispatch_host']:10.0f} {r['dispatch_wall']:10.0f} "
               f"{r['combine_host']:10.0f} {r['combine_wall']:10.0f}")  # fmt: skip

@@ -118,7 +118,9 @@ def _collectives_and_reuse(pg: ProcessGroup, backend: str, variant: str = "basel
 
 
 NVLINK_VARIANTS = ["baseline", "symmem", "symmem_defer"]
-BACKEND_VARIANTS = [("torch", "baseline")] + [pytest.param("nvlink", v, marks=interp, id=f"nvlink-{v}") for v in NVLINK_VARIANTS]
+BACKEND_VARIANTS = [("torch", "baseline")] + [
+    pytest.param("nvlink", v, marks=interp, id=f"nvlink-{v}") for v in NVLINK_VARIANTS
+]
 
 
 @pytest.mark.parametrize("backend,variant", BACKEND_VARIANTS)

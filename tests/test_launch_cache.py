@@ -44,8 +44,11 @@ def test_key_matches_triton_specialization(kind):
     vals = {"int": INTS, "tensor": _tensors(), "other": [0.5, 3.0, True, False, None]}[kind]
     for a, b in itertools.combinations_with_replacement(vals, 2):
         same_key = _launch.arg_key(a)[0] == _launch.arg_key(b)[0]
-        same_spec = _native(a) == _native(b)
-        assert same_key == same_spec, (a if kind != "tensor" else (a.dtype, a.data_ptr() % 16), b if kind != "tensor" else (b.dtype, b.data_ptr() % 16))
+        assert same_key == (_native(a) == _native(b)), (_describe(a), _describe(b))
+
+
+def _describe(v):
+    return (v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else v
 
 
 def test_launcher_value_is_address_for_tensors():
@@ -85,7 +88,8 @@ def test_launch_matches_jit(device):
         exp[n:] = -7.0
         assert torch.equal(y, exp), (off, n, a, d, s, mul)
     if device.type == "cuda":
-        keys = {(off % 4 == 0, n == 1, n % 16 == 0, a == 1, a % 16 == 0, d == 1, d % 16 == 0, mul) for off, n, a, d, s, mul in cases}
+        keys = {(off % 4 == 0, n == 1, n % 16 == 0, a == 1, a % 16 == 0, d == 1, d % 16 == 0, mul)
+                for off, n, a, d, _, mul in cases}  # fmt: skip
         assert _launch.cache_entries(_probe_kernel) == len(keys)
 
 

@@ -192,8 +192,7 @@ class NVLinkBackend(EPBackend):
         signal and wait halves around a host barrier), one D2H copy, one stream sync.
         Either way a dispatch status left unread by :data:`DEFER_DISPATCH_CHECK` is read
         after the sync (for ``"symmem"`` from the same copy) and raises first."""
-        R, W = self.world_size, self._meta_w
-        if META_EXCHANGE != "symmem" or meta.shape[0] != W:
+        if META_EXCHANGE != "symmem" or meta.shape[0] != self._meta_w:
             out = super().exchange_meta(meta)
             if self._pending == ST_DISPATCH:
                 self._pending = None
@@ -248,7 +247,10 @@ class NVLinkBackend(EPBackend):
 
         R = self.world_size
         gpu = self.device.type == "cuda"
-        args = (flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins, self._timeout_us())
+        args = (
+            flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins,
+            self._timeout_us(),
+        )  # fmt: skip
         if gpu:
             kw = dict(STATUS_SLOT=slot, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
             if warmup:  # compile only, the dispatch and the combine variant
