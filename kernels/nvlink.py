@@ -751,3 +751,53 @@ def signal_wait_kernel(
             report_timeout(status_ptr + STATUS_SLOT, p + 1)
         else:
             tl.store(status_ptr + ST_PEER_CODE + p, (v & FLAG_CODE_MASK).to(tl.int32))
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "W", "max_spins", "timeout_us"])
+def meta_exchange_kernel(
+    meta_ptr,  # [W] int64 local: this rank's vector
+    data_table,  # [R] int64: base of rank p's symmetric slots, int64 [2, R, W] (parity, source, word)
+    flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
+    flags_ptr,  # this rank's flag array
+    slots_ptr,  # this rank's symmetric slots
+    out_ptr,  # int64 local out: [R, W] (row p = rank p's vector), then [R] timeout words
+    sink_ptr,  # int64 local scratch (unused: no masked lanes)
+    rank,
+    epoch,  # call counter, >= 1
+    W,
+    max_spins,
+    timeout_us,
+    WP: tl.constexpr,  # power of two >= W
+    SIGNAL: tl.constexpr,
+    WAIT: tl.constexpr,
+    GPU: tl.constexpr,
+):
+    """All-gather of a small int64 vector through symmetric memory, grid ``(R,)``: program
+    ``p`` stores this rank's vector into rank ``p``'s slot ``[epoch % 2, rank]`` and publishes
+    flag ``epoch`` there (release, system scope; ``SIGNAL``), then waits for rank ``p``'s
+    flag (acquire, bounded; ``WAIT``) and copies rank ``p``'s vector to row ``p`` of ``out``;
+    ``out[R * W + p]`` = 1 if it never came (timeout), else 0.
+
+    Slots alternate with the epoch's parity: a rank that passed call ``e`` may store call
+    ``e + 1`` while a slower peer still copies call ``e`` out (it cannot store call ``e + 2``
+    before every rank signalled ``e + 1``, i.e. finished its call-``e`` kernel)."""
+    p = tl.program_id(0)
+    R = tl.num_programs(0)
+    par = (epoch % 2).to(tl.int64)
+    w = tl.arange(0, WP)
+    wm = w < W
+    if SIGNAL:
+        v = tl.load(meta_ptr + w, mask=wm)
+        dst = tl.load(data_table + p).to(tl.pointer_type(tl.int64)) + (par * R + rank) * W
+        tl.store(dst + w, v, mask=wm)
+        fence_sys(GPU)
+        tl.debug_barrier()
+        flag = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank
+        flag_store_release(flag, epoch.to(tl.int64), p >= 0, sink_ptr, GPU)
+    if WAIT:
+        t0 = spin_start(GPU)
+        _, ok = wait_flag_geq(flags_ptr + p, epoch.to(tl.int64), max_spins, t0, timeout_us, GPU)
+        if ok:
+            row = tl.load(slots_ptr + (par * R + p) * W + w, mask=wm)
+            tl.store(out_ptr + p * W + w, row, mask=wm)
+        tl.store(out_ptr + R * W + p, tl.where(ok, 0, 1).to(tl.int64))

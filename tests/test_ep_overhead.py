@@ -84,8 +84,11 @@ def _fixed_state(buf):
     return st
 
 
-def _collectives_and_reuse(pg: ProcessGroup, backend: str):
+def _collectives_and_reuse(pg: ProcessGroup, backend: str, variant: str = "baseline"):
     import fp4comm.ep.buffer as B
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant(variant)
 
     H, E, K = 64, 8, 3
     out = []
@@ -114,23 +117,36 @@ def _collectives_and_reuse(pg: ProcessGroup, backend: str):
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("nvlink", marks=interp)])
-def test_collectives_per_call_and_buffer_reuse(dist_pool, backend):  # noqa: F811
-    got = dist_pool(2).run(_collectives_and_reuse, backend)
+NVLINK_VARIANTS = ["baseline", "symmem", "symmem_defer"]
+BACKEND_VARIANTS = [("torch", "baseline")] + [
+    pytest.param("nvlink", v, marks=interp, id=f"nvlink-{v}") for v in NVLINK_VARIANTS
+]
+
+
+@pytest.mark.parametrize("backend,variant", BACKEND_VARIANTS)
+def test_collectives_per_call_and_buffer_reuse(dist_pool, backend, variant):  # noqa: F811
+    got = dist_pool(2).run(_collectives_and_reuse, backend, variant)
     for per_rank in got:
         for nd, nc in per_rank:
             if backend == "torch":
                 assert nd == {"all_gather_into_tensor": 1, "all_to_all_single": 1}, nd
                 assert nc == {"all_to_all_single": 1}, nc
-            else:
+            elif variant == "baseline":
                 # CPU emulation: the flag kernel's wait is split by one host barrier
                 # (on GPUs it spins in the kernel: no collective at all)
                 assert nd == {"all_gather_into_tensor": 1, "barrier": 1}, nd
                 assert nc == {"barrier": 1}, nc
+            else:
+                # symmetric-memory count exchange: no NCCL call (CPU: one more split barrier)
+                assert nd == {"barrier": 2}, nd
+                assert nc == {"barrier": 1}, nc
 
 
 # ----------------------------------------------------------------------------- combine errors ride with the data
-def _bad_combine(pg: ProcessGroup, backend: str):
+def _bad_combine(pg: ProcessGroup, backend: str, variant: str = "baseline"):
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant(variant)
     H, E, K = 64, 8, 3
     bad = pg.rank == 1
     with EPBuffer(None, H, E, K, 12, backend=backend) as buf:
@@ -150,12 +166,20 @@ def _bad_combine(pg: ProcessGroup, backend: str):
         y = buf.combine(ref_eo, d.handle)  # still in sync
         r = ref.dispatch_ref(x, ids, w, num_experts=E)
         assert torch.equal(y.view(torch.int16), ref.combine_ref(ref_eo, r).view(torch.int16))
+        # a bad dispatch argument on one rank: its code travels in the exchanged count vector
+        with pytest.raises((TypeError, ValueError), match=r"^topk_ids: " if bad else r"^topk_ids: invalid on rank 1"):
+            buf.dispatch(x, ids.float() if bad else ids, w)
+        with pytest.raises(ValueError, match=r"^topk_ids: values outside"):  # the range flag, every rank
+            buf.dispatch(x, torch.full_like(ids, E) if bad else ids, w)
+        d = buf.dispatch(x, ids, w)  # still in sync
+        y = buf.combine(ref_eo, d.handle)
+        assert torch.equal(y.view(torch.int16), ref.combine_ref(ref_eo, r).view(torch.int16))
     return len(cases)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("nvlink", marks=interp)])
-def test_bad_combine_raises_everywhere_without_collective(dist_pool, backend):  # noqa: F811
-    assert dist_pool(2).run(_bad_combine, backend) == [3, 3]
+@pytest.mark.parametrize("backend,variant", BACKEND_VARIANTS)
+def test_bad_input_raises_everywhere_without_collective(dist_pool, backend, variant):  # noqa: F811
+    assert dist_pool(2).run(_bad_combine, backend, variant) == [3, 3]
 
 
 # ----------------------------------------------------------------------------- combine wire

@@ -549,10 +549,14 @@ def test_ll_torch_fallback_matches_emulated_nvlink():
 
 
 # ----------------------------------------------------------------------------- high throughput via EPBuffer
-def _ht_compare(pg, payload, layout, T_list, seed, H=64):
+def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline"):
     """EPBuffer(backend="nvlink") (CPU: /dev/shm symmetric memory, interpreter kernels) vs
-    EPBuffer(backend="torch") on the same inputs: every output bit equal."""
+    EPBuffer(backend="torch") on the same inputs: every output bit equal (``variant``: the
+    nvlink backend's host path, ``backend_nvlink.HOST_VARIANTS``)."""
     from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant(variant)
 
     R, E, K = pg.world_size, 8, 3
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=max(T_list), payload=payload, scale_layout=layout)
@@ -588,6 +592,16 @@ def test_ht_epbuffer_nvlink_equals_torch(payload, layout):
 
     H = 128 if payload == "fp8" else 64
     out = run_distributed(_ht_compare, 2, payload, layout, [5, 3], 7, H)
+    assert len(out) == 2
+
+
+@pytest.mark.parametrize("variant", ["symmem", "symmem_defer"])
+def test_ht_epbuffer_nvlink_host_variants_equal_torch(variant):
+    """The symmetric-memory count exchange (and the deferred dispatch check) give the same
+    bits as the torch backend over several calls (epochs advance, slot parity alternates)."""
+    from tests.distributed import run_distributed
+
+    out = run_distributed(_ht_compare, 2, "nvfp4", "swizzled", [5, 3], 11, 64, variant)
     assert len(out) == 2
 
 
@@ -637,18 +651,21 @@ from fp4comm.kernels.nvlink import signal_wait_kernel
 f, st = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
 st = torch.zeros(6, dtype=torch.int32)
 signal_wait_kernel[(2,)](f, f, st, f, 1, 3, 0, 2, 1000, STATUS_SLOT=0, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
+from fp4comm.kernels.nvlink import meta_exchange_kernel
+m = torch.zeros(64, dtype=torch.int64)
+meta_exchange_kernel[(2,)](m, f, f, f, m, m, f, 1, 3, 10, 2, 1000, WP=16, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
 print("COMPILED", len(done), sorted(set(done)))
 '''
 
 
 def test_nvlink_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (the first GPU run failed on a
-    loop variable redefined in a branch): compile every low-latency kernel variant and the
-    flag kernel for sm_90 in a subprocess without TRITON_INTERPRET. No GPU needed."""
+    loop variable redefined in a branch): compile every low-latency kernel variant, the
+    flag kernel and the count-exchange kernel for sm_90 in a subprocess without TRITON_INTERPRET. No GPU needed."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "COMPILED 65" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and "COMPILED 66" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -303,10 +303,53 @@ def test_ht_flag_timeout_names_peer_gpu(world):
     assert all(run_distributed(_ht_flag_timeout, world, backend="nccl"))
 
 
-# ----------------------------------------------------------------------------- high throughput
-def _ht_vs_torch(pg, payload, cycles, cpayload="bf16"):
+def _ht_deferred_and_exchange_timeout(pg):
+    """``symmem_defer``: rank 0 alone runs a dispatch flag wait (deferred: check() returns at
+    once), then a symmetric-memory count exchange: the deferred dispatch timeout raises there
+    first; a second exchange alone raises the count exchange's own timeout."""
+    import torch.distributed as dist
+
     from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
     from fp4comm.ep.symmem import finalize
+
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
+    _watch()
+    set_host_variant("symmem_defer")
+    buf = EPBuffer(backend="nvlink", hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5)
+    be = buf.backend
+    errs = []
+    if pg.rank == 0:
+        meta = torch.zeros(be._meta_w, dtype=torch.int64, device=pg.device)
+        be._flags(be._dflags, 1, 0, 0)
+        assert be.check("dispatch") == [0] * pg.world_size  # no host read
+        for _ in range(2):
+            try:
+                be.exchange_meta(meta)
+            except TimeoutError as ex:
+                errs.append(str(ex))
+    dist.barrier()
+    buf.destroy()
+    finalize()
+    if pg.rank == 0:
+        assert len(errs) == 2, errs
+        assert "dispatch timed out waiting for rank 1" in errs[0], errs
+        assert "count exchange timed out waiting for rank 1" in errs[1], errs
+    return True
+
+
+@pytest.mark.parametrize("world", WORLDS[:1])
+def test_ht_deferred_and_exchange_timeout_gpu(world):
+    assert all(run_distributed(_ht_deferred_and_exchange_timeout, world, backend="nccl"))
+
+
+# ----------------------------------------------------------------------------- high throughput
+def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
+    from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
+    from fp4comm.ep.symmem import finalize
+
+    set_host_variant(variant)
 
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
     _watch(300)
@@ -354,8 +397,9 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16"):
 
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("payload", ["nvfp4", "fp8", "bf16"])
-def test_ht_nvlink_equals_torch(world, payload):
-    assert all(run_distributed(_ht_vs_torch, world, payload, 20, backend="nccl", timeout=300))
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer"])
+def test_ht_nvlink_equals_torch(world, payload, variant):
+    assert all(run_distributed(_ht_vs_torch, world, payload, 20, "bf16", variant, backend="nccl", timeout=300))
 
 
 @pytest.mark.parametrize("world", WORLDS[1:])
@@ -366,5 +410,6 @@ def test_ht_nvlink_combine_wire_equals_torch(world, cpayload):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_ht_1000_cycles(world):
-    assert all(run_distributed(_ht_vs_torch, world, "nvfp4", 1000, backend="nccl", timeout=600))
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer"])
+def test_ht_1000_cycles(world, variant):
+    assert all(run_distributed(_ht_vs_torch, world, "nvfp4", 1000, "bf16", variant, backend="nccl", timeout=600))

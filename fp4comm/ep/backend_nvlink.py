@@ -23,28 +23,65 @@ Symmetric memory: NVSHMEM (``fp4comm.ep.symmem.init_nvshmem``) on GPUs; on CPU (
 ``/dev/shm`` mapping of :class:`~fp4comm.ep.symmem.ShmMemory` with interpreter kernels and
 a host barrier between signalling and waiting.
 
-Per call: dispatch = the buffer's count all-gather + one flag kernel; combine = one flag
-kernel, no collective: a rank whose combine input is bad sends its error code in the low
+Per call: dispatch = the count exchange (:data:`META_EXCHANGE`: the base class's NCCL
+all-gather, or a symmetric-memory flag exchange with no NCCL call) + one flag kernel;
+combine = one flag kernel, no collective: a rank whose combine input is bad sends its error code in the low
 bits of its flag (``(epoch << 8) | code``) and stores no rows, so every rank learns about it
 from the flag it waits for anyway. Destination pointer tables are the symmetric buffers'
 ``peer_ptrs`` (fixed, on the device); per-call row offsets come with the plan.
 
-Timeouts: the flag wait is bounded (``config.timeout_s`` seconds of ``%globaltimer`` on GPUs,
-given to ``EPBuffer(timeout_s=...)``; a few reads under the interpreter). The host reads the
-status words once per call in :meth:`NVLinkBackend.check`, after the buffer launched every
-kernel of the call (permute / source reduce), and raises ``TimeoutError`` naming the peer.
-The flag kernel is compiled when the backend is built, followed by one barrier, so a rank
-never spins while a peer compiles it.
+Timeouts: every wait is bounded (``config.timeout_s`` seconds of ``%globaltimer`` on GPUs,
+given to ``EPBuffer(timeout_s=...)``; a few reads under the interpreter). When a
+``TimeoutError`` (naming the silent peer) is raised:
+
+* count exchange (``"symmem"``): in the same ``dispatch``, right after its host sync;
+* dispatch flags: at the end of the same ``dispatch`` (:meth:`NVLinkBackend.check`, after
+  the buffer launched every kernel of the call); with :data:`DEFER_DISPATCH_CHECK`, at the
+  next host sync of this backend instead: the next ``combine``'s check or the next
+  ``dispatch``'s count exchange (whichever comes first), before that call returns anything;
+  a timeout status still unread at ``destroy`` is dropped;
+* combine flags: at the end of the same ``combine`` (its one host sync).
+
+The flag and count-exchange kernels are compiled when the backend is built, followed by
+one barrier, so a rank never spins while a peer compiles them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._launch import launch
 from .backend import EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
 from .message import MessageLayout, combine_row_bytes
 from .symmem import SymmetricMemory
+
+#: how ``dispatch`` exchanges its count vector (same value on every rank; read per call):
+#: ``"nccl"``: the base class's ``all_gather_into_tensor`` (the H200-measured default);
+#: ``"symmem"``: :func:`~kernels.nvlink.meta_exchange_kernel` stores the vector into every
+#: peer's symmetric slot + a release flag, waits for the peers' flags (bounded), and one
+#: D2H copy brings the vectors, the exchange's timeout words and the status words
+#: (no NCCL call, no second copy).
+META_EXCHANGE = "nccl"
+#: ``False`` (default): ``dispatch`` reads the flag status at its end (a host sync that waits
+#: for the permute). ``True``: that read is deferred to the next host sync of this backend
+#: (the next call's count exchange or combine check), which raises the dispatch's
+#: ``TimeoutError`` there; ``dispatch`` then returns without waiting for the GPU.
+DEFER_DISPATCH_CHECK = False
+
+#: named host-path variants, ``(META_EXCHANGE, DEFER_DISPATCH_CHECK)`` (tests, benchmarks)
+HOST_VARIANTS = {"baseline": ("nccl", False), "symmem": ("symmem", False), "symmem_defer": ("symmem", True)}
+
+
+def set_host_variant(name: str) -> None:
+    """Set :data:`META_EXCHANGE` and :data:`DEFER_DISPATCH_CHECK` from :data:`HOST_VARIANTS`
+    (every rank must use the same variant for a call)."""
+    global META_EXCHANGE, DEFER_DISPATCH_CHECK
+    if name not in HOST_VARIANTS:
+        raise ValueError(f"name: must be one of {list(HOST_VARIANTS)}, got {name!r}")
+    META_EXCHANGE, DEFER_DISPATCH_CHECK = HOST_VARIANTS[name]
+
 
 DEFAULT_TIMEOUT_S = 60.0
 CPU_TIMEOUT_SPINS = 2
@@ -83,7 +120,22 @@ class NVLinkBackend(EPBackend):
         self._dflags = mem.alloc((R,), torch.int64)
         self._cflags = mem.alloc((R,), torch.int64)
         self._comb_local = torch.full((R,), self._comb.local.data_ptr(), dtype=torch.int64, device=device)
-        self._status = torch.zeros(4 + R, dtype=torch.int32, device=device)
+        # count exchange (META_EXCHANGE="symmem"): slots [2, R, W] and flags; one local int64
+        # buffer holds what comes back to the host in one copy: [R, W] vectors, [R] timeout
+        # words of the exchange, then the int32 status words of the flag kernels
+        self._meta_w = 2 + R + config.num_experts
+        self._meta_slots = mem.alloc((2 * R * self._meta_w,), torch.int64)
+        self._mflags = mem.alloc((R,), torch.int64)
+        n_meta = R * self._meta_w + R
+        self._meta_out = torch.zeros(n_meta + (4 + R + 1) // 2, dtype=torch.int64, device=device)
+        self._status = self._meta_out[n_meta:].view(torch.int32)[: 4 + R]
+        cuda = device.type == "cuda"
+        self._meta_host = torch.empty_like(self._meta_out, device="cpu", pin_memory=True) if cuda else self._meta_out
+        hnp = self._meta_host.numpy()
+        self._host_rows = self._meta_host[: n_meta - R].view(R, self._meta_w)
+        self._host_late = hnp[n_meta - R : n_meta]
+        self._host_status = hnp[n_meta:].view(np.int32)[: 4 + R]
+        self._epoch_m = 0
         self._sink = torch.zeros(2, dtype=torch.int64, device=device)
         self._epoch_d = 0
         self._epoch_c = 0
@@ -93,6 +145,7 @@ class NVLinkBackend(EPBackend):
         self._alive = True
         if device.type == "cuda":
             self._flags(self._dflags, 0, ST_DISPATCH, 0, warmup=True)
+            self._meta_kernel(self._meta_out[: self._meta_w], 0, warmup=True)
             self.mem.barrier()
             torch.cuda.current_stream(device).synchronize()
 
@@ -133,23 +186,58 @@ class NVLinkBackend(EPBackend):
         views = list(self._comb.local.view(-1, CRB)[: plan.num_send].split(plan.send_counts))
         return RowTargets(views, self._comb_local, plan.row("send_start"))
 
+    def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
+        """:data:`META_EXCHANGE` ``"nccl"``: the base class's all-gather. ``"symmem"``: one
+        :func:`~kernels.nvlink.meta_exchange_kernel` launch (GPU; under the interpreter its
+        signal and wait halves around a host barrier), one D2H copy, one stream sync.
+        Either way a dispatch status left unread by :data:`DEFER_DISPATCH_CHECK` is read
+        after the sync (for ``"symmem"`` from the same copy) and raises first."""
+        if META_EXCHANGE != "symmem" or meta.shape[0] != self._meta_w:
+            out = super().exchange_meta(meta)
+            if self._pending == ST_DISPATCH:
+                self._pending = None
+                self._raise_status(self._status.tolist(), ST_DISPATCH)
+            return out
+        self._epoch_m += 1
+        self._meta_kernel(meta.to(torch.int64).contiguous(), self._epoch_m)
+        if self.device.type == "cuda":
+            self._meta_host.copy_(self._meta_out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        if self._pending == ST_DISPATCH:
+            self._pending = None
+            self._raise_status(self._host_status, ST_DISPATCH)
+        late = np.flatnonzero(self._host_late)
+        if late.size:
+            raise self._timeout("count exchange", int(late[0]))
+        return self._host_rows
+
     def check(self, what: str) -> list[int]:
         """One host read of the status words: ``TimeoutError`` naming the silent peer, else
-        the codes the peers sent with their combine flags."""
-        slot, self._pending = self._pending, None
+        the codes the peers sent with their combine flags. A dispatch under
+        :data:`DEFER_DISPATCH_CHECK` reads nothing (the next sync does)."""
         R = self.world_size
+        if what == "dispatch" and self._pending == ST_DISPATCH and DEFER_DISPATCH_CHECK:
+            return [0] * R
+        slot, self._pending = self._pending, None
         if slot is None:
             return [0] * R
         st = self._status.tolist()
+        # a combine also reports a deferred dispatch timeout (the dispatch flag wait ran first)
+        self._raise_status(st, ST_DISPATCH)
+        self._raise_status(st, slot)
+        return st[4 : 4 + R] if slot == ST_COMBINE else [0] * R
+
+    def _raise_status(self, st: list[int], slot: int) -> None:
         if st[slot]:
             self._status.zero_()
-            what = "dispatch" if slot == ST_DISPATCH else "combine"
-            waited = f"{self.timeout_s:g} s" if self.device.type == "cuda" else f"{self.timeout_spins} reads"
-            raise TimeoutError(
-                f"rank {self.rank}: nvlink {what} timed out waiting for rank {st[slot] - 1}'s rows "
-                f"({waited}); is that rank alive and in the same call?"
-            )
-        return st[4 : 4 + R] if slot == ST_COMBINE else [0] * R
+            raise self._timeout("dispatch" if slot == ST_DISPATCH else "combine", st[slot] - 1)
+
+    def _timeout(self, what: str, peer: int) -> TimeoutError:
+        waited = f"{self.timeout_s:g} s" if self.device.type == "cuda" else f"{self.timeout_spins} reads"
+        return TimeoutError(
+            f"rank {self.rank}: nvlink {what} timed out waiting for rank {peer}'s rows "
+            f"({waited}); is that rank alive and in the same call?"
+        )
 
     # ------------------------------------------------------------------ flags
     def _flags(self, flags, epoch: int, slot: int, code: int, warmup: bool = False) -> None:
@@ -159,24 +247,48 @@ class NVLinkBackend(EPBackend):
 
         R = self.world_size
         gpu = self.device.type == "cuda"
-        timeout_us = min(int(self.timeout_s * 1e6), _INT32_MAX)
-        args = (flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins, timeout_us)
+        args = (
+            flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins,
+            self._timeout_us(),
+        )  # fmt: skip
         if gpu:
             kw = dict(STATUS_SLOT=slot, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
             if warmup:  # compile only, the dispatch and the combine variant
                 for sl in (ST_DISPATCH, ST_COMBINE):
                     signal_wait_kernel.warmup(*args, grid=(R,), **{**kw, "STATUS_SLOT": sl})
                 return
-            signal_wait_kernel[(R,)](*args, **kw)
+            launch(signal_wait_kernel, (R,), *args, **kw)
         else:  # interpreter: every rank signals before anyone waits
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
+            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
             self.mem.barrier()
-            signal_wait_kernel[(R,)](*args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
+            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
         self._pending = slot
+
+    def _meta_kernel(self, meta: torch.Tensor, epoch: int, warmup: bool = False) -> None:
+        """Launch the count exchange of call ``epoch`` (see :meth:`exchange_meta`)."""
+        from ..kernels.nvlink import meta_exchange_kernel
+
+        R, W = self.world_size, self._meta_w
+        args = (
+            meta, self._meta_slots.peer_ptrs, self._mflags.peer_ptrs, self._mflags.local, self._meta_slots.local,
+            self._meta_out, self._sink, self.rank, epoch, W, self.timeout_spins, self._timeout_us(),
+        )  # fmt: skip
+        kw = dict(WP=1 << (W - 1).bit_length(), num_warps=1)
+        if warmup:
+            meta_exchange_kernel.warmup(*args, grid=(R,), SIGNAL=True, WAIT=True, GPU=True, **kw)
+        elif self.device.type == "cuda":
+            launch(meta_exchange_kernel, (R,), *args, SIGNAL=True, WAIT=True, GPU=True, **kw)
+        else:  # interpreter: every rank signals before anyone waits
+            launch(meta_exchange_kernel, (R,), *args, SIGNAL=True, WAIT=False, GPU=False, **kw)
+            self.mem.barrier()
+            launch(meta_exchange_kernel, (R,), *args, SIGNAL=False, WAIT=True, GPU=False, **kw)
+
+    def _timeout_us(self) -> int:
+        return min(int(self.timeout_s * 1e6), _INT32_MAX)
 
     def destroy(self) -> None:
         if not self._alive:
             return
         self._alive = False
-        for t in (self._recv, self._comb, self._dflags, self._cflags):
+        for t in (self._recv, self._comb, self._dflags, self._cflags, self._meta_slots, self._mflags):
             self.mem.free(t)

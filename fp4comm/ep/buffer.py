@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .._checks import check_choice, check_positive_int, check_tensor
+from .._launch import launch
 from .._runtime import IMPLS, cdiv, round_up, use_triton
 from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
 from ..reference import ep as ref
@@ -342,7 +343,7 @@ def pack_rows(
         elems = nb * FP8_BLOCK
     else:
         nb = elems = triton_next_pow2(H)
-    ep_pack_kernel[(T,)](
+    launch(ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
         K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
@@ -457,16 +458,16 @@ def permute_rows(
     hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
-        ep_permute_hist_kernel[(C,)](
+        launch(ep_permute_hist_kernel, (C,),
             rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4
-        )
-    ep_permute_index_kernel[(C,)](
+        )  # fmt: skip
+    launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
         block_n, C, **common, num_warps=4,
     )  # fmt: skip
     words = msg.payload_bytes // 4
     rows_per = _PERMUTE_ROWS
-    ep_permute_kernel[(El * max_m // rows_per,)](
+    launch(ep_permute_kernel, (El * max_m // rows_per,),
         rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
         w if scales is None else scales, w if gs is None else gs, w,
         msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
@@ -531,7 +532,7 @@ def combine_expert(
 
     kw = _combine_launch(wire, H)
     split = kw.pop("_split")
-    ep_combine_expert_kernel[(N, split)](
+    launch(ep_combine_expert_kernel, (N, split),
         expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, dests.table.shape[0],
         H=H, K=slot_map.shape[1], enable_fp_fusion=False, **kw,
     )  # fmt: skip
@@ -563,7 +564,7 @@ def combine_source(
     if T:
         kw = _combine_launch(wire, hidden)
         split = kw.pop("_split")
-        ep_combine_source_kernel[(T, split)](
+        launch(ep_combine_source_kernel, (T, split),
             t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
         )  # fmt: skip
     return y
@@ -806,7 +807,7 @@ class EPBuffer:
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
             scale_layout=cfg.scale_layout, slot_map=self._slot_map[: plan.num_recv], impl=impl,
         )  # fmt: skip
-        backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued
+        backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued (or deferred)
         handle = EPHandle(
             self._id, self._generation, plan, x.shape[0], rank_offset, p.slot_map,
             p.topk_weights.reshape(-1), max_m,

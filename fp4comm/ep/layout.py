@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_tensor
+from .._launch import launch
 from .._runtime import use_triton
 
 
@@ -123,7 +124,7 @@ def layout_meta(
     rank_offset = torch.empty(T, R, dtype=torch.int32, device=dev)
     RP = _pow2(R)
     block_t = max(16, min(_pow2(max(T, 1)), _LAYOUT_TILE // RP))
-    ep_layout_kernel[(1,)](
+    launch(ep_layout_kernel, (1,),
         topk_ids, meta, rank_offset, T, R, E, E // R, K=K, BLOCK_T=block_t, RP=RP, EP=_pow2(E), num_warps=4
     )
     return meta, rank_offset

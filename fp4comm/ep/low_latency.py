@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_choice, check_positive_int, check_tensor
+from .._launch import launch
 from .._runtime import cdiv, round_up
 from .message import MessageLayout
 from .symmem import SymmetricMemory
@@ -466,7 +467,7 @@ class LowLatencyBuffer:
     def _launch(self, kernel, grid, args, kw, warmup: bool = False):
         if warmup:
             return kernel.warmup(*args, grid=grid, **kw)
-        return kernel[grid](*args, **kw)
+        return launch(kernel, grid, *args, **kw)
 
     def _dsend_args(self, x, ids, wts):
         from ..kernels.nvlink import ll_dispatch_send_kernel
