@@ -376,10 +376,11 @@ def test_tile_and_split_heuristics(monkeypatch):
     assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
     assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
+    assert attention_tiles(128, 4, 8192, "bf16").block_n == 128 and attention_tiles(128, 4, 8192, "fp8").block_n == 64
     # the kernel knob: prefill tiles follow PREFILL_KERNEL, decode tiles stay generic
-    assert attention_tiles(128, 4, 8192, "bf16").kernel == paged_mod.PREFILL_KERNEL == "generic"
-    monkeypatch.setattr(paged_mod, "PREFILL_KERNEL", "fa")
-    assert attention_tiles(128, 4, 8192, "bf16").kernel == "fa"
+    assert attention_tiles(128, 4, 8192, "bf16").kernel == paged_mod.PREFILL_KERNEL == "fa"
+    monkeypatch.setattr(paged_mod, "PREFILL_KERNEL", "generic")
+    assert attention_tiles(128, 4, 8192, "bf16").kernel == "generic"
     assert attention_tiles(128, 4, 1, "bf16").kernel == "generic"
     case = build([9], [9], Hq=2, Hkv=1, D=64, bs=8, fmt="bf16")
     with pytest.raises(ValueError, match="tiles.kernel"):

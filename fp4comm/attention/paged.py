@@ -54,12 +54,13 @@ class AttentionTiles:
 #:   the fast flash-attention forward kernels for Hopper (see its module docstring): one
 #:   split, a grid ordered longest first over all programs, unmasked tiles without the
 #:   ``-inf`` guard and the score scale folded into the exponent's FMA, the sliding window's
-#:   inner tiles unmasked too. Not timed yet: ``bench_attention.py --only prefill`` times it
-#:   beside the generic kernel (``tune`` rows); flip this if it measures faster.
+#:   inner tiles unmasked too. H200, same shape: 353 TFLOP/s at N = 128 (299 at N = 64; 402
+#:   with 128-key pages, one block-table read a tile); fp8 cache at N = 64: 274 (generic 220).
+#:   The default; ``bench_attention.py --quick --only prefill`` times both (``tune`` rows).
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
 #: always runs the generic kernel.
-PREFILL_KERNEL = "generic"
+PREFILL_KERNEL = "fa"
 PREFILL_KERNELS = ("generic", "fa")
 
 #: Conversion of fp8 cache tiles on the GPU (``CVT`` constexpr, see ``_kv_operand`` /
@@ -164,10 +165,11 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       bytes: 128 keys of 1-byte fp8/int8 at head_dim <= 128 (16 KB of K + 16 KB of V a step),
       64 keys of bf16 (the same bytes), halved at head_dim 256. 4 warps: with M = 16 the
       MMA is tiny; the warps exist to issue loads and conversions.
-    * Keys per step, prefill: N = 128 at head_dim <= 64, 64 at 128, 32 at 256. At D = 128
-      (sm_90, ptxas, 8 warps, wgmma): N = 64 is 182 registers (bf16 and fp8, no spill),
-      N = 128 is 244 (bf16) / 255 with spills (fp8). Only the tiles on the causal diagonal
-      are masked (see the kernel), and q tiles run longest first.
+    * Keys per step, prefill: N = 128 at head_dim <= 64 and for 2-byte caches at 128, 64 for
+      1-byte caches at 128, 32 at 256. At D = 128 (sm_90, 8 warps, wgmma) N = 128 is ~250
+      registers, with spills for fp8; H200, bf16, 8k causal: N = 128 353 TFLOP/s vs N = 64
+      299 (fa kernel), 296 vs 259 (generic). Only the tiles on the causal diagonal are
+      masked (see the kernels), and q tiles run longest first.
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
       fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (3), see there.
     * ``kv_convert``: :func:`kv_convert_mode`.
@@ -183,7 +185,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     if decode:
         block_n = (128 if one_byte else 64) if head_dim <= 128 else (64 if one_byte else 32)
     else:
-        block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
+        block_n = 128 if head_dim <= 64 or (head_dim <= 128 and not one_byte) else 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
     if decode and one_byte and head_dim <= 128:
