@@ -14,9 +14,9 @@ In one run (one GPU):
 
 Prints a table (``tabulate`` when installed) with each issue-6 target beside the measured
 figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
-``--quick``: decode at batch 32 and 128, context 16k, plus a sweep of fp8 / int8 decode tile /
-conversion variants (``tune`` rows, see :func:`decode_variants`: which :class:`AttentionTiles`
-to make the default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the
+``--quick``: decode at batch 32 and 128, context 16k, plus fp8 decode variants at batch 32
+(``tune`` rows, see :func:`decode_variants`: which :class:`AttentionTiles` to make the
+default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the
 prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes (32k tokens) with every
 :func:`write_variants` candidate beside the default (``tune`` rows ``write <variant>``).
 ``--only decode,prefill`` (any of ``decode`` / ``prefill`` / ``write``) runs those sections.
@@ -58,7 +58,7 @@ from fp4comm.attention import (  # noqa: E402
     write_tiles,
     write_variants,
 )
-from fp4comm.attention.paged import FP8_DOT_QK_MODE, _num_sms  # noqa: E402
+from fp4comm.attention.paged import _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
 DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
@@ -71,47 +71,21 @@ TARGET_PREFILL_VS_SDPA = 0.8
 
 def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
     """Decode candidates of ``--quick`` beside the default (``tune`` rows): ``(name, tiles,
-    splits)``. fp8 at the tuning batch (32): one change each from the default (mode 3 = FP16
-    operands, N = 128, 4 warps, 3 stages) or the opt-in mode 4 (8-bit QK dots, K never
-    converted; ``kv_convert=4``), with sm_90 ptxas figures (registers / shared a program,
-    programs an SM by both):
+    splits)``, fp8 at the tuning batch (32) only: the default (mode 3 = FP16 operands, N =
+    128, 4 warps, 3 stages), ``cvt2`` (integer conversion to BF16, the runner-up mode) and
+    ``splits8`` (8 splits; the heuristic picks 16 at b32: the ``default`` row's note). H200,
+    b32 / 16k, GQA 32 / 8, D 128: default 373.0 us, cvt2 494.3, splits8 376.4.
 
-    * ``n64_s3``: N = 64 (146 regs, 39 KB: 3); ``n64_r128``: the same capped at 128 registers
-      (``max_regs``, no spills: 4 an SM); ``w8``: 8 warps (120 regs, 74 KB: 2 of 8 warps);
-      ``n256_w8_s2``: N = 256, 8 warps, 2 stages (202 regs, 143 KB: 1); ``cvt2``: integer
-      conversion; ``splits8``: 8 splits (the heuristic picks 16 at b32: the ``default`` note);
-    * ``cvt4``: N = 128 (183 regs, 91 KB: 2); ``cvt4_w8``: 8 warps (108 regs, 91 KB: 2 of 8
-      warps); ``cvt4_n64``: N = 64 (124 regs, 48 KB: 4), and the last two at 8 splits.
-
-    int8 at the tuning batch: ``cvt4`` (s8 dots, 168 regs, 74 KB). Other batches (128): the
-    mode-4 and register-capped candidates only."""
-    t = attention_tiles(D, Hq // Hkv, 1, fmt)
-
-    def tiles(**kw):
-        return AttentionTiles(**{**t.__dict__, **kw})
-
-    cvt4 = dict(kv_convert=FP8_DOT_QK_MODE)
-    if fmt == "int8":
-        return [("cvt4", tiles(**cvt4), None)] if tune_batch else []
-    if fmt != "fp8":
+    Timed there and removed (commit f88ea2a has them), all slower than the default: N = 64
+    483.6 us (146 registers: 3 programs an SM), the same capped at 128 registers (an
+    ``AttentionTiles.max_regs`` -> ptxas ``maxnreg`` knob: 4 an SM) 424.8, 8 warps 508.5,
+    N = 256 at 8 warps and 2 stages 582.7; b128: default 1355.6, N = 64 capped 1570.7. The
+    removed conversion mode 4 (8-bit QK dots): see ``paged.FP8_CONVERT_GPU``."""
+    if fmt != "fp8" or not tune_batch:
         return []
-    if not tune_batch:
-        return [("cvt4_w8", tiles(num_warps=8, **cvt4), None), ("cvt4_n64", tiles(block_n=64, **cvt4), None),
-                ("n64_r128", tiles(block_n=64, max_regs=128), None)]
-    return [
-        ("default", t, None),
-        ("n64_s3", tiles(block_n=64), None),
-        ("n64_r128", tiles(block_n=64, max_regs=128), None),
-        ("w8", tiles(num_warps=8), None),
-        ("n256_w8_s2", tiles(block_n=256, num_warps=8, num_stages=2), None),
-        ("cvt2", tiles(kv_convert=2), None),
-        ("splits8", t, 8),
-        ("cvt4", tiles(**cvt4), None),
-        ("cvt4_w8", tiles(num_warps=8, **cvt4), None),
-        ("cvt4_n64", tiles(block_n=64, **cvt4), None),
-        ("cvt4_w8_splits8", tiles(num_warps=8, **cvt4), 8),
-        ("cvt4_n64_splits8", tiles(block_n=64, **cvt4), 8),
-    ]
+    t = attention_tiles(D, Hq // Hkv, 1, fmt)
+    return [("default", t, None), ("cvt2", AttentionTiles(**{**t.__dict__, "kv_convert": 2}), None),
+            ("splits8", t, 8)]
 
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
@@ -272,8 +246,7 @@ def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs, tune=False,
                                      us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
                                      speedup_vs_sdpa=sdpa_us / us_v,
                                      note=f"N={tiles.block_n} w={tiles.num_warps} st={tiles.num_stages} "
-                                          f"cvt={tiles.kv_convert} regs<={tiles.max_regs or '-'} "
-                                          f"splits={splits or auto_splits}"))
+                                          f"cvt={tiles.kv_convert} splits={splits or auto_splits}"))
             del c, bt
     return rows
 

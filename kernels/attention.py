@@ -8,10 +8,9 @@ head ``m % GROUP_PAD``), so each K/V tile read from the cache serves every head 
 K/V tiles are gathered key by key through the block table (any ``block_size``; a power of
 two is a constexpr, and a page holding whole tiles costs one block-table read a tile),
 dequantized in registers to BF16 (exact for E4M3 and int8; see :func:`_kv_to_bf16` for the
-GPU conversions), fed to BF16 ``tl.dot`` with FP32
-accumulation (mode 3: FP16; opt-in mode 4: K unconverted in 8-bit QK dots against a split
-query, see :func:`_split_query_dot`); the softmax is online, in FP32, base 2. Per-tensor / per-(sequence, head)
-descales are folded into the score scale (``q_descale * k_descale``) and into the output
+GPU conversions), fed to BF16 ``tl.dot`` with FP32 accumulation (mode 3: FP16 operands,
+see :func:`_kv_operand`); the softmax is online, in FP32, base 2. Per-tensor / per-(sequence,
+head) descales are folded into the score scale (``q_descale * k_descale``) and into the output
 (``v_descale``); per-key dynamic scales multiply the score columns (K) and the
 probabilities (V) before the second dot.
 
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import e4m3_decode
-from .kv_cache import bf16_rne, e4m3_round
+from .kv_cache import bf16_rne
 
 
 @triton.jit
@@ -168,9 +167,8 @@ def _kv_operand(x, CVT: tl.constexpr, IS_V: tl.constexpr, INTERPRET: tl.constexp
     (:func:`_i8x4_to_f16`), K's hoisted into its operand layout (8-byte runs from shared
     memory), V's kept before its layout change (16-byte global reads, FP16 ``ldmatrix.trans``
     afterwards: 8-bit operands have no transposing ``ldmatrix``); under the interpreter
-    the portable conversions (bit arithmetic for E4M3). Mode 4 converts only V, the same way
-    (its K tiles feed 8-bit dots, see :func:`_split_query_dot`)."""
-    if CVT >= 3:
+    the portable conversions (bit arithmetic for E4M3)."""
+    if CVT == 3:
         if x.dtype == tl.bfloat16:
             return x
         elif INTERPRET:
@@ -188,8 +186,8 @@ def _kv_operand(x, CVT: tl.constexpr, IS_V: tl.constexpr, INTERPRET: tl.constexp
 
 @triton.jit
 def _to_operand(p, CVT: tl.constexpr, INTERPRET: tl.constexpr):
-    """FP32 probabilities -> the dot operand type of mode ``CVT`` (FP16 in modes 3 and 4, else BF16), RNE."""
-    if CVT >= 3:
+    """FP32 probabilities -> the dot operand type of mode ``CVT`` (FP16 in mode 3, else BF16), RNE."""
+    if CVT == 3:
         return p.to(tl.float16)
     else:
         return _to_bf16(p, INTERPRET)
@@ -205,63 +203,6 @@ def _pow2_exponent_scale(a, TARGET: tl.constexpr):
     f = (fe << 23).to(tl.float32, bitcast=True)
     inv = ((254 - fe) << 23).to(tl.float32, bitcast=True)
     return f, inv
-
-
-@triton.jit
-def _split_query(q, KV_INT8: tl.constexpr):
-    """Mode 4: the query tile (FP32 values) as two 8-bit dot operands ``(hi, lo, inv)``, per row
-    ``q ~= (hi + lo) * inv`` (E4M3) or ``(hi * 2^7 + lo) * inv`` (int8), ``inv`` a power of two
-    that the caller folds into the per-row score scale. Returned as FP32 tensors holding the
-    exact 8-bit values (the GPU path casts them; the interpreter multiplies them in FP32).
-
-    * E4M3 (fp8 caches): rows are scaled by a power of two to a max ``|q|`` in ``[2^7, 2^8)``;
-      ``hi`` = the nearest E4M3 value, ``lo`` = the nearest E4M3 value of ``q - hi``. A BF16
-      (or E4M3) value has <= 8 significant bits: ``hi`` keeps the top 4 and the residual is
-      at most 8 units of the value's last place, 4 bits: ``hi + lo == q`` exactly unless the
-      residual's last place is below E4M3's subnormal step ``2^-9``, i.e. for elements below
-      ``2^-9`` of the row max; their error is ``<= 2^-10``, ``<= 2^-17`` of the row max.
-    * int8: rows scaled to a max ``|q|`` in ``[2^12, 2^13)`` and rounded to integers (RNE),
-      ``hi = rne(x / 2^7)`` (``|hi| <= 64``), ``lo = x - hi * 2^7`` in ``[-64, 64]``: error
-      ``<= 0.5``, ``<= 2^-13`` of the row max, per element; the int32 dots are exact."""
-    if KV_INT8:
-        f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 12)
-        x = ((q * f[:, None]) + 12582912.0) - 12582912.0  # 1.5 * 2^23: the add rounds to an integer (RNE)
-        hi = ((x * 0.0078125) + 12582912.0) - 12582912.0
-        lo = x - hi * 128.0
-    else:
-        f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 7)
-        x = q * f[:, None]
-        hi = e4m3_round(x)
-        lo = e4m3_round(x - hi)
-    return hi, lo, inv
-
-
-@triton.jit
-def _split_query_dot(q_hi, q_lo, k, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """Mode 4 scores ``[M, BLOCK_N]`` FP32 (before the row scale) of the split query (see
-    :func:`_split_query`) against the raw 8-bit cache tile ``k`` ``[BLOCK_N, D]``: two 8-bit
-    tensor-core dots sharing the K operand, no conversion of K at all. E4M3: ``e4m3 x e4m3 ->
-    FP32``, ``lo``'s dot accumulating onto ``hi``'s; int8: ``s8 x s8 -> s32``, exact,
-    ``hi * 2^7 + lo`` in int32, one rounding to FP32. Under the interpreter the same values
-    are multiplied in FP32 (K decoded exactly, NaN codes kept; the int8 partial sums, < 2^24,
-    are exact and ``hi * 2^7 + lo`` rounds once, as the GPU's int32 -> FP32 does)."""
-    zero = tl.zeros([q_hi.shape[0], BLOCK_N], tl.float32)
-    if INTERPRET:
-        kt = tl.trans(_kv_operand(k, 3, False, INTERPRET).to(tl.float32))
-        if k.dtype == tl.int8:
-            return tl.dot(q_hi, kt, zero) * 128.0 + tl.dot(q_lo, kt, zero)
-        else:
-            return tl.dot(q_lo, kt, tl.dot(q_hi, kt, zero))
-    elif k.dtype == tl.int8:
-        kt = tl.trans(k)
-        izero = tl.zeros([q_hi.shape[0], BLOCK_N], tl.int32)
-        s = tl.dot(q_hi.to(tl.int8), kt, izero, out_dtype=tl.int32) * 128
-        return (s + tl.dot(q_lo.to(tl.int8), kt, izero, out_dtype=tl.int32)).to(tl.float32)
-    else:
-        k8 = k.to(tl.float8e4nv, bitcast=True)
-        zt = tl.zeros([BLOCK_N, q_hi.shape[0]], tl.float32)
-        st = tl.dot(k8, tl.trans(q_lo.to(tl.float8e4nv)), tl.dot(k8, tl.trans(q_hi.to(tl.float8e4nv)), zt))
-        return tl.trans(st)
 
 
 @triton.jit
@@ -338,7 +279,7 @@ def _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOC
 
 @triton.jit
 def _attend_tile(
-    start, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+    start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
     kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -350,8 +291,7 @@ def _attend_tile(
 
     ``MASK`` False: the caller guarantees the tile is whole (``start + BLOCK_N <= k_end``)
     and visible to every row (below the causal diagonal, no window): no bounds, causal or
-    window mask at all. ``MASK`` True: keys are clipped to ``k_end`` and masked per row.
-    ``q_lo``: mode 4's second query part (:func:`_split_query`), else unused."""
+    window mask at all. ``MASK`` True: keys are clipped to ``k_end`` and masked per row."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
     page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
@@ -360,11 +300,8 @@ def _attend_tile(
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
-    if CVT == 4:
-        s = _split_query_dot(q, q_lo, k, BLOCK_N, INTERPRET)
-    else:
-        s = _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], BLOCK_N], tl.float32),
-                 INTERPRET)
+    s = _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], BLOCK_N], tl.float32),
+             INTERPRET)
     # qk_scale: [M], per row (softmax scale * q/k descales, and mode 3's power-of-two q rescale)
     if DYNAMIC:
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
@@ -387,7 +324,7 @@ def _attend_tile(
     vf = _kv_operand(v, CVT, True, INTERPRET)
     if DYNAMIC:
         vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
-        if CVT >= 3:
+        if CVT == 3:
             # p * vs in FP16: rescale by a power of two so the tile's largest is in [1, 2)
             f, inv = _pow2_exponent_scale(tl.max(vs, 0), 0)
             pv = _dot(_to_operand(p * (vs * f)[None, :], CVT, INTERPRET), vf,
@@ -402,7 +339,7 @@ def _attend_tile(
 
 @triton.jit
 def _attend_range(
-    k_from, k_to, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+    k_from, k_to, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
     kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -414,7 +351,7 @@ def _attend_range(
         start = k_from
         while start < k_to:
             m_i, l_i, acc = _attend_tile(
-                start, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -423,7 +360,7 @@ def _attend_range(
     else:
         for start in range(k_from, k_to, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                start, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+                start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -496,15 +433,8 @@ def paged_attention_kernel(
             f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
             q = (q * f[:, None]).to(tl.float16)
             qk_scale = qk_scale * inv
-        elif CVT == 4:
-            # 8-bit QK dots: the query split in two 8-bit parts (exact for BF16 / E4M3 queries
-            # but for elements far below their row's max), the power of two back in the scale
-            q, q_lo, inv = _split_query(q.to(tl.float32), kc_ptr.dtype.element_ty == tl.int8)
-            qk_scale = qk_scale * inv
         else:
             qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
-        if CVT != 4:
-            q_lo = q
 
         # keys this tile may see: [lo, hi)
         first_pos = L - q_len + qt * BLOCK_Q
@@ -536,13 +466,13 @@ def paged_attention_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
         m_i, l_i, acc = _attend_range(
-            k_begin, full_end, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+            k_begin, full_end, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
             BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET)
         m_i, l_i, acc = _attend_range(
-            full_end, k_end, k_end, q, q_lo, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
+            full_end, k_end, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,

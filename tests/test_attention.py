@@ -22,9 +22,6 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from fp4comm.kernels import attention as attention_kernels
 
 from fp4comm.attention import (
     AttentionTiles,
@@ -410,50 +407,6 @@ def test_tiles_override(fmt, kernel):
         run(case, tiles=AttentionTiles(block_q=4, group_pad=1, block_n=16, num_warps=4, num_stages=2))
 
 
-@triton.jit
-def _split_query_probe(q_ptr, hi_ptr, lo_ptr, inv_ptr, M: tl.constexpr, D: tl.constexpr, KV_INT8: tl.constexpr):
-    offs = tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]
-    hi, lo, inv = attention_kernels._split_query(tl.load(q_ptr + offs), KV_INT8)
-    tl.store(hi_ptr + offs, hi)
-    tl.store(lo_ptr + offs, lo)
-    tl.store(inv_ptr + tl.arange(0, M), inv)
-
-
-@pytest.mark.parametrize("kv", ["fp8", "int8"])
-def test_mode4_query_split(kv):
-    """Mode 4's query split (``_split_query``), value by value: BF16 rows of magnitudes
-    1e-30 .. 1e30 with elements spread over 2^-24 .. 1 of their row's max, a zero row.
-    E4M3: ``hi``, ``lo`` are E4M3 values, ``|hi| <= 256``, ``(hi + lo) * inv == q`` exactly for
-    elements >= 2^-9 of the row max, error <= 2^-17 of it elsewhere. int8: integers with
-    ``|hi|, |lo| <= 64``, ``|(hi * 2^7 + lo) * inv - q| <= 2^-13`` of the row max. ``inv``: powers of two."""
-    M, D = 16, 64
-    g = torch.Generator().manual_seed(5)
-    spread = torch.exp2(-24 * torch.rand(M, D, generator=g)) * torch.randn(M, D, generator=g).sign()
-    q = spread * torch.logspace(-30, 30, M).view(M, 1)
-    q[3] = 0
-    q = q.to(torch.bfloat16).float()
-    hi, lo = torch.empty(M, D, device=DEV), torch.empty(M, D, device=DEV)
-    inv = torch.empty(M, device=DEV)
-    _split_query_probe[(1,)](q.to(DEV), hi, lo, inv, M=M, D=D, KV_INT8=kv == "int8")
-    hi, lo, inv = hi.cpu().double(), lo.cpu().double(), inv.cpu().double()
-    assert torch.equal(torch.frexp(inv)[0], torch.full((M,), 0.5, dtype=torch.float64))
-    rowmax = q.abs().amax(1, keepdim=True).double()
-    if kv == "fp8":
-        for t in (hi, lo):
-            assert torch.equal(t.float().to(torch.float8_e4m3fn).double(), t)
-        assert hi.abs().max() <= 256
-        err = ((hi + lo) * inv[:, None] - q.double()).abs()
-        big = q.abs().double() >= 2.0 ** -9 * rowmax
-        assert big.sum() > M * D // 3 and (err[big] == 0).all()
-        assert (err <= 2.0 ** -17 * rowmax).all()
-    else:
-        for t in (hi, lo):
-            assert torch.equal(t.round(), t) and t.abs().max() <= 64
-        err = ((hi * 128 + lo) * inv[:, None] - q.double()).abs()
-        assert (err <= 2.0 ** -13 * rowmax).all()
-    assert (hi[3] == 0).all() and (lo[3] == 0).all()
-
-
 def test_convert_mode_selection():
     """fp8 and int8 default to mode 3 (FP16 operands) on the GPU; the interpreter runs modes
     0 and 3 (1/2 are inline PTX: they fall back to 0); bf16 caches never convert."""
@@ -465,7 +418,7 @@ def test_convert_mode_selection():
         assert effective_convert_mode(mode, "int8_dynamic", True) == (mode if mode in (0, 3) else 0)
         assert effective_convert_mode(mode, "bf16", False) == 0
     with pytest.raises(ValueError, match="kv_convert"):
-        effective_convert_mode(5, "fp8", False)
+        effective_convert_mode(4, "fp8", False)
 
 
 def _with_mode(case, mode, kernel="generic"):
@@ -487,21 +440,13 @@ def test_convert_modes_agree(fmt, kernel):
     if case["cache"].v_scale_cache is not None:
         case["cache"].v_scale_cache.mul_(1e-12)
     want = reference(case)
-    modes = (0, 3, 4) if kernel == "generic" else (0, 3)  # mode 4: the generic kernel only
-    outs = {m: run(case, tiles=_with_mode(case, m, kernel)) for m in modes}
+    outs = {m: run(case, tiles=_with_mode(case, m, kernel)) for m in (0, 3)}
     for m, o in outs.items():
         assert_close_to_ref(o, want, what=f"{fmt} cvt={m}")
-    # mode 4 (8-bit QK dots of the split query) vs mode 3 (FP16): the split is exact but for
-    # query elements below 2^-9 (E4M3) / 2^-5 (int8) of their row's max, whose error is
-    # <= 2^-17 / 2^-13 of it: the scores move by far less than BF16's rounding of p, so the
-    # outputs agree to one BF16 rounding of the output (2^-8 relative) of max|out|
-    if 4 in outs:
-        d = (outs[4].float() - outs[3].float()).abs().max().item()
-        assert d <= 2.0 ** -8 * outs[3].float().abs().max().item(), (fmt, d)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_dynamic", "int8"])
-@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_nan_codes_read_as_nan(fmt, mode):
     """A NaN E4M3 code (0x7F / 0xFF) in K or V reads as NaN (never as a finite +-480): the
     query rows attending to it (the KV head's whole group of the sequence) come out NaN,
@@ -632,16 +577,15 @@ def test_gpu_long_context_decode(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_dynamic"])
 def test_gpu_decode_variants(fmt):
-    """Every decode variant the benchmark times (``decode_variants``: tiles, warps, register
-    caps, mode 4, forced splits) gives the reference's answer on the GPU, at the benchmark's
-    head shape (GQA 32 / 8, head dim 128), ragged lengths."""
+    """Every decode variant the benchmark times (``decode_variants``: conversion mode 2,
+    forced splits; fp8 only) gives the reference's answer on the GPU, at the benchmark's head
+    shape (GQA 32 / 8, head dim 128), ragged lengths, static and dynamic scales."""
     mod = _bench_module()
     case = build([3000, 1000, 17, 4096], [1, 1, 1, 1], Hq=32, Hkv=8, D=128, bs=16, fmt=fmt, device="cuda", seed=41)
     want = reference(case)
-    base = "fp8" if fmt == "fp8_dynamic" else fmt
-    variants = mod.decode_variants(32, 8, 128, base, True) + mod.decode_variants(32, 8, 128, base, False)
+    variants = mod.decode_variants(32, 8, 128, "fp8", True) + mod.decode_variants(32, 8, 128, "fp8", False)
     assert variants
     for name, tiles, splits in variants:
         assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
@@ -652,9 +596,8 @@ def test_gpu_decode_variants(fmt):
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_gpu_convert_modes_agree(fmt, kernel):
     """Every finite E4M3 code (and int8 value) in the cache: the GPU conversion modes
-    (0 = Triton's cast, 1/2 = integer ops, 3 = FP16 operands, 4 = 8-bit QK dots; int8: 0/2/3/4) give the
-    reference's answer, decode and prefill; modes differ at most by accumulation order (and mode 4 by its
-    query split, see test_convert_modes_agree)."""
+    (0 = Triton's cast, 1/2 = integer ops, 3 = FP16 operands; int8: 0/2/3) give the reference's answer, decode and
+    prefill; modes differ at most by accumulation order."""
     case = build([1000, 77], [1, 77], Hq=8, Hkv=2, D=128, bs=16, fmt=fmt, device="cuda", seed=23)
     c = case["cache"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -666,8 +609,7 @@ def test_gpu_convert_modes_agree(fmt, kernel):
             t.copy_(codes - 127)
     want = reference(case)
     outs = {}
-    modes = (0, 1, 2, 3, 4) if fmt == "fp8" else (0, 2, 3, 4)
-    for mode in modes if kernel == "generic" else [m for m in modes if m != 4]:  # mode 4: generic kernel only
+    for mode in ((0, 1, 2, 3) if fmt == "fp8" else (0, 2, 3)):
         tiles_d = attention_tiles(128, 4, 77, fmt)
         outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, "kernel": kernel}))
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
@@ -705,7 +647,6 @@ def test_kernels_compile_for_sm90():
     variant for sm_90 (Hopper) without a GPU (tests/sm90.py)."""
     names = compile_calls(
         """
-        import re
         import fp4comm.attention.paged as paged, fp4comm.attention.kv_cache as kvc, fp4comm.attention.mla as mla
         force_triton(paged, kvc, mla)
         paged._num_sms = mla._num_sms = lambda d: 132
@@ -735,12 +676,6 @@ def test_kernels_compile_for_sm90():
             ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
             ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 0, "fa")),  # prefill kernel
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
-            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 4)),  # decode, 8-bit QK dots
-            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 4)),  # the same, 8 warps
-            ("fp8_dynamic", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 4)),
-            ("int8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 4)),  # s8 x s8 -> s32 QK dots
-            ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 4)),  # prefill, mode 4
-            ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 64, 4, 3, 3, max_regs=128)),  # register cap
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -764,19 +699,12 @@ def test_kernels_compile_for_sm90():
                     assert "cvt.rn.f16x2.e4m3x2" in ptx, ("CVT 3: no hardware E4M3 conversion", consts)
                 else:  # int8: magic numbers, no F2F on the cache tiles
                     assert ptx.count("sub.rn.f16x2") >= 64 and "cvt.rn.f32.s8" not in ptx, ("CVT 3 int8", consts)
-            if name == "paged_attention_kernel" and consts.get("CVT") == 4:  # K straight into 8-bit dots
-                if sig["kc_ptr"] == "*fp8e4nv":  # wgmma of K (A, from shared) x split q^T: V's cvt only
-                    assert re.search(r"wgmma.mma_async.sync.aligned.m64n\\d+k32.f32.e4m3.e4m3", ptx), consts
-                    assert ptx.count("cvt.rn.f16x2.e4m3x2") <= 128, consts  # V's alone (mode 3, 4 warps: 256)
-                else:
-                    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx, consts
-                    assert "cvt.rn.f32.s8" not in ptx, consts
-            if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3, 4):  # 16-byte global reads
+            if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3):  # 16-byte global reads
                 assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 35, names
+    # 29 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 29, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

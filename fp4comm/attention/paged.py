@@ -37,7 +37,6 @@ class AttentionTiles:
     num_stages: int
     kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
     kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
-    max_regs: int = 0  # > 0: cap the registers a thread (ptxas maxnreg; more programs an SM), 0 = no cap
 
     @property
     def block_m(self) -> int:
@@ -76,36 +75,30 @@ PREFILL_KERNELS = ("generic", "fa")
 #: * 3 = FP16 dot operands: ``cvt.rn.f16x2.e4m3x2`` alone (0.5 F2F a value, NaN -> NaN in
 #:   hardware), V converted before its layout change as in 2; queries are rescaled per row
 #:   by a power of two (exact) into FP16's range and the probabilities rounded to FP16 (3
-#:   more bits than BF16). The interpreter runs it with portable conversions, so the CPU
-#:   tests cover its arithmetic;
-#: * 4 = 8-bit tensor-core QK dots, opt-in (:data:`FP8_DOT_QK_MODE`): K is never converted,
-#:   the scores come from two ``e4m3 x e4m3 -> FP32`` dots of the raw K tile against the
-#:   query split per row into two E4M3 parts (``q * 2^e = hi + lo``, exact for BF16 / E4M3
-#:   queries except elements below ``2^-9`` of their row's max, error there ``<= 2^-17`` of
-#:   it: ``_split_query`` in the kernels); V and the probabilities as in mode 3. Halves the
-#:   conversions and drops the FP16 K operand (64 registers a thread at N = 128) from the
-#:   loop; the dots' FP32 accumulation on Hopper's FP8 path is the one new rounding. Also
-#:   run by the interpreter (FP32 products of the same values).
+#:   more bits than BF16). The only mode besides 0 the interpreter runs (with portable
+#:   conversions there), so the CPU tests cover its arithmetic.
 #:
 #: H200, b32 / 16k decode (before mode 3 and the NaN fix of 1/2): mode 0 588 us, 1 517 us,
 #: 2 415 us. Mode 3 is the default on the strength of its instruction counts (see
-#: :func:`kv_convert_mode`); ``bench_attention.py --quick`` times all modes (``tune`` rows):
-#: flip this if another measures faster.
+#: :func:`kv_convert_mode`); ``bench_attention.py --quick`` times mode 2 beside it (``tune``
+#: row ``cvt2``; b32 / 16k: 494.3 vs 373.0 us): flip this if another measures faster.
+#:
+#: Tried and removed (commit a583111): a mode 4 of 8-bit tensor-core QK dots, K never
+#: converted, the query split per row into two E4M3 parts (int8: two s8 parts of a 14-bit
+#: integer), V as in 3. H200, b32 / 16k, GQA 32 / 8, D 128, fp8: default (mode 3) 373.0 us,
+#: mode 4 471.5, mode 4 at 8 warps 511.3, at N = 64 431.0, 8 splits of those two 480.7 /
+#: 415.2; b128: default 1355.6, mode 4 at 8 warps 1807.8, at N = 64 1591.5. int8: a tie
+#: (see :data:`INT8_CONVERT_GPU`).
 FP8_CONVERT_GPU = 3
 #: int8 on the GPU: 0 = Triton's cast through FP32 to BF16 (byte permutes + magic numbers,
 #: then ``cvt.rn.bf16x2.f32``), hoisted past V's layout change (V byte-read from shared
 #: memory); 2 = the same cast kept before it (``_keep_layout``); 3 = FP16 operands, exact
 #: magic-number conversion (``(b ^ 0x80) | 0x6400`` as FP16 minus 1152: no F2F), V converted
-#: before its layout change; 4 = ``s8 x s8 -> s32`` QK dots of the raw K tile against the
-#: query rounded per row to 14-bit integers split as ``hi * 2^7 + lo`` (two int8 dots, exact
-#: integer sums; the query's rounding error is ``<= 2^-13`` of its row's max), V as in 3.
-#: H200 b32 / 16k, mode 0: 481 us.
+#: before its layout change. H200 b32 / 16k, mode 0: 481 us; mode 3: 382.7 us (the removed
+#: mode 4 above, s8 QK dots: 371.3, within noise).
 INT8_CONVERT_GPU = 3
-#: The opt-in 8-bit-dot mode (not a default until timed on the GPU: ``bench_attention.py
-#: --quick --only decode``, rows ``cvt4*``); pass ``tiles=`` with ``kv_convert=FP8_DOT_QK_MODE``.
-FP8_DOT_QK_MODE = 4
 #: Modes the interpreter can run: the others use inline PTX (they fall back to 0 there).
-INTERPRETER_MODES = (0, 3, 4)
+INTERPRETER_MODES = (0, 3)
 
 
 def kv_convert_mode(kv_format: str) -> int:
@@ -131,8 +124,8 @@ def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) 
     under the interpreter modes outside :data:`INTERPRETER_MODES` fall back to 0."""
     if ref.base_format(kv_format) == "bf16":
         return 0
-    if kv_convert not in (0, 1, 2, 3, 4):
-        raise ValueError(f"tiles.kv_convert: must be 0, 1, 2, 3 or 4, got {kv_convert}")
+    if kv_convert not in (0, 1, 2, 3):
+        raise ValueError(f"tiles.kv_convert: must be 0, 1, 2 or 3, got {kv_convert}")
     if interpreting and kv_convert not in INTERPRETER_MODES:
         return 0
     return kv_convert
@@ -396,9 +389,6 @@ def paged_attention(
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
     dynamic_args = (k_scale_cache, v_scale_cache) if dynamic else (None, None)
     exact = triton_interpreting() and dev.type == "cpu"
-    if tiles.kernel == "fa" and tiles.kv_convert == FP8_DOT_QK_MODE:
-        raise ValueError(f"tiles: kv_convert={FP8_DOT_QK_MODE} (8-bit QK dots) is a mode of the generic kernel, "
-                         "not of kernel='fa'")
     if tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1):
         _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd, kd, vd, *dynamic_args,
                         float(softmax_scale), bool(causal), sliding_window, num_q_tiles, tiles,
@@ -433,7 +423,7 @@ def paged_attention(
         DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
         NUM_SPLITS=num_kv_splits, PAGE=bs if bs & (bs - 1) == 0 else 0,
         CVT=effective_convert_mode(tiles.kv_convert, kv_format, exact), INTERPRET=exact,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_reg_cap(tiles),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:
         combine_splits(ws_o, ws_lse, out, exact)
@@ -468,14 +458,8 @@ def _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_
         HEAD_DIM=q.shape[2], GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         DYNAMIC=k_scale_cache is not None, CAUSAL=causal, USE_WINDOW=sliding_window is not None,
         PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_reg_cap(tiles),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-def _reg_cap(tiles: AttentionTiles) -> dict:
-    """Launch option of ``tiles.max_regs``: ``maxnreg`` when > 0 (decode variants that trade
-    spills for a third / fourth resident program an SM), else nothing (the compiler's choice)."""
-    if tiles.max_regs < 0:
-        raise ValueError(f"tiles.max_regs: must be >= 0, got {tiles.max_regs}")
-    return {"maxnreg": tiles.max_regs} if tiles.max_regs else {}
 
 
 def combine_splits(ws_o: torch.Tensor, ws_lse: torch.Tensor, out: torch.Tensor, exact: bool) -> None:
