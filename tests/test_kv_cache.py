@@ -299,11 +299,12 @@ BAD_TILES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_TILES), ids=list(BAD_TILES))
-def test_bad_tiles(name):
+def test_bad_tiles(name, device):
     exc, match, tiles = BAD_TILES[name]
-    c = KVCache.allocate(2, 4, 2, 64, "bf16")
+    c = KVCache.allocate(2, 4, 2, 64, "bf16", device=device)
+    k, v = torch.randn(3, 2, 64, device=device), torch.randn(3, 2, 64, device=device)
     with pytest.raises(exc, match=match):
-        c.write(torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([0, 1, 2]), impl="triton", tiles=tiles)
+        c.write(k, v, torch.tensor([0, 1, 2], device=device), impl="triton", tiles=tiles)
 
 
 # ----------------------------------------------------------------------------- bad inputs
