@@ -105,8 +105,18 @@ def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_bl
                 k_raw=ks_raw, v_raw=vs_raw, S=S, Hq=Hq, Hkv=Hkv, D=D, fmt=fmt)
 
 
-#: kernels the prefill tests run: the generic one and the prefill-specialised one
-KERNELS = ["generic", "fa"]
+#: kernels the prefill tests run, as ``AttentionTiles`` overrides: the generic one, the
+#: prefill-specialised one and its opt-in variants (see ``paged_prefill_kernel``)
+KERNEL_TILES = {
+    "generic": dict(kernel="generic"),
+    "fa": dict(kernel="fa"),
+    "fa_qsmem": dict(kernel="fa", fa_q_smem=True),  # BF16 queries unmodified, the sign in the score scale
+    "fa_ldg": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=True),  # + block-table reads outside the pipeliner
+}
+#: ``fa_ldg`` differs from ``fa_qsmem`` on the GPU only (the interpreter reads the block table
+#: with ``tl.load`` either way)
+KERNELS = ["generic", "fa", "fa_qsmem",
+           pytest.param("fa_ldg", marks=pytest.mark.skipif(DEV.type != "cuda", reason="GPU-only variant"))]
 
 
 def default_tiles(case):
@@ -121,7 +131,7 @@ def run(case, impl="triton", kernel=None, **kw):
     kw.setdefault("softmax_scale", case["D"] ** -0.5)
     kw.setdefault("q_descale", case["q_descale"])
     if kernel is not None:
-        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), kernel=kernel)
+        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), **KERNEL_TILES[kernel])
     return c.attend(case["q"], case["bt"], case["seq_lens"], case["cu"], impl=impl, **kw)
 
 
@@ -195,7 +205,7 @@ SHAPES = {
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_formats_vs_reference(fmt, shape, kernel):
-    if kernel == "fa" and shape == "decode":
+    if kernel != "generic" and shape == "decode":
         pytest.skip("decode runs the generic kernel")
     seq_lens, q_lens = SHAPES[shape]
     case = build(seq_lens, q_lens, Hq=4, Hkv=2, D=64, bs=16, fmt=fmt)
@@ -260,9 +270,9 @@ def test_sliding_window(window, kernel):
     assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window}")
     full = run(case, kernel=kernel)
     assert not torch.equal(out, full)
-    if kernel == "fa":
-        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2, kernel="fa")
-        out = run(case, sliding_window=window, tiles=small)
+    if kernel != "generic":
+        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2)
+        out = run(case, sliding_window=window, tiles=small, kernel=kernel)
         assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window} small tiles")
 
 
@@ -306,6 +316,23 @@ def test_fp8_queries_and_descales(kind, kernel):
         # a negative descale (the fa kernel moves its sign into the queries) is honoured too
         neg = run(case, q_descale=qd, k_descale=-kd, v_descale=vd, kernel=kernel)
         assert_close_to_ref(neg, reference(case, q_descale=qd, k_descale=-kd, v_descale=vd), what="negative")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt,mode", [("bf16", 0), ("fp8_dynamic", 0), ("int8", 3)], ids=["bf16", "fp8dyn-cvt0", "int8"])
+def test_negative_descale_bf16_queries(fmt, mode, kernel):
+    """BF16 queries and a negative ``k_descale`` (per sequence and head, mixed signs): the fa
+    kernel either moves the sign into the queries or (``fa_q_smem``, BF16 operands) runs
+    every tile of a negative program through the masked step, which scales before its max;
+    prefill and chunked rows, 16-token q tiles over 8-key tiles (most of them unmasked). The
+    scores span more than 128 (base 2), so a running max taken on the wrong side overflows."""
+    case = build([40, 23], [40, 9], Hq=4, Hkv=2, D=64, bs=8, fmt=fmt, seed=9)
+    kd = torch.tensor([[-1.3, 0.8], [0.9, -0.6]], device=DEV) * 40  # score ranges beyond exp2's (2^128)
+    tiles = AttentionTiles(block_q=16, group_pad=2, block_n=8, num_warps=4, num_stages=2, kv_convert=mode)
+    out = run(case, k_descale=kd, tiles=tiles, kernel=kernel)
+    assert_close_to_ref(out, reference(case, k_descale=kd), what=f"{fmt} negative")
+    assert_close_to_ref(run(case, k_descale=kd.abs(), tiles=tiles, kernel=kernel), reference(case, k_descale=kd.abs()),
+                        what=f"{fmt} positive")
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
@@ -469,7 +496,7 @@ def test_convert_mode_selection():
 
 
 def _with_mode(case, mode, kernel="generic"):
-    return dataclasses.replace(default_tiles(case), kv_convert=mode, kernel=kernel)
+    return dataclasses.replace(default_tiles(case), kv_convert=mode, **KERNEL_TILES[kernel])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -669,7 +696,7 @@ def test_gpu_convert_modes_agree(fmt, kernel):
     modes = (0, 1, 2, 3, 4) if fmt == "fp8" else (0, 2, 3, 4)
     for mode in modes if kernel == "generic" else [m for m in modes if m != 4]:  # mode 4: generic kernel only
         tiles_d = attention_tiles(128, 4, 77, fmt)
-        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, "kernel": kernel}))
+        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, **KERNEL_TILES[kernel]}))
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
     for mode, o in outs.items():
         assert (o.float() - outs[0].float()).abs().max().item() <= 1e-2 * outs[0].float().abs().max().item()

@@ -38,6 +38,8 @@ class AttentionTiles:
     kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
     kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
     max_regs: int = 0  # > 0: cap the registers a thread (ptxas maxnreg; more programs an SM), 0 = no cap
+    fa_q_smem: bool = False  # kernel "fa": BF16 queries unmodified, wgmma's A from shared memory
+    fa_bt_ldg: bool = False  # kernel "fa": block-table reads outside Triton's pipeliner (K/V prefetched further)
 
     @property
     def block_m(self) -> int:
@@ -468,6 +470,7 @@ def _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_
         HEAD_DIM=q.shape[2], GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         DYNAMIC=k_scale_cache is not None, CAUSAL=causal, USE_WINDOW=sliding_window is not None,
         PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
+        Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=tiles.fa_bt_ldg,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_reg_cap(tiles),
     )
 def _reg_cap(tiles: AttentionTiles) -> dict:
