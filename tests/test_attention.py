@@ -119,6 +119,13 @@ KERNELS = ["generic", "fa", "fa_qsmem",
            pytest.param("fa_ldg", marks=pytest.mark.skipif(DEV.type != "cuda", reason="GPU-only variant"))]
 
 
+def skip_inert(kernel, fmt, q_fp8=False):
+    """``fa_qsmem`` acts on BF16 queries with BF16 operands only; with an fp8/int8 cache the
+    default conversion (FP16 operands) or FP8 queries build the same kernel as ``fa``."""
+    if kernel == "fa_qsmem" and (fmt != "bf16" or q_fp8):
+        pytest.skip("same kernel build as fa (fa_q_smem needs BF16 queries and BF16 operands)")
+
+
 def default_tiles(case):
     return attention_tiles(case["D"], case["Hq"] // case["Hkv"], int((case["cu"][1:] - case["cu"][:-1]).max()),
                            case["fmt"])
@@ -207,6 +214,7 @@ SHAPES = {
 def test_formats_vs_reference(fmt, shape, kernel):
     if kernel != "generic" and shape == "decode":
         pytest.skip("decode runs the generic kernel")
+    skip_inert(kernel, fmt)
     seq_lens, q_lens = SHAPES[shape]
     case = build(seq_lens, q_lens, Hq=4, Hkv=2, D=64, bs=16, fmt=fmt)
     out = run(case, kernel=kernel)
@@ -238,6 +246,7 @@ def test_bf16_within_2x_sdpa(shape, kernel):
 )
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gqa_mqa(Hq, Hkv, kernel):
+    skip_inert(kernel, "fp8_dynamic")
     case = build([17, 40], [17, 1], Hq=Hq, Hkv=Hkv, D=64, bs=8, fmt="fp8_dynamic", seed=2)
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"Hq={Hq} Hkv={Hkv}")
 
@@ -245,6 +254,7 @@ def test_gqa_mqa(Hq, Hkv, kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("D", [128, 256], ids=["d128", "d256"])
 def test_head_dims(D, kernel):
+    skip_inert(kernel, "int8")
     case = build([17, 33], [17, 2], Hq=2, Hkv=1, D=D, bs=16, fmt="int8", seed=3)
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"D={D}")
 
@@ -278,6 +288,7 @@ def test_sliding_window(window, kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_non_causal(kernel):
+    skip_inert(kernel, "int8_dynamic")
     case = build([17, 30], [17, 5], Hq=2, Hkv=1, D=64, bs=8, fmt="int8_dynamic", seed=6)
     out = run(case, causal=False, kernel=kernel)
     assert_close_to_ref(out, reference(case, causal=False), what="non-causal")
@@ -289,6 +300,7 @@ def test_non_causal(kernel):
 def test_fp8_queries_and_descales(kind, kernel):
     """FP8 queries with q_descale; every descale element is honoured (a kernel that read only
     the first element would fail: the values differ per sequence and head)."""
+    skip_inert(kernel, "fp8", q_fp8=True)
     case = build([17, 40, 5], [3, 1, 5], Hq=4, Hkv=2, D=64, bs=8, fmt="fp8", seed=7, q_fp8=True)
     c = case["cache"]
     S, Hkv = case["S"], case["Hkv"]
@@ -675,6 +687,23 @@ def test_gpu_decode_variants(fmt):
 
 
 @pytest.mark.gpu
+def test_gpu_prefill_variants():
+    """Every prefill variant the benchmark times (``prefill_variants``: kernels, tiles, stages,
+    the fa kernel's ``fa_q_smem`` / ``fa_bt_ldg``, fp8 caches and queries, 16- and 128-key
+    pages) gives the reference's answer on the GPU at the benchmark's head shape (GQA 32 / 8,
+    head dim 128), ragged prefill and chunked lengths."""
+    mod = _bench_module()
+    cases = {}
+    for name, fmt, q_fp8, tiles, splits, bs in mod.prefill_variants(32, 8, 128, 2048, 16):
+        if (fmt, q_fp8, bs) not in cases:
+            case = build([1500, 700, 33], [1500, 300, 33], Hq=32, Hkv=8, D=128, bs=bs, fmt=fmt, device="cuda",
+                         seed=42, q_fp8=q_fp8)
+            cases[fmt, q_fp8, bs] = case, reference(case)
+        case, want = cases[fmt, q_fp8, bs]
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_gpu_convert_modes_agree(fmt, kernel):
@@ -762,6 +791,11 @@ def test_kernels_compile_for_sm90():
             ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
             ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 0, "fa")),  # prefill kernel
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16,  # block table outside the pipeliner: K/V two tiles ahead
+             AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, fa_bt_ldg=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 128, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_bt_ldg=True)),
+            ("fp8", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 3, "fa", fa_bt_ldg=True)),
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 4)),  # decode, 8-bit QK dots
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 4)),  # the same, 8 warps
             ("fp8_dynamic", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 8, 3, 4)),
@@ -800,10 +834,14 @@ def test_kernels_compile_for_sm90():
                     assert "cvt.rn.f32.s8" not in ptx, consts
             if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3, 4):  # 16-byte global reads
                 assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
+            if name == "paged_prefill_kernel" and consts.get("Q_SMEM"):  # Q's A operand straight from shared:
+                assert ptx.count("ldmatrix") <= 8, consts  # the output's 8 only (else + 8 a key loop: Q reloaded)
+            if name == "paged_prefill_kernel" and consts.get("BT_LDG"):  # K/V copies two tiles ahead
+                assert "ld.global.nc.b32" in ptx and "cp.async.wait_group \t2;" in ptx, consts
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
     # distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 35, names
+    assert len(names) == 39, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names
