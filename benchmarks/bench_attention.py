@@ -109,6 +109,18 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
             ("fa fp8 q", "fp8", True, tiles(t8, kernel="fa"), None, bs),
             ("fa N=128 bs=128", "bf16", False, tiles(t, kernel="fa", block_n=128), None, 128),
             ("fa bs=128", "bf16", False, tiles(t, kernel="fa"), None, 128)]
+    # opt-in fa variants (AttentionTiles.fa_q_smem / fa_bt_ldg, see paged_prefill_kernel); bf16
+    # "ldg" at N = 128 takes 224 KB of shared memory at 3 stages (4 would not fit, 2 prefetches
+    # no further than the default)
+    fa = tiles(t, kernel="fa")
+    out += [("fa qsmem", "bf16", False, tiles(fa, fa_q_smem=True), None, bs),
+            ("fa ldg", "bf16", False, tiles(fa, fa_bt_ldg=True), None, bs),
+            ("fa ldg qsmem", "bf16", False, tiles(fa, fa_bt_ldg=True, fa_q_smem=True), None, bs),
+            ("fa ldg qsmem bs=128", "bf16", False, tiles(fa, fa_bt_ldg=True, fa_q_smem=True), None, 128),
+            ("fa ldg", "fp8", False, tiles(t8, kernel="fa", fa_bt_ldg=True), None, bs),
+            ("fa N=128 st=2", "fp8", False, tiles(t8, kernel="fa", block_n=128, num_stages=2), None, bs),
+            ("fa N=128 ldg", "fp8", False, tiles(t8, kernel="fa", block_n=128, fa_bt_ldg=True), None, bs),
+            ("fa ldg fp8 q", "fp8", True, tiles(t8, kernel="fa", fa_bt_ldg=True), None, bs)]
     return out
 
 
@@ -284,6 +296,7 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
         rows.append(dict(section="tune" if tiles else "prefill", name="paged_attention" + suffix, format=fmt,
                          batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,
                          note=f"{t.kernel} N={t.block_n} w={t.num_warps} st={t.num_stages} cvt={t.kv_convert} "
+                              f"{'qsmem ' if t.fa_q_smem else ''}{'ldg ' if t.fa_bt_ldg else ''}"
                               f"bs={page} splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
         if fmt == "bf16" and not q_fp8:
             rows[-1].update(target=f">={TARGET_PREFILL_VS_SDPA}x sdpa",

@@ -25,12 +25,61 @@ What differs from the generic kernel:
   score; ``m = max(s) * c`` needs ``c >= 0``, so a negative descale's sign is moved into
   the queries once a program); ``c`` = softmax scale * log2(e) * q/k descales (per row in
   ``CVT`` mode 3: FP16 queries rescaled by a power of two, see the generic kernel).
+
+Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU):
+
+* ``Q_SMEM`` (``fa_q_smem``; BF16 queries with BF16 operands only): Q is used as loaded, so
+  Triton feeds the QK wgmma's A operand from shared memory (the default build modifies Q,
+  keeps it in shared memory and reloads it into registers with 8 ``ldmatrix`` a tile: sm_90
+  ptxas, N = 128, D = 128: 246 registers vs 254). The score scale keeps its sign; a program
+  whose scale is negative runs every tile through the masked step (``s * c`` before the max,
+  sign-agnostic) instead of a second build of the unmasked loop (that one doubled the
+  shared memory, past the 227 KB limit, and serialized the wgmmas).
+* ``BT_LDG`` (``fa_bt_ldg``): block-table reads outside Triton's pipeliner, see
+  :func:`_fa_page_rows`: K/V copies prefetched ``num_stages - 1`` tiles ahead instead of one.
 """
 
 import triton
 import triton.language as tl
 
 from .attention import _dot, _finish, _kv_operand, _page_rows, _pow2_exponent_scale, _to_operand
+
+
+@triton.jit
+def _ld_nc_b32(ptr):
+    """``ld.global.nc.b32`` (GPU only): a load Triton's pipeliner does not see (see
+    :func:`_fa_page_rows`); the block table is read-only while the kernel runs."""
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr, BT_LDG: tl.constexpr, INTERPRET: tl.constexpr):
+    """Block and in-block row (int64) of keys ``offs_n``, as ``_page_rows`` of the generic kernel.
+
+    ``BT_LDG`` (unmasked tiles on the GPU): the block-table entries are read with
+    :func:`_ld_nc_b32` instead of ``tl.load``. Triton's pipeliner turns a ``tl.load`` of the
+    block table into a ``cp.async`` one stage ahead of the K/V copies it addresses, so with
+    ``num_stages`` 3 the K/V copies of tile ``i + 1`` are issued at the end of iteration ``i``
+    and waited for (``cp.async.wait_group 0``) at the top of ``i + 1``: no overlap of a
+    program's loads with its own compute. With the entries read outside the pipeliner the
+    K/V copies are the only pipelined loads: ``num_stages - 1`` tiles ahead (``wait_group 2``
+    at 3 stages, 224 KB of shared memory at N = 128, D = 128); the ``ld.global.nc`` (one per
+    page a thread: a thread's rows of a 128-key tile lie in 8 different 16-key pages, and
+    every thread reads the same 8 entries) stalls the issue of those copies instead."""
+    if BT_LDG and not MASK and not INTERPRET:
+        if PAGE > 0:
+            if PAGE % BLOCK_N == 0:
+                page = _ld_nc_b32(bt_row + start // PAGE).to(tl.int64)
+            else:
+                page = _ld_nc_b32(bt_row + offs_n // PAGE).to(tl.int64)
+            in_blk = (offs_n % PAGE).to(tl.int64)
+        else:
+            page = _ld_nc_b32(bt_row + offs_n // block_size).to(tl.int64)
+            in_blk = (offs_n % block_size).to(tl.int64)
+    else:
+        page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
+    return page, in_blk
 
 
 @triton.jit
@@ -41,6 +90,7 @@ def _fa_tile(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    BT_LDG: tl.constexpr,
 ):
     """Keys ``[start, start + BLOCK_N)``: gather, dequantize, score, online-softmax update.
     ``MASK`` False: the whole tile is visible to every row (no bounds, causal or window
@@ -48,7 +98,7 @@ def _fa_tile(
     row; rows that have seen nothing keep ``m = -inf`` and ``p = alpha = 0`` (no NaN)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
-    page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
+    page, in_blk = _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
     if MASK:
@@ -103,6 +153,7 @@ def _fa_range(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    BT_LDG: tl.constexpr,
 ):
     """Tiles starting at ``k_from, k_from + BLOCK_N, ... < k_to`` (a ``while`` loop under the
     interpreter, a software-pipelined ``for`` when compiled; see the generic kernel)."""
@@ -114,7 +165,7 @@ def _fa_range(
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
             start += BLOCK_N
     else:
         for start in range(k_from, k_to, BLOCK_N):
@@ -123,7 +174,7 @@ def _fa_range(
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
     return m_i, l_i, acc
 
 
@@ -144,6 +195,7 @@ def paged_prefill_kernel(
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    Q_SMEM: tl.constexpr = False, BT_LDG: tl.constexpr = False,
 ):
     """Grid ``(num_q_tiles * num_seqs * num_kv_heads,)``; arguments as the generic kernel's
     (no workspace: one split). Writes ``out [T, Hq, HEAD_DIM]``; rows with no key -> zeros."""
@@ -166,20 +218,24 @@ def paged_prefill_kernel(
         pos = L - q_len + tok  # absolute position of each query row
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + rows_t[:, None] * stride_qt + rows_h[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)  # exact for bf16 / E4M3
+                    mask=row_ok[:, None], other=0.0)
         q_descale = tl.load(qd_ptr + seq * stride_qds + kvh * stride_qdh)
         k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
         v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
         qk_scale = sm_scale_log2 * q_descale * k_descale
-        q = q * tl.where(qk_scale < 0.0, -1.0, 1.0)  # exact; leaves the score scale >= 0
-        qk_scale = tl.abs(qk_scale)
-        if CVT == 3:  # FP16 operands: per-row power-of-two rescale into FP16's range (exact)
-            f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
-            q = (q * f[:, None]).to(tl.float16)
-            qk_scale = qk_scale * inv
-        else:
-            q = q.to(tl.bfloat16)  # exact: the values came from BF16 / E4M3
+        scale_neg = qk_scale < 0.0
+        if Q_SMEM:  # BF16 queries used as loaded (wgmma reads them from shared memory), see below
             qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
+        else:
+            q = q.to(tl.float32) * tl.where(scale_neg, -1.0, 1.0)  # exact; leaves the score scale >= 0
+            qk_scale = tl.abs(qk_scale)
+            if CVT == 3:  # FP16 operands: per-row power-of-two rescale into FP16's range (exact)
+                f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
+                q = (q * f[:, None]).to(tl.float16)
+                qk_scale = qk_scale * inv
+            else:
+                q = q.to(tl.bfloat16)  # exact: the values came from BF16 / E4M3
+                qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
 
         # keys of the tile: [lo, hi); every row sees [lo_all, hi_all)
         first_pos = L - q_len + qt * BLOCK_Q
@@ -200,6 +256,8 @@ def paged_prefill_kernel(
         # unmasked whole tiles [f0, f1), then masked [lo, f0) and [f1, hi)
         f0 = tl.cdiv(lo_all, BLOCK_N) * BLOCK_N
         f1 = tl.maximum((tl.maximum(hi_all, 0) // BLOCK_N) * BLOCK_N, f0)
+        if Q_SMEM:  # negative score scale: no unmasked tiles (the masked step scales s before its max)
+            f1 = tl.where(scale_neg, f0, f1)
         hi = tl.maximum(hi, 0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -211,20 +269,20 @@ def paged_prefill_kernel(
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET)
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET, BT_LDG)
         if USE_WINDOW:
             m_i, l_i, acc = _fa_range(
                 lo, tl.minimum(f0, hi), hi, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET)
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
         m_i, l_i, acc = _fa_range(
             f1, hi, hi, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET)
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
 
         _finish(acc, m_i, l_i, v_descale, 0, rows_t, rows_h, row_ok, offs_d,
                 out_ptr, stride_ot, stride_oh, out_ptr, 0, 0, 0, out_ptr, 0, 0, 1, INTERPRET)

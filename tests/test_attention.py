@@ -102,8 +102,25 @@ def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_bl
                 k_raw=ks_raw, v_raw=vs_raw, S=S, Hq=Hq, Hkv=Hkv, D=D, fmt=fmt)
 
 
-#: kernels the prefill tests run: the generic one and the prefill-specialised one
-KERNELS = ["generic", "fa"]
+#: kernels the prefill tests run, as ``AttentionTiles`` overrides: the generic one, the
+#: prefill-specialised one and its opt-in variants (see ``paged_prefill_kernel``)
+KERNEL_TILES = {
+    "generic": dict(kernel="generic"),
+    "fa": dict(kernel="fa"),
+    "fa_qsmem": dict(kernel="fa", fa_q_smem=True),  # BF16 queries unmodified, the sign in the score scale
+    "fa_ldg": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=True),  # + block-table reads outside the pipeliner
+}
+#: ``fa_ldg`` differs from ``fa_qsmem`` on the GPU only (the interpreter reads the block table
+#: with ``tl.load`` either way)
+KERNELS = ["generic", "fa", "fa_qsmem",
+           pytest.param("fa_ldg", marks=pytest.mark.skipif(DEV.type != "cuda", reason="GPU-only variant"))]
+
+
+def skip_inert(kernel, fmt, q_fp8=False):
+    """``fa_qsmem`` acts on BF16 queries with BF16 operands only; with an fp8/int8 cache the
+    default conversion (FP16 operands) or FP8 queries build the same kernel as ``fa``."""
+    if kernel == "fa_qsmem" and (fmt != "bf16" or q_fp8):
+        pytest.skip("same kernel build as fa (fa_q_smem needs BF16 queries and BF16 operands)")
 
 
 def default_tiles(case):
@@ -118,7 +135,7 @@ def run(case, impl="triton", kernel=None, **kw):
     kw.setdefault("softmax_scale", case["D"] ** -0.5)
     kw.setdefault("q_descale", case["q_descale"])
     if kernel is not None:
-        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), kernel=kernel)
+        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), **KERNEL_TILES[kernel])
     return c.attend(case["q"], case["bt"], case["seq_lens"], case["cu"], impl=impl, **kw)
 
 
@@ -192,8 +209,9 @@ SHAPES = {
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_formats_vs_reference(fmt, shape, kernel):
-    if kernel == "fa" and shape == "decode":
+    if kernel != "generic" and shape == "decode":
         pytest.skip("decode runs the generic kernel")
+    skip_inert(kernel, fmt)
     seq_lens, q_lens = SHAPES[shape]
     case = build(seq_lens, q_lens, Hq=4, Hkv=2, D=64, bs=16, fmt=fmt)
     out = run(case, kernel=kernel)
@@ -225,6 +243,7 @@ def test_bf16_within_2x_sdpa(shape, kernel):
 )
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gqa_mqa(Hq, Hkv, kernel):
+    skip_inert(kernel, "fp8_dynamic")
     case = build([17, 40], [17, 1], Hq=Hq, Hkv=Hkv, D=64, bs=8, fmt="fp8_dynamic", seed=2)
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"Hq={Hq} Hkv={Hkv}")
 
@@ -232,6 +251,7 @@ def test_gqa_mqa(Hq, Hkv, kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("D", [128, 256], ids=["d128", "d256"])
 def test_head_dims(D, kernel):
+    skip_inert(kernel, "int8")
     case = build([17, 33], [17, 2], Hq=2, Hkv=1, D=D, bs=16, fmt="int8", seed=3)
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"D={D}")
 
@@ -257,14 +277,15 @@ def test_sliding_window(window, kernel):
     assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window}")
     full = run(case, kernel=kernel)
     assert not torch.equal(out, full)
-    if kernel == "fa":
-        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2, kernel="fa")
-        out = run(case, sliding_window=window, tiles=small)
+    if kernel != "generic":
+        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2)
+        out = run(case, sliding_window=window, tiles=small, kernel=kernel)
         assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window} small tiles")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_non_causal(kernel):
+    skip_inert(kernel, "int8_dynamic")
     case = build([17, 30], [17, 5], Hq=2, Hkv=1, D=64, bs=8, fmt="int8_dynamic", seed=6)
     out = run(case, causal=False, kernel=kernel)
     assert_close_to_ref(out, reference(case, causal=False), what="non-causal")
@@ -276,6 +297,7 @@ def test_non_causal(kernel):
 def test_fp8_queries_and_descales(kind, kernel):
     """FP8 queries with q_descale; every descale element is honoured (a kernel that read only
     the first element would fail: the values differ per sequence and head)."""
+    skip_inert(kernel, "fp8", q_fp8=True)
     case = build([17, 40, 5], [3, 1, 5], Hq=4, Hkv=2, D=64, bs=8, fmt="fp8", seed=7, q_fp8=True)
     c = case["cache"]
     S, Hkv = case["S"], case["Hkv"]
@@ -303,6 +325,23 @@ def test_fp8_queries_and_descales(kind, kernel):
         # a negative descale (the fa kernel moves its sign into the queries) is honoured too
         neg = run(case, q_descale=qd, k_descale=-kd, v_descale=vd, kernel=kernel)
         assert_close_to_ref(neg, reference(case, q_descale=qd, k_descale=-kd, v_descale=vd), what="negative")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt,mode", [("bf16", 0), ("fp8_dynamic", 0), ("int8", 3)], ids=["bf16", "fp8dyn-cvt0", "int8"])
+def test_negative_descale_bf16_queries(fmt, mode, kernel):
+    """BF16 queries and a negative ``k_descale`` (per sequence and head, mixed signs): the fa
+    kernel either moves the sign into the queries or (``fa_q_smem``, BF16 operands) runs
+    every tile of a negative program through the masked step, which scales before its max;
+    prefill and chunked rows, 16-token q tiles over 8-key tiles (most of them unmasked). The
+    scores span more than 128 (base 2), so a running max taken on the wrong side overflows."""
+    case = build([40, 23], [40, 9], Hq=4, Hkv=2, D=64, bs=8, fmt=fmt, seed=9)
+    kd = torch.tensor([[-1.3, 0.8], [0.9, -0.6]], device=DEV) * 40  # score ranges beyond exp2's (2^128)
+    tiles = AttentionTiles(block_q=16, group_pad=2, block_n=8, num_warps=4, num_stages=2, kv_convert=mode)
+    out = run(case, k_descale=kd, tiles=tiles, kernel=kernel)
+    assert_close_to_ref(out, reference(case, k_descale=kd), what=f"{fmt} negative")
+    assert_close_to_ref(run(case, k_descale=kd.abs(), tiles=tiles, kernel=kernel), reference(case, k_descale=kd.abs()),
+                        what=f"{fmt} positive")
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "fp8_dynamic", "int8_dynamic"])
@@ -422,7 +461,7 @@ def test_convert_mode_selection():
 
 
 def _with_mode(case, mode, kernel="generic"):
-    return dataclasses.replace(default_tiles(case), kv_convert=mode, kernel=kernel)
+    return dataclasses.replace(default_tiles(case), kv_convert=mode, **KERNEL_TILES[kernel])
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -592,6 +631,23 @@ def test_gpu_decode_variants(fmt):
 
 
 @pytest.mark.gpu
+def test_gpu_prefill_variants():
+    """Every prefill variant the benchmark times (``prefill_variants``: kernels, tiles, stages,
+    the fa kernel's ``fa_q_smem`` / ``fa_bt_ldg``, fp8 caches and queries, 16- and 128-key
+    pages) gives the reference's answer on the GPU at the benchmark's head shape (GQA 32 / 8,
+    head dim 128), ragged prefill and chunked lengths."""
+    mod = _bench_module()
+    cases = {}
+    for name, fmt, q_fp8, tiles, splits, bs in mod.prefill_variants(32, 8, 128, 2048, 16):
+        if (fmt, q_fp8, bs) not in cases:
+            case = build([1500, 700, 33], [1500, 300, 33], Hq=32, Hkv=8, D=128, bs=bs, fmt=fmt, device="cuda",
+                         seed=42, q_fp8=q_fp8)
+            cases[fmt, q_fp8, bs] = case, reference(case)
+        case, want = cases[fmt, q_fp8, bs]
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_gpu_convert_modes_agree(fmt, kernel):
@@ -611,7 +667,7 @@ def test_gpu_convert_modes_agree(fmt, kernel):
     outs = {}
     for mode in ((0, 1, 2, 3) if fmt == "fp8" else (0, 2, 3)):
         tiles_d = attention_tiles(128, 4, 77, fmt)
-        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, "kernel": kernel}))
+        outs[mode] = run(case, tiles=AttentionTiles(**{**tiles_d.__dict__, "kv_convert": mode, **KERNEL_TILES[kernel]}))
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
     for mode, o in outs.items():
         assert (o.float() - outs[0].float()).abs().max().item() <= 1e-2 * outs[0].float().abs().max().item()
@@ -676,6 +732,11 @@ def test_kernels_compile_for_sm90():
             ("int8_dynamic", 256, 1, torch.bfloat16, 2, 16, None),
             ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 0, "fa")),  # prefill kernel
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 16,  # block table outside the pipeliner: K/V two tiles ahead
+             AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, fa_bt_ldg=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 128, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_bt_ldg=True)),
+            ("fp8", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 3, "fa", fa_bt_ldg=True)),
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -701,10 +762,14 @@ def test_kernels_compile_for_sm90():
                     assert ptx.count("sub.rn.f16x2") >= 64 and "cvt.rn.f32.s8" not in ptx, ("CVT 3 int8", consts)
             if name == "paged_attention_kernel" and consts.get("CVT") in (2, 3):  # 16-byte global reads
                 assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
+            if name == "paged_prefill_kernel" and consts.get("Q_SMEM"):  # Q's A operand straight from shared:
+                assert ptx.count("ldmatrix") <= 8, consts  # the output's 8 only (else + 8 a key loop: Q reloaded)
+            if name == "paged_prefill_kernel" and consts.get("BT_LDG"):  # K/V copies two tiles ahead
+                assert "ld.global.nc.b32" in ptx and "cp.async.wait_group \t2;" in ptx, consts
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # 29 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 29, names
+    # 33 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 33, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

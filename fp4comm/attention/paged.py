@@ -37,6 +37,8 @@ class AttentionTiles:
     num_stages: int
     kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
     kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
+    fa_q_smem: bool = False  # kernel "fa": BF16 queries unmodified, wgmma's A from shared memory
+    fa_bt_ldg: bool = False  # kernel "fa": block-table reads outside Triton's pipeliner (K/V prefetched further)
 
     @property
     def block_m(self) -> int:
@@ -58,7 +60,11 @@ class AttentionTiles:
 #:   The default; ``bench_attention.py --quick --only prefill`` times both (``tune`` rows).
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
-#: always runs the generic kernel.
+#: always runs the generic kernel. Opt-in fa variants (not timed yet; ``tune`` rows "qsmem" /
+#: "ldg"): ``fa_q_smem`` (BF16 queries fed to wgmma from shared memory) and ``fa_bt_ldg``
+#: (block-table reads outside Triton's pipeliner, so the K/V copies run ``num_stages - 1``
+#: tiles ahead of the compute instead of being issued at the end of the previous tile and
+#: waited for at once), see :mod:`fp4comm.kernels.attention_prefill`.
 PREFILL_KERNEL = "fa"
 PREFILL_KERNELS = ("generic", "fa")
 
@@ -458,6 +464,7 @@ def _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_
         HEAD_DIM=q.shape[2], GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
         DYNAMIC=k_scale_cache is not None, CAUSAL=causal, USE_WINDOW=sliding_window is not None,
         PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
+        Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=tiles.fa_bt_ldg,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
