@@ -135,7 +135,7 @@ def run(case, impl="triton", kernel=None, **kw):
     kw.setdefault("softmax_scale", case["D"] ** -0.5)
     kw.setdefault("q_descale", case["q_descale"])
     if kernel is not None:
-        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), **KERNEL_TILES[kernel])
+        kw["tiles"] = dataclasses.replace(kw.get("tiles") or default_tiles(case), **KERNEL_TILES.get(kernel, {"kernel": kernel}))
     return c.attend(case["q"], case["bt"], case["seq_lens"], case["cu"], impl=impl, **kw)
 
 
