@@ -51,8 +51,8 @@ def _pick(vec, lanes, i):
 
 @triton.jit
 def _pack_store_v2(
-    ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, H, ROW_BYTES, SCALE_OFF, GS_OFF,
-    IDS_OFF, SRC_OFF, pw, sw, gsw, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, RP: tl.constexpr,
+    ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF, GS_OFF,
+    IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, RP: tl.constexpr,
     MW: tl.constexpr,
 ):  # fmt: skip
     """The stores of :func:`ep_pack_kernel` with ``V2``: ``pw`` payload (nvfp4 ``[NB]`` int64
@@ -80,7 +80,7 @@ def _pack_store_v2(
         if _pick(offs, rr, r) >= 0:  # lanes past R hold -1
             wp = _row_words(dest_table_ptr, _pick(addr, rr, r))
             if PAYLOAD == 0:
-                KSF = H // 16
+                KSF: tl.constexpr = H // 16
                 tl.store(wp + blk, pw, mask=blk < KSF)
                 sblk = tl.arange(0, NB // 8)
                 tl.store(wp + SCALE_OFF // 8 + sblk, sw, mask=sblk < (KSF + 7) // 8)
@@ -119,6 +119,7 @@ def ep_pack_kernel(
     V2: tl.constexpr = False,  # aligned word stores, routing loaded once (see below)
     RP: tl.constexpr = 1,  # V2: power of two >= R
     MW: tl.constexpr = 1,  # V2: power of two >= the int32 words of the metadata section
+    HC: tl.constexpr = 0,  # V2: H as a constant (store masks of known constancy: vector stores)
 ):
     """One program per token: read its BF16 row once, quantize in registers, store the
     message row into every destination rank that gets it.
@@ -180,8 +181,8 @@ def ep_pack_kernel(
             sw = 0
             gsw = 0
         _pack_store_v2(
-            ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, H, ROW_BYTES, SCALE_OFF,
-            GS_OFF, IDS_OFF, SRC_OFF, pw, sw, gsw, K, PAYLOAD, NB, RP, MW,
+            ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF,
+            GS_OFF, IDS_OFF, SRC_OFF, pw, sw, gsw, HC, K, PAYLOAD, NB, RP, MW,
         )  # fmt: skip
     else:
         ids = tl.load(ids_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int32)

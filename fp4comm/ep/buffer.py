@@ -370,8 +370,8 @@ def pack_rows(
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
         K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
-        **(dict(V2=True, RP=triton_next_pow2(R), MW=triton_next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4))
-           if v2 else {}),
+        **(dict(V2=True, RP=triton_next_pow2(R), MW=triton_next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
+                HC=H) if v2 else {}),
     )  # fmt: skip
 
 
