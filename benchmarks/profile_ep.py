@@ -50,7 +50,10 @@ sys.path.insert(0, str(_HERE))
 sys.path.insert(0, str(_HERE.parent / "launch"))
 import dist_env  # noqa: E402
 
-VARIANTS = {"torch": ["jit", "cached", "kernels_v2"], "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2"]}
+VARIANTS = {
+    "torch": ["jit", "cached", "kernels_v2"],
+    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2"],
+}
 #: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
 KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
          "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2")}  # fmt: skip

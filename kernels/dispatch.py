@@ -35,8 +35,8 @@ from .common import (
     swizzled_sf_offset,
     to_bf16_rne,
 )
-from .sync import arrive_last
 from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _store_row
+from .sync import arrive_last
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
 PAYLOAD_FP8 = tl.constexpr(1)
@@ -52,8 +52,8 @@ def _pick(vec, lanes, i):
 @triton.jit
 def _pack_store_v2(
     ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF, GS_OFF,
-    IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, RP: tl.constexpr,
-    MW: tl.constexpr,
+    IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
+    RP: tl.constexpr, MW: tl.constexpr,
 ):  # fmt: skip
     """The stores of :func:`ep_pack_kernel` with ``V2``: ``pw`` payload (nvfp4 ``[NB]`` int64
     words, fp8 ``[NB, 16]`` int64 words, bf16 ``[NB]`` values), ``sw`` scales (nvfp4 ``[NB //
@@ -227,7 +227,7 @@ def ep_layout_kernel(
     R,
     E,
     E_LOCAL,  # E // R
-    scratch_ptr,  # PARALLEL: int32 [2 + EP + NPROG * RP], the first 2 + EP zero between launches (else unused)
+    scratch_ptr,  # PARALLEL: int32 [2 + EP + NPROG * RP], the first 2 + EP zero between launches; else unused
     NPROG,  # PARALLEL: grid size, cdiv(T, BLOCK_T) (at least 1)
     K: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -302,7 +302,8 @@ def ep_layout_kernel(
                 fm = (tf < T)[:, None] & (r < R)[None, :]
                 op = rank_offset_ptr + tf.to(tl.int64)[:, None] * R + r[None, :]
                 off = tl.load(op, mask=fm, other=-1, cache_modifier=".cg")
-                add = tl.load(tot_ptr + (tf // BLOCK_T)[:, None] * RP + r[None, :], mask=fm, other=0, cache_modifier=".cg")
+                cp = tot_ptr + (tf // BLOCK_T)[:, None] * RP + r[None, :]
+                add = tl.load(cp, mask=fm, other=0, cache_modifier=".cg")
                 tl.store(op, off + add, mask=fm & (off >= 0))
                 t0 += FIX_T
             hist = tl.load(acc_ptr + ee, mask=ee < E, other=0, cache_modifier=".cg")
@@ -438,7 +439,8 @@ def ep_permute_index_kernel(
     if V2:
         while j < c:
             jj = j + tl.arange(0, CBH)
-            carry += tl.sum(tl.load(hist_ptr + jj[:, None] * ELP + e[None, :], mask=(jj < c)[:, None], other=0), axis=0)
+            hp = hist_ptr + jj[:, None] * ELP + e[None, :]
+            carry += tl.sum(tl.load(hp, mask=(jj < c)[:, None], other=0), axis=0)
             j += CBH
     else:
         while j < c:

@@ -61,6 +61,8 @@ def test_ep_kernels_compile_for_sm90():
     # modes + fp8 + bf16 (6); permute: index kernel single-chunk and chunked (2) + histogram (1), shared by
     # all payloads; the copy per nvfp4 layout / fp8 / bf16 at max_m 128 (4) and again at max_m 256 (3);
     # combine (expert + source) x 3 wires (6); layout (int32 / int64 ids, 2): 24 each
+    import collections
+
     assert len(names) == 48, collections.Counter(names)
     assert {"ep_layout_kernel", "ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
             "ep_combine_expert_kernel", "ep_combine_source_kernel"} <= set(names), names

@@ -94,7 +94,9 @@ def test_layout_deterministic():
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("T,K,E,R", [(37, 4, 16, 4), (300, 8, 256, 8), (129, 3, 12, 3)], ids=["t37k4e16r4", "t300-ds-v3-r8", "t129k3r3"])
+@pytest.mark.parametrize(
+    "T,K,E,R", [(37, 4, 16, 4), (300, 8, 256, 8), (129, 3, 12, 3)], ids=["t37k4e16r4", "t300-ds-v3-r8", "t129k3r3"]
+)
 def test_parallel_layout_matches_serial(case, T, K, E, R):
     """``layout_meta(parallel=True)`` (chunks of 32 tokens: several programs, the last one
     scans) = the serial kernel bit for bit, an out-of-range id included; a reused scratch
