@@ -14,7 +14,12 @@ Variants (the same buffer, knobs flipped between runs; identical kernels except 
 * ``symmem`` (nvlink only): + count exchange through symmetric memory
   (``backend_nvlink.META_EXCHANGE = "symmem"``);
 * ``symmem_defer`` (nvlink only): + the dispatch's flag status read at the next host sync
-  (``backend_nvlink.DEFER_DISPATCH_CHECK = True``).
+  (``backend_nvlink.DEFER_DISPATCH_CHECK = True``);
+* ``kernels_v2``: the current host defaults (``cached``, and ``symmem_defer`` on nvlink) with
+  the v2 kernels (``fp4comm.ep.buffer.KERNELS = "v2"``: parallel layout, 16-byte row stores
+  in pack / combine, hoisted loads, permute phase changes); compare its kernel table with
+  ``cached`` / ``symmem_defer`` (v1 kernels, same host path). Time just these with
+  ``--variants cached,symmem_defer,kernels_v2``.
 
 Per (backend, variant, T): ``host`` = time until the call returns (device idle before),
 ``wall`` = until the device is idle again (the slowest rank's, like ``bench_dispatch.py``),
@@ -45,10 +50,13 @@ sys.path.insert(0, str(_HERE))
 sys.path.insert(0, str(_HERE.parent / "launch"))
 import dist_env  # noqa: E402
 
-VARIANTS = {"torch": ["jit", "cached"], "nvlink": ["jit", "cached", "symmem", "symmem_defer"]}
-#: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant)
-KNOBS = {"jit": (False, "baseline"), "cached": (True, "baseline"), "symmem": (True, "symmem"),
-         "symmem_defer": (True, "symmem_defer")}  # fmt: skip
+VARIANTS = {
+    "torch": ["jit", "cached", "kernels_v2"],
+    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2"],
+}
+#: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
+KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
+         "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2")}  # fmt: skip
 
 
 class PhaseTimer:
@@ -218,15 +226,15 @@ def run(args) -> None:
         variants = [v for v in VARIANTS[backend] if not args.variants or v in args.variants.split(",")]
         for T in tokens:
             for variant in variants:
-                L.ENABLED, host = KNOBS[variant]
-                NB.set_host_variant(host)
+                L.ENABLED, host, B.KERNELS = KNOBS[variant]
+                NB.set_host_variant(host)  # the torch backend ignores it
                 times, phases, kernels = _case(buf, T, args, dev, timer, dist)
                 results.append(
                     dict(backend=backend, variant=variant, tokens=T, **times, phases=phases, kernels=kernels)
                 )
                 if lead:
                     _print_case(results[-1])
-        L.ENABLED = True
+        L.ENABLED, B.KERNELS = True, "v1"
         NB.set_host_variant("baseline")
         buf.destroy()
     timer.restore()

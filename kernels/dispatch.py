@@ -35,11 +35,61 @@ from .common import (
     swizzled_sf_offset,
     to_bf16_rne,
 )
-from .nvlink import _encode_tile, _load_row_f32, _store_row
+from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _store_row
+from .sync import arrive_last
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
 PAYLOAD_FP8 = tl.constexpr(1)
 PAYLOAD_BF16 = tl.constexpr(2)
+
+
+@triton.jit
+def _pick(vec, lanes, i):
+    """Element ``i`` of a register vector (``lanes`` = its ``tl.arange``), exact for integers."""
+    return tl.sum(tl.where(lanes == i, vec, 0), axis=0)
+
+
+@triton.jit
+def _pack_store_v2(
+    ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF, GS_OFF,
+    IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
+    RP: tl.constexpr, MW: tl.constexpr,
+):  # fmt: skip
+    """The stores of :func:`ep_pack_kernel` with ``V2``: ``pw`` payload (nvfp4 ``[NB]`` int64
+    words, fp8 ``[NB, 16]`` int64 words, bf16 ``[NB]`` values), ``sw`` scales (nvfp4 ``[NB //
+    8]`` int64 words, fp8 ``[NB]`` int32 FP32 bits), ``gsw`` the nvfp4 gs bits. The metadata
+    section (from ``GS_OFF`` for nvfp4, else ``IDS_OFF``) is built as int32 words ``[MW]``
+    straight from global memory in that layout."""
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    offs = tl.load(rank_offset_ptr + t * R + rr, mask=rm, other=-1)
+    addr = tl.load(dest_table_ptr + rr, mask=rm, other=0) + (
+        tl.load(dest_row_base_ptr + rr, mask=rm, other=0) + offs.to(tl.int64)
+    ) * ROW_BYTES
+    MOFF = GS_OFF if PAYLOAD == 0 else IDS_OFF
+    I0 = (IDS_OFF - MOFF) // 4  # word of ids[0] in the metadata words
+    j = tl.arange(0, MW)
+    jid = j - I0
+    jw = jid - K
+    idw = tl.load(ids_ptr + t * K + jid, mask=(jid >= 0) & (jid < K), other=0).to(tl.int32)
+    ww = tl.load(w_ptr + t * K + jw, mask=(jw >= 0) & (jw < K), other=0.0).to(tl.int32, bitcast=True)
+    mw = tl.where(jw == K, t.to(tl.int32), tl.where(jw >= 0, ww, tl.where(jid >= 0, idw, gsw)))
+    nmw = (SRC_OFF + 4 - MOFF) // 4
+    blk = tl.arange(0, NB)
+    for r in tl.static_range(RP):
+        if _pick(offs, rr, r) >= 0:  # lanes past R hold -1
+            wp = _row_words(dest_table_ptr, _pick(addr, rr, r))
+            if PAYLOAD == 0:
+                KSF: tl.constexpr = H // 16
+                tl.store(wp + blk, pw, mask=blk < KSF)
+                sblk = tl.arange(0, NB // 8)
+                tl.store(wp + SCALE_OFF // 8 + sblk, sw, mask=sblk < (KSF + 7) // 8)
+            elif PAYLOAD == 1:
+                tl.store(wp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], pw, mask=(blk < H // 128)[:, None])
+                tl.store(wp.to(tl.pointer_type(tl.int32)) + SCALE_OFF // 4 + blk, sw, mask=blk < H // 128)
+            else:
+                tl.store(wp.to(tl.pointer_type(tl.bfloat16)) + blk, pw, mask=blk < H)
+            tl.store(wp.to(tl.pointer_type(tl.int32)) + MOFF // 4 + j, mw, mask=j < nmw)
 
 
 @triton.jit
@@ -65,12 +115,26 @@ def ep_pack_kernel(
     PAYLOAD: tl.constexpr,
     GS_MODE: tl.constexpr,  # 0 static (tensor), 1 per row, 2 per token, 3 static (scalar arg); nvfp4 only
     UE8M0: tl.constexpr,  # fp8 only
-    NB: tl.constexpr,  # nvfp4: pow2 >= H/16; fp8: pow2 >= H/128; bf16: pow2 >= H
+    NB: tl.constexpr,  # nvfp4: pow2 >= H/16 (>= 8 with V2); fp8: pow2 >= H/128; bf16: pow2 >= H
+    V2: tl.constexpr = False,  # aligned word stores, routing loaded once (see below)
+    RP: tl.constexpr = 1,  # V2: power of two >= R
+    MW: tl.constexpr = 1,  # V2: power of two >= the int32 words of the metadata section
+    HC: tl.constexpr = 0,  # V2: H as a constant (store masks of known constancy: vector stores)
 ):
+    """One program per token: read its BF16 row once, quantize in registers, store the
+    message row into every destination rank that gets it.
+
+    ``V2`` (same bytes in every field): the destination rows, row bases and offsets of all
+    ranks are loaded as ``[RP]`` vectors up front (one round trip instead of three
+    dependent ones per rank); every section is stored as words through a pointer whose
+    16-byte alignment the compiler can see (:func:`_row_words`: a table address cast to a
+    pointer has unknown alignment, so V1 stores bytes / single elements, which over NVLink
+    become many small partial writes); the metadata (gs, ids, weights, source index) goes
+    out as one int32 vector instead of four stores. V2 also writes the pad bytes that
+    round the nvfp4 scale section up to 8 bytes (zeros), never past the section's 16-byte
+    end."""
     t = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, KP)
-    ids = tl.load(ids_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int32)
-    wts = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0)
     if PAYLOAD == 0:
         # the BF16 row is read as int32 words holding element pairs (see kernels/quant.py):
         # codes pack into bytes elementwise, no reshape/split layout conversions
@@ -103,25 +167,55 @@ def ep_pack_kernel(
         hmask = hh < H
         xb = tl.load(x_ptr + t * H + hh, mask=hmask, other=0.0)
 
-    r = 0
-    while r < R:
-        off = tl.load(rank_offset_ptr + t * R + r)
-        if off >= 0:
-            row = tl.load(dest_row_base_ptr + r) + off.to(tl.int64)
-            base = tl.load(dest_table_ptr + r).to(tl.pointer_type(tl.uint8)) + row * ROW_BYTES
-            if PAYLOAD == 0:
-                tl.store(base + qoffs, packed, mask=bmask[:, None])
-                tl.store(base + SCALE_OFF + blk, sfb, mask=bmask)
-                tl.store((base + GS_OFF).to(tl.pointer_type(tl.float32)), gs)
-            elif PAYLOAD == 1:
-                tl.store(base + offs, qb, mask=bmask[:, None])
-                tl.store((base + SCALE_OFF).to(tl.pointer_type(tl.float32)) + blk, sf, mask=bmask)
-            else:
-                tl.store(base.to(tl.pointer_type(tl.bfloat16)) + hh, xb, mask=hmask)
-            tl.store((base + IDS_OFF).to(tl.pointer_type(tl.int32)) + kk, ids, mask=kk < K)
-            tl.store((base + W_OFF).to(tl.pointer_type(tl.float32)) + kk, wts, mask=kk < K)
-            tl.store((base + SRC_OFF).to(tl.pointer_type(tl.int32)), t.to(tl.int32))
-        r += 1
+    if V2:
+        if PAYLOAD == 0:
+            pw = _bytes_to_words(packed)  # [NB] one word a block
+            sw = _bytes_to_words(tl.reshape(sfb, (NB // 8, 8)))
+            gsw = gs.to(tl.int32, bitcast=True)
+        elif PAYLOAD == 1:
+            pw = tl.reshape(_bytes_to_words(tl.reshape(qb, (NB * 16, 8))), (NB, 16))
+            sw = sf.to(tl.int32, bitcast=True)
+            gsw = 0
+        else:
+            pw = xb
+            sw = 0
+            gsw = 0
+        _pack_store_v2(
+            ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF,
+            GS_OFF, IDS_OFF, SRC_OFF, pw, sw, gsw, HC, K, PAYLOAD, NB, RP, MW,
+        )  # fmt: skip
+    else:
+        ids = tl.load(ids_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int32)
+        wts = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0)
+        r = 0
+        while r < R:
+            off = tl.load(rank_offset_ptr + t * R + r)
+            if off >= 0:
+                row = tl.load(dest_row_base_ptr + r) + off.to(tl.int64)
+                base = tl.load(dest_table_ptr + r).to(tl.pointer_type(tl.uint8)) + row * ROW_BYTES
+                if PAYLOAD == 0:
+                    tl.store(base + qoffs, packed, mask=bmask[:, None])
+                    tl.store(base + SCALE_OFF + blk, sfb, mask=bmask)
+                    tl.store((base + GS_OFF).to(tl.pointer_type(tl.float32)), gs)
+                elif PAYLOAD == 1:
+                    tl.store(base + offs, qb, mask=bmask[:, None])
+                    tl.store((base + SCALE_OFF).to(tl.pointer_type(tl.float32)) + blk, sf, mask=bmask)
+                else:
+                    tl.store(base.to(tl.pointer_type(tl.bfloat16)) + hh, xb, mask=hmask)
+                tl.store((base + IDS_OFF).to(tl.pointer_type(tl.int32)) + kk, ids, mask=kk < K)
+                tl.store((base + W_OFF).to(tl.pointer_type(tl.float32)) + kk, wts, mask=kk < K)
+                tl.store((base + SRC_OFF).to(tl.pointer_type(tl.int32)), t.to(tl.int32))
+            r += 1
+
+
+@triton.jit
+def _route_k(ids_ptr, t64, tm, k, E, E_LOCAL, K: tl.constexpr):
+    """Column ``k`` of ``topk_ids`` for tokens ``t64`` (mask ``tm``): ``(id, routed, id as
+    int32 (0 where not routed), destination rank (-1 where not routed))``."""
+    e = tl.load(ids_ptr + t64 * K + k, mask=tm, other=-1)
+    ok = tm & (e >= 0) & (e < E)
+    e32 = tl.where(ok, e, 0).to(tl.int32)
+    return e, ok, e32, tl.where(ok, e32 // E_LOCAL, -1)
 
 
 @triton.jit
@@ -133,46 +227,119 @@ def ep_layout_kernel(
     R,
     E,
     E_LOCAL,  # E // R
+    scratch_ptr,  # PARALLEL: int32 [2 + EP + NPROG * RP], the first 2 + EP zero between launches; else unused
+    NPROG,  # PARALLEL: grid size, cdiv(T, BLOCK_T) (at least 1)
     K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     RP: tl.constexpr,  # power of two >= R
     EP: tl.constexpr,  # power of two >= E
+    PARALLEL: tl.constexpr = False,
+    KP: tl.constexpr = 1,  # PARALLEL: power of two >= K
+    FIX_T: tl.constexpr = 1,  # PARALLEL: tokens a step of the last program's fix-up
+    CB: tl.constexpr = 1,  # PARALLEL: chunks a step of the last program's scan
+    GPU: tl.constexpr = False,  # PARALLEL: compiled for a GPU (fences), False under the interpreter
 ):
-    """The dispatch layout in one program, grid ``(1,)``: tokens in chunks of ``BLOCK_T``,
-    ``is_in[t, r]`` from the ``K`` ids of each token, the exclusive per-rank prefix over tokens
-    as an inclusive scan of the chunk plus a running carry, per-expert counts as a histogram
-    kept in registers. ``range_bad`` = 1 if any id lies outside ``[-1, E)``; such ids count as
-    not routed (so a bad input never indexes out of bounds). Writes every output (T = 0
-    included), so nothing needs zeroing first."""
+    """The dispatch layout: ``is_in[t, r]`` from the ``K`` ids of each token, the exclusive
+    per-rank prefix over tokens (``rank_offset``), per-expert counts as a histogram.
+    ``range_bad`` = 1 if any id lies outside ``[-1, E)``; such ids count as not routed (so a
+    bad input never indexes out of bounds). Writes every output (T = 0 included), so nothing
+    needs zeroing first.
+
+    Serial (``PARALLEL=False``), grid ``(1,)``: tokens in chunks of ``BLOCK_T``, the prefix
+    as an inclusive scan of the chunk plus a running carry, the histogram in registers.
+
+    ``PARALLEL``, grid ``(NPROG,)``: program ``c`` takes tokens ``[c * BLOCK_T, (c + 1) *
+    BLOCK_T)``, stores chunk-local offsets and its per-rank totals (``scratch[2 + EP +
+    c * RP:]``), adds its histogram and range flag into ``scratch[2:]`` / ``scratch[1]``
+    (integer atomics: order-free, so deterministic), then arrives on the counter
+    ``scratch[0]`` (:func:`~kernels.sync.arrive_last`). The last program scans the chunk
+    totals, adds each chunk's carry to its offsets (chunk 0 has none), writes ``meta`` and
+    zeroes the accumulators (the counter resets itself). One launch, no host sync; the
+    results are those of the serial kernel bit for bit."""
     r = tl.arange(0, RP)
-    carry = tl.zeros((RP,), tl.int32)
-    hist = tl.zeros((EP,), tl.int32)
-    bad = tl.zeros((BLOCK_T,), tl.int32)
-    t0 = 0
-    while t0 < T:
-        t = t0 + tl.arange(0, BLOCK_T)
+    ee = tl.arange(0, EP)
+    if PARALLEL:
+        c = tl.program_id(0)
+        acc_ptr = scratch_ptr + 2
+        tot_ptr = scratch_ptr + 2 + EP
+        # histogram and range flag from one coalesced load of the chunk's ids
+        i = tl.arange(0, BLOCK_T * KP)
+        ti = c * BLOCK_T + i // KP
+        im = (ti < T) & (i % KP < K)
+        ev = tl.load(ids_ptr + ti.to(tl.int64) * K + i % KP, mask=im, other=-1)
+        okv = im & (ev >= 0) & (ev < E)
+        hist = tl.histogram(tl.where(okv, ev, 0).to(tl.int32), EP, mask=okv)
+        tl.atomic_add(acc_ptr + ee, hist, mask=(ee < E) & (hist != 0), sem="relaxed")
+        if tl.sum((im & ((ev < -1) | (ev >= E))).to(tl.int32), axis=0) != 0:
+            tl.atomic_or(scratch_ptr + 1, 1, sem="relaxed")
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
         tm = t < T
         t64 = t.to(tl.int64)
         inr = tl.zeros((BLOCK_T, RP), tl.int32)
         for k in tl.static_range(K):
-            e = tl.load(ids_ptr + t64 * K + k, mask=tm, other=-1)
-            bad = bad | (tm & ((e < -1) | (e >= E))).to(tl.int32)
-            ok = tm & (e >= 0) & (e < E)
-            e32 = tl.where(ok, e, 0).to(tl.int32)
-            hist += tl.histogram(e32, EP, mask=ok)
-            dst = tl.where(ok, e32 // E_LOCAL, -1)
+            _, _, _, dst = _route_k(ids_ptr, t64, tm, k, E, E_LOCAL, K)
             inr = inr | (dst[:, None] == r[None, :]).to(tl.int32)
         incl = tl.cumsum(inr, axis=0)
-        off = tl.where(inr != 0, carry[None, :] + incl - 1, -1)
-        tl.store(rank_offset_ptr + t64[:, None] * R + r[None, :], off, mask=tm[:, None] & (r < R)[None, :])
-        carry += tl.sum(inr, axis=0)
-        t0 += BLOCK_T
-    zero = tl.zeros((), tl.int64)
-    tl.store(meta_ptr, zero)
-    tl.store(meta_ptr + 1, zero + tl.max(bad, axis=0))
-    tl.store(meta_ptr + 2 + r, carry.to(tl.int64), mask=r < R)
-    ee = tl.arange(0, EP)
-    tl.store(meta_ptr + 2 + R + ee, hist.to(tl.int64), mask=ee < E)
+        omask = tm[:, None] & (r < R)[None, :]
+        tl.store(rank_offset_ptr + t64[:, None] * R + r[None, :], tl.where(inr != 0, incl - 1, -1), mask=omask)
+        tl.store(tot_ptr + c * RP + r, tl.sum(inr, axis=0))
+        if arrive_last(scratch_ptr, NPROG, GPU):
+            # exclusive scan of the chunk totals, in place (the carry of each chunk)
+            carry = tl.zeros((RP,), tl.int32)
+            c0 = 0
+            while c0 < NPROG:
+                cc = c0 + tl.arange(0, CB)
+                cm = (cc < NPROG)[:, None]
+                tp = tot_ptr + cc[:, None] * RP + r[None, :]
+                tots = tl.load(tp, mask=cm, other=0, cache_modifier=".cg")
+                tl.store(tp, carry[None, :] + tl.cumsum(tots, axis=0) - tots, mask=cm)
+                carry += tl.sum(tots, axis=0)
+                c0 += CB
+            tl.debug_barrier()  # the carries stored above, read back by other threads below
+            t0 = BLOCK_T
+            while t0 < T:
+                tf = t0 + tl.arange(0, FIX_T)
+                fm = (tf < T)[:, None] & (r < R)[None, :]
+                op = rank_offset_ptr + tf.to(tl.int64)[:, None] * R + r[None, :]
+                off = tl.load(op, mask=fm, other=-1, cache_modifier=".cg")
+                cp = tot_ptr + (tf // BLOCK_T)[:, None] * RP + r[None, :]
+                add = tl.load(cp, mask=fm, other=0, cache_modifier=".cg")
+                tl.store(op, off + add, mask=fm & (off >= 0))
+                t0 += FIX_T
+            hist = tl.load(acc_ptr + ee, mask=ee < E, other=0, cache_modifier=".cg")
+            bad_any = tl.load(scratch_ptr + 1, cache_modifier=".cg")
+            tl.store(acc_ptr + ee, tl.zeros((EP,), tl.int32), mask=ee < E)
+            tl.store(scratch_ptr + 1, 0)
+            zero = tl.zeros((), tl.int64)
+            tl.store(meta_ptr, zero)
+            tl.store(meta_ptr + 1, zero + bad_any)
+            tl.store(meta_ptr + 2 + r, carry.to(tl.int64), mask=r < R)
+            tl.store(meta_ptr + 2 + R + ee, hist.to(tl.int64), mask=ee < E)
+    else:
+        carry = tl.zeros((RP,), tl.int32)
+        hist = tl.zeros((EP,), tl.int32)
+        bad = tl.zeros((BLOCK_T,), tl.int32)
+        t0 = 0
+        while t0 < T:
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < T
+            t64 = t.to(tl.int64)
+            inr = tl.zeros((BLOCK_T, RP), tl.int32)
+            for k in tl.static_range(K):
+                e, ok, e32, dst = _route_k(ids_ptr, t64, tm, k, E, E_LOCAL, K)
+                bad = bad | (tm & ((e < -1) | (e >= E))).to(tl.int32)
+                hist += tl.histogram(e32, EP, mask=ok)
+                inr = inr | (dst[:, None] == r[None, :]).to(tl.int32)
+            incl = tl.cumsum(inr, axis=0)
+            off = tl.where(inr != 0, carry[None, :] + incl - 1, -1)
+            tl.store(rank_offset_ptr + t64[:, None] * R + r[None, :], off, mask=tm[:, None] & (r < R)[None, :])
+            carry += tl.sum(inr, axis=0)
+            t0 += BLOCK_T
+        zero = tl.zeros((), tl.int64)
+        tl.store(meta_ptr, zero)
+        tl.store(meta_ptr + 1, zero + tl.max(bad, axis=0))
+        tl.store(meta_ptr + 2 + r, carry.to(tl.int64), mask=r < R)
+        tl.store(meta_ptr + 2 + R + ee, hist.to(tl.int64), mask=ee < E)
 
 
 @triton.jit
@@ -206,17 +373,33 @@ def ep_permute_hist_kernel(
     KP: tl.constexpr,
     SUB: tl.constexpr,
     ELP: tl.constexpr,  # power of two >= E_LOCAL
+    V2: tl.constexpr = False,
+    HB: tl.constexpr = 1,  # V2: (row, k) pairs a step (power of two, a multiple of KP)
 ):
     """Phase 1 of the slot assignment, grid ``(C,)``: per-chunk histogram of local experts
-    (each received row's ids are read once)."""
+    (each received row's ids are read once). V1 sums one-hot tiles of ``SUB`` rows a step;
+    V2 runs ``tl.histogram`` over ``HB // KP`` rows a step (usually the whole chunk: one
+    round trip)."""
     c = tl.program_id(0)
     cnt = tl.zeros((ELP,), tl.int32)
     n0 = c * BLOCK_N
     end = tl.minimum(n0 + BLOCK_N, N)
-    while n0 < end:
-        _, _, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
-        cnt += tl.sum(onehot, axis=0)
-        n0 += SUB
+    if V2:
+        i = tl.arange(0, HB)
+        while n0 < end:
+            n = n0 + i // KP
+            k = i % KP
+            m = (n < end) & (k < K)
+            idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
+            el = tl.load(idp + k, mask=m, other=-1) - EXPERT_BASE
+            ok = m & (el >= 0) & (el < E_LOCAL)
+            cnt += tl.histogram(tl.where(ok, el, 0), ELP, mask=ok)
+            n0 += HB // KP
+    else:
+        while n0 < end:
+            _, _, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+            cnt += tl.sum(onehot, axis=0)
+            n0 += SUB
     tl.store(hist_ptr + c * ELP + tl.arange(0, ELP), cnt)
 
 
@@ -239,20 +422,30 @@ def ep_permute_index_kernel(
     KP: tl.constexpr,
     SUB: tl.constexpr,
     ELP: tl.constexpr,
+    V2: tl.constexpr = False,
+    CBH: tl.constexpr = 1,  # V2: histogram rows summed a step (power of two)
 ):
     """Phase 2, grid ``(C,)``: chunk ``c`` starts each expert at the sum of the histograms of
     chunks ``< c`` (exclusive scan), then gives each ``(row, k)`` routed to a local expert the
     next slot in ``(row, k)`` order (one-hot cumsum over ``SUB`` rows at a time). So the
     slots are those of a serial scan in receive order (deterministic), every row's ids are
     read twice in all (phase 1 and here) instead of once per local expert, and the work is
-    spread over ``C`` programs. The last chunk writes ``masked_m``."""
+    spread over ``C`` programs. The last chunk writes ``masked_m``. V1 reads the earlier
+    histograms one row a step (``c`` round trips); V2 ``CBH`` rows a step."""
     c = tl.program_id(0)
     e = tl.arange(0, ELP)
     carry = tl.zeros((ELP,), tl.int32)
     j = 0
-    while j < c:
-        carry += tl.load(hist_ptr + j * ELP + e)
-        j += 1
+    if V2:
+        while j < c:
+            jj = j + tl.arange(0, CBH)
+            hp = hist_ptr + jj[:, None] * ELP + e[None, :]
+            carry += tl.sum(tl.load(hp, mask=(jj < c)[:, None], other=0), axis=0)
+            j += CBH
+    else:
+        while j < c:
+            carry += tl.load(hist_ptr + j * ELP + e)
+            j += 1
     n0 = c * BLOCK_N
     end = tl.minimum(n0 + BLOCK_N, N)
     while n0 < end:
@@ -348,6 +541,52 @@ def _source_of(n, recv_end_ptr, R):
 
 
 @triton.jit
+def _expert_acc(
+    eo_ptr, slot_map_ptr, sw_ptr, n, offs, om, acc, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, V2: tl.constexpr
+):
+    """FP32 ``acc = acc + w_k * float(out[slot_k])`` over the row's local ``k`` ascending
+    (``offs``: columns of the tile, ``om`` their mask). V1 branches on each slot before its
+    loads (a chain of dependent round trips); V2 issues every slot's loads unconditionally
+    (masked) before the first sum and skips a non-local ``k`` with a select, so the sum
+    is the same bits."""
+    if V2:
+        kk = tl.arange(0, KP)
+        slots = tl.load(slot_map_ptr + n * K + kk, mask=kk < K, other=-1)
+        for k in tl.static_range(K):
+            slot = _pick(slots, kk, k)
+            hit = slot >= 0
+            w = tl.load(sw_ptr + slot, mask=hit, other=0.0)
+            v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om & hit, other=0.0).to(tl.float32)
+            acc = tl.where(hit, acc + w * v, acc)
+    else:
+        for k in tl.static_range(K):
+            slot = tl.load(slot_map_ptr + n * K + k)
+            if slot >= 0:
+                w = tl.load(sw_ptr + slot)
+                v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om, other=0.0).to(tl.float32)
+                acc = acc + w * v
+    return acc
+
+
+@triton.jit
+def _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2: tl.constexpr, RP: tl.constexpr):
+    """``(row, base)`` of received row ``n``: its row at the source and the base address of
+    the source's buffer. V2 loads the three ``[R]`` tables at once (one round trip)."""
+    if V2:
+        rr = tl.arange(0, RP)
+        rm = rr < R
+        ends = tl.load(recv_end_ptr + rr, mask=rm, other=0)
+        s = tl.sum((rm & (n >= ends)).to(tl.int32), axis=0)
+        row = n + _pick(tl.load(row_shift_ptr + rr, mask=rm, other=0), rr, s)
+        base = _pick(tl.load(out_table_ptr + rr, mask=rm, other=0), rr, s)
+    else:
+        s = _source_of(n, recv_end_ptr, R)
+        row = n + tl.load(row_shift_ptr + s)
+        base = tl.load(out_table_ptr + s)
+    return row, base
+
+
+@triton.jit
 def ep_combine_expert_kernel(
     eo_ptr,  # [E_local * MAX_M, H] bf16 expert outputs
     slot_map_ptr,  # [N, K] int32
@@ -363,38 +602,34 @@ def ep_combine_expert_kernel(
     NB: tl.constexpr,  # quantized wires: blocks of the row tile ([NB, 16] nvfp4, [NB, 128] fp8)
     CROW_BYTES: tl.constexpr,  # bytes of one combine row
     CSCALE_OFF: tl.constexpr,
+    V2: tl.constexpr = False,  # loads hoisted (_expert_acc, _rank_rows), 16-byte stores (bf16 wire)
+    RP: tl.constexpr = 1,  # V2: power of two >= R
+    KP: tl.constexpr = 1,  # V2: power of two >= K
 ):
     """Expert side of combine, one received row ``n`` a program: FP32 ``acc = acc + w_k *
     float(out[slot])`` over the row's local ``k`` ascending, one BF16 rounding (RNE); the
     bf16 wire stores it, the fp8 / nvfp4 wires quantize that BF16 row per token (as the
-    dispatch quantizes a token: ``gs = 2688 / amax`` for nvfp4) and store the message row."""
+    dispatch quantizes a token: ``gs = 2688 / amax`` for nvfp4) and store the message row.
+    V1 stores the bf16 row through a table address cast to a pointer (unknown alignment:
+    2-byte stores); V2 through :func:`_row_words` (16-byte stores: rows are multiples of
+    16 bytes at 16-byte aligned bases)."""
     n = tl.program_id(0).to(tl.int64)
-    s = _source_of(n, recv_end_ptr, R)
-    row = n + tl.load(row_shift_ptr + s)
-    base = tl.load(out_table_ptr + s)
+    row, base = _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2, RP)
     if CPAYLOAD == 2:
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = h < H
-        acc = tl.zeros((BLOCK_H,), tl.float32)
-        for k in tl.static_range(K):
-            slot = tl.load(slot_map_ptr + n * K + k)
-            if slot >= 0:
-                w = tl.load(sw_ptr + slot)
-                v = tl.load(eo_ptr + slot.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-                acc = acc + w * v
-        tl.store(base.to(tl.pointer_type(tl.bfloat16)) + row * H + h, to_bf16_rne(acc), mask=hm)
+        acc = _expert_acc(eo_ptr, slot_map_ptr, sw_ptr, n, h, hm, tl.zeros((BLOCK_H,), tl.float32), H, K, KP, V2)
+        if V2:
+            dst = _row_words(out_table_ptr, base + row * CROW_BYTES).to(tl.pointer_type(tl.bfloat16))
+        else:
+            dst = base.to(tl.pointer_type(tl.bfloat16)) + row * H
+        tl.store(dst + h, to_bf16_rne(acc), mask=hm)
     else:
         BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
         blk = tl.arange(0, NB)
         offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
         om = (blk < H // BS)[:, None]
-        acc = tl.zeros((NB, BS), tl.float32)
-        for k in tl.static_range(K):
-            slot = tl.load(slot_map_ptr + n * K + k)
-            if slot >= 0:
-                w = tl.load(sw_ptr + slot)
-                v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om, other=0.0).to(tl.float32)
-                acc = acc + w * v
+        acc = _expert_acc(eo_ptr, slot_map_ptr, sw_ptr, n, offs, om, tl.zeros((NB, BS), tl.float32), H, K, KP, V2)
         part = to_bf16_rne(acc).to(tl.float32)
         pw, sw, gs = _encode_tile(part, H, CPAYLOAD, NB)
         _store_row(out_table_ptr, base + row * CROW_BYTES, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
@@ -413,35 +648,58 @@ def ep_combine_source_kernel(
     NB: tl.constexpr,  # quantized wires (grid (T,))
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
+    V2: tl.constexpr = False,  # tables loaded once as [RP] vectors; bf16 rows read 16 bytes at a time
+    RP: tl.constexpr = 1,  # V2: power of two >= R
 ):
     """Source side: FP32 ``acc = acc + float(partial_r)`` over ranks ascending (a quantized
     partial is dequantized to FP32 first: ``e2m1 * sf / gs`` or ``e4m3 * scale``), one BF16
-    rounding; a token sent nowhere gets zeros."""
+    rounding; a token sent nowhere gets zeros. V2: the rank offsets, row bases and
+    addresses of all ranks in one round trip; the bf16 wire loads every rank's row
+    (masked) before the first sum, through :func:`_row_words` (V1: 2-byte loads)."""
     t = tl.program_id(0).to(tl.int64)
+    if V2:
+        rr = tl.arange(0, RP)
+        rm = rr < R
+        offs_r = tl.load(rank_offset_ptr + t * R + rr, mask=rm, other=-1)
+        addr_r = tl.load(src_table_ptr + rr, mask=rm, other=0) + (
+            tl.load(row_base_ptr + rr, mask=rm, other=0) + offs_r.to(tl.int64)
+        ) * CROW_BYTES
     if CPAYLOAD == 2:
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = h < H
         acc = tl.zeros((BLOCK_H,), tl.float32)
-        r = 0
-        while r < R:
-            off = tl.load(rank_offset_ptr + t * R + r)
-            if off >= 0:
-                row = tl.load(row_base_ptr + r) + off.to(tl.int64)
-                base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
-                acc = acc + tl.load(base + row * H + h, mask=hm, other=0.0).to(tl.float32)
-            r += 1
+        if V2:
+            for r in tl.static_range(RP):
+                hit = _pick(offs_r, rr, r) >= 0
+                src = _row_words(src_table_ptr, _pick(addr_r, rr, r))
+                v = tl.load(src.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm & hit, other=0.0).to(tl.float32)
+                acc = tl.where(hit, acc + v, acc)
+        else:
+            r = 0
+            while r < R:
+                off = tl.load(rank_offset_ptr + t * R + r)
+                if off >= 0:
+                    row = tl.load(row_base_ptr + r) + off.to(tl.int64)
+                    base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
+                    acc = acc + tl.load(base + row * H + h, mask=hm, other=0.0).to(tl.float32)
+                r += 1
         tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
     else:
         BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
         blk = tl.arange(0, NB)
         offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
         acc = tl.zeros((NB, BS), tl.float32)
-        r = 0
-        while r < R:
-            off = tl.load(rank_offset_ptr + t * R + r)
-            if off >= 0:
-                row = tl.load(row_base_ptr + r) + off.to(tl.int64)
-                addr = tl.load(src_table_ptr + r) + row * CROW_BYTES
-                acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF)
-            r += 1
+        if V2:
+            for r in tl.static_range(RP):
+                if _pick(offs_r, rr, r) >= 0:
+                    acc = acc + _load_row_f32(src_table_ptr, _pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF)
+        else:
+            r = 0
+            while r < R:
+                off = tl.load(rank_offset_ptr + t * R + r)
+                if off >= 0:
+                    row = tl.load(row_base_ptr + r) + off.to(tl.int64)
+                    addr = tl.load(src_table_ptr + r) + row * CROW_BYTES
+                    acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF)
+                r += 1
         tl.store(y_ptr + t * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])

@@ -38,6 +38,9 @@ KERNELS, _SEEN = [], set()
 def _compile_only(self, *args, grid, warmup, **kw):
     opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg") if k in kw}
     vals = dict(zip(self.arg_names, args)); vals.update(kw)
+    for p in self.params:  # parameters left to their defaults
+        if p.name not in vals and p.has_default:
+            vals[p.name] = p.default
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(self.params):
         v = vals[p.name]

@@ -136,24 +136,31 @@ def _check_case(pg, buf, payload, scale_layout, routing, H, E, K):
     return sum(true)
 
 
-def _dispatch_all_routings(pg: ProcessGroup, payload: str, scale_layout: str):
+def _dispatch_all_routings(pg: ProcessGroup, payload: str, scale_layout: str, kernels: str = "v1"):
+    import fp4comm.ep.buffer as B
+
     torch.manual_seed(0)
     H = 128 if payload == "fp8" else 64
     E, K = (8, 3) if pg.world_size == 2 else (16, 4)
     received = {}
-    with EPBuffer(None, H, E, K, 40, payload=payload, scale_layout=scale_layout) as buf:
-        for routing in ROUTINGS if pg.world_size == 2 else ROUTINGS[1:]:  # 4 ranks: CPU time
-            received[routing] = _check_case(pg, buf, payload, scale_layout, routing, H, E, K)
+    B.KERNELS = kernels  # the pool's workers are shared: restored below
+    try:
+        with EPBuffer(None, H, E, K, 40, payload=payload, scale_layout=scale_layout) as buf:
+            for routing in ROUTINGS if pg.world_size == 2 else ROUTINGS[1:]:  # 4 ranks: CPU time
+                received[routing] = _check_case(pg, buf, payload, scale_layout, routing, H, E, K)
+    finally:
+        B.KERNELS = "v1"
     return received
 
 
 PAYLOADS = [("nvfp4", "swizzled"), ("nvfp4", "linear"), ("fp8", "linear"), ("bf16", "linear")]
 
 
+@pytest.mark.parametrize("kernels", ["v1", "v2"])  # fp4comm.ep.buffer.KERNELS
 @pytest.mark.parametrize("payload,scale_layout", PAYLOADS, ids=lambda v: str(v))
 @pytest.mark.parametrize("world_size,backend", backend_params())
-def test_dispatch_combine(dist_pool, world_size, backend, payload, scale_layout):  # noqa: F811
-    got = dist_pool(world_size, backend).run(_dispatch_all_routings, payload, scale_layout)
+def test_dispatch_combine(dist_pool, world_size, backend, payload, scale_layout, kernels):  # noqa: F811
+    got = dist_pool(world_size, backend).run(_dispatch_all_routings, payload, scale_layout, kernels)
     # "one_expert": only the last rank receives anything
     assert [g["one_expert"] > 0 for g in got] == [False] * (world_size - 1) + [True]
 

@@ -91,3 +91,27 @@ def test_layout_deterministic():
     a, b = get_dispatch_layout(ids, 16, 4), get_dispatch_layout(ids.clone(), 16, 4)
     for f in ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank", "rank_offset"):
         assert torch.equal(getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "T,K,E,R", [(37, 4, 16, 4), (300, 8, 256, 8), (129, 3, 12, 3)], ids=["t37k4e16r4", "t300-ds-v3-r8", "t129k3r3"]
+)
+def test_parallel_layout_matches_serial(case, T, K, E, R):
+    """``layout_meta(parallel=True)`` (chunks of 32 tokens: several programs, the last one
+    scans) = the serial kernel bit for bit, an out-of-range id included; a reused scratch
+    is left clean for the next call."""
+    from fp4comm.ep.layout import _pow2, layout_meta, layout_scratch
+
+    g = torch.Generator().manual_seed(T + K)
+    ids = _ids(case, T, K, E, g)
+    if ids.shape[0] > 5:
+        ids[5, 0] = E + 2  # range flag
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids = ids.to(dev)
+    want_meta, want_off = layout_meta(ids, E, R)
+    scratch = layout_scratch(T, E, R, dev)
+    for _ in range(2):
+        meta, off = layout_meta(ids, E, R, parallel=True, scratch=scratch)
+        assert torch.equal(meta, want_meta) and torch.equal(off, want_off)
+        assert not bool(scratch[: 2 + _pow2(E)].any())

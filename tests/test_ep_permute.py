@@ -18,6 +18,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, params=["v1", "v2"])
+def kernels(request, monkeypatch):
+    """Every test runs with each kernel variant (``fp4comm.ep.buffer.KERNELS``)."""
+    import fp4comm.ep.buffer as B
+
+    monkeypatch.setattr(B, "KERNELS", request.param)
+    return request.param
+
+
 def _tokens(T, H, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g) * torch.logspace(-3, 3, T)[:, None]

@@ -549,14 +549,23 @@ def test_ll_torch_fallback_matches_emulated_nvlink():
 
 
 # ----------------------------------------------------------------------------- high throughput via EPBuffer
-def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline"):
+def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", kernels="v1"):
     """EPBuffer(backend="nvlink") (CPU: /dev/shm symmetric memory, interpreter kernels) vs
     EPBuffer(backend="torch") on the same inputs: every output bit equal (``variant``: the
-    nvlink backend's host path, ``backend_nvlink.HOST_VARIANTS``)."""
+    nvlink backend's host path, ``backend_nvlink.HOST_VARIANTS``; ``kernels``: the nvlink
+    buffer's ``fp4comm.ep.buffer.KERNELS``, the torch buffer always runs ``"v1"``)."""
+    import fp4comm.ep.buffer as B
     from fp4comm.ep import EPBuffer
     from fp4comm.ep.backend_nvlink import set_host_variant
 
     set_host_variant(variant)
+
+    def on(k, fn, *a):
+        B.KERNELS = k
+        try:
+            return fn(*a)
+        finally:
+            B.KERNELS = "v1"
 
     R, E, K = pg.world_size, 8, 3
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=max(T_list), payload=payload, scale_layout=layout)
@@ -565,7 +574,7 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline"):
         for it in range(3):  # several calls: epochs advance, buffers reused
             xs, ids, ws = make_inputs(R, [T_list[(r + it) % R] for r in range(R)], H, E, K, seed=seed + it)
             x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
-            a = nv.dispatch(x, i, w)
+            a = on(kernels, nv.dispatch, x, i, w)
             b = ref.dispatch(x, i, w)
             assert torch.equal(a.masked_m, b.masked_m)
             for e in range(a.x.shape[0]):
@@ -577,7 +586,7 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline"):
             if b.scales is not None:
                 assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
             eo = torch.randn(a.x.shape[0], a.x.shape[1], H, generator=torch.Generator().manual_seed(it)).bfloat16()
-            ya = nv.combine(eo, a.handle)
+            ya = on(kernels, nv.combine, eo, a.handle)
             yb = ref.combine(eo, b.handle)
             assert torch.equal(ya, yb)
             res.append(int(a.masked_m.sum()))
@@ -592,6 +601,19 @@ def test_ht_epbuffer_nvlink_equals_torch(payload, layout):
 
     H = 128 if payload == "fp8" else 64
     out = run_distributed(_ht_compare, 2, payload, layout, [5, 3], 7, H)
+    assert len(out) == 2
+
+
+@pytest.mark.parametrize(
+    "payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear"), ("bf16", "linear")], ids=["nvfp4", "fp8", "bf16"]
+)
+def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout):
+    """The v2 kernels over emulated NVLink (peer stores through aligned word pointers,
+    parallel layout, permute changes) give the bits of the torch backend's v1 kernels."""
+    from tests.distributed import run_distributed
+
+    H = 128 if payload == "fp8" else 80
+    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 5, H, "symmem_defer", "v2")
     assert len(out) == 2
 
 

@@ -31,7 +31,7 @@ from .._runtime import IMPLS, cdiv, round_up, use_triton
 from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
 from ..reference import ep as ref
 from .backend import PLAN_ROWS, EPBackend, HostStager, RowTargets, TransferPlan, plan_array, pointer_table
-from .layout import _layout, layout_meta
+from .layout import _layout, layout_meta, layout_scratch
 from .message import COMBINE_PAYLOADS, PAYLOADS, CombineLayout, MessageLayout
 
 #: backend name -> "module:Class" (imported on first use). One line per backend.
@@ -42,6 +42,23 @@ BACKENDS: dict[str, str] = {
 
 #: masked-layout rows are a multiple of this (block-scaled GEMM tiles, 128x4 scale swizzle)
 MAX_M_ALIGN = 128
+
+#: kernel variants of the Triton path (identical results, bit for bit; read per call, the
+#: same value on every rank). ``"v1"``: the H200-measured kernels. ``"v2"``: parallel layout
+#: (``layout_meta(parallel=True)``: one program per token chunk instead of one program);
+#: pack and combine store / load rows through pointers of visible 16-byte alignment (V1's
+#: table-cast pointers give byte / 2-byte accesses, many small writes over NVLink) with
+#: their per-rank tables and slot indices loaded in one round trip; permute with a
+#: ``tl.histogram`` phase 1, block reads of the earlier histograms in phase 2, and
+#: :data:`_PERMUTE_ROWS_V2` slots a copy program (whole rows in one load). Timed side by
+#: side by ``benchmarks/profile_ep.py --variants cached,kernels_v2``.
+KERNEL_VARIANTS = ("v1", "v2")
+KERNELS = "v1"
+
+
+def _v2() -> bool:
+    check_choice("KERNELS", KERNELS, list(KERNEL_VARIANTS))
+    return KERNELS == "v2"
 
 
 def get_backend_class(name: str) -> type[EPBackend]:
@@ -284,6 +301,8 @@ def _targets(dests, device) -> RowTargets:
     table per call: the buffer passes cached tables instead)."""
     if isinstance(dests, RowTargets):
         return dests
+    if _v2() and any(d.data_ptr() % 16 for d in dests):  # V2 kernels address rows in 16-byte units
+        raise ValueError("dests: every destination tensor must start 16-byte aligned")
     return RowTargets(list(dests), pointer_table(dests, device), torch.zeros(len(dests), dtype=torch.int64, device=device))
 
 
@@ -343,11 +362,16 @@ def pack_rows(
         elems = nb * FP8_BLOCK
     else:
         nb = elems = triton_next_pow2(H)
+    v2 = _v2()
+    if v2 and msg.payload == "nvfp4":
+        nb = max(nb, 8)  # scale bytes go out as whole 8-byte words
     launch(ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
         K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
+        **(dict(V2=True, RP=triton_next_pow2(R), MW=triton_next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
+                HC=H) if v2 else {}),
     )  # fmt: skip
 
 
@@ -457,16 +481,21 @@ def permute_rows(
     scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
     hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
+    v2 = _v2()
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
+        hb = min(_ONEHOT_TILE, triton_next_pow2(block_n * KP))
         launch(ep_permute_hist_kernel, (C,),
-            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4
+            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4,
+            **(dict(V2=True, HB=hb) if v2 else {}),
         )  # fmt: skip
     launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
-        block_n, C, **common, num_warps=4,
+        block_n, C, **common, num_warps=4, **(dict(V2=True, CBH=max(1, _ONEHOT_TILE // ELP)) if v2 else {}),
     )  # fmt: skip
     words = msg.payload_bytes // 4
     rows_per = _PERMUTE_ROWS
+    if v2:  # whole rows a load: ROWS * pow2(words) <= the tile (a power of two, divides 128)
+        rows_per = max(1, min(_PERMUTE_ROWS, _ONEHOT_TILE // triton_next_pow2(words)))
     launch(ep_permute_kernel, (El * max_m // rows_per,),
         rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
         w if scales is None else scales, w if gs is None else gs, w,
@@ -532,9 +561,12 @@ def combine_expert(
 
     kw = _combine_launch(wire, H)
     split = kw.pop("_split")
+    R, K = dests.table.shape[0], slot_map.shape[1]
+    if _v2():
+        kw.update(V2=True, RP=triton_next_pow2(R), KP=triton_next_pow2(K))
     launch(ep_combine_expert_kernel, (N, split),
-        expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, dests.table.shape[0],
-        H=H, K=slot_map.shape[1], enable_fp_fusion=False, **kw,
+        expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, R,
+        H=H, K=K, enable_fp_fusion=False, **kw,
     )  # fmt: skip
 
 
@@ -564,6 +596,8 @@ def combine_source(
     if T:
         kw = _combine_launch(wire, hidden)
         split = kw.pop("_split")
+        if _v2():
+            kw.update(V2=True, RP=triton_next_pow2(rank_offset.shape[1]))
         launch(ep_combine_source_kernel, (T, split),
             t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
         )  # fmt: skip
@@ -636,6 +670,8 @@ class EPBuffer:
         self._triton = use_triton(self.device, cfg.impl)
         self._meta = torch.empty(2 + self.num_ranks + cfg.num_experts, dtype=torch.int64, device=self.device)
         self._plan_stager = HostStager((len(PLAN_ROWS), self.num_ranks), self.device)
+        # the parallel layout kernel's accumulators (zero between launches: it clears them)
+        self._layout_scratch = layout_scratch(cfg.max_tokens_per_rank, cfg.num_experts, self.num_ranks, self.device)
 
     # ---- construction checks
     def _check_config_across_ranks(self) -> None:
@@ -752,7 +788,7 @@ class EPBuffer:
             meta = torch.zeros(2 + R + E, dtype=torch.int64, device=self.device)
             meta[0] = err.code
         elif self._triton:  # one kernel writes the exchanged vector and the offsets
-            meta, rank_offset = layout_meta(ids, E, R, meta=self._meta)
+            meta, rank_offset = layout_meta(ids, E, R, meta=self._meta, parallel=_v2(), scratch=self._layout_scratch)
         else:
             lay = _layout(topk_ids, E, R)
             rank_offset = lay.rank_offset

@@ -103,17 +103,49 @@ def _check_range(topk_ids: torch.Tensor, num_experts: int, flag: torch.Tensor | 
 
 #: the layout kernel holds a ``[BLOCK_T, RP]`` int32 tile (tokens x padded ranks)
 _LAYOUT_TILE = 4096
+#: parallel layout: at most this many programs (chunks of tokens), ~one per SM of an H200
+_LAYOUT_PROGRAMS = 128
+#: parallel layout: at least this many tokens a program (one warp's worth)
+_LAYOUT_MIN_CHUNK = 32
+
+
+def _parallel_chunk(T: int, R: int) -> int:
+    """Tokens a program of the parallel layout: up to :data:`_LAYOUT_PROGRAMS` programs of
+    at least :data:`_LAYOUT_MIN_CHUNK` tokens, the ``[BLOCK_T, RP]`` tile within
+    :data:`_LAYOUT_TILE` (so very large ``T * R`` gets more programs)."""
+    want = max(_LAYOUT_MIN_CHUNK, _pow2(-(-max(T, 1) // _LAYOUT_PROGRAMS)))
+    return max(1, min(want, _LAYOUT_TILE // _pow2(R)))
+
+
+def layout_scratch(max_tokens: int, num_experts: int, num_ranks: int, device) -> torch.Tensor:
+    """Zeroed int32 scratch for :func:`layout_meta` ``(parallel=True)`` with up to
+    ``max_tokens`` tokens: ``[counter, range flag, EP histogram accumulators, NPROG * RP
+    chunk totals]``. The kernel leaves the first ``2 + EP`` entries zero again, so one
+    scratch serves every call on its stream (not two launches at once)."""
+    R = num_ranks
+    nprog = -(-max(max_tokens, 1) // _parallel_chunk(max_tokens, R))
+    return torch.zeros(2 + _pow2(num_experts) + nprog * _pow2(R), dtype=torch.int32, device=device)
 
 
 def layout_meta(
-    topk_ids: torch.Tensor, num_experts: int, num_ranks: int, meta: torch.Tensor | None = None
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    meta: torch.Tensor | None = None,
+    *,
+    parallel: bool = False,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One kernel launch (no validation, no host sync): ``meta`` ``[2 + R + E]`` int64 =
     ``[0, range_bad, num_tokens_per_rank (R), num_tokens_per_expert (E)]`` (the vector
     :class:`~fp4comm.ep.EPBuffer` all-gathers; ``range_bad`` = 1 if an id lies outside
     ``[-1, E)``, such ids count as -1) and ``rank_offset`` ``[T, R]`` int32 (see
     :class:`DispatchLayout`). ``topk_ids`` must be contiguous; ``meta``: optional output
-    (every entry written)."""
+    (every entry written).
+
+    ``parallel``: the chunked kernel (up to :data:`_LAYOUT_PROGRAMS` programs, the last to
+    finish scans; same results) with ``scratch`` from :func:`layout_scratch` (sized for at
+    least this ``T``); without one a zeroed scratch is allocated (an extra fill launch)."""
     from ..kernels.dispatch import ep_layout_kernel
 
     T, K = topk_ids.shape
@@ -122,11 +154,24 @@ def layout_meta(
     if meta is None:
         meta = torch.empty(2 + R + E, dtype=torch.int64, device=dev)
     rank_offset = torch.empty(T, R, dtype=torch.int32, device=dev)
-    RP = _pow2(R)
+    RP, EP = _pow2(R), _pow2(E)
+    if parallel:
+        block_t = _parallel_chunk(T, R)
+        nprog = -(-max(T, 1) // block_t)
+        if scratch is None:
+            scratch = torch.zeros(2 + EP + nprog * RP, dtype=torch.int32, device=dev)
+        elif scratch.numel() < 2 + EP + nprog * RP:
+            raise ValueError(f"scratch: {scratch.numel()} entries, T={T} needs {2 + EP + nprog * RP}")
+        launch(ep_layout_kernel, (nprog,),
+            topk_ids, meta, rank_offset, T, R, E, E // R, scratch, nprog, K=K, BLOCK_T=block_t, RP=RP, EP=EP,
+            PARALLEL=True, KP=_pow2(K), FIX_T=max(1, _LAYOUT_TILE // RP),
+            CB=max(1, _LAYOUT_TILE // RP), GPU=dev.type == "cuda", num_warps=4,
+        )  # fmt: skip
+        return meta, rank_offset
     block_t = max(16, min(_pow2(max(T, 1)), _LAYOUT_TILE // RP))
     launch(ep_layout_kernel, (1,),
-        topk_ids, meta, rank_offset, T, R, E, E // R, K=K, BLOCK_T=block_t, RP=RP, EP=_pow2(E), num_warps=4
-    )
+        topk_ids, meta, rank_offset, T, R, E, E // R, meta, 1, K=K, BLOCK_T=block_t, RP=RP, EP=EP, num_warps=4
+    )  # fmt: skip
     return meta, rank_offset
 
 
