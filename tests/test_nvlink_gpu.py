@@ -349,7 +349,11 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
     from fp4comm.ep.backend_nvlink import set_host_variant
     from fp4comm.ep.symmem import finalize
 
-    set_host_variant(variant)
+    import fp4comm.ep.buffer as B
+
+    host, _, kernels = variant.partition("+")  # e.g. "symmem_defer+v2": host variant + EP kernels
+    set_host_variant(host)
+    kernels = kernels or B.KERNELS
 
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
     _watch(300)
@@ -369,10 +373,12 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
             before = torch.cuda.memory_allocated()
         t = TMAX if it == 0 else int(torch.randint(0, TMAX + 1, (1,), generator=gen))
         x, ids, w = (v[:t] for v in sets[it % len(sets)])
+        B.KERNELS = kernels
         a = nv.dispatch(x, ids, w)
         eo = a.x if payload == "bf16" else torch.randn(a.x.shape[0], a.x.shape[1], H, device=pg.device).bfloat16()
         ya = nv.combine(eo, a.handle)
         if it % 50 == 0 or it == cycles - 1:
+            B.KERNELS = "v1"  # the reference side: torch backend, v1 kernels
             b = ref.dispatch(x, ids, w)
             assert torch.equal(a.masked_m, b.masked_m)
             for e in range(a.x.shape[0]):
@@ -397,7 +403,7 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
 
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("payload", ["nvfp4", "fp8", "bf16"])
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer"])
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2"])
 def test_ht_nvlink_equals_torch(world, payload, variant):
     assert all(run_distributed(_ht_vs_torch, world, payload, 20, "bf16", variant, backend="nccl", timeout=300))
 
@@ -410,6 +416,6 @@ def test_ht_nvlink_combine_wire_equals_torch(world, cpayload):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer"])
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2"])
 def test_ht_1000_cycles(world, variant):
     assert all(run_distributed(_ht_vs_torch, world, "nvfp4", 1000, "bf16", variant, backend="nccl", timeout=600))
