@@ -279,8 +279,11 @@ def _ht_flag_timeout(pg):
     from fp4comm.ep import EPBuffer
     from fp4comm.ep.symmem import finalize
 
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
     _watch()
+    set_host_variant("baseline")  # check() reads the status at once (the deferred read: next test)
     buf = EPBuffer(backend="nvlink", hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5)
     be = buf.backend
     err = None
