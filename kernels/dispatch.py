@@ -218,7 +218,7 @@ def _route_k(ids_ptr, t64, tm, k, E, E_LOCAL, K: tl.constexpr):
     return e, ok, e32, tl.where(ok, e32 // E_LOCAL, -1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NPROG"])  # T or NPROG == 1 as constexprs: sm_90 TritonGPUCoalesce crashed
 def ep_layout_kernel(
     ids_ptr,  # [T, K] int32 / int64 global expert ids (anything outside [0, E) is "not routed")
     meta_ptr,  # [2 + R + E] int64 out: [0, range_bad, per-rank token counts, per-expert pair counts]

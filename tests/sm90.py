@@ -44,7 +44,7 @@ def _compile_only(self, *args, grid, warmup, **kw):
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(self.params):
         v = vals[p.name]
-        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1 and not p.do_not_specialize):
             sig[p.name] = "constexpr"; consts[p.name] = v
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + _TY[v.dtype]
@@ -52,7 +52,7 @@ def _compile_only(self, *args, grid, warmup, **kw):
         elif isinstance(v, bool): sig[p.name] = "i1"
         elif isinstance(v, int):
             sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
+            if v % 16 == 0 and not p.do_not_specialize: attrs[(i,)] = [["tt.divisibility", 16]]
         else: sig[p.name] = "fp32"
     key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
            tuple(sorted(opts.items())))

@@ -35,7 +35,8 @@ def test_ep_kernels_compile_for_sm90():
                                num_local_experts=El, max_m=256)
                 B._ONE_CHUNK_ROWS = 1024
             for dt in (torch.int32, torch.int64):
-                L.layout_meta(torch.zeros(T, K, dtype=dt), 256, R, parallel=B.KERNELS == "v2")
+                for t in (T, 1):  # one token: one program (NPROG = 1 crashed sm_90 codegen as a constexpr)
+                    L.layout_meta(torch.zeros(t, K, dtype=dt), 256, R, parallel=B.KERNELS == "v2")
             for wire in ("bf16", "fp8", "nvfp4"):
                 rows = [torch.zeros(T, CombineLayout(wire, H).row_bytes, dtype=torch.uint8)] * R
                 tg = RowTargets(rows, torch.zeros(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64))
