@@ -17,8 +17,7 @@ figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus fp8 decode variants at batch 32
 (``tune`` rows, see :func:`decode_variants`: which :class:`AttentionTiles` to make the
 default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the
-prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes (32k tokens) with every
-:func:`write_variants` candidate beside the default (``tune`` rows ``write <variant>``).
+prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes (32k tokens).
 ``--only decode,prefill`` (any of ``decode`` / ``prefill`` / ``write``) runs those sections.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
@@ -51,12 +50,10 @@ import torch.nn.functional as F  # noqa: E402
 from fp4comm.attention import (  # noqa: E402
     AttentionTiles,
     KVCache,
-    WriteTiles,
     attention_tiles,
     select_num_kv_splits,
     write_kv_cache,
     write_tiles,
-    write_variants,
 )
 from fp4comm.attention.paged import _num_sms  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
@@ -305,43 +302,29 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     return rows
 
 
-def _tiles_note(t: WriteTiles) -> str:
-    extras = [f"{f}={getattr(t, f)}" for f in ("hoist", "tokens", "split_kv", "persistent", "raw_bf16", "evict_first")
-              if getattr(t, f) != getattr(WriteTiles(1, 1, 1), f)]
-    return " ".join([f"H{t.block_h}xD{t.block_d} w={t.num_warps}"] + extras)
-
-
 def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
-    """Each format's default, then (``tune``) every other :func:`write_variants` candidate on
-    the same data (``tune`` rows ``write <variant>``; the default row's ``us`` is the one to
-    beat)."""
     rows = []
     k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
     v = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
-    variants = write_variants(Hkv, D) if tune else {"default": write_tiles(Hkv, D)}
     for fmt in ("bf16", "fp8", "int8", "fp8_dynamic", "int8_dynamic"):
         nb = math.ceil(T / bs) + 1
         scale = torch.full((Hkv,), 0.02, device=dev) if fmt in ("fp8", "int8") else None
         c = KVCache.allocate(nb, bs, Hkv, D, fmt, device=dev, k_scale=scale, v_scale=scale)
         slots = torch.randperm(nb, device=dev)[: math.ceil(T / bs)].repeat_interleave(bs)[:T] * bs
         slots = slots + torch.arange(T, device=dev) % bs
-        nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
-        for name, tiles in variants.items():
-            if fmt != "bf16" and name != "default" and replace(tiles, raw_bf16=False) == variants["default"]:
-                continue  # raw_bf16 alone changes nothing here
-            def fn(c=c, slots=slots, tiles=tiles, fmt=fmt):
-                write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale,
-                               v_scale=c.v_scale, k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache,
-                               check_indices=False, tiles=tiles)
 
-            us = bench(fn, smoke)
-            gbps = nbytes / us / 1e3
-            row = dict(section="write" if name == "default" else "tune",
-                       name="write_kv_cache" if name == "default" else f"write {name}", format=fmt, batch=T,
-                       context=0, us=us, gbps=gbps, pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps,
-                       target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT,
-                       note=_tiles_note(tiles))
-            rows.append(row)
+        def fn(c=c, slots=slots):
+            write_kv_cache(k, v, c.k_cache, c.v_cache, slots, kv_format=fmt, k_scale=c.k_scale, v_scale=c.v_scale,
+                           k_scale_cache=c.k_scale_cache, v_scale_cache=c.v_scale_cache, check_indices=False)
+
+        us = bench(fn, smoke)
+        nbytes = 2 * k.numel() * 2 + cache_bytes(c, T) + slots.numel() * slots.element_size()
+        gbps = nbytes / us / 1e3
+        _, _, nw = write_tiles(Hkv, D)
+        rows.append(dict(section="write", name="write_kv_cache", format=fmt, batch=T, context=0, us=us, gbps=gbps,
+                         pct_peak=100 * gbps / peak, pct_copy=100 * gbps / copy_gbps,
+                         target=f">={TARGET_WRITE_PCT:.0f}% peak", meets=100 * gbps / peak >= TARGET_WRITE_PCT,
+                         note=f"one token a program, w={nw}"))
         del c
     return rows
 

@@ -86,113 +86,37 @@ def dynamic_scale_rows(x, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, row, offs_d, mask, EVICT: tl.constexpr):
-    """Rows ``row`` (element offsets, ``[R]``) of ``x``, ``BLOCK_D`` wide, in ``x``'s dtype."""
-    ptrs = x_ptr + row[:, None] + offs_d[None, :]
-    if EVICT:
-        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _quantize_store(
-    x, cache_ptr, crow, offs_d, mask, rmask, offs_h,
-    scale_ptr, stride_scale, sc_ptr, sc_row,
-    FMT: tl.constexpr, DYNAMIC: tl.constexpr, RAW: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr,
-):
-    """Quantize the loaded tile ``x [R, BLOCK_D]`` and store it at cache rows ``crow``;
-    dynamic formats also store each row's scale at ``sc_ptr + sc_row`` (rows in ``rmask``).
-    ``RAW``: a BF16 tile into a BF16 cache is stored as loaded (bit for bit what the
-    reference's ``x.to(bfloat16)`` returns, NaN payloads included)."""
-    if RAW:
-        q = x
-    else:
-        x = x.to(tl.float32)
-        if FMT == 0:
-            q = quantize_tile(x, 1.0, FMT, INTERPRET)
-        elif DYNAMIC:
-            if FMT == 1:
-                s = dynamic_scale_rows(x, 448.0)
-            else:
-                s = dynamic_scale_rows(x, 127.0)
-            q = quantize_tile(x, s[:, None], FMT, INTERPRET)
-            tl.store(sc_ptr + sc_row, s, mask=rmask)
-        else:
-            s = tl.load(scale_ptr + offs_h * stride_scale, mask=rmask, other=1.0)
-            q = quantize_tile(x, s[:, None], FMT, INTERPRET)
-    dst = cache_ptr + crow[:, None] + offs_d[None, :]
-    if EVICT:
-        tl.store(dst, q, mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(dst, q, mask=mask)
-
-
-@triton.jit
 def _write_one(
     x_ptr, stride_xt, stride_xh, t,
     cache_ptr, stride_cb, stride_cs, stride_ch, blk, off,
     scale_ptr, stride_scale,
     sc_ptr, stride_sb, stride_ss, stride_sh,
-    offs_h, offs_d, rmask, mask,
-    FMT: tl.constexpr, DYNAMIC: tl.constexpr, RAW: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr,
+    offs_h, offs_d, hmask, mask,
+    FMT: tl.constexpr, DYNAMIC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Load, quantize and store one tensor's rows: token ``t`` (scalar or ``[R]``) head
-    ``offs_h [R]`` -> block ``blk`` row ``off`` (scalars or ``[R]``)."""
-    x = _load_x(x_ptr, t * stride_xt + offs_h * stride_xh, offs_d, mask, EVICT)
-    _quantize_store(x, cache_ptr, blk * stride_cb + off * stride_cs + offs_h * stride_ch, offs_d, mask, rmask,
-                    offs_h, scale_ptr, stride_scale, sc_ptr, blk * stride_sb + off * stride_ss + offs_h * stride_sh,
-                    FMT, DYNAMIC, RAW, INTERPRET, EVICT)
-
-
-@triton.jit
-def _load_item(
-    item, slot_ptr, T, block_size, offs_r, offs_h, offs_d, hmask, dmask,
-    a_ptr, stride_at, stride_ah, b_ptr, stride_bt, stride_bh,
-    TOK: tl.constexpr, BLOCK_H: tl.constexpr, TWO: tl.constexpr, EVICT: tl.constexpr,
-):
-    """Issue every load of work item ``item`` (tokens ``[item * TOK, item * TOK + TOK)``,
-    row ``r`` = token ``r // BLOCK_H``, head ``offs_h[r]``) at once: the slots and the ``a``
-    (with ``TWO`` also ``b``) tiles, no load waiting for another's result. Returns
-    ``(blk, off, rmask, a, b)`` per row (``b`` = 0 without ``TWO``); ``rmask`` is false for
-    rows past ``T`` or ``num_heads`` and for negative slots."""
-    t = item.to(tl.int64) * TOK + offs_r // BLOCK_H
-    tmask = t < T
-    slot = tl.load(slot_ptr + t, mask=tmask, other=-1).to(tl.int64)
-    lmask = (tmask & hmask)[:, None] & dmask[None, :]
-    a = _load_x(a_ptr, t * stride_at + offs_h * stride_ah, offs_d, lmask, EVICT)
-    b = 0
-    if TWO:
-        b = _load_x(b_ptr, t * stride_bt + offs_h * stride_bh, offs_d, lmask, EVICT)
-    return slot // block_size, slot % block_size, tmask & hmask & (slot >= 0), a, b
-
-
-@triton.jit
-def _store_item(
-    blk, off, rmask, offs_h, offs_d, dmask, a, b,
-    ac_ptr, stride_acb, stride_acs, stride_ach, a_scale_ptr, stride_a_scale,
-    asc_ptr, stride_asb, stride_ass, stride_ash,
-    bc_ptr, stride_bcb, stride_bcs, stride_bch, b_scale_ptr, stride_b_scale,
-    bsc_ptr, stride_bsb, stride_bss, stride_bsh,
-    FMT: tl.constexpr, DYNAMIC: tl.constexpr, RAW: tl.constexpr, INTERPRET: tl.constexpr, EVICT: tl.constexpr,
-    TWO: tl.constexpr,
-):
-    """Quantize and store the tiles of one :func:`_load_item`."""
-    mask = rmask[:, None] & dmask[None, :]
-    _quantize_store(a, ac_ptr, blk * stride_acb + off * stride_acs + offs_h * stride_ach, offs_d, mask, rmask,
-                    offs_h, a_scale_ptr, stride_a_scale, asc_ptr,
-                    blk * stride_asb + off * stride_ass + offs_h * stride_ash, FMT, DYNAMIC, RAW, INTERPRET, EVICT)
-    if TWO:
-        _quantize_store(b, bc_ptr, blk * stride_bcb + off * stride_bcs + offs_h * stride_bch, offs_d, mask, rmask,
-                        offs_h, b_scale_ptr, stride_b_scale, bsc_ptr,
-                        blk * stride_bsb + off * stride_bss + offs_h * stride_bsh, FMT, DYNAMIC, RAW, INTERPRET,
-                        EVICT)
+    x = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if FMT == 0:
+        q = quantize_tile(x, 1.0, FMT, INTERPRET)
+    elif DYNAMIC:
+        if FMT == 1:
+            s = dynamic_scale_rows(x, 448.0)
+        else:
+            s = dynamic_scale_rows(x, 127.0)
+        q = quantize_tile(x, s[:, None], FMT, INTERPRET)
+        tl.store(sc_ptr + blk * stride_sb + off * stride_ss + offs_h * stride_sh, s, mask=hmask)
+    else:
+        s = tl.load(scale_ptr + offs_h * stride_scale, mask=hmask, other=1.0)
+        q = quantize_tile(x, s[:, None], FMT, INTERPRET)
+    dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+    tl.store(dst, q, mask=mask)
 
 
 @triton.jit
 def write_kv_cache_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     k_scale_ptr, v_scale_ptr, ksc_ptr, vsc_ptr,
-    T, num_heads, head_dim, block_size,
+    num_heads, head_dim, block_size,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
@@ -200,88 +124,24 @@ def write_kv_cache_kernel(
     stride_ksb, stride_kss, stride_ksh,
     stride_vsb, stride_vss, stride_vsh,
     FMT: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRET: tl.constexpr, HOIST: tl.constexpr = False, TOK: tl.constexpr = 1,
-    SPLIT_KV: tl.constexpr = False, PERSISTENT: tl.constexpr = False, RAW: tl.constexpr = False,
-    EVICT: tl.constexpr = False,
+    INTERPRET: tl.constexpr,
 ):
-    """Grid ``(P, cdiv(num_heads, BLOCK_H), 2 if SPLIT_KV else 1)``; heads ``[h0, h0 + BLOCK_H)``.
-
-    Without ``HOIST`` (the H200-measured default; ``TOK`` = 1, ``P`` = ``T``): program ``t``
-    loads slot ``t``, skips a negative one, then loads, quantizes and stores K, then V:
-    three dependent memory round trips a program (slot -> K -> V: a K store may alias the V
-    load, so V is not loaded earlier).
-
-    With ``HOIST`` a program's work item is ``TOK`` tokens (rows ``[TOK * BLOCK_H,
-    BLOCK_D]``); the slot, K and V loads are all issued first (unmasked by the slot, which
-    only masks the stores): one round trip. ``SPLIT_KV``: the third grid dim picks K or V, so
-    a program moves one tensor (twice the programs, half the registers). ``PERSISTENT``:
-    ``P`` programs walk the items grid-stride, the next item's loads issued before the
-    current item is stored (a register double buffer), so no program waits for a launch.
-    ``RAW``: BF16 K/V into a BF16 cache are copied bit for bit; ``EVICT``: streaming cache
-    hints (loads evict-first, stores ``.cs``).
-    """
+    """Grid ``(T, cdiv(num_heads, BLOCK_H))``: token ``t``, heads ``[h0, h0 + BLOCK_H)``."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < head_dim
-    if not HOIST:
-        t = tl.program_id(0).to(tl.int64)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot >= 0:
-            blk = slot // block_size
-            off = slot % block_size
-            hmask = offs_h < num_heads
-            mask = hmask[:, None] & dmask[None, :]
-            _write_one(k_ptr, stride_kt, stride_kh, t, kc_ptr, stride_kcb, stride_kcs, stride_kch, blk, off,
-                       k_scale_ptr, stride_k_scale, ksc_ptr, stride_ksb, stride_kss, stride_ksh,
-                       offs_h, offs_d, hmask, mask, FMT, DYNAMIC, RAW, INTERPRET, EVICT)
-            _write_one(v_ptr, stride_vt, stride_vh, t, vc_ptr, stride_vcb, stride_vcs, stride_vch, blk, off,
-                       v_scale_ptr, stride_v_scale, vsc_ptr, stride_vsb, stride_vss, stride_vsh,
-                       offs_h, offs_d, hmask, mask, FMT, DYNAMIC, RAW, INTERPRET, EVICT)
-    else:
-        offs_r = tl.arange(0, TOK * BLOCK_H)
-        offs_h = tl.program_id(1) * BLOCK_H + offs_r % BLOCK_H
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
         hmask = offs_h < num_heads
-        if SPLIT_KV:  # this program's tensor becomes "a" (K and V have the same dtypes)
-            is_k = tl.program_id(2) == 0
-            k_ptr = tl.where(is_k, k_ptr, v_ptr)
-            stride_kt = tl.where(is_k, stride_kt, stride_vt)
-            stride_kh = tl.where(is_k, stride_kh, stride_vh)
-            kc_ptr = tl.where(is_k, kc_ptr, vc_ptr)
-            stride_kcb = tl.where(is_k, stride_kcb, stride_vcb)
-            stride_kcs = tl.where(is_k, stride_kcs, stride_vcs)
-            stride_kch = tl.where(is_k, stride_kch, stride_vch)
-            k_scale_ptr = tl.where(is_k, k_scale_ptr, v_scale_ptr)
-            stride_k_scale = tl.where(is_k, stride_k_scale, stride_v_scale)
-            ksc_ptr = tl.where(is_k, ksc_ptr, vsc_ptr)
-            stride_ksb = tl.where(is_k, stride_ksb, stride_vsb)
-            stride_kss = tl.where(is_k, stride_kss, stride_vss)
-            stride_ksh = tl.where(is_k, stride_ksh, stride_vsh)
-        TWO: tl.constexpr = not SPLIT_KV
-        item = tl.program_id(0)
-        blk, off, rmask, a, b = _load_item(item, slot_ptr, T, block_size, offs_r, offs_h, offs_d, hmask, dmask,
-                                           k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,
-                                           TOK, BLOCK_H, TWO, EVICT)
-        if PERSISTENT:
-            num_items = tl.cdiv(T, TOK)
-            while item < num_items:
-                nxt = item + tl.num_programs(0)
-                blk2, off2, rmask2, a2, b2 = _load_item(
-                    nxt, slot_ptr, T, block_size, offs_r, offs_h, offs_d, hmask, dmask,
-                    k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh, TOK, BLOCK_H, TWO, EVICT)
-                _store_item(blk, off, rmask, offs_h, offs_d, dmask, a, b,
-                            kc_ptr, stride_kcb, stride_kcs, stride_kch, k_scale_ptr, stride_k_scale,
-                            ksc_ptr, stride_ksb, stride_kss, stride_ksh,
-                            vc_ptr, stride_vcb, stride_vcs, stride_vch, v_scale_ptr, stride_v_scale,
-                            vsc_ptr, stride_vsb, stride_vss, stride_vsh,
-                            FMT, DYNAMIC, RAW, INTERPRET, EVICT, TWO)
-                item, blk, off, rmask, a, b = nxt, blk2, off2, rmask2, a2, b2
-        else:
-            _store_item(blk, off, rmask, offs_h, offs_d, dmask, a, b,
-                        kc_ptr, stride_kcb, stride_kcs, stride_kch, k_scale_ptr, stride_k_scale,
-                        ksc_ptr, stride_ksb, stride_kss, stride_ksh,
-                        vc_ptr, stride_vcb, stride_vcs, stride_vch, v_scale_ptr, stride_v_scale,
-                        vsc_ptr, stride_vsb, stride_vss, stride_vsh,
-                        FMT, DYNAMIC, RAW, INTERPRET, EVICT, TWO)
+        mask = hmask[:, None] & (offs_d[None, :] < head_dim)
+        _write_one(k_ptr, stride_kt, stride_kh, t, kc_ptr, stride_kcb, stride_kcs, stride_kch, blk, off,
+                   k_scale_ptr, stride_k_scale, ksc_ptr, stride_ksb, stride_kss, stride_ksh,
+                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC, INTERPRET)
+        _write_one(v_ptr, stride_vt, stride_vh, t, vc_ptr, stride_vcb, stride_vcs, stride_vch, blk, off,
+                   v_scale_ptr, stride_v_scale, vsc_ptr, stride_vsb, stride_vss, stride_vsh,
+                   offs_h, offs_d, hmask, mask, FMT, DYNAMIC, INTERPRET)
 
 
 @triton.jit

@@ -582,9 +582,7 @@ def test_benchmark_smoke(tmp_path):
     assert rows and all(r["us"] > 0 for r in rows)
     n_tune = sum(len(mod.decode_variants(4, 2, 64, f, True)) for f in ("fp8", "int8"))
     n_tune += len(mod.prefill_variants(4, 2, 64, 32, 16))
-    tune = [r for r in rows if r["section"] == "tune"]
-    writes = [r for r in tune if r["name"].startswith("write ")]  # run_write's write_variants rows
-    assert len(tune) - len(writes) == n_tune and n_tune > 10 and writes
+    assert sum(r["section"] == "tune" for r in rows) == n_tune and n_tune > 10
     assert not any("failed" in r.get("note", "") for r in rows)
     only = mod.main(["--smoke", "--only", "decode", "--out", str(tmp_path / "only")])
     assert {r["section"] for r in only} == {"roofline", "decode"}

@@ -15,7 +15,7 @@ All scales are decode direction (``x ~= q * scale``). Each op takes ``impl="auto
 """
 
 from ..reference.attention import KV_DTYPES, KV_FORMATS, MLA_BF16_SLOT, MLA_FP8_SLOT_BYTES
-from .kv_cache import KVCache, WriteTiles, calibrate_kv_scales, write_kv_cache, write_tiles, write_variants
+from .kv_cache import KVCache, calibrate_kv_scales, write_kv_cache, write_tiles
 from .mla import MLA_FORMATS, allocate_mla_cache, mla_decode, mla_tiles, write_mla_cache
 from .paged import AttentionTiles, attention_tiles, paged_attention, select_num_kv_splits
 
@@ -28,8 +28,6 @@ __all__ = [
     "calibrate_kv_scales",
     "write_kv_cache",
     "write_tiles",
-    "WriteTiles",
-    "write_variants",
     "AttentionTiles",
     "attention_tiles",
     "paged_attention",

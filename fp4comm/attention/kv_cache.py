@@ -16,7 +16,7 @@ scale caches ``[num_blocks, block_size, num_kv_heads]`` FP32. The exact rounding
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +34,6 @@ from ._common import (
     dummy,
     next_pow2,
 )
-from .paged import _num_sms
 
 
 def write_kv_cache(
@@ -51,7 +50,6 @@ def write_kv_cache(
     v_scale_cache: torch.Tensor | None = None,
     check_indices: bool = True,
     impl: str = "auto",
-    tiles: WriteTiles | None = None,
 ) -> None:
     """Quantize ``k``/``v`` and store them into the paged caches, in place.
 
@@ -72,8 +70,6 @@ def write_kv_cache(
         check_indices: check ``slot_mapping`` against the cache size and the static scales
             for finite, > 0 values (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
-        tiles: kernel variant (:class:`WriteTiles`); ``None`` = :func:`write_tiles`. Every
-            variant writes the same bytes.
 
     Quantized values saturate (fp8 to +-448, int8 to +-127), they never wrap or become Inf.
     """
@@ -111,21 +107,16 @@ def write_kv_cache(
 
     from fp4comm.kernels import kv_cache as _k
 
-    t = write_tiles(H, D) if tiles is None else tiles
-    check_write_tiles(t, H, D)
+    BLOCK_H, BLOCK_D, num_warps = write_tiles(H, D)
     ks = k_scale if k_scale is not None else dummy(dev)
     vs = v_scale if v_scale is not None else dummy(dev)
     ksc = k_scale_cache if k_scale_cache is not None else dummy(dev).view(1, 1, 1)
     vsc = v_scale_cache if v_scale_cache is not None else dummy(dev).view(1, 1, 1)
-    split = t.split_kv and k.dtype == v.dtype  # one code path for K and V needs one pointer type
-    programs = cdiv(T, t.tokens)
-    if t.persistent:
-        programs = min(programs, t.persistent * _num_sms(dev))
-    grid = (programs, cdiv(H, t.block_h), 2 if split else 1)
+    grid = (T, cdiv(H, BLOCK_H))
     _k.write_kv_cache_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping,
         ks, vs, ksc, vsc,
-        T, H, D, bs,
+        H, D, bs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -133,95 +124,31 @@ def write_kv_cache(
         ksc.stride(0), ksc.stride(1), ksc.stride(2),
         vsc.stride(0), vsc.stride(1), vsc.stride(2),
         FMT=FORMAT_CODE[ref.base_format(kv_format)], DYNAMIC=dynamic,
-        BLOCK_H=t.block_h, BLOCK_D=t.block_d, INTERPRET=triton_interpreting() and dev.type == "cpu",
-        HOIST=t.hoist, TOK=t.tokens, SPLIT_KV=split, PERSISTENT=t.persistent > 0,
-        RAW=t.raw_bf16 and kv_format == "bf16" and k.dtype == v.dtype == torch.bfloat16, EVICT=t.evict_first,
-        num_warps=t.num_warps,
+        BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, INTERPRET=triton_interpreting() and dev.type == "cpu",
+        num_warps=num_warps,
     )
 
 
-@dataclass(frozen=True)
-class WriteTiles:
-    """Launch parameters of :func:`write_kv_cache`'s kernel; see :func:`write_tiles`.
-
-    Only ``block_h`` / ``block_d`` / ``num_warps`` were measured (H200, 32k tokens, 8 heads of
-    128: bf16 73.8 us = 76% of the 4.8 TB/s peak, fp8 ~72 us). The other fields are
-    candidates that ``benchmarks/bench_attention.py --quick --only write`` times beside that
-    default (``tune`` rows); flip one in :func:`write_tiles` once it measures faster.
-    """
-
-    block_h: int  # KV heads a program row block (power of two)
-    block_d: int  # head_dim padded to a power of two
-    num_warps: int
-    #: Issue the slot, K and V loads of a program together (stores masked by the slot),
-    #: instead of slot -> K -> V one after the other (three memory round trips a program).
-    #: Needed by ``tokens`` > 1, ``split_kv`` and ``persistent``.
-    hoist: bool = False
-    #: Tokens a program (power of two): more bytes in flight a program, fewer programs.
-    tokens: int = 1
-    #: K and V in separate programs (a third grid dim); applied when k and v share a dtype.
-    split_kv: bool = False
-    #: Programs per SM of a persistent grid-stride loop over the token blocks, each
-    #: prefetching its next block's K/V into registers before storing the current one; 0 off.
-    persistent: int = 0
-    #: bf16 caches from BF16 K/V: copy the raw bits (no FP32 round trip and RNE bit ops).
-    raw_bf16: bool = False
-    #: Streaming cache hints: loads ``evict_first``, stores ``.cs`` (touched once).
-    evict_first: bool = False
-
-
-def check_write_tiles(t: WriteTiles, num_kv_heads: int, head_dim: int) -> None:
-    """``ValueError`` unless ``t`` is a launchable variant for this head shape."""
-    if not isinstance(t, WriteTiles):
-        raise TypeError(f"tiles: must be a WriteTiles, got {type(t).__name__}")
-    for name in ("block_h", "block_d", "tokens"):
-        n = getattr(t, name)
-        if not isinstance(n, int) or n < 1 or n & (n - 1):
-            raise ValueError(f"tiles.{name}: must be a power of two, got {n!r}")
-    if t.num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"tiles.num_warps: must be 1, 2, 4, 8 or 16, got {t.num_warps!r}")
-    if t.block_d < head_dim:
-        raise ValueError(f"tiles.block_d: {t.block_d} < head_dim {head_dim}")
-    if not isinstance(t.persistent, int) or t.persistent < 0:
-        raise ValueError(f"tiles.persistent: must be an int >= 0, got {t.persistent!r}")
-    if not t.hoist and (t.tokens > 1 or t.split_kv or t.persistent):
-        raise ValueError("tiles: tokens > 1, split_kv and persistent need hoist=True")
-
-
-def write_tiles(num_kv_heads: int, head_dim: int) -> WriteTiles:
-    """The default :class:`WriteTiles` of the cache-write kernel.
+def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, BLOCK_D, num_warps)`` of the cache-write kernel.
 
     The write is pure bandwidth: one program per token moves all its heads (up to 4096
     elements: 8 KB of BF16 in, 4 KB of FP8 out for K and again for V) so each program issues
     large, contiguous 16-byte accesses and the grid (one program per token) is big enough at
     prefill sizes; more heads than that are split over a second grid dim. Per-(token, head)
     dynamic scales reduce along ``BLOCK_D`` inside the tile.
+
+    H200, 32k tokens, 8 KV heads of 128, 16-token pages: bf16 73 us, fp8 71, int8 72,
+    fp8_dynamic / int8_dynamic 81 (57-60% of the 4.8 TB/s peak; 66-86% of a large copy).
+    Variants timed against it and dropped (none faster): loads of slot, K and V issued
+    together; K and V in separate programs (1 or 2 warps); 2 tokens a program at 4 warps (fp8
+    71.4 us, a tie); a persistent grid of 4 or 8 programs an SM (1.2-1.8x slower); raw BF16
+    copies; streaming cache hints (commit f0095e5 has them).
     """
-    block_d = next_pow2(head_dim)
-    block_h = max(1, min(next_pow2(num_kv_heads), 4096 // block_d))
-    num_warps = 4 if block_h * block_d >= 2048 else 2 if block_h * block_d >= 512 else 1
-    return WriteTiles(block_h, block_d, num_warps)
-
-
-def write_variants(num_kv_heads: int, head_dim: int) -> dict[str, WriteTiles]:
-    """Named candidates for the default :class:`WriteTiles` (benchmarked side by side and
-    tested bit-exact): ``default`` and changes to it (``h`` = ``hoist``, ``tN`` = N tokens
-    a program, ``kv`` = ``split_kv``, ``pN`` = persistent with N programs an SM, ``wN`` =
-    N warps, ``raw`` = ``raw_bf16``, ``ev`` = ``evict_first``)."""
-    d = write_tiles(num_kv_heads, head_dim)
-    h = replace(d, hoist=True)
-    return {
-        "default": d,
-        "raw": replace(d, raw_bf16=True),
-        "ev": replace(d, evict_first=True),
-        "h": h,
-        "h_kv": replace(h, split_kv=True),
-        "h_kv_w1": replace(h, split_kv=True, num_warps=max(1, d.num_warps // 2)),
-        "h_t2_w4": replace(h, tokens=2, num_warps=2 * d.num_warps),
-        "h_p4": replace(h, persistent=4),
-        "h_p8_kv": replace(h, persistent=8, split_kv=True),
-        "h_kv_raw_ev": replace(h, split_kv=True, raw_bf16=True, evict_first=True),
-    }
+    BLOCK_D = next_pow2(head_dim)
+    BLOCK_H = max(1, min(next_pow2(num_kv_heads), 4096 // BLOCK_D))
+    num_warps = 4 if BLOCK_H * BLOCK_D >= 2048 else 2 if BLOCK_H * BLOCK_D >= 512 else 1
+    return BLOCK_H, BLOCK_D, num_warps
 
 
 @dataclass
@@ -309,11 +236,11 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, *, check_indices: bool = True,
-              impl: str = "auto", tiles: WriteTiles | None = None) -> None:
+              impl: str = "auto") -> None:
         """:func:`write_kv_cache` into this cache."""
         write_kv_cache(k, v, self.k_cache, self.v_cache, slot_mapping, kv_format=self.kv_format,
                        k_scale=self.k_scale, v_scale=self.v_scale, k_scale_cache=self.k_scale_cache,
-                       v_scale_cache=self.v_scale_cache, check_indices=check_indices, impl=impl, tiles=tiles)
+                       v_scale_cache=self.v_scale_cache, check_indices=check_indices, impl=impl)
 
     def attend(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                cu_seqlens_q: torch.Tensor, *, softmax_scale: float, **kwargs) -> torch.Tensor:
