@@ -86,39 +86,26 @@ def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
 
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
-    """Prefill candidates for ``--quick`` (``tune`` rows) as ``(name, format, fp8 queries,
-    tiles, splits, block size)``: the generic kernel at N = 128 and with one split (the split
-    heuristic gives 2 splits + a combine pass at one 8k sequence on 132 SMs); the
-    prefill-specialised ``fa`` kernel (:data:`fp4comm.attention.paged.PREFILL_KERNEL`) at N =
-    64 / 128 and 2-4 stages, with an fp8 cache (bf16 and fp8 queries), and with pages of 128
-    keys (one block-table read a tile; the other rows use ``bs``)."""
+    """Prefill rows of ``--quick`` beside the defaults (``tune`` rows) as ``(name, format, fp8
+    queries, tiles, splits, block size)``: what the defaults replaced (the generic kernel; the
+    fa kernel without ``fa_q_smem`` / ``fa_bt_ldg``; fp8 at N = 64) and the defaults with
+    pages of 128 keys (one block-table read a tile; the other rows use ``bs``). H200, one 8k
+    causal sequence, D 128, 32 / 8 heads, pages of 16 (TFLOP/s; SDPA 586-613): generic 259
+    (N = 64) / 296 (N = 128); fa 299 (N = 64) / 352 (N = 128; 2 / 4 stages 326 / 352); fa +
+    q_smem 379, + bt_ldg 361, both 379; both with pages of 128: 437; fp8 cache: fa N = 64 274,
+    N = 128 with bt_ldg 338 (2 stages, no ldg: 319)."""
     t = attention_tiles(D, Hq // Hkv, L, "bf16")
     t8 = attention_tiles(D, Hq // Hkv, L, "fp8")
 
     def tiles(base, **kw):
         return AttentionTiles(**{**base.__dict__, **kw})
 
-    out = [("N=128", "bf16", False, tiles(t, block_n=128), None, bs),
-           ("splits=1", "bf16", False, t, 1, bs)]
-    for n, st in ((64, 3), (128, 3), (64, 4), (128, 2), (128, 4)):
-        out.append((f"fa N={n} st={st}", "bf16", False, tiles(t, kernel="fa", block_n=n, num_stages=st), None, bs))
-    out += [("fa", "fp8", False, tiles(t8, kernel="fa"), None, bs),
-            ("fa fp8 q", "fp8", True, tiles(t8, kernel="fa"), None, bs),
-            ("fa N=128 bs=128", "bf16", False, tiles(t, kernel="fa", block_n=128), None, 128),
-            ("fa bs=128", "bf16", False, tiles(t, kernel="fa"), None, 128)]
-    # opt-in fa variants (AttentionTiles.fa_q_smem / fa_bt_ldg, see paged_prefill_kernel); bf16
-    # "ldg" at N = 128 takes 224 KB of shared memory at 3 stages (4 would not fit, 2 prefetches
-    # no further than the default)
-    fa = tiles(t, kernel="fa")
-    out += [("fa qsmem", "bf16", False, tiles(fa, fa_q_smem=True), None, bs),
-            ("fa ldg", "bf16", False, tiles(fa, fa_bt_ldg=True), None, bs),
-            ("fa ldg qsmem", "bf16", False, tiles(fa, fa_bt_ldg=True, fa_q_smem=True), None, bs),
-            ("fa ldg qsmem bs=128", "bf16", False, tiles(fa, fa_bt_ldg=True, fa_q_smem=True), None, 128),
-            ("fa ldg", "fp8", False, tiles(t8, kernel="fa", fa_bt_ldg=True), None, bs),
-            ("fa N=128 st=2", "fp8", False, tiles(t8, kernel="fa", block_n=128, num_stages=2), None, bs),
-            ("fa N=128 ldg", "fp8", False, tiles(t8, kernel="fa", block_n=128, fa_bt_ldg=True), None, bs),
-            ("fa ldg fp8 q", "fp8", True, tiles(t8, kernel="fa", fa_bt_ldg=True), None, bs)]
-    return out
+    plain = dict(fa_q_smem=False, fa_bt_ldg=False)
+    return [("generic", "bf16", False, tiles(t, kernel="generic", **plain), None, bs),
+            ("fa plain", "bf16", False, tiles(t, **plain), None, bs),
+            ("default bs=128", "bf16", False, t, None, 128),
+            ("fa N=64 plain", "fp8", False, tiles(t8, block_n=64, **plain), None, bs),
+            ("default fp8 q", "fp8", True, t8, None, bs)]
 
 
 def bench(fn, smoke: bool) -> float:

@@ -106,8 +106,8 @@ def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_bl
 #: prefill-specialised one and its opt-in variants (see ``paged_prefill_kernel``)
 KERNEL_TILES = {
     "generic": dict(kernel="generic"),
-    "fa": dict(kernel="fa"),
-    "fa_qsmem": dict(kernel="fa", fa_q_smem=True),  # BF16 queries unmodified, the sign in the score scale
+    "fa": dict(kernel="fa", fa_q_smem=False, fa_bt_ldg=False),
+    "fa_qsmem": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=False),  # BF16 queries unmodified, the sign in the score scale
     "fa_ldg": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=True),  # + block-table reads outside the pipeliner
 }
 #: ``fa_ldg`` differs from ``fa_qsmem`` on the GPU only (the interpreter reads the block table
@@ -412,7 +412,10 @@ def test_tile_and_split_heuristics(monkeypatch):
     assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
     assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
-    assert attention_tiles(128, 4, 8192, "bf16").block_n == 128 and attention_tiles(128, 4, 8192, "fp8").block_n == 64
+    assert attention_tiles(128, 4, 8192, "bf16").block_n == 128 and attention_tiles(128, 4, 8192, "fp8").block_n == 128
+    assert attention_tiles(128, 4, 8192, "int8").block_n == 64  # N = 128 timed for fp8 only
+    t = attention_tiles(128, 4, 8192, "bf16")
+    assert t.fa_q_smem and t.fa_bt_ldg and not attention_tiles(128, 4, 1, "bf16").fa_q_smem
     # the kernel knob: prefill tiles follow PREFILL_KERNEL, decode tiles stay generic
     assert attention_tiles(128, 4, 8192, "bf16").kernel == paged_mod.PREFILL_KERNEL == "fa"
     monkeypatch.setattr(paged_mod, "PREFILL_KERNEL", "generic")
@@ -582,7 +585,7 @@ def test_benchmark_smoke(tmp_path):
     assert rows and all(r["us"] > 0 for r in rows)
     n_tune = sum(len(mod.decode_variants(4, 2, 64, f, True)) for f in ("fp8", "int8"))
     n_tune += len(mod.prefill_variants(4, 2, 64, 32, 16))
-    assert sum(r["section"] == "tune" for r in rows) == n_tune and n_tune > 10
+    assert sum(r["section"] == "tune" for r in rows) == n_tune and n_tune >= 8
     assert not any("failed" in r.get("note", "") for r in rows)
     only = mod.main(["--smoke", "--only", "decode", "--out", str(tmp_path / "only")])
     assert {r["section"] for r in only} == {"roofline", "decode"}
@@ -769,5 +772,5 @@ def test_kernels_compile_for_sm90():
         """
     )
     # 33 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 33, names
+    assert len(names) == 32, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

@@ -164,8 +164,11 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       bytes: 128 keys of 1-byte fp8/int8 at head_dim <= 128 (16 KB of K + 16 KB of V a step),
       64 keys of bf16 (the same bytes), halved at head_dim 256. 4 warps: with M = 16 the
       MMA is tiny; the warps exist to issue loads and conversions.
-    * Keys per step, prefill: N = 128 at head_dim <= 64 and for 2-byte caches at 128, 64 for
-      1-byte caches at 128, 32 at 256. At D = 128 (sm_90, 8 warps, wgmma) N = 128 is ~250
+    * Keys per step, prefill: N = 128 at head_dim <= 64 and at 128 for 2-byte caches and
+      (fa kernel) static fp8 caches, 64 for the other 1-byte caches at 128 (not timed at 128),
+      32 at 256. fa, fp8 cache, 8k causal: N = 128 with ``fa_bt_ldg`` 338 TFLOP/s vs N = 64
+      274. ``fa_q_smem`` + ``fa_bt_ldg`` (bf16): 379 vs 352 (pages of 16), 437 with pages of
+      128 (one block-table read a tile). At D = 128 (sm_90, 8 warps, wgmma) N = 128 is ~250
       registers, with spills for fp8; H200, bf16, 8k causal: N = 128 353 TFLOP/s vs N = 64
       299 (fa kernel), 296 vs 259 (generic). Only the tiles on the causal diagonal are
       masked (see the kernels), and q tiles run longest first.
@@ -184,13 +187,16 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     if decode:
         block_n = (128 if one_byte else 64) if head_dim <= 128 else (64 if one_byte else 32)
     else:
-        block_n = 128 if head_dim <= 64 or (head_dim <= 128 and not one_byte) else 64 if head_dim <= 128 else 32
+        wide = not one_byte or (kv_format == "fp8" and PREFILL_KERNEL == "fa")
+        block_n = 128 if head_dim <= 64 or (head_dim <= 128 and wide) else 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
     if decode and one_byte and head_dim <= 128:
         num_stages = DECODE_ONE_BYTE_STAGES
-    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format),
-                          "generic" if decode else PREFILL_KERNEL)
+    kernel = "generic" if decode else PREFILL_KERNEL
+    fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
+    return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format), kernel,
+                          fa_q_smem=fa, fa_bt_ldg=fa)
 
 
 #: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
