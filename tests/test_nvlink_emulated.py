@@ -561,11 +561,11 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
     set_host_variant(variant)
 
     def on(k, fn, *a):
-        B.KERNELS = k
+        prev, B.KERNELS = B.KERNELS, k
         try:
             return fn(*a)
         finally:
-            B.KERNELS = "v1"
+            B.KERNELS = prev
 
     R, E, K = pg.world_size, 8, 3
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=max(T_list), payload=payload, scale_layout=layout)
@@ -575,7 +575,7 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
             xs, ids, ws = make_inputs(R, [T_list[(r + it) % R] for r in range(R)], H, E, K, seed=seed + it)
             x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
             a = on(kernels, nv.dispatch, x, i, w)
-            b = ref.dispatch(x, i, w)
+            b = on("v1", ref.dispatch, x, i, w)
             assert torch.equal(a.masked_m, b.masked_m)
             for e in range(a.x.shape[0]):
                 n = int(b.masked_m[e])
@@ -587,7 +587,7 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
                 assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
             eo = torch.randn(a.x.shape[0], a.x.shape[1], H, generator=torch.Generator().manual_seed(it)).bfloat16()
             ya = on(kernels, nv.combine, eo, a.handle)
-            yb = ref.combine(eo, b.handle)
+            yb = on("v1", ref.combine, eo, b.handle)
             assert torch.equal(ya, yb)
             res.append(int(a.masked_m.sum()))
     return res
@@ -604,16 +604,18 @@ def test_ht_epbuffer_nvlink_equals_torch(payload, layout):
     assert len(out) == 2
 
 
+@pytest.mark.parametrize("kernels", ["v2", "best"])
 @pytest.mark.parametrize(
     "payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear"), ("bf16", "linear")], ids=["nvfp4", "fp8", "bf16"]
 )
-def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout):
-    """The v2 kernels over emulated NVLink (peer stores through aligned word pointers,
-    parallel layout, permute changes) give the bits of the torch backend's v1 kernels."""
+def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout, kernels):
+    """The v2 kernels (all, or the per-kernel mix of ``"best"``) over emulated NVLink (peer
+    stores through aligned word pointers, parallel layout, permute changes) give the bits of
+    the torch backend's v1 kernels."""
     from tests.distributed import run_distributed
 
     H = 128 if payload == "fp8" else 80
-    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 5, H, "symmem_defer", "v2")
+    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 5, H, "symmem_defer", kernels)
     assert len(out) == 2
 
 

@@ -381,7 +381,7 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
         eo = a.x if payload == "bf16" else torch.randn(a.x.shape[0], a.x.shape[1], H, device=pg.device).bfloat16()
         ya = nv.combine(eo, a.handle)
         if it % 50 == 0 or it == cycles - 1:
-            B.KERNELS = "v1"  # the reference side: torch backend, v1 kernels
+            B.KERNELS = "v1"  # the reference side: torch backend, v1 kernels (set again before nv)
             b = ref.dispatch(x, ids, w)
             assert torch.equal(a.masked_m, b.masked_m)
             for e in range(a.x.shape[0]):
@@ -406,7 +406,7 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
 
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("payload", ["nvfp4", "fp8", "bf16"])
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2"])
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2", "symmem_defer+best"])
 def test_ht_nvlink_equals_torch(world, payload, variant):
     assert all(run_distributed(_ht_vs_torch, world, payload, 20, "bf16", variant, backend="nccl", timeout=300))
 

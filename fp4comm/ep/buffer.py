@@ -50,15 +50,22 @@ MAX_M_ALIGN = 128
 #: table-cast pointers give byte / 2-byte accesses, many small writes over NVLink) with
 #: their per-rank tables and slot indices loaded in one round trip; permute with a
 #: ``tl.histogram`` phase 1, block reads of the earlier histograms in phase 2, and
-#: :data:`_PERMUTE_ROWS_V2` slots a copy program (whole rows in one load). Timed side by
-#: side by ``benchmarks/profile_ep.py --variants cached,kernels_v2``.
-KERNEL_VARIANTS = ("v1", "v2")
-KERNELS = "v1"
+#: :data:`_PERMUTE_ROWS_V2` slots a copy program (whole rows in one load). ``"best"``
+#: (default): per kernel, the variant the H200 measured faster (:data:`_BEST_V2`). Timed
+#: side by side by ``benchmarks/profile_ep.py --variants symmem_defer,kernels_v2``.
+KERNEL_VARIANTS = ("v1", "v2", "best")
+KERNELS = "best"
+#: kernels whose v2 the H200 measured faster (EP4, 4096 tok/rank, nvlink, GPU us per call,
+#: v1 -> v2): layout 94 -> 29, pack 171 -> 135, permute (hist + index + copy) 183 -> 173,
+#: combine_source 79 -> 65. The v2 expert-side combine is no faster over NVLink (636-682 ->
+#: 667) and slower into local memory (torch backend: 195 -> 281), so it stays v1.
+_BEST_V2 = frozenset({"layout", "pack", "permute", "combine_source"})
 
 
-def _v2() -> bool:
+def _v2(kernel: str) -> bool:
+    """Whether ``kernel`` (layout, pack, permute, combine_expert, combine_source) runs its v2."""
     check_choice("KERNELS", KERNELS, list(KERNEL_VARIANTS))
-    return KERNELS == "v2"
+    return KERNELS == "v2" or (KERNELS == "best" and kernel in _BEST_V2)
 
 
 def get_backend_class(name: str) -> type[EPBackend]:
@@ -296,12 +303,12 @@ def triton_next_pow2(n: int) -> int:
 # validation (EPBuffer validates) and never communicate.
 
 
-def _targets(dests, device) -> RowTargets:
+def _targets(dests, device, kernel: str) -> RowTargets:
     """A list of destination tensors (free-function use) -> :class:`RowTargets` (a pointer
-    table per call: the buffer passes cached tables instead)."""
+    table per call: the buffer passes cached tables instead) for ``kernel``."""
     if isinstance(dests, RowTargets):
         return dests
-    if _v2() and any(d.data_ptr() % 16 for d in dests):  # V2 kernels address rows in 16-byte units
+    if _v2(kernel) and any(d.data_ptr() % 16 for d in dests):  # V2 kernels address rows in 16-byte units
         raise ValueError("dests: every destination tensor must start 16-byte aligned")
     return RowTargets(list(dests), pointer_table(dests, device), torch.zeros(len(dests), dtype=torch.int64, device=device))
 
@@ -346,7 +353,7 @@ def pack_rows(
         return
     from ..kernels.dispatch import ep_pack_kernel
 
-    t = _targets(dests, dev)
+    t = _targets(dests, dev, "pack")
     gs_mode, gs, gs_value = 2, topk_weights, 1.0  # gs pointer unused unless GS_MODE 0 / 1
     if msg.payload == "nvfp4":
         if x.data_ptr() % 4:  # the kernel reads BF16 element pairs as 32-bit words
@@ -362,7 +369,7 @@ def pack_rows(
         elems = nb * FP8_BLOCK
     else:
         nb = elems = triton_next_pow2(H)
-    v2 = _v2()
+    v2 = _v2("pack")
     if v2 and msg.payload == "nvfp4":
         nb = max(nb, 8)  # scale bytes go out as whole 8-byte words
     launch(ep_pack_kernel, (T,),
@@ -481,7 +488,7 @@ def permute_rows(
     scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
     hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
-    v2 = _v2()
+    v2 = _v2("permute")
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
         hb = min(_ONEHOT_TILE, triton_next_pow2(block_n * KP))
         launch(ep_permute_hist_kernel, (C,),
@@ -562,7 +569,7 @@ def combine_expert(
     kw = _combine_launch(wire, H)
     split = kw.pop("_split")
     R, K = dests.table.shape[0], slot_map.shape[1]
-    if _v2():
+    if _v2("combine_expert"):
         kw.update(V2=True, RP=triton_next_pow2(R), KP=triton_next_pow2(K))
     launch(ep_combine_expert_kernel, (N, split),
         expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, R,
@@ -591,12 +598,12 @@ def combine_source(
         return ref.combine_source_ref(views, rank_offset, hidden, wire)
     from ..kernels.dispatch import ep_combine_source_kernel
 
-    t = _targets(parts, dev)
+    t = _targets(parts, dev, "combine_source")
     y = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
     if T:
         kw = _combine_launch(wire, hidden)
         split = kw.pop("_split")
-        if _v2():
+        if _v2("combine_source"):
             kw.update(V2=True, RP=triton_next_pow2(rank_offset.shape[1]))
         launch(ep_combine_source_kernel, (T, split),
             t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
@@ -788,7 +795,7 @@ class EPBuffer:
             meta = torch.zeros(2 + R + E, dtype=torch.int64, device=self.device)
             meta[0] = err.code
         elif self._triton:  # one kernel writes the exchanged vector and the offsets
-            meta, rank_offset = layout_meta(ids, E, R, meta=self._meta, parallel=_v2(), scratch=self._layout_scratch)
+            meta, rank_offset = layout_meta(ids, E, R, meta=self._meta, parallel=_v2("layout"), scratch=self._layout_scratch)
         else:
             lay = _layout(topk_ids, E, R)
             rank_offset = lay.rank_offset
