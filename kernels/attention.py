@@ -317,24 +317,35 @@ def _attend_tile(
         s = tl.where(ok, s, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
+    acc = pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vsc_ptr + page * stride_vsb + in_blk * stride_vss
+                    + kvh * stride_vsh, DYNAMIC, MASK, CVT, INTERPRET)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vs_ptrs, DYNAMIC: tl.constexpr, MASK: tl.constexpr,
+              CVT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc * alpha + p @ V`` for the V rows at element offsets ``v_rows`` (keys outside
+    ``n_ok`` read as 0 with ``MASK``), dequantized as ``CVT`` says; dynamic formats multiply
+    each key's probabilities by its V scale (``vs_ptrs``, one pointer a key) first."""
     if MASK:
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :])
     vf = _kv_operand(v, CVT, True, INTERPRET)
     if DYNAMIC:
-        vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
+        vs = tl.load(vs_ptrs, mask=n_ok, other=0.0)
         if CVT == 3:
             # p * vs in FP16: rescale by a power of two so the tile's largest is in [1, 2)
             f, inv = _pow2_exponent_scale(tl.max(vs, 0), 0)
             pv = _dot(_to_operand(p * (vs * f)[None, :], CVT, INTERPRET), vf,
-                      tl.zeros([q.shape[0], vf.shape[1]], tl.float32), INTERPRET)
+                      tl.zeros([p.shape[0], vf.shape[1]], tl.float32), INTERPRET)
             acc = acc * alpha[:, None] + pv * inv
         else:
             acc = _dot(_to_operand(p * vs[None, :], CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
     else:
         acc = _dot(_to_operand(p, CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
-    return m_i, l_i, acc
+    return acc
 
 
 @triton.jit

@@ -42,7 +42,7 @@ Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU)
 import triton
 import triton.language as tl
 
-from .attention import _dot, _finish, _kv_operand, _page_rows, _pow2_exponent_scale, _to_operand
+from .attention import _dot, _finish, _kv_operand, _page_rows, _pow2_exponent_scale, pv_update
 
 
 @triton.jit
@@ -126,22 +126,8 @@ def _fa_tile(
         p = tl.math.exp2(s * qk_scale[:, None] - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASK:
-        v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :])
-    vf = _kv_operand(v, CVT, True, INTERPRET)
-    if DYNAMIC:  # per-key V scales multiply the probabilities
-        vs = tl.load(vsc_ptr + page * stride_vsb + in_blk * stride_vss + kvh * stride_vsh, mask=n_ok, other=0.0)
-        if CVT == 3:  # p * vs in FP16: rescaled by a power of two so the tile's largest is in [1, 2)
-            f, inv = _pow2_exponent_scale(tl.max(vs, 0), 0)
-            pv = _dot(_to_operand(p * (vs * f)[None, :], CVT, INTERPRET), vf,
-                      tl.zeros([q.shape[0], vf.shape[1]], tl.float32), INTERPRET)
-            acc = acc * alpha[:, None] + pv * inv
-        else:
-            acc = _dot(_to_operand(p * vs[None, :], CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
-    else:
-        acc = _dot(_to_operand(p, CVT, INTERPRET), vf, acc * alpha[:, None], INTERPRET)
+    acc = pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vsc_ptr + page * stride_vsb + in_blk * stride_vss
+                    + kvh * stride_vsh, DYNAMIC, MASK, CVT, INTERPRET)
     return m_new, l_i, acc
 
 
