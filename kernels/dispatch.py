@@ -31,9 +31,9 @@ from .common import (
     nvfp4_global_scale,
     nvfp4_pair_stats,
     nvfp4_quantize_pairs,
-    unpack_pairs,
     swizzled_sf_offset,
     to_bf16_rne,
+    unpack_pairs,
 )
 from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _store_row
 from .sync import arrive_last
@@ -50,6 +50,19 @@ def _pick(vec, lanes, i):
 
 
 @triton.jit
+def _token_rank_rows(rank_offset_ptr, table_ptr, row_base_ptr, t, R, ROW_BYTES, RP: tl.constexpr):
+    """Token ``t``'s row on every rank in one round trip -> (rank lanes ``[RP]``, their mask,
+    ``rank_offset[t, r]`` (-1 = not sent), the row's address ``table[r] + (row_base[r] +
+    offset) * ROW_BYTES``)."""
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    offs = tl.load(rank_offset_ptr + t * R + rr, mask=rm, other=-1)
+    rows = tl.load(row_base_ptr + rr, mask=rm, other=0) + offs.to(tl.int64)
+    addr = tl.load(table_ptr + rr, mask=rm, other=0) + rows * ROW_BYTES
+    return rr, rm, offs, addr
+
+
+@triton.jit
 def _pack_store_v2(
     ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF, GS_OFF,
     IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
@@ -60,12 +73,7 @@ def _pack_store_v2(
     8]`` int64 words, fp8 ``[NB]`` int32 FP32 bits), ``gsw`` the nvfp4 gs bits. The metadata
     section (from ``GS_OFF`` for nvfp4, else ``IDS_OFF``) is built as int32 words ``[MW]``
     straight from global memory in that layout."""
-    rr = tl.arange(0, RP)
-    rm = rr < R
-    offs = tl.load(rank_offset_ptr + t * R + rr, mask=rm, other=-1)
-    addr = tl.load(dest_table_ptr + rr, mask=rm, other=0) + (
-        tl.load(dest_row_base_ptr + rr, mask=rm, other=0) + offs.to(tl.int64)
-    ) * ROW_BYTES
+    rr, rm, offs, addr = _token_rank_rows(rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, RP)
     MOFF = GS_OFF if PAYLOAD == 0 else IDS_OFF
     I0 = (IDS_OFF - MOFF) // 4  # word of ids[0] in the metadata words
     j = tl.arange(0, MW)
@@ -658,12 +666,7 @@ def ep_combine_source_kernel(
     (masked) before the first sum, through :func:`_row_words` (V1: 2-byte loads)."""
     t = tl.program_id(0).to(tl.int64)
     if V2:
-        rr = tl.arange(0, RP)
-        rm = rr < R
-        offs_r = tl.load(rank_offset_ptr + t * R + rr, mask=rm, other=-1)
-        addr_r = tl.load(src_table_ptr + rr, mask=rm, other=0) + (
-            tl.load(row_base_ptr + rr, mask=rm, other=0) + offs_r.to(tl.int64)
-        ) * CROW_BYTES
+        rr, rm, offs_r, addr_r = _token_rank_rows(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, CROW_BYTES, RP)
     if CPAYLOAD == 2:
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = h < H
