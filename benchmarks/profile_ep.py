@@ -224,6 +224,7 @@ def run(args) -> None:
             timer.wrap(buf.backend, m, "be." + m)
         timer.wrap(buf, "_validate_dispatch", "validate_dispatch")
         variants = [v for v in VARIANTS[backend] if not args.variants or v in args.variants.split(",")]
+        saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, B.KERNELS
         for T in tokens:
             for variant in variants:
                 L.ENABLED, host, B.KERNELS = KNOBS[variant]
@@ -234,8 +235,7 @@ def run(args) -> None:
                 )
                 if lead:
                     _print_case(results[-1])
-        L.ENABLED, B.KERNELS = True, "v1"
-        NB.set_host_variant("baseline")
+        L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, B.KERNELS = saved  # the library's defaults again
         buf.destroy()
     timer.restore()
     if lead:

@@ -38,5 +38,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (``n >= 1``): tile sizes, ``tl.arange`` extents."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b

@@ -101,7 +101,8 @@ def test_parallel_layout_matches_serial(case, T, K, E, R):
     """``layout_meta(parallel=True)`` (chunks of 32 tokens: several programs, the last one
     scans) = the serial kernel bit for bit, an out-of-range id included; a reused scratch
     is left clean for the next call."""
-    from fp4comm.ep.layout import _pow2, layout_meta, layout_scratch
+    from fp4comm._runtime import next_pow2
+    from fp4comm.ep.layout import layout_meta, layout_scratch
 
     g = torch.Generator().manual_seed(T + K)
     ids = _ids(case, T, K, E, g)
@@ -114,4 +115,4 @@ def test_parallel_layout_matches_serial(case, T, K, E, R):
     for _ in range(2):
         meta, off = layout_meta(ids, E, R, parallel=True, scratch=scratch)
         assert torch.equal(meta, want_meta) and torch.equal(off, want_off)
-        assert not bool(scratch[: 2 + _pow2(E)].any())
+        assert not bool(scratch[: 2 + next_pow2(E)].any())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice, check_tensor
+from .._runtime import next_pow2  # noqa: F401  (re-exported: paged, kv_cache)
 from ..reference.attention import KV_DTYPES, KV_FORMATS
 
 FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
@@ -91,5 +92,3 @@ def dummy(device: torch.device) -> torch.Tensor:
     return t
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()

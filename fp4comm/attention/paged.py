@@ -399,12 +399,25 @@ def paged_attention(
     if tiles.kernel not in PREFILL_KERNELS:
         raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
-    dynamic_args = (k_scale_cache, v_scale_cache) if dynamic else (None, None)
     exact = triton_interpreting() and dev.type == "cpu"
+    cvt = effective_convert_mode(tiles.kv_convert, kv_format, exact)
+    ksc = k_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
+    vsc = v_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
+    strides = _kernel_strides(q, k_cache, v_cache, ksc, vsc, block_table, qd, kd, vd, out)
+    scale_log2 = float(softmax_scale) * math.log2(math.e)
+    common = dict(HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
+                  DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
+                  PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
     if tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1):
-        _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd, kd, vd, *dynamic_args,
-                        float(softmax_scale), bool(causal), sliding_window, num_q_tiles, tiles,
-                        effective_convert_mode(tiles.kv_convert, kv_format, exact), exact)
+        from fp4comm.kernels import attention_prefill as _kp
+
+        # one program per (q tile, sequence, KV head), longest q tiles first
+        _kp.paged_prefill_kernel[(num_q_tiles * S * Hkv,)](
+            q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
+            scale_log2, Hq // Hkv, bs, sliding_window or 0, S, Hkv, num_q_tiles, *strides,
+            Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=tiles.fa_bt_ldg, **common,
+        )  # fmt: skip
         return out
     if num_kv_splits is None:
         num_kv_splits = select_num_kv_splits(S * num_q_tiles * Hkv, block_table.shape[1] * bs, _num_sms(dev))
@@ -413,66 +426,24 @@ def paged_attention(
         ws_lse = torch.empty(num_kv_splits, T, Hq, dtype=torch.float32, device=dev)
     else:
         ws_o, ws_lse = dummy(dev).view(1, 1, 1, 1), dummy(dev).view(1, 1, 1)
-    ksc = k_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
-    vsc = v_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
     grid = (S * num_q_tiles, Hkv, num_kv_splits)
     _k.paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, ws_o, ws_lse,
-        block_table, seq_lens, cu_seqlens_q,
-        qd[0], kd[0], vd[0], ksc, vsc,
-        float(softmax_scale) * math.log2(math.e), Hq // Hkv, bs, sliding_window or 0, num_q_tiles,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        ksc.stride(0), ksc.stride(1), ksc.stride(2),
-        vsc.stride(0), vsc.stride(1), vsc.stride(2),
-        block_table.stride(0),
-        qd[1], qd[2], kd[1], kd[2], vd[1], vd[2],
-        out.stride(0), out.stride(1),
-        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2),
-        ws_lse.stride(0), ws_lse.stride(1),
-        HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
-        DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
-        NUM_SPLITS=num_kv_splits, PAGE=bs if bs & (bs - 1) == 0 else 0,
-        CVT=effective_convert_mode(tiles.kv_convert, kv_format, exact), INTERPRET=exact,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+        q, k_cache, v_cache, out, ws_o, ws_lse, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
+        scale_log2, Hq // Hkv, bs, sliding_window or 0, num_q_tiles, *strides,
+        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2), ws_lse.stride(0), ws_lse.stride(1),
+        NUM_SPLITS=num_kv_splits, **common,
+    )  # fmt: skip
     if num_kv_splits > 1:
         combine_splits(ws_o, ws_lse, out, exact)
     return out
 
 
-def _launch_prefill(q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd, kd, vd, k_scale_cache,
-                    v_scale_cache, softmax_scale: float, causal: bool, sliding_window: int | None, num_q_tiles: int,
-                    tiles: AttentionTiles, cvt: int, exact: bool) -> None:
-    """Launch the prefill-specialised kernel (``tiles.kernel == "fa"``) on validated inputs:
-    one program per (q tile, sequence, KV head), longest q tiles first; ``qd / kd / vd`` are
-    :func:`check_descale` triples, the scale caches ``None`` for static formats."""
-    from fp4comm.kernels import attention_prefill as _kp
-
-    dev = q.device
-    S, Hkv, bs = block_table.shape[0], k_cache.shape[2], k_cache.shape[1]
-    ksc = k_scale_cache if k_scale_cache is not None else dummy(dev).view(1, 1, 1)
-    vsc = v_scale_cache if v_scale_cache is not None else dummy(dev).view(1, 1, 1)
-    _kp.paged_prefill_kernel[(num_q_tiles * S * Hkv,)](
-        q, k_cache, v_cache, out,
-        block_table, seq_lens, cu_seqlens_q,
-        qd[0], kd[0], vd[0], ksc, vsc,
-        softmax_scale * math.log2(math.e), q.shape[1] // Hkv, bs, sliding_window or 0, S, Hkv, num_q_tiles,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        ksc.stride(0), ksc.stride(1), ksc.stride(2),
-        vsc.stride(0), vsc.stride(1), vsc.stride(2),
-        block_table.stride(0),
-        qd[1], qd[2], kd[1], kd[2], vd[1], vd[2],
-        out.stride(0), out.stride(1),
-        HEAD_DIM=q.shape[2], GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
-        DYNAMIC=k_scale_cache is not None, CAUSAL=causal, USE_WINDOW=sliding_window is not None,
-        PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
-        Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=tiles.fa_bt_ldg,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+def _kernel_strides(q, k_cache, v_cache, ksc, vsc, block_table, qd, kd, vd, out) -> tuple:
+    """The stride arguments both attention kernels take after their scalars, in their order
+    (``qd / kd / vd``: :func:`check_descale` triples)."""
+    return (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *ksc.stride()[:3],
+            *vsc.stride()[:3], block_table.stride(0), qd[1], qd[2], kd[1], kd[2], vd[1], vd[2],
+            out.stride(0), out.stride(1))  # fmt: skip
 
 
 def combine_splits(ws_o: torch.Tensor, ws_lse: torch.Tensor, out: torch.Tensor, exact: bool) -> None:

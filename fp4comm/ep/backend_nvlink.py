@@ -248,22 +248,16 @@ class NVLinkBackend(EPBackend):
         from ..kernels.nvlink import signal_wait_kernel
 
         R = self.world_size
-        gpu = self.device.type == "cuda"
         args = (
             flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins,
             self._timeout_us(),
         )  # fmt: skip
-        if gpu:
-            kw = dict(STATUS_SLOT=slot, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
-            if warmup:  # compile only, the dispatch and the combine variant
-                for sl in (ST_DISPATCH, ST_COMBINE):
-                    signal_wait_kernel.warmup(*args, grid=(R,), **{**kw, "STATUS_SLOT": sl})
-                return
-            launch(signal_wait_kernel, (R,), *args, **kw)
-        else:  # interpreter: every rank signals before anyone waits
-            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=True, WAIT=False, GPU=False)
-            self.mem.barrier()
-            launch(signal_wait_kernel, (R,), *args, STATUS_SLOT=slot, SIGNAL=False, WAIT=True, GPU=False)
+        if warmup:  # GPU, compile only: the dispatch and the combine variant
+            for sl in (ST_DISPATCH, ST_COMBINE):
+                signal_wait_kernel.warmup(*args, grid=(R,), STATUS_SLOT=sl, SIGNAL=True, WAIT=True, GPU=True,
+                                          num_warps=1)
+            return
+        self._signal_wait(signal_wait_kernel, args, dict(STATUS_SLOT=slot, num_warps=1))
         self._pending = slot
 
     def _meta_kernel(self, meta: torch.Tensor, epoch: int, warmup: bool = False) -> None:
@@ -278,12 +272,19 @@ class NVLinkBackend(EPBackend):
         kw = dict(WP=1 << (W - 1).bit_length(), num_warps=1)
         if warmup:
             meta_exchange_kernel.warmup(*args, grid=(R,), SIGNAL=True, WAIT=True, GPU=True, **kw)
-        elif self.device.type == "cuda":
-            launch(meta_exchange_kernel, (R,), *args, SIGNAL=True, WAIT=True, GPU=True, **kw)
-        else:  # interpreter: every rank signals before anyone waits
-            launch(meta_exchange_kernel, (R,), *args, SIGNAL=True, WAIT=False, GPU=False, **kw)
+        else:
+            self._signal_wait(meta_exchange_kernel, args, kw)
+
+    def _signal_wait(self, kernel, args: tuple, kw: dict) -> None:
+        """Launch a signal-and-wait ``kernel`` (grid ``R``): on GPUs one launch does both; under
+        the interpreter every rank signals, meets the others at a host barrier, then waits."""
+        R = self.world_size
+        if self.device.type == "cuda":
+            launch(kernel, (R,), *args, SIGNAL=True, WAIT=True, GPU=True, **kw)
+        else:
+            launch(kernel, (R,), *args, SIGNAL=True, WAIT=False, GPU=False, **kw)
             self.mem.barrier()
-            launch(meta_exchange_kernel, (R,), *args, SIGNAL=False, WAIT=True, GPU=False, **kw)
+            launch(kernel, (R,), *args, SIGNAL=False, WAIT=True, GPU=False, **kw)
 
     def _timeout_us(self) -> int:
         return min(int(self.timeout_s * 1e6), _INT32_MAX)

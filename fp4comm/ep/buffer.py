@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .._checks import check_choice, check_positive_int, check_tensor
 from .._launch import launch
-from .._runtime import IMPLS, cdiv, round_up, use_triton
+from .._runtime import IMPLS, cdiv, next_pow2, round_up, use_triton
 from ..formats import FP8_BLOCK, NVFP4_BLOCK, SCALE_LAYOUTS, FP8BlockTensor, NVFP4Tensor
 from ..reference import ep as ref
 from .backend import PLAN_ROWS, EPBackend, HostStager, RowTargets, TransferPlan, plan_array, pointer_table
@@ -290,11 +290,7 @@ def _raise_collective(codes: list[int], local: _InputError | None, rank: int, wh
 def _row_warps(elems: int) -> int:
     """num_warps for kernels holding one row of ``elems`` FP32 values in registers: ~32 values
     a thread, so H=7168 (8192 padded) runs at 8 warps without spilling, tiny rows at 1."""
-    return max(1, min(8, triton_next_pow2(elems) // 1024))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+    return max(1, min(8, next_pow2(elems) // 1024))
 
 
 # ----------------------------------------------------------------------------- local steps
@@ -358,26 +354,26 @@ def pack_rows(
     if msg.payload == "nvfp4":
         if x.data_ptr() % 4:  # the kernel reads BF16 element pairs as 32-bit words
             x = x.clone()
-        nb = triton_next_pow2(H // NVFP4_BLOCK)
+        nb = next_pow2(H // NVFP4_BLOCK)
         elems = nb * NVFP4_BLOCK
         if isinstance(global_scale, torch.Tensor):
             gs_mode, gs = (1 if global_scale.dim() == 1 else 0), global_scale.float().contiguous()
         elif not isinstance(global_scale, str):
             gs_mode, gs_value = 3, float(global_scale)  # a kernel argument: no host->device copy
     elif msg.payload == "fp8":
-        nb = triton_next_pow2(H // FP8_BLOCK)
+        nb = next_pow2(H // FP8_BLOCK)
         elems = nb * FP8_BLOCK
     else:
-        nb = elems = triton_next_pow2(H)
+        nb = elems = next_pow2(H)
     v2 = _v2("pack")
     if v2 and msg.payload == "nvfp4":
         nb = max(nb, 8)  # scale bytes go out as whole 8-byte words
     launch(ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
-        K=msg.num_topk, KP=triton_next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
+        K=msg.num_topk, KP=next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
-        **(dict(V2=True, RP=triton_next_pow2(R), MW=triton_next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
+        **(dict(V2=True, RP=next_pow2(R), MW=next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
                 HC=H) if v2 else {}),
     )  # fmt: skip
 
@@ -414,12 +410,12 @@ def _permute_index_params(N: int, K: int, El: int) -> tuple[int, int, int, int, 
     """``(KP, ELP, SUB, BLOCK_N, C)`` of the two-phase slot assignment (see
     :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`, :data:`_ONE_CHUNK_ROWS`): ``C`` chunks of
     ``BLOCK_N`` rows, scanned ``SUB`` rows at a time."""
-    KP, ELP = triton_next_pow2(K), max(2, triton_next_pow2(El))
+    KP, ELP = next_pow2(K), max(2, next_pow2(El))
     SUB = max(1, min(64, _ONEHOT_TILE // (KP * ELP)))
     SUB = 1 << (SUB.bit_length() - 1)
     if N <= _ONE_CHUNK_ROWS:
         return KP, ELP, SUB, round_up(max(N, 1), SUB), min(N, 1)
-    block_n = max(SUB, triton_next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
+    block_n = max(SUB, next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
     return KP, ELP, SUB, block_n, cdiv(N, block_n)
 
 
@@ -490,7 +486,7 @@ def permute_rows(
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
     v2 = _v2("permute")
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
-        hb = min(_ONEHOT_TILE, triton_next_pow2(block_n * KP))
+        hb = min(_ONEHOT_TILE, next_pow2(block_n * KP))
         launch(ep_permute_hist_kernel, (C,),
             rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4,
             **(dict(V2=True, HB=hb) if v2 else {}),
@@ -502,14 +498,14 @@ def permute_rows(
     words = msg.payload_bytes // 4
     rows_per = _PERMUTE_ROWS
     if v2:  # whole rows a load: ROWS * pow2(words) <= the tile (a power of two, divides 128)
-        rows_per = max(1, min(_PERMUTE_ROWS, _ONEHOT_TILE // triton_next_pow2(words)))
+        rows_per = max(1, min(_PERMUTE_ROWS, _ONEHOT_TILE // next_pow2(words)))
     launch(ep_permute_kernel, (El * max_m // rows_per,),
         rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
         w if scales is None else scales, w if gs is None else gs, w,
         msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
         max(ksf, 1), max(sf_cols, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
         K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled", ROWS=rows_per,
-        BLOCK_W=min(_ONEHOT_TILE // rows_per, triton_next_pow2(words)), SF_BLOCK=triton_next_pow2(max(sf_cols, 1)),
+        BLOCK_W=min(_ONEHOT_TILE // rows_per, next_pow2(words)), SF_BLOCK=next_pow2(max(sf_cols, 1)),
         num_warps=4,
     )  # fmt: skip
     if msg.payload == "nvfp4":
@@ -522,10 +518,10 @@ def _combine_launch(wire: str, H: int) -> dict:
     fp8 / nvfp4 wires hold the whole row in one program (the per-row scale needs its amax)."""
     lay = CombineLayout(wire, H)
     if wire == "bf16":
-        bh = min(1024, triton_next_pow2(H))
+        bh = min(1024, next_pow2(H))
         return dict(CPAYLOAD=2, BLOCK_H=bh, NB=1, CROW_BYTES=lay.row_bytes, CSCALE_OFF=lay.scale_offset,
                     num_warps=4, _split=cdiv(H, bh))  # fmt: skip
-    nb = triton_next_pow2(max(H // NVFP4_BLOCK, 8)) if wire == "nvfp4" else triton_next_pow2(H // FP8_BLOCK)
+    nb = next_pow2(max(H // NVFP4_BLOCK, 8)) if wire == "nvfp4" else next_pow2(H // FP8_BLOCK)
     return dict(CPAYLOAD=0 if wire == "nvfp4" else 1, BLOCK_H=16, NB=nb, CROW_BYTES=lay.row_bytes,
                 CSCALE_OFF=lay.scale_offset, num_warps=_row_warps(H), _split=1)  # fmt: skip
 
@@ -570,7 +566,7 @@ def combine_expert(
     split = kw.pop("_split")
     R, K = dests.table.shape[0], slot_map.shape[1]
     if _v2("combine_expert"):
-        kw.update(V2=True, RP=triton_next_pow2(R), KP=triton_next_pow2(K))
+        kw.update(V2=True, RP=next_pow2(R), KP=next_pow2(K))
     launch(ep_combine_expert_kernel, (N, split),
         expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, R,
         H=H, K=K, enable_fp_fusion=False, **kw,
@@ -604,7 +600,7 @@ def combine_source(
         kw = _combine_launch(wire, hidden)
         split = kw.pop("_split")
         if _v2("combine_source"):
-            kw.update(V2=True, RP=triton_next_pow2(rank_offset.shape[1]))
+            kw.update(V2=True, RP=next_pow2(rank_offset.shape[1]))
         launch(ep_combine_source_kernel, (T, split),
             t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
         )  # fmt: skip
@@ -827,9 +823,8 @@ class EPBuffer:
             )
         if cfg.max_m is not None:
             max_m = cfg.max_m
-        else:  # ref.round_max_m of the local counts
-            m = int(experts[self.rank * El : (self.rank + 1) * El].max())
-            max_m = max(ref.MASKED_M_ALIGN, -(-m // ref.MASKED_M_ALIGN) * ref.MASKED_M_ALIGN)
+        else:
+            max_m = ref.round_max_m(experts[self.rank * El : (self.rank + 1) * El])
         counts_l = tuple(map(tuple, counts.tolist()))
         vec = self._plan_stager.put(plan_array(counts, self.rank))  # one async copy, fixed buffers
         plan = TransferPlan(self.rank, counts_l, self.msg.row_bytes, cfg.hidden, vec)

@@ -19,7 +19,7 @@ import torch
 
 from .._checks import check_positive_int, check_tensor
 from .._launch import launch
-from .._runtime import use_triton
+from .._runtime import next_pow2, use_triton
 
 
 @dataclass
@@ -86,17 +86,11 @@ def get_dispatch_layout(topk_ids: torch.Tensor, num_experts: int, num_ranks: int
 def _check_range(topk_ids: torch.Tensor, num_experts: int, flag: torch.Tensor | None) -> None:
     """``ValueError`` naming the first id outside ``[-1, E)`` (``flag``: the kernel's 0-dim
     range flag, read instead of a scan)."""
-    if not topk_ids.numel():
+    if not topk_ids.numel() or (flag is not None and not int(flag)):
         return
-    bad_mask = None
-    if flag is None:
-        bad_mask = (topk_ids < -1) | (topk_ids >= num_experts)
-        if not bool(bad_mask.any()):
-            return
-    elif not int(flag):
+    bad_mask = (topk_ids < -1) | (topk_ids >= num_experts)
+    if flag is None and not bool(bad_mask.any()):
         return
-    if bad_mask is None:
-        bad_mask = (topk_ids < -1) | (topk_ids >= num_experts)
     bad = topk_ids[bad_mask][0].item()
     raise ValueError(f"topk_ids: values must lie in [-1, {num_experts}), found {bad}")
 
@@ -113,8 +107,8 @@ def _parallel_chunk(T: int, R: int) -> int:
     """Tokens a program of the parallel layout: up to :data:`_LAYOUT_PROGRAMS` programs of
     at least :data:`_LAYOUT_MIN_CHUNK` tokens, the ``[BLOCK_T, RP]`` tile within
     :data:`_LAYOUT_TILE` (so very large ``T * R`` gets more programs)."""
-    want = max(_LAYOUT_MIN_CHUNK, _pow2(-(-max(T, 1) // _LAYOUT_PROGRAMS)))
-    return max(1, min(want, _LAYOUT_TILE // _pow2(R)))
+    want = max(_LAYOUT_MIN_CHUNK, next_pow2(-(-max(T, 1) // _LAYOUT_PROGRAMS)))
+    return max(1, min(want, _LAYOUT_TILE // next_pow2(R)))
 
 
 def layout_scratch(max_tokens: int, num_experts: int, num_ranks: int, device) -> torch.Tensor:
@@ -122,9 +116,12 @@ def layout_scratch(max_tokens: int, num_experts: int, num_ranks: int, device) ->
     ``max_tokens`` tokens: ``[counter, range flag, EP histogram accumulators, NPROG * RP
     chunk totals]``. The kernel leaves the first ``2 + EP`` entries zero again, so one
     scratch serves every call on its stream (not two launches at once)."""
-    R = num_ranks
-    nprog = -(-max(max_tokens, 1) // _parallel_chunk(max_tokens, R))
-    return torch.zeros(2 + _pow2(num_experts) + nprog * _pow2(R), dtype=torch.int32, device=device)
+    return torch.zeros(_scratch_entries(max_tokens, num_experts, num_ranks), dtype=torch.int32, device=device)
+
+
+def _scratch_entries(T: int, E: int, R: int) -> int:
+    """int32 entries of the parallel layout's scratch for ``T`` tokens (see :func:`layout_scratch`)."""
+    return 2 + next_pow2(E) + -(-max(T, 1) // _parallel_chunk(T, R)) * next_pow2(R)
 
 
 def layout_meta(
@@ -154,29 +151,25 @@ def layout_meta(
     if meta is None:
         meta = torch.empty(2 + R + E, dtype=torch.int64, device=dev)
     rank_offset = torch.empty(T, R, dtype=torch.int32, device=dev)
-    RP, EP = _pow2(R), _pow2(E)
+    RP, EP = next_pow2(R), next_pow2(E)
     if parallel:
         block_t = _parallel_chunk(T, R)
         nprog = -(-max(T, 1) // block_t)
         if scratch is None:
-            scratch = torch.zeros(2 + EP + nprog * RP, dtype=torch.int32, device=dev)
-        elif scratch.numel() < 2 + EP + nprog * RP:
-            raise ValueError(f"scratch: {scratch.numel()} entries, T={T} needs {2 + EP + nprog * RP}")
+            scratch = layout_scratch(T, E, R, dev)
+        elif scratch.numel() < _scratch_entries(T, E, R):
+            raise ValueError(f"scratch: {scratch.numel()} entries, T={T} needs {_scratch_entries(T, E, R)}")
         launch(ep_layout_kernel, (nprog,),
             topk_ids, meta, rank_offset, T, R, E, E // R, scratch, nprog, K=K, BLOCK_T=block_t, RP=RP, EP=EP,
-            PARALLEL=True, KP=_pow2(K), FIX_T=max(1, _LAYOUT_TILE // RP),
+            PARALLEL=True, KP=next_pow2(K), FIX_T=max(1, _LAYOUT_TILE // RP),
             CB=max(1, _LAYOUT_TILE // RP), GPU=dev.type == "cuda", num_warps=4,
         )  # fmt: skip
         return meta, rank_offset
-    block_t = max(16, min(_pow2(max(T, 1)), _LAYOUT_TILE // RP))
+    block_t = max(16, min(next_pow2(max(T, 1)), _LAYOUT_TILE // RP))
     launch(ep_layout_kernel, (1,),
         topk_ids, meta, rank_offset, T, R, E, E // R, meta, 1, K=K, BLOCK_T=block_t, RP=RP, EP=EP, num_warps=4
     )  # fmt: skip
     return meta, rank_offset
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _layout(topk_ids: torch.Tensor, num_experts: int, num_ranks: int) -> DispatchLayout:

@@ -57,7 +57,7 @@ import torch
 
 from .._checks import check_choice, check_positive_int, check_tensor
 from .._launch import launch
-from .._runtime import cdiv, round_up
+from .._runtime import cdiv, next_pow2, round_up
 from .message import MessageLayout
 from .symmem import SymmetricMemory
 
@@ -113,10 +113,6 @@ def _v2_launch() -> _V2Launch:
       T * K = 4096 (v1's per-token scan with 256 took up to 16).
     """
     return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, csend_rows=2, crecv_chunk=1024, chunk=1024)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -358,7 +354,7 @@ class LowLatencyBuffer:
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
         # v2 dispatch send: rows stored per global expert this call (reset by the completer)
-        ndone = max(_next_pow2(cfg.num_experts + 1), 32 * self._warps())
+        ndone = max(next_pow2(cfg.num_experts + 1), 32 * self._warps())
         self._done = torch.zeros(ndone, dtype=torch.int32, device=dev)
         self._v2 = _v2_launch() if cfg.variant == "v2" else None
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
@@ -373,10 +369,10 @@ class LowLatencyBuffer:
     def _nb(self, payload: str) -> int:
         H = self.config.hidden
         if payload == "nvfp4":
-            return _next_pow2(max(H // 16, 8))
+            return next_pow2(max(H // 16, 8))
         if payload == "fp8":
-            return _next_pow2(H // 128)
-        return _next_pow2(H // 16)
+            return next_pow2(H // 128)
+        return next_pow2(H // 16)
 
     def _warps(self) -> int:
         return 8 if self.config.hidden >= 2048 else 4
@@ -494,9 +490,9 @@ class LowLatencyBuffer:
         )  # fmt: skip
         # v2: at least one expert lane a thread, so the per-lane atomic results (who completes
         # expert e) live in exactly one thread each (no replicated lanes)
-        EP = _next_pow2(E + 1) if v2 is None else max(_next_pow2(E + 1), 32 * self._warps())
+        EP = next_pow2(E + 1) if v2 is None else max(next_pow2(E + 1), 32 * self._warps())
         kw = dict(
-            H=H, K=K, KP=_next_pow2(K), E=E, EP=EP, E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=next_pow2(K), E=E, EP=EP, E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
             CHUNK=256 if v2 is None else v2.chunk, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
@@ -526,7 +522,7 @@ class LowLatencyBuffer:
         if v2 is not None:  # rows a step: the padded payload words of a row fill v2.recv_words
             nb = self._nb(cfg.payload)
             row_words = nb * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
-            rpi = _next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
+            rpi = next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
         ksf = H // 16
         if cfg.payload == "nvfp4":
             sf = out.scales.view(torch.uint8)
@@ -540,7 +536,7 @@ class LowLatencyBuffer:
             cdiv(MM, 128), cdiv(ksf, 4), self.timeout_spins, self._timeout_us,
         )  # fmt: skip
         kw = dict(
-            R=R, RP=_next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
+            R=R, RP=next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
             NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
             SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
             num_warps=self._warps() if v2 is None else v2.warps, RPI=rpi,
@@ -566,7 +562,7 @@ class LowLatencyBuffer:
             g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), MM,
         )  # fmt: skip
         kw = dict(
-            H=H, R=R, RP=_next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
+            H=H, R=R, RP=next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
             NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
             E_LOCAL=EL, GPU=self._gpu, NSPLIT=nsplit, num_warps=v2.warps if wide else self._warps(),
             RPI=v2.csend_rows if wide else 1,
@@ -584,7 +580,7 @@ class LowLatencyBuffer:
         v2 = self._v2
         chunked = v2 is not None and cfg.combine_payload == "bf16"
         if chunked:  # (token, hidden chunk) items
-            grid = (max(1, min(T * cdiv(H, min(v2.crecv_chunk, _next_pow2(H))), self._num_sms * v2.progs_per_sm)),)
+            grid = (max(1, min(T * cdiv(H, min(v2.crecv_chunk, next_pow2(H))), self._num_sms * v2.progs_per_sm)),)
         else:
             grid = (max(1, min(T, 2 * self._num_sms)),)
         args = (
@@ -596,7 +592,7 @@ class LowLatencyBuffer:
             CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
             BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
             CSCALE_OFF=self.clayout.scale_offset, GPU=self._gpu, NPROG=grid[0],
-            num_warps=v2.warps if chunked else self._warps(), HC=min(v2.crecv_chunk, _next_pow2(H)) if chunked else 0,
+            num_warps=v2.warps if chunked else self._warps(), HC=min(v2.crecv_chunk, next_pow2(H)) if chunked else 0,
         )  # fmt: skip
         return ll_combine_recv_kernel, grid, args, kw
 

@@ -259,9 +259,10 @@ def combine_source_ref(
     return acc.to(torch.bfloat16)
 
 
-def round_max_m(counts: torch.Tensor) -> int:
-    """``max_m`` derived from per-expert counts: the largest, rounded up to 128 (at least 128)."""
-    m = int(counts.max().item()) if counts.numel() else 0
+def round_max_m(counts) -> int:
+    """``max_m`` derived from per-expert counts (a 1-D tensor or numpy array): the largest,
+    rounded up to 128 (at least 128)."""
+    m = int(counts.max()) if len(counts) else 0
     return max(MASKED_M_ALIGN, -(-m // MASKED_M_ALIGN) * MASKED_M_ALIGN)
 
 
