@@ -278,6 +278,30 @@ def _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOC
 
 
 @triton.jit
+def qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Unscaled scores ``q @ K^T`` of the K rows at element offsets ``k_rows`` (keys outside
+    ``n_ok`` read as 0 with ``MASK``), K dequantized as ``CVT`` says."""
+    if MASK:
+        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
+    return _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], k_rows.shape[0]], tl.float32),
+                INTERPRET)
+
+
+@triton.jit
+def visible(offs_n, n_ok, pos, window, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """``[rows, keys]`` mask: key in range, not after the row's position (causal), within its
+    sliding window."""
+    ok = n_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= pos[:, None])
+    if USE_WINDOW:
+        ok = ok & (offs_n[None, :] > pos[:, None] - window)
+    return ok
+
+
+@triton.jit
 def _attend_tile(
     start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
     kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
@@ -296,12 +320,7 @@ def _attend_tile(
     n_ok = offs_n < k_end
     page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
-    if MASK:
-        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
-    s = _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], BLOCK_N], tl.float32),
-             INTERPRET)
+    s = qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK, CVT, INTERPRET)
     # qk_scale: [M], per row (softmax scale * q/k descales, and mode 3's power-of-two q rescale)
     if DYNAMIC:
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
@@ -309,12 +328,7 @@ def _attend_tile(
     else:
         s = s * qk_scale[:, None]
     if MASK:
-        ok = n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= pos[:, None])
-        if USE_WINDOW:
-            ok = ok & (offs_n[None, :] > pos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.where(visible(offs_n, n_ok, pos, window, CAUSAL, USE_WINDOW), s, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
     acc = pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vsc_ptr + page * stride_vsb + in_blk * stride_vss
@@ -380,6 +394,41 @@ def _attend_range(
 
 
 @triton.jit
+def q_rows_to_f16(q, qk_scale):
+    """FP16 operands (``CVT`` 3): each query row (FP32 values from BF16 / E4M3) times a power of
+    two that puts its max ``|q|`` in ``[2^14, 2^15)`` is exact in FP16 (<= 8 significant bits),
+    and the power of two comes back out in the per-row score scale -> ``(q16, qk_scale * inv)``."""
+    f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
+    return (q * f[:, None]).to(tl.float16), qk_scale * inv
+
+
+@triton.jit
+def q_tile(
+    q_ptr, qd_ptr, kd_ptr, vd_ptr, seq, kvh, qt, q_start, q_len, L, group, sm_scale_log2,
+    stride_qt, stride_qh, stride_qds, stride_qdh, stride_kds, stride_kdh, stride_vds, stride_vdh,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Query tile ``qt`` of sequence ``seq`` for KV head ``kvh``: ``BLOCK_Q`` tokens x the
+    ``GROUP_PAD`` (padded) query heads of the GQA group, token-major -> ``(row_ok, rows_t,
+    rows_h, pos`` (each row's absolute position), ``offs_d, q`` (as loaded; padded rows 0),
+    the score scale ``sm_scale_log2 * q_descale * k_descale`` and ``v_descale)``."""
+    offs_m = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = qt * BLOCK_Q + offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    row_ok = (tok < q_len) & (g < group)
+    rows_h = kvh * group + g
+    rows_t = (q_start + tok).to(tl.int64)
+    pos = L - q_len + tok
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + rows_t[:, None] * stride_qt + rows_h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_descale = tl.load(qd_ptr + seq * stride_qds + kvh * stride_qdh)
+    k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
+    v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
+    return row_ok, rows_t, rows_h, pos, offs_d, q, sm_scale_log2 * q_descale * k_descale, v_descale
+
+
+@triton.jit
 def paged_attention_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
     bt_ptr, seq_lens_ptr, cu_q_ptr,
@@ -421,29 +470,13 @@ def paged_attention_kernel(
     L = tl.load(seq_lens_ptr + seq)
     if qt * BLOCK_Q < q_len:
         BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-        offs_m = tl.arange(0, BLOCK_M)
-        tok = qt * BLOCK_Q + offs_m // GROUP_PAD
-        g = offs_m % GROUP_PAD
-        row_ok = (tok < q_len) & (g < group)
-        rows_h = kvh * group + g
-        rows_t = (q_start + tok).to(tl.int64)
-        pos = L - q_len + tok  # absolute position of each query row
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + rows_t[:, None] * stride_qt + rows_h[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        row_ok, rows_t, rows_h, pos, offs_d, q, qk_scale, v_descale = q_tile(
+            q_ptr, qd_ptr, kd_ptr, vd_ptr, seq, kvh, qt, q_start, q_len, L, group, sm_scale_log2,
+            stride_qt, stride_qh, stride_qds, stride_qdh, stride_kds, stride_kdh, stride_vds, stride_vdh,
+            BLOCK_Q, GROUP_PAD, HEAD_DIM)
         q = q.to(tl.bfloat16)  # bf16 as is; E4M3 -> BF16 is exact
-        q_descale = tl.load(qd_ptr + seq * stride_qds + kvh * stride_qdh)
-        k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
-        v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
-        qk_scale = sm_scale_log2 * q_descale * k_descale
         if CVT == 3:
-            # FP16 operands: each query row times a power of two that puts its max |q| in
-            # [2^14, 2^15) is exact in FP16 (BF16/E4M3 have <= 8 significant bits), and the
-            # power of two comes back out with the descales in the per-row score scale
-            q = q.to(tl.float32)
-            f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
-            q = (q * f[:, None]).to(tl.float16)
-            qk_scale = qk_scale * inv
+            q, qk_scale = q_rows_to_f16(q.to(tl.float32), qk_scale)
         else:
             qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
 

@@ -42,7 +42,7 @@ Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU)
 import triton
 import triton.language as tl
 
-from .attention import _dot, _finish, _kv_operand, _page_rows, _pow2_exponent_scale, pv_update
+from .attention import _finish, _page_rows, pv_update, q_rows_to_f16, q_tile, qk_scores, visible
 
 
 @triton.jit
@@ -101,22 +101,12 @@ def _fa_tile(
     page, in_blk = _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
-    if MASK:
-        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
-    s = _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], BLOCK_N], tl.float32),
-             INTERPRET)
+    s = qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK, CVT, INTERPRET)
     if DYNAMIC:  # per-key K scales (>= 0) multiply the score columns
         ks = tl.load(ksc_ptr + page * stride_ksb + in_blk * stride_kss + kvh * stride_ksh, mask=n_ok, other=0.0)
         s = s * ks[None, :]
     if MASK:
-        ok = n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= pos[:, None])
-        if USE_WINDOW:
-            ok = ok & (offs_n[None, :] > pos[:, None] - window)
-        s = tl.where(ok, s * qk_scale[:, None], float("-inf"))
+        s = tl.where(visible(offs_n, n_ok, pos, window, CAUSAL, USE_WINDOW), s * qk_scale[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
@@ -195,20 +185,10 @@ def paged_prefill_kernel(
     L = tl.load(seq_lens_ptr + seq)
     if qt * BLOCK_Q < q_len:
         BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-        offs_m = tl.arange(0, BLOCK_M)
-        tok = qt * BLOCK_Q + offs_m // GROUP_PAD
-        g = offs_m % GROUP_PAD
-        row_ok = (tok < q_len) & (g < group)
-        rows_h = kvh * group + g
-        rows_t = (q_start + tok).to(tl.int64)
-        pos = L - q_len + tok  # absolute position of each query row
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + rows_t[:, None] * stride_qt + rows_h[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        q_descale = tl.load(qd_ptr + seq * stride_qds + kvh * stride_qdh)
-        k_descale = tl.load(kd_ptr + seq * stride_kds + kvh * stride_kdh)
-        v_descale = tl.load(vd_ptr + seq * stride_vds + kvh * stride_vdh)
-        qk_scale = sm_scale_log2 * q_descale * k_descale
+        row_ok, rows_t, rows_h, pos, offs_d, q, qk_scale, v_descale = q_tile(
+            q_ptr, qd_ptr, kd_ptr, vd_ptr, seq, kvh, qt, q_start, q_len, L, group, sm_scale_log2,
+            stride_qt, stride_qh, stride_qds, stride_qdh, stride_kds, stride_kdh, stride_vds, stride_vdh,
+            BLOCK_Q, GROUP_PAD, HEAD_DIM)
         scale_neg = qk_scale < 0.0
         if Q_SMEM:  # BF16 queries used as loaded (wgmma reads them from shared memory), see below
             qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale
@@ -216,9 +196,7 @@ def paged_prefill_kernel(
             q = q.to(tl.float32) * tl.where(scale_neg, -1.0, 1.0)  # exact; leaves the score scale >= 0
             qk_scale = tl.abs(qk_scale)
             if CVT == 3:  # FP16 operands: per-row power-of-two rescale into FP16's range (exact)
-                f, inv = _pow2_exponent_scale(tl.max(tl.abs(q), 1), 14)
-                q = (q * f[:, None]).to(tl.float16)
-                qk_scale = qk_scale * inv
+                q, qk_scale = q_rows_to_f16(q, qk_scale)
             else:
                 q = q.to(tl.bfloat16)  # exact: the values came from BF16 / E4M3
                 qk_scale = tl.zeros([BLOCK_M], tl.float32) + qk_scale

@@ -50,6 +50,14 @@ def _pick(vec, lanes, i):
 
 
 @triton.jit
+def _rank_row(rank_offset_ptr, table_ptr, row_base_ptr, t, R, r, ROW_BYTES):
+    """Token ``t``'s row on rank ``r`` -> (sent at all, byte address ``table[r] + (row_base[r]
+    + rank_offset[t, r]) * ROW_BYTES``)."""
+    off = tl.load(rank_offset_ptr + t * R + r)
+    return off >= 0, tl.load(table_ptr + r) + (tl.load(row_base_ptr + r) + off.to(tl.int64)) * ROW_BYTES
+
+
+@triton.jit
 def _token_rank_rows(rank_offset_ptr, table_ptr, row_base_ptr, t, R, ROW_BYTES, RP: tl.constexpr):
     """Token ``t``'s row on every rank in one round trip -> (rank lanes ``[RP]``, their mask,
     ``rank_offset[t, r]`` (-1 = not sent), the row's address ``table[r] + (row_base[r] +
@@ -680,11 +688,9 @@ def ep_combine_source_kernel(
         else:
             r = 0
             while r < R:
-                off = tl.load(rank_offset_ptr + t * R + r)
-                if off >= 0:
-                    row = tl.load(row_base_ptr + r) + off.to(tl.int64)
-                    base = tl.load(src_table_ptr + r).to(tl.pointer_type(tl.bfloat16))
-                    acc = acc + tl.load(base + row * H + h, mask=hm, other=0.0).to(tl.float32)
+                sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
+                if sent:
+                    acc = acc + tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm, other=0.0).to(tl.float32)
                 r += 1
         tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
     else:
@@ -699,10 +705,8 @@ def ep_combine_source_kernel(
         else:
             r = 0
             while r < R:
-                off = tl.load(rank_offset_ptr + t * R + r)
-                if off >= 0:
-                    row = tl.load(row_base_ptr + r) + off.to(tl.int64)
-                    addr = tl.load(src_table_ptr + r) + row * CROW_BYTES
+                sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
+                if sent:
                     acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF)
                 r += 1
         tl.store(y_ptr + t * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])

@@ -18,6 +18,17 @@ from .gemm import GS_PER_EXPERT, GS_PER_ROW  # the GEMM operand's global-scale m
 
 
 @triton.jit
+def _masked_rows(mm_ptr, MAX_M, ROWS: tl.constexpr):
+    """Rows ``[m0, m0 + ROWS)`` (grid dim 0) of expert ``e`` (grid dim 2) in the masked layout
+    -> ``(e, any row below masked_m[e], rows, rows < masked_m[e], flat rows e * MAX_M + rows)``."""
+    e = tl.program_id(2)
+    m0 = tl.program_id(0) * ROWS
+    mm = tl.minimum(tl.load(mm_ptr + e), MAX_M)
+    rows = m0 + tl.arange(0, ROWS)
+    return e, m0 < mm, rows, rows < mm, e.to(tl.int64) * MAX_M + rows
+
+
+@triton.jit
 def nvfp4_masked_dequant_kernel(
     q_ptr,  # int32 words [E * MAX_M, KW], 8 codes each (low nibble = even element)
     sf_ptr,  # uint8 scales: linear [E, MAX_M, KSF] or swizzled [E, MT*128, KT*4]
@@ -34,14 +45,10 @@ def nvfp4_masked_dequant_kernel(
     ROWS: tl.constexpr,
     BW: tl.constexpr,
 ):
-    e = tl.program_id(2)
-    m0 = tl.program_id(0) * ROWS
-    mm = tl.minimum(tl.load(mm_ptr + e), MAX_M)
-    if m0 < mm:
-        rows = m0 + tl.arange(0, ROWS)
+    e, active, rows, row_ok, grow = _masked_rows(mm_ptr, MAX_M, ROWS)
+    if active:
         w = tl.program_id(1) * BW + tl.arange(0, BW)
-        mask = (rows < mm)[:, None] & (w < KW)[None, :]
-        grow = e.to(tl.int64) * MAX_M + rows
+        mask = row_ok[:, None] & (w < KW)[None, :]
         words = tl.load(q_ptr + grow[:, None] * KW + w[None, :], mask=mask, other=0)
         blk = (w // 2).to(tl.int64)
         if SWIZZLE:
@@ -50,7 +57,7 @@ def nvfp4_masked_dequant_kernel(
             sf_off = grow[:, None] * KSF + blk[None, :]
         sf = e4m3_decode(tl.load(sf_ptr + sf_off, mask=mask, other=0).to(tl.int32))
         if GS_MODE == GS_PER_ROW:
-            gs = tl.load(gs_ptr + grow, mask=rows < mm, other=1.0)
+            gs = tl.load(gs_ptr + grow, mask=row_ok, other=1.0)
         elif GS_MODE == GS_PER_EXPERT:
             gs = tl.zeros((ROWS,), tl.float32) + tl.load(gs_ptr + e)
         else:
@@ -75,14 +82,10 @@ def fp8_masked_dequant_kernel(
     ROWS: tl.constexpr,
     BK: tl.constexpr,  # multiple of 128
 ):
-    e = tl.program_id(2)
-    m0 = tl.program_id(0) * ROWS
-    mm = tl.minimum(tl.load(mm_ptr + e), MAX_M)
-    if m0 < mm:
-        rows = m0 + tl.arange(0, ROWS)
+    _, active, rows, row_ok, grow = _masked_rows(mm_ptr, MAX_M, ROWS)
+    if active:
         k = tl.program_id(1) * BK + tl.arange(0, BK)
-        mask = (rows < mm)[:, None] & (k < K)[None, :]
-        grow = e.to(tl.int64) * MAX_M + rows
+        mask = row_ok[:, None] & (k < K)[None, :]
         offs = grow[:, None] * K + k[None, :]
         qb = tl.load(q_ptr + offs, mask=mask, other=0)
         if HW_CVT:

@@ -170,6 +170,25 @@ def _to_bf16_rne(x):
     return tl.where(x != x, x, r).to(tl.bfloat16)
 
 
+@triton.jit
+def _expert_counts(ids_ptr, T, K, E, before, EP: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
+    """Per-expert counts of the ids in ``[0, E)`` among ``ids [T * K]`` (one pass, ``CHUNK`` at a
+    time) and, with ``BEFORE``, among the first ``before`` of them (else zeros) -> ``[EP]`` x 2."""
+    tot = tl.zeros([EP], dtype=tl.int32)
+    run = tl.zeros([EP], dtype=tl.int32)
+    c = 0
+    while c < T * K:
+        offs = c + tl.arange(0, CHUNK)
+        v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
+        ok = (v >= 0) & (v < E) & (offs < T * K)
+        tot += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
+        if BEFORE:
+            okp = ok & (offs < before)
+            run += tl.histogram(tl.where(okp, v, 0), EP, mask=okp)
+        c += CHUNK
+    return tot, run
+
+
 # ----------------------------------------------------------------------------- low latency: dispatch
 @triton.jit
 def _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K: tl.constexpr, E: tl.constexpr):
@@ -287,17 +306,8 @@ def ll_dispatch_send_kernel(
         tpb = (T + nprog - 1) // nprog
         t_lo = pid * tpb
         t_hi = tl.minimum(t_lo + tpb, T)
-        tot = tl.zeros([EP], dtype=tl.int32)
-        run = tl.zeros([EP], dtype=tl.int32)  # pairs routed to e before the next token
-        c = 0
-        while c < T * K:
-            offs = c + tl.arange(0, CHUNK)
-            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
-            ok = (v >= 0) & (v < E) & (offs < T * K)
-            tot += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
-            okp = ok & (offs < t_lo * K)
-            run += tl.histogram(tl.where(okp, v, 0), EP, mask=okp)
-            c += CHUNK
+        # run: pairs routed to e before the next token
+        tot, run = _expert_counts(ids_ptr, T, K, E, t_lo * K, EP, CHUNK, True)
         fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
         if pid == 0:  # experts this source routes nothing to: no rows to order before the flag
             zero = tl.zeros([EP], tl.int64) + (seq.to(tl.int64) << 32)
@@ -355,14 +365,7 @@ def ll_dispatch_send_kernel(
         if arrive_last(counter_ptr, nprog, GPU):
             # counts per global expert, then one flag per (expert, this source) on its owner
             ex = tl.arange(0, EP)
-            cnt = tl.zeros([EP], dtype=tl.int32)
-            c = 0
-            while c < T * K:
-                offs = c + tl.arange(0, CHUNK)
-                v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
-                ok = (v >= 0) & (v < E) & (offs < T * K)
-                cnt += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
-                c += CHUNK
+            cnt, _ = _expert_counts(ids_ptr, T, K, E, 0, EP, CHUNK, False)
             cnt = tl.minimum(cnt, TMAX)
             fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
             val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
