@@ -3,7 +3,8 @@ quantize kernels beside a device-to-device copy of the same bytes, in one run.
 
 GB/s counts bytes read + written: BF16 input read once, codes + scales (+ gs) written.
 The copy baseline moves the same number of bytes (``torch.Tensor.copy_`` of a buffer half
-that size: read + write). Target (issue 2): NVFP4 quantize >= 85% of the copy's bandwidth
+that size: read + write). On a GPU each op is timed as a CUDA graph replay after an L2 flush
+(kernel time without the host's launch overhead), the copy the same way. Target (issue 2): NVFP4 quantize >= 85% of the copy's bandwidth
 for T >= 4096 at H = 7168.
 
     python benchmarks/bench_quant.py                       # GPU: T = 128, 4096, 16384, H = 7168
@@ -22,14 +23,38 @@ from pathlib import Path
 import torch
 
 
+def _bench_cuda(fn, reps: int = 100) -> list[float]:
+    """GPU times (us) of ``fn``: captured once in a CUDA graph, each replay timed by events
+    after a 256 MB write that evicts L2. Replaying the graph leaves out the host's Python
+    and launch overhead, which at T = 4096 (a ~30 us kernel) can exceed the flush and then
+    be what the events measure."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for _ in range(5):
+        graph.replay()
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) * 1e3 for start, end in events]
+
+
 def _bench(fn, device: torch.device, iters: int) -> tuple[float, float]:
     """(median us, std us) of ``fn``."""
     if device.type == "cuda":
-        import triton.testing
-
-        ts = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
-        t = torch.tensor(ts, dtype=torch.float64) * 1e3
-        return float(t.median()), float(t.std()) if len(ts) > 1 else 0.0
+        t = torch.tensor(_bench_cuda(fn), dtype=torch.float64)
+        return float(t.median()), float(t.std())
     fn()
     ts = []
     for _ in range(iters):

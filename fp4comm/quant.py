@@ -70,11 +70,23 @@ def _quant_warps() -> int:
     return 2
 
 
-# Variants measured slower on H200 and removed (H = 7168, bf16, per-token gs; % of a D2D copy of
-# the same bytes at T = 4096 / 16384, the default being 71-74% / 84% linear, 64% / 75% swizzled):
-# whole rows held in registers (167 registers, no second L2 pass): slower; several rows of a
-# 128-row swizzle tile per program (whole scale sectors per store): 4 rows 65% / 73%, 8 rows
-# 53% / 58%; a 64-register cap (16 rows per SM, 2 waves at T = 4096): 58% / 73% linear.
+# Measured on H200 (H = 7168, bf16, per-token gs, linear scales; kernel time as a CUDA-graph
+# replay after an L2 flush, % of a D2D copy of the same bytes at T = 4096 / 16384):
+#   portable kernel, second pass read from L2 (session 3 default)        71-72% / 82-83%
+#   + block maxima by max.u16x2 on the words, prmt packing               77%    / 86%
+#   + 16-bit rows kept in registers between the two passes (default)     85-87% / 94-95%
+# Removed, slower: the amax pass by max.u16x2 too (56 registers; the compiler then keeps fewer
+# loads in flight) 63-65% / 75-76%; the next chunk's loads issued before the current chunk's
+# stores 73% / 84%; a whole row in one tile of 4 / 8 / 16 warps (masked to 512 blocks)
+# 67% / 67%, 60% / 57%, 55% / 53%. Earlier (session 3): whole rows held in registers by the
+# portable kernel (167 registers) slower; several rows of a 128-row swizzle tile per program
+# 65% / 73% (4 rows), 53% / 58% (8 rows) swizzled; a 64-register cap 58% / 73%.
+
+
+#: NVFP4 quantize of BF16/FP16 rows: block maxima by ``max.u16x2`` on the input words and codes
+#: packed by ``prmt`` byte permutes (inline PTX). None: on CUDA tensors (the interpreter cannot
+#: run PTX; the portable twins give the same bits); True/False force it (compile tests).
+_QUANT_HW: bool | None = None
 
 
 def _rows_per_program(H: int, N: int) -> int:
@@ -215,7 +227,7 @@ def quantize_nvfp4(
             _as_pairs(x), data, scales, gs, N, H, KSF, max(M, 1), cdiv(Mp, 128), cdiv(Kp, 4),
             GS_MODE=gs_mode, SWIZZLE=scale_layout == "swizzled", IN_BITS=8 * x.element_size(),
             IS_BF16=x.dtype == torch.bfloat16, NB=nb, NCHUNK=nchunk, ROWS=rows, EVEN_K=nchunk > 1 and nb * nchunk == KSF,
-            num_warps=warps,
+            HW=x.is_cuda if _QUANT_HW is None else _QUANT_HW, num_warps=warps,
         )  # fmt: skip
     return NVFP4Tensor(
         data=data,

@@ -278,6 +278,60 @@ def abs_from_key(k):
     return (k >> 1).to(tl.float32, bitcast=True)
 
 
+ABS16X2_MASK = tl.constexpr(0x7FFF7FFF)  # clears the sign bits of a word holding two 16-bit floats
+
+
+@triton.jit
+def umax16x2(a, b, HW: tl.constexpr):
+    """Unsigned maximum of the two 16-bit halves of int32 words ``a`` and ``b``, half by half.
+    ``HW``: one ``max.u16x2`` instruction (sm_90); else the same bits by 32-bit integer ops."""
+    if HW:
+        return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        hi = tl.maximum((a >> 16) & 0xFFFF, (b >> 16) & 0xFFFF)
+        lo = tl.maximum(a & 0xFFFF, b & 0xFFFF)
+        return (hi << 16) | lo
+
+
+@triton.jit
+def _umax16x2_hw(a, b):
+    return umax16x2(a, b, True)
+
+
+@triton.jit
+def _umax16x2_sw(a, b):
+    return umax16x2(a, b, False)
+
+
+@triton.jit
+def umax16x2_reduce(m, axis: tl.constexpr, HW: tl.constexpr):
+    """:func:`umax16x2` reduction of ``m`` along ``axis``."""
+    if HW:
+        return tl.reduce(m, axis, _umax16x2_hw)
+    else:
+        return tl.reduce(m, axis, _umax16x2_sw)
+
+
+@triton.jit
+def abs16x2_max(wa, wb, HW: tl.constexpr):
+    """Words of two 16-bit floats (BF16 or FP16; ``wa``, ``wb`` [R, C] int32) -> [R] words whose
+    halves are the largest ``|x|`` bit patterns of the row's even / odd halves. With the sign
+    bit cleared, a 16-bit float's bits order like its magnitude, Inf above every finite value
+    and NaN above Inf, so the integer maximum is exact and flags non-finite values."""
+    return umax16x2_reduce(umax16x2(wa & ABS16X2_MASK, wb & ABS16X2_MASK, HW), 1, HW)
+
+
+@triton.jit
+def f16_abs_bits_stats(m, IS_BF16: tl.constexpr):
+    """A word from :func:`abs16x2_max` -> (its larger half as FP32 ``|x|`` max, non-finite flag)."""
+    h = tl.maximum((m >> 16) & 0xFFFF, m & 0xFFFF)
+    if IS_BF16:
+        return (h << 16).to(tl.float32, bitcast=True), h >= 0x7F80
+    else:
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), h >= 0x7C00
+
+
 @triton.jit
 def nvfp4_halves_stats(ea, oa, eb, ob):
     """Even/odd elements of the two halves of NB blocks (``[NB, 4]`` each, one block per tile
@@ -334,6 +388,74 @@ def e4m3_encode_nonneg(a):
     magic = (x * E4M3_MAGIC_MUL + E4M3_MAGIC_ADD).to(tl.float32, bitcast=True)
     s = a + magic
     return s - magic, s.to(tl.int32, bitcast=True) & 0x7FFFFF
+
+
+# nvfp4_pack16_hw: $1..$4 the input words w0..w3 (two 16-bit floats each, even element low),
+# $5..$8 / $9..$12 the e2m1_rne_bits of their even / odd elements (code in bits 0..2, bits
+# 3..22 zero). Byte j of the result is code_e | sign_e << 3 | code_o << 4 | sign_o << 7: the
+# codes by one mad a word and prmt byte gathers; the signs are bit 7 of bytes 1 / 3 of each
+# word (bits 15 / 31), gathered by prmt and shifted into the nibbles' top bits.
+NVFP4_PACK16_ASM = tl.constexpr("""{
+.reg .b32 c0, c1, c2, c3, lo, hi, ev, ev2, od, od2;
+mad.lo.u32 c0, $9, 16, $5;
+mad.lo.u32 c1, $10, 16, $6;
+mad.lo.u32 c2, $11, 16, $7;
+mad.lo.u32 c3, $12, 16, $8;
+prmt.b32 lo, c0, c1, 0x0040;
+prmt.b32 hi, c2, c3, 0x4000;
+prmt.b32 lo, lo, hi, 0x7610;
+prmt.b32 ev, $1, $2, 0x0051;
+prmt.b32 ev2, $3, $4, 0x5100;
+prmt.b32 ev, ev, ev2, 0x7610;
+prmt.b32 od, $1, $2, 0x0073;
+prmt.b32 od2, $3, $4, 0x7300;
+prmt.b32 od, od, od2, 0x7610;
+shr.b32 ev, ev, 4;
+and.b32 ev, ev, 0x08080808;
+and.b32 od, od, 0x80808080;
+or.b32 ev, ev, od;
+or.b32 $0, lo, ev;
+}""")
+
+
+@triton.jit
+def split4(t):
+    """[R, 4] -> its four columns, each [R] (register renames when a thread holds whole rows)."""
+    a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def nvfp4_pack_codes16(w, even, odd, inv, HW: tl.constexpr):
+    """:func:`nvfp4_pack_codes` for 16-bit inputs given also as their words ``w`` [R, 4] (two
+    elements a word, even element low; ``even``/``odd`` their FP32 values). ``HW``: the
+    packing and the sign bits by byte permutes (:data:`NVFP4_PACK16_ASM`), same bits."""
+    if HW:
+        se = e2m1_rne_bits(even * inv[:, None])
+        so = e2m1_rne_bits(odd * inv[:, None])
+        w0, w1, w2, w3 = split4(w)
+        e0, e1, e2, e3 = split4(se)
+        o0, o1, o2, o3 = split4(so)
+        return tl.inline_asm_elementwise(NVFP4_PACK16_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                         [w0, w1, w2, w3, e0, e1, e2, e3, o0, o1, o2, o3], dtype=tl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        return nvfp4_pack_codes(even, odd, inv)
+
+
+@triton.jit
+def nvfp4_quantize_words(wa, wb, ea, oa, eb, ob, vmax, bad, gs, HW: tl.constexpr):
+    """:func:`nvfp4_quantize_halves` for 16-bit inputs, also given as the words ``wa``/``wb``
+    ([NB, 4] int32) that hold ``ea, oa`` / ``eb, ob``: with ``HW`` the codes are packed by
+    :func:`nvfp4_pack_codes16`'s byte permutes. Same bits either way."""
+    sfv, sfb = e4m3_encode_nonneg(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
+    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    pa = tl.where(bad, 0, nvfp4_pack_codes16(wa, ea, oa, inv, HW))
+    pb = tl.where(bad, 0, nvfp4_pack_codes16(wb, eb, ob, inv, HW))
+    sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
+    return pa, pb, sfb.to(tl.uint8)
 
 
 @triton.jit

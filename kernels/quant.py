@@ -6,7 +6,9 @@ import triton
 import triton.language as tl
 
 from .common import (
+    abs16x2_max,
     e4m3_decode,
+    f16_abs_bits_stats,
     finite_abs,
     fp8_block_quantize_tile,
     abs_from_key,
@@ -15,6 +17,7 @@ from .common import (
     nvfp4_gs_from_amax,
     nvfp4_halves_stats,
     nvfp4_quantize_halves,
+    nvfp4_quantize_words,
     store_rounded,
     swizzled_sf_offset,
     unpack_pairs,
@@ -125,11 +128,35 @@ def _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, 
 
 
 @triton.jit
-def _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, bmask, gs, H, KSF, M, MT, KT,
-                          IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr):
-    ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16, MASKED)
-    vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
-    pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+def _nvfp4_block_stats(wa, wb, IN_BITS: tl.constexpr, IS_BF16: tl.constexpr, HW: tl.constexpr):
+    """Blocks as words (two [NB, 4] tiles) -> (FP32 even / odd elements ea, oa, eb, ob, ``max |x|``
+    per block [NB], non-finite flag per block [NB]); for 16-bit inputs the maxima come from the
+    words' bit patterns (:func:`abs16x2_max`, one ``max.u16x2`` per two words with ``HW``)."""
+    ea, oa = unpack_pairs(wa, IN_BITS, IS_BF16)
+    eb, ob = unpack_pairs(wb, IN_BITS, IS_BF16)
+    if IN_BITS == 16:
+        vmax, bad = f16_abs_bits_stats(abs16x2_max(wa, wb, HW), IS_BF16)
+    else:
+        vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+    return ea, oa, eb, ob, vmax, bad
+
+
+@triton.jit
+def _nvfp4_quantize_blocks(wa, wb, ea, oa, eb, ob, vmax, bad, gs, IN_BITS: tl.constexpr, HW: tl.constexpr):
+    """-> (codes of the first halves, of the second halves, scale bytes); 16-bit inputs pack the
+    codes with the words' sign bits (:func:`nvfp4_quantize_words`, ``prmt`` with ``HW``)."""
+    if IN_BITS == 16:
+        return nvfp4_quantize_words(wa, wb, ea, oa, eb, ob, vmax, bad, gs, HW)
+    else:
+        return nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+
+
+@triton.jit
+def _nvfp4_quantize_chunk(wa, wb, q_ptr, sf_ptr, row, blk, bmask, gs, KSF, M, MT, KT, IN_BITS: tl.constexpr,
+                          IS_BF16: tl.constexpr, SWIZZLE: tl.constexpr, MASKED: tl.constexpr, HW: tl.constexpr):
+    """Quantize and store blocks ``blk`` of rows ``row``, given as their words."""
+    ea, oa, eb, ob, vmax, bad = _nvfp4_block_stats(wa, wb, IN_BITS, IS_BF16, HW)
+    pa, pb, sfb = _nvfp4_quantize_blocks(wa, wb, ea, oa, eb, ob, vmax, bad, gs, IN_BITS, HW)
     _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, MASKED)
 
 
@@ -160,6 +187,7 @@ def nvfp4_quantize_kernel(
     NCHUNK: tl.constexpr,  # chunks per row (> 1 only with ROWS == 1)
     ROWS: tl.constexpr,  # rows per program (power of two)
     EVEN_K: tl.constexpr = False,  # NCHUNK > 1 and NCHUNK * NB == KSF: no block masks
+    HW: tl.constexpr = False,  # GPU: inline PTX for 16-bit inputs (see _nvfp4_quantize_words)
 ):
     """Words hold element pairs (even element in the low half), so E2M1 codes pack into bytes
     elementwise. A tile is [ROWS * NB, 4] words per block half (tile block i is block i % NB
@@ -173,8 +201,8 @@ def nvfp4_quantize_kernel(
     if NCHUNK == 1:
         blk = i % NB
         bmask = (blk < KSF) & rmask
-        ea, oa, eb, ob = _nvfp4_load_pairs(x_ptr, row, blk, bmask, H, IN_BITS, IS_BF16, True)
-        vmax, bad = nvfp4_halves_stats(ea, oa, eb, ob)
+        wa, wb = _nvfp4_load_halves(x_ptr, row, blk, bmask, H, True)
+        ea, oa, eb, ob, vmax, bad = _nvfp4_block_stats(wa, wb, IN_BITS, IS_BF16, HW)
         if GS_MODE == GS_MODE_PER_TOKEN:
             amax_b = vmax
             if tl.max(bad.to(tl.int32), axis=0) != 0:  # rare: finite maxima of blocks holding NaN/Inf
@@ -187,16 +215,22 @@ def nvfp4_quantize_kernel(
             gs = tl.load(gs_ptr + row, mask=rmask, other=1.0)
         else:
             gs = tl.load(gs_ptr)
-        pa, pb, sfb = nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs)
+        pa, pb, sfb = _nvfp4_quantize_blocks(wa, wb, ea, oa, eb, ob, vmax, bad, gs, IN_BITS, HW)
         _nvfp4_store_chunk(q_ptr, sf_ptr, pa, pb, sfb, row, blk, bmask, KSF, M, MT, KT, SWIZZLE, True)
     else:
         r = tl.program_id(0).to(tl.int64)
+        # 16-bit rows with a per-token scale stay in registers (a tuple of chunks) from the amax
+        # pass to the quantize pass; other rows are read again (from L2) or read once
+        KEEP: tl.constexpr = GS_MODE == GS_MODE_PER_TOKEN and IN_BITS == 16
+        row_words = ()
         if GS_MODE == GS_MODE_PER_TOKEN:
             acc_e = tl.zeros((NB, 4), tl.uint32)
             acc_o = tl.zeros((NB, 4), tl.uint32)
             for ca in tl.static_range(NCHUNK):
                 blk = ca * NB + i
                 wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, not EVEN_K)
+                if KEEP:
+                    row_words = row_words + ((wa, wb),)
                 acc_e, acc_o = _nvfp4_absmax_acc(acc_e, acc_o, wa, wb, IN_BITS, IS_BF16)
             amax = _nvfp4_absmax_finish(acc_e, acc_o, IN_BITS, IS_BF16)
             if not (amax < float("inf")):  # rare: the row holds NaN/Inf, take its finite maximum
@@ -207,10 +241,14 @@ def nvfp4_quantize_kernel(
             gs = tl.load(gs_ptr + r)
         else:
             gs = tl.load(gs_ptr)
-        for c in range(NCHUNK):
+        for c in tl.static_range(NCHUNK):
             blk = c * NB + i
-            _nvfp4_quantize_chunk(x_ptr, q_ptr, sf_ptr, row, blk, blk < KSF, gs, H, KSF, M, MT, KT,
-                                  IN_BITS, IS_BF16, SWIZZLE, not EVEN_K)  # fmt: skip
+            if KEEP:
+                wa, wb = row_words[c]
+            else:
+                wa, wb = _nvfp4_load_halves(x_ptr, row, blk, blk < KSF, H, not EVEN_K)
+            _nvfp4_quantize_chunk(wa, wb, q_ptr, sf_ptr, row, blk, blk < KSF, gs, KSF, M, MT, KT, IN_BITS, IS_BF16,
+                                  SWIZZLE, not EVEN_K, HW)  # fmt: skip
 
 
 @triton.jit
