@@ -390,7 +390,16 @@ def e4m3_encode_nonneg(a):
     return s - magic, s.to(tl.int32, bitcast=True) & 0x7FFFFF
 
 
-# nvfp4_pack16_hw: $1..$4 the input words w0..w3 (two 16-bit floats each, even element low),
+@triton.jit
+def nvfp4_block_scale(vmax, gs):
+    """Per-block finite maxima ``vmax`` and encode scale ``gs`` -> (E4M3 scale byte as int32,
+    encode factor ``inv``): ``sf = e4m3(gs * vmax / 6)``, ``inv = gs / sf`` (0 if sf == 0)."""
+    sfv, sfb = e4m3_encode_nonneg(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
+    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    return sfb, inv
+
+
+# NVFP4_PACK16_ASM: $1..$4 the input words w0..w3 (two 16-bit floats each, even element low),
 # $5..$8 / $9..$12 the e2m1_rne_bits of their even / odd elements (code in bits 0..2, bits
 # 3..22 zero). Byte j of the result is code_e | sign_e << 3 | code_o << 4 | sign_o << 7: the
 # codes by one mad a word and prmt byte gathers; the signs are bit 7 of bytes 1 / 3 of each
@@ -450,8 +459,7 @@ def nvfp4_quantize_words(wa, wb, ea, oa, eb, ob, vmax, bad, gs, HW: tl.constexpr
     """:func:`nvfp4_quantize_halves` for 16-bit inputs, also given as the words ``wa``/``wb``
     ([NB, 4] int32) that hold ``ea, oa`` / ``eb, ob``: with ``HW`` the codes are packed by
     :func:`nvfp4_pack_codes16`'s byte permutes. Same bits either way."""
-    sfv, sfb = e4m3_encode_nonneg(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
-    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    sfb, inv = nvfp4_block_scale(vmax, gs)
     pa = tl.where(bad, 0, nvfp4_pack_codes16(wa, ea, oa, inv, HW))
     pb = tl.where(bad, 0, nvfp4_pack_codes16(wb, eb, ob, inv, HW))
     sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)
@@ -464,8 +472,7 @@ def nvfp4_quantize_halves(ea, oa, eb, ob, vmax, bad, gs):
     ``vmax``/``bad`` from :func:`nvfp4_halves_stats` and encode scale ``gs`` (scalar or [NB])
     -> (codes of the first halves int32 [NB], of the second halves int32 [NB], scale bytes
     uint8 [NB]). Same numerics as :func:`nvfp4_quantize_tile` (DESIGN.md section 3)."""
-    sfv, sfb = e4m3_encode_nonneg(tl.math.div_rn(gs * vmax, tl.zeros_like(vmax) + 6.0))
-    inv = tl.where(sfv != 0.0, tl.minimum(tl.math.div_rn(gs + tl.zeros_like(sfv), sfv), FP32_MAX), 0.0)
+    sfb, inv = nvfp4_block_scale(vmax, gs)
     pa = tl.where(bad, 0, nvfp4_pack_codes(ea, oa, inv))
     pb = tl.where(bad, 0, nvfp4_pack_codes(eb, ob, inv))
     sfb = tl.where(bad, E4M3_NAN_BYTE, sfb)

@@ -59,3 +59,82 @@ def test_e2m1_nan_and_inf_codes_are_harmless(device):
     assert all(0 <= v <= 15 for v in c)  # callers zero non-finite blocks; the value only must stay a code
     assert c[1] == 7 and c[2] == 15  # +-Inf saturate like any |v| > 6
     assert e4.cpu().tolist() == [0x7F, 0x7E, 0xFE]
+
+
+@triton.jit
+def _pack16(w_ptr, inv_ptr, se_ptr, so_ptr, soft_ptr, hw_ptr, mx_ptr, R: tl.constexpr, HW: tl.constexpr):
+    r = tl.arange(0, R)
+    k = r[:, None] * 4 + tl.arange(0, 4)[None, :]
+    w = tl.load(w_ptr + k)
+    inv = tl.load(inv_ptr + r)
+    even, odd = C.unpack_pairs(w, 16, True)
+    tl.store(se_ptr + k, C.e2m1_rne_bits(even * inv[:, None]))
+    tl.store(so_ptr + k, C.e2m1_rne_bits(odd * inv[:, None]))
+    tl.store(soft_ptr + r, C.nvfp4_pack_codes16(w, even, odd, inv, False))
+    tl.store(mx_ptr + 2 * r, C.abs16x2_max(w, w, False))
+    if HW:
+        tl.store(hw_ptr + r, C.nvfp4_pack_codes16(w, even, odd, inv, True))
+        tl.store(mx_ptr + 2 * r + 1, C.abs16x2_max(w, w, True))
+
+
+def _run_ptx(asm: str, args: list[np.ndarray]) -> np.ndarray:
+    """Test-only interpreter of the few PTX instructions the packing asm uses, on uint32 arrays."""
+    regs = {f"${i + 1}": a.astype(np.uint64) for i, a in enumerate(args)}
+
+    def val(tok):
+        return regs[tok] if tok in regs else np.uint64(int(tok, 0))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in src]
+        if op == "mad.lo.u32":
+            r = a[0] * a[1] + a[2]
+        elif op == "prmt.b32":
+            pool = a[0] | (a[1] << np.uint64(32))
+            r = np.zeros_like(pool)
+            for byte in range(4):
+                idx = (int(a[2]) >> (4 * byte)) & 7
+                r |= ((pool >> np.uint64(8 * idx)) & np.uint64(0xFF)) << np.uint64(8 * byte)
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[d] = r & np.uint64(0xFFFFFFFF)
+    return regs["$0"].astype(np.uint32)
+
+
+def test_prmt_packing_and_u16x2_maxima_match_the_portable_code(device):
+    """NVFP4_PACK16_ASM (interpreted here instruction by instruction, and run on a GPU) packs the
+    same bytes as the portable nvfp4_pack_codes; the max.u16x2 maxima equal a numpy maximum."""
+    R = 256
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(R, 8, generator=g) * torch.exp(torch.randn(R, 1, generator=g) * 3)
+    x[::7] = -x[::7]
+    x[3, :] = -0.0
+    x[5, 2] = float("nan")
+    x[6, 1] = -float("inf")
+    w = x.to(torch.bfloat16).view(torch.int32).contiguous()  # [R, 4] words, even element low
+    inv = torch.rand(R, generator=g) * 8
+    inv[0] = 0.0
+    out = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in
+           (("se", (R, 4)), ("so", (R, 4)), ("soft", R), ("hw", R), ("mx", 2 * R))}
+    hw = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
+    _pack16[(1,)](w.to(device), inv.to(device), out["se"], out["so"], out["soft"], out["hw"], out["mx"], R=R, HW=hw)
+    o = {n: t.cpu().numpy().view(np.uint32) for n, t in out.items()}
+    wn = w.numpy().view(np.uint32)
+    emulated = _run_ptx(C.NVFP4_PACK16_ASM.value, [wn[:, j] for j in range(4)] + [o["se"][:, j] for j in range(4)]
+                        + [o["so"][:, j] for j in range(4)])
+    assert np.array_equal(emulated, o["soft"])
+    a = wn & 0x7FFF7FFF
+    want = np.maximum.reduce(a >> 16, axis=1) << 16 | np.maximum.reduce(a & 0xFFFF, axis=1)
+    assert np.array_equal(o["mx"][0::2], want)
+    if hw:
+        assert np.array_equal(o["hw"], o["soft"]) and np.array_equal(o["mx"][1::2], want)
