@@ -36,6 +36,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -56,6 +57,9 @@ from fp4comm.attention import (  # noqa: E402
     write_tiles,
 )
 from fp4comm.attention.paged import _num_sms  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import gpu_kernel_us  # noqa: E402
 from fp4comm.reference.attention import attention_flops  # noqa: E402
 
 DECODE_FORMATS = ("bf16", "fp8", "int8", "fp8_dynamic")
@@ -109,15 +113,14 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
 
 
 def bench(fn, smoke: bool) -> float:
-    """Median time of ``fn()`` in microseconds (``triton.testing.do_bench`` on GPU)."""
+    """Median time of ``fn()`` in microseconds: on GPU the kernels' time, as CUDA-graph replays
+    after an L2 flush (:func:`common.gpu_kernel_us`; fp4comm and SDPA alike)."""
     if smoke or not torch.cuda.is_available():
         fn()
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e6
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    return statistics.median(gpu_kernel_us(fn, reps=40))
 
 
 def make_cache(fmt, num_seqs, context, Hkv, D, bs, device):

@@ -22,38 +22,14 @@ from pathlib import Path
 
 import torch
 
-
-def _bench_cuda(fn, reps: int = 100) -> list[float]:
-    """GPU times (us) of ``fn``: captured once in a CUDA graph, each replay timed by events
-    after a 256 MB write that evicts L2. Replaying the graph leaves out the host's Python
-    and launch overhead, which at T = 4096 (a ~30 us kernel) can exceed the flush and then
-    be what the events measure."""
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for _ in range(5):
-        graph.replay()
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) * 1e3 for start, end in events]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gpu_kernel_us  # noqa: E402
 
 
 def _bench(fn, device: torch.device, iters: int) -> tuple[float, float]:
     """(median us, std us) of ``fn``."""
     if device.type == "cuda":
-        t = torch.tensor(_bench_cuda(fn), dtype=torch.float64)
+        t = torch.tensor(gpu_kernel_us(fn), dtype=torch.float64)
         return float(t.median()), float(t.std())
     fn()
     ts = []
