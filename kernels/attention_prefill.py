@@ -42,7 +42,7 @@ Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU)
 import triton
 import triton.language as tl
 
-from .attention import _finish, _page_rows, pv_update, q_rows_to_f16, q_tile, qk_scores, visible
+from .attention import _finish, _online_softmax_step, _page_rows, pv_update, q_rows_to_f16, q_tile, qk_scores, visible
 
 
 @triton.jit
@@ -85,9 +85,7 @@ def _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, B
 @triton.jit
 def _fa_tile(
     start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    k_cache, v_cache, k_scales, v_scales,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
     BT_LDG: tl.constexpr,
@@ -95,7 +93,13 @@ def _fa_tile(
     """Keys ``[start, start + BLOCK_N)``: gather, dequantize, score, online-softmax update.
     ``MASK`` False: the whole tile is visible to every row (no bounds, causal or window
     mask; ``m_i`` is finite after it). ``MASK`` True: keys clipped to ``k_end`` and masked per
-    row; rows that have seen nothing keep ``m = -inf`` and ``p = alpha = 0`` (no NaN)."""
+    row; rows that have seen nothing keep ``m = -inf`` and ``p = alpha = 0`` (no NaN).
+    ``k_cache``, ``v_cache``, ``k_scales``, ``v_scales``: (pointer, block stride, slot stride,
+    head stride) of each cache (the scale caches only read with ``DYNAMIC``)."""
+    kc_ptr, stride_kcb, stride_kcs, stride_kch = k_cache
+    vc_ptr, stride_vcb, stride_vcs, stride_vch = v_cache
+    ksc_ptr, stride_ksb, stride_kss, stride_ksh = k_scales
+    vsc_ptr, stride_vsb, stride_vss, stride_vsh = v_scales
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
     page, in_blk = _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
@@ -107,15 +111,12 @@ def _fa_tile(
         s = s * ks[None, :]
     if MASK:
         s = tl.where(visible(offs_n, n_ok, pos, window, CAUSAL, USE_WINDOW), s * qk_scale[:, None], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
+        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i)
+    else:  # every row sees keys: m_new finite; the score scale goes into exp2's FMA
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale >= 0: max(s * c) = max(s) * c
-        m_use = m_new
         p = tl.math.exp2(s * qk_scale[:, None] - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vsc_ptr + page * stride_vsb + in_blk * stride_vss
                     + kvh * stride_vsh, DYNAMIC, MASK, CVT, INTERPRET)
     return m_new, l_i, acc
@@ -124,9 +125,7 @@ def _fa_tile(
 @triton.jit
 def _fa_range(
     k_from, k_to, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-    kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    k_cache, v_cache, k_scales, v_scales,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
     BT_LDG: tl.constexpr,
@@ -138,18 +137,14 @@ def _fa_range(
         while start < k_to:
             m_i, l_i, acc = _fa_tile(
                 start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-                kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                k_cache, v_cache, k_scales, v_scales,
                 BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
             start += BLOCK_N
     else:
         for start in range(k_from, k_to, BLOCK_N):
             m_i, l_i, acc = _fa_tile(
                 start, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-                kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                k_cache, v_cache, k_scales, v_scales,
                 BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
     return m_i, l_i, acc
 
@@ -228,24 +223,22 @@ def paged_prefill_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        k_cache = (kc_ptr, stride_kcb, stride_kcs, stride_kch)
+        v_cache = (vc_ptr, stride_vcb, stride_vcs, stride_vch)
+        k_scales = (ksc_ptr, stride_ksb, stride_kss, stride_ksh)
+        v_scales = (vsc_ptr, stride_vsb, stride_vss, stride_vsh)
         m_i, l_i, acc = _fa_range(
             f0, f1, hi, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-            kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            k_cache, v_cache, k_scales, v_scales,
             BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET, BT_LDG)
         if USE_WINDOW:
             m_i, l_i, acc = _fa_range(
                 lo, tl.minimum(f0, hi), hi, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-                kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                k_cache, v_cache, k_scales, v_scales,
                 BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
         m_i, l_i, acc = _fa_range(
             f1, hi, hi, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
-            kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
-            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            k_cache, v_cache, k_scales, v_scales,
             BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
 
         _finish(acc, m_i, l_i, v_descale, 0, rows_t, rows_h, row_ok, offs_d,
