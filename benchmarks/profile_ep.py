@@ -15,6 +15,9 @@ Variants (the same buffer, knobs flipped between runs; identical kernels except 
   (``backend_nvlink.META_EXCHANGE = "symmem"``);
 * ``symmem_defer`` (nvlink only): + the dispatch's flag status read at the next host sync
   (``backend_nvlink.DEFER_DISPATCH_CHECK = True``);
+* ``best`` / ``send_meta``: the default kernel mix (``KERNELS = "best"``) with the
+  ``symmem_defer`` host path, and with the rows sent right after the count exchange
+  (``backend_nvlink.SEND_WITH_META``; the default);
 * ``kernels_v2``: the current host defaults (``cached``, and ``symmem_defer`` on nvlink) with
   the v2 kernels (``fp4comm.ep.buffer.KERNELS = "v2"``: parallel layout, 16-byte row stores
   in pack / combine, hoisted loads, permute phase changes); compare its kernel table with
@@ -52,11 +55,12 @@ import dist_env  # noqa: E402
 
 VARIANTS = {
     "torch": ["jit", "cached", "kernels_v2"],
-    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2"],
+    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta"],
 }
 #: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
 KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
-         "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2")}  # fmt: skip
+         "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2"),
+         "best": (True, "symmem_defer", "best"), "send_meta": (True, "send_with_meta", "best")}  # fmt: skip
 
 
 class PhaseTimer:
@@ -220,11 +224,11 @@ def run(args) -> None:
     for backend in args.backends.split(","):
         buf = EPBuffer(None, args.hidden, args.experts, args.topk, max(tokens), payload="nvfp4", backend=backend,
                        timeout_s=args.timeout_s)  # fmt: skip
-        for m in ("exchange_meta", "dispatch_rows", "combine_rows", "check"):  # this instance only
+        for m in ("exchange_meta", "exchange_meta_and_send", "dispatch_rows", "combine_rows", "check"):  # this instance only
             timer.wrap(buf.backend, m, "be." + m)
         timer.wrap(buf, "_validate_dispatch", "validate_dispatch")
         variants = [v for v in VARIANTS[backend] if not args.variants or v in args.variants.split(",")]
-        saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, B.KERNELS
+        saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS
         for T in tokens:
             for variant in variants:
                 L.ENABLED, host, B.KERNELS = KNOBS[variant]
@@ -235,7 +239,7 @@ def run(args) -> None:
                 )
                 if lead:
                     _print_case(results[-1])
-        L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, B.KERNELS = saved  # the library's defaults again
+        L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS = saved  # defaults again
         buf.destroy()
     timer.restore()
     if lead:

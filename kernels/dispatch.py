@@ -71,17 +71,47 @@ def _token_rank_rows(rank_offset_ptr, table_ptr, row_base_ptr, t, R, ROW_BYTES, 
 
 
 @triton.jit
+def _device_plan_rows(plan_ptr, PLAN_W, RANK, MAX_RECV, R, RP: tl.constexpr):
+    """A sender's row bases computed from the exchanged count vectors on the device (the
+    nvlink backend's send before the host has seen the counts). ``plan`` int64: ``[R,
+    PLAN_W]`` vectors ``[code, range_bad, rows to each rank (R), ...]`` of every rank, then
+    ``[R]`` timeout words of the exchange. Returns ``([RP]`` int64 first row of this rank's
+    block in each receiver (rows of lower source ranks first), ``go``): ``go`` is False if
+    any rank reported a bad input, an id out of range, or never sent its vector, or if a
+    receiver would get more than ``MAX_RECV`` rows; then nothing may be stored (every rank
+    computes the same ``go`` from the same vectors, and the host raises after its sync)."""
+    s = tl.arange(0, RP)
+    sm = s < R
+    cnt = tl.load(plan_ptr + s[:, None] * PLAN_W + 2 + s[None, :], mask=sm[:, None] & sm[None, :], other=0)
+    base = tl.sum(tl.where((s < RANK)[:, None], cnt, 0), axis=0)
+    worst = tl.max(tl.sum(cnt, axis=0), axis=0)
+    code = tl.load(plan_ptr + s * PLAN_W, mask=sm, other=0)
+    bad_ids = tl.load(plan_ptr + s * PLAN_W + 1, mask=sm, other=0)
+    late = tl.load(plan_ptr + R * PLAN_W + s, mask=sm, other=0)
+    nbad = tl.sum(((code != 0) | (bad_ids != 0) | (late != 0)).to(tl.int32), axis=0)
+    return base, (nbad == 0) & (worst <= MAX_RECV)
+
+
+@triton.jit
 def _pack_store_v2(
     ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF, GS_OFF,
-    IDS_OFF, SRC_OFF, pw, sw, gsw, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
-    RP: tl.constexpr, MW: tl.constexpr,
+    IDS_OFF, SRC_OFF, pw, sw, gsw, plan_ptr, PLAN_W, RANK, MAX_RECV, H: tl.constexpr, K: tl.constexpr,
+    PAYLOAD: tl.constexpr, NB: tl.constexpr, RP: tl.constexpr, MW: tl.constexpr, DEVICE_PLAN: tl.constexpr,
 ):  # fmt: skip
     """The stores of :func:`ep_pack_kernel` with ``V2``: ``pw`` payload (nvfp4 ``[NB]`` int64
     words, fp8 ``[NB, 16]`` int64 words, bf16 ``[NB]`` values), ``sw`` scales (nvfp4 ``[NB //
     8]`` int64 words, fp8 ``[NB]`` int32 FP32 bits), ``gsw`` the nvfp4 gs bits. The metadata
     section (from ``GS_OFF`` for nvfp4, else ``IDS_OFF``) is built as int32 words ``[MW]``
-    straight from global memory in that layout."""
-    rr, rm, offs, addr = _token_rank_rows(rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, RP)
+    straight from global memory in that layout. ``DEVICE_PLAN``: row bases and the go /
+    no-go from :func:`_device_plan_rows` instead of ``dest_row_base``."""
+    if DEVICE_PLAN:
+        rr = tl.arange(0, RP)
+        rm = rr < R
+        base, go = _device_plan_rows(plan_ptr, PLAN_W, RANK, MAX_RECV, R, RP)
+        offs = tl.load(rank_offset_ptr + t * R + rr, mask=rm & go, other=-1)
+        addr = tl.load(dest_table_ptr + rr, mask=rm, other=0) + (base + offs.to(tl.int64)) * ROW_BYTES
+    else:
+        rr, rm, offs, addr = _token_rank_rows(rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, RP)
     MOFF = GS_OFF if PAYLOAD == 0 else IDS_OFF
     I0 = (IDS_OFF - MOFF) // 4  # word of ids[0] in the metadata words
     j = tl.arange(0, MW)
@@ -108,7 +138,7 @@ def _pack_store_v2(
             tl.store(wp.to(tl.pointer_type(tl.int32)) + MOFF // 4 + j, mw, mask=j < nmw)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PLAN_W", "RANK", "MAX_RECV"])
 def ep_pack_kernel(
     x_ptr,  # [T, H] bf16, rows contiguous
     ids_ptr,  # [T, K] int32 / int64, global expert ids
@@ -126,6 +156,10 @@ def ep_pack_kernel(
     IDS_OFF,
     W_OFF,
     SRC_OFF,
+    plan_ptr,  # int64 [R * PLAN_W + R]: exchanged count vectors + timeout words (DEVICE_PLAN only)
+    PLAN_W,
+    RANK,  # this rank (DEVICE_PLAN only)
+    MAX_RECV,  # rows a receive buffer holds (DEVICE_PLAN only)
     K: tl.constexpr,
     KP: tl.constexpr,  # power of two >= K
     PAYLOAD: tl.constexpr,
@@ -136,6 +170,7 @@ def ep_pack_kernel(
     RP: tl.constexpr = 1,  # V2: power of two >= R
     MW: tl.constexpr = 1,  # V2: power of two >= the int32 words of the metadata section
     HC: tl.constexpr = 0,  # V2: H as a constant (store masks of known constancy: vector stores)
+    DEVICE_PLAN: tl.constexpr = False,  # V2: row bases from plan_ptr (_device_plan_rows)
 ):
     """One program per token: read its BF16 row once, quantize in registers, store the
     message row into every destination rank that gets it.
@@ -198,7 +233,8 @@ def ep_pack_kernel(
             gsw = 0
         _pack_store_v2(
             ids_ptr, w_ptr, rank_offset_ptr, dest_table_ptr, dest_row_base_ptr, t, R, ROW_BYTES, SCALE_OFF,
-            GS_OFF, IDS_OFF, SRC_OFF, pw, sw, gsw, HC, K, PAYLOAD, NB, RP, MW,
+            GS_OFF, IDS_OFF, SRC_OFF, pw, sw, gsw, plan_ptr, PLAN_W, RANK, MAX_RECV, HC, K, PAYLOAD, NB, RP, MW,
+            DEVICE_PLAN,
         )  # fmt: skip
     else:
         ids = tl.load(ids_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int32)
@@ -299,7 +335,7 @@ def ep_layout_kernel(
         omask = tm[:, None] & (r < R)[None, :]
         tl.store(rank_offset_ptr + t64[:, None] * R + r[None, :], tl.where(inr != 0, incl - 1, -1), mask=omask)
         tl.store(tot_ptr + c * RP + r, tl.sum(inr, axis=0))
-        if arrive_last(scratch_ptr, NPROG, GPU):
+        if arrive_last(scratch_ptr, NPROG, GPU, LOCAL=True):  # local memory: GPU scope
             # exclusive scan of the chunk totals, in place (the carry of each chunk)
             carry = tl.zeros((RP,), tl.int32)
             c0 = 0
@@ -439,26 +475,27 @@ def ep_permute_index_kernel(
     SUB: tl.constexpr,
     ELP: tl.constexpr,
     V2: tl.constexpr = False,
-    CBH: tl.constexpr = 1,  # V2: histogram rows summed a step (power of two)
 ):
     """Phase 2, grid ``(C,)``: chunk ``c`` starts each expert at the sum of the histograms of
     chunks ``< c`` (exclusive scan), then gives each ``(row, k)`` routed to a local expert the
     next slot in ``(row, k)`` order (one-hot cumsum over ``SUB`` rows at a time). So the
     slots are those of a serial scan in receive order (deterministic), every row's ids are
     read twice in all (phase 1 and here) instead of once per local expert, and the work is
-    spread over ``C`` programs. The last chunk writes ``masked_m``. V1 reads the earlier
-    histograms one row a step (``c`` round trips); V2 ``CBH`` rows a step."""
+    spread over ``C`` programs.
+
+    V1: each program sums the histograms of the chunks before it itself (``c`` round trips);
+    the last chunk writes ``masked_m``. V2 (``C > 1``): :func:`ep_permute_scan_kernel` has
+    already turned ``hist`` into those carries and written ``masked_m``, so a program loads
+    one row (its chunk is one ``SUB`` step: no loop-carried round trips either); with
+    ``C == 1`` the carry is zero and the program writes ``masked_m``."""
     c = tl.program_id(0)
     e = tl.arange(0, ELP)
     carry = tl.zeros((ELP,), tl.int32)
-    j = 0
     if V2:
-        while j < c:
-            jj = j + tl.arange(0, CBH)
-            hp = hist_ptr + jj[:, None] * ELP + e[None, :]
-            carry += tl.sum(tl.load(hp, mask=(jj < c)[:, None], other=0), axis=0)
-            j += CBH
+        if NUM_CHUNKS > 1:
+            carry = tl.load(hist_ptr + c * ELP + e)
     else:
+        j = 0
         while j < c:
             carry += tl.load(hist_ptr + j * ELP + e)
             j += 1
@@ -476,8 +513,37 @@ def ep_permute_index_kernel(
         tl.store(slot_src_ptr + out, n * K + k, mask=pm & (out >= 0))
         carry += tl.sum(onehot, axis=0)
         n0 += SUB
-    if c == NUM_CHUNKS - 1:
+    if c == NUM_CHUNKS - 1 and (not V2 or NUM_CHUNKS == 1):
         tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)
+
+
+@triton.jit
+def ep_permute_scan_kernel(
+    hist_ptr,  # [C, ELP] int32: per-chunk expert histograms in, exclusive prefix over chunks out
+    masked_m_ptr,  # [E_local] int32 out: totals
+    C,
+    E_LOCAL,
+    ELP: tl.constexpr,
+    EB: tl.constexpr,  # experts a program (power of two, divides ELP)
+    CB: tl.constexpr,  # chunks a step (power of two)
+):
+    """V2 phase 1b, grid ``(ELP // EB,)``: each expert's column of ``hist`` becomes its
+    exclusive prefix over chunks (the carry each chunk of the index phase starts from), in
+    place, and the column total is ``masked_m``. Columns are independent, so the scan is
+    spread over experts and takes ``C / CB`` steps instead of the index phase's ``c`` loads
+    per program."""
+    e = tl.program_id(0) * EB + tl.arange(0, EB)
+    carry = tl.zeros((EB,), tl.int32)
+    c0 = 0
+    while c0 < C:
+        cc = c0 + tl.arange(0, CB)
+        hp = hist_ptr + cc[:, None] * ELP + e[None, :]
+        cm = (cc < C)[:, None]
+        h = tl.load(hp, mask=cm, other=0)
+        tl.store(hp, carry[None, :] + tl.cumsum(h, axis=0) - h, mask=cm)
+        carry += tl.sum(h, axis=0)
+        c0 += CB
+    tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)
 
 
 @triton.jit
@@ -505,6 +571,7 @@ def ep_permute_kernel(
     ROWS: tl.constexpr,  # slots a program (divides MAX_M)
     BLOCK_W: tl.constexpr,
     SF_BLOCK: tl.constexpr,  # pow2 >= SF_COLS
+    SF_WORDS: tl.constexpr = False,  # nvfp4 with KSF % 4 == 0 (and 4-byte aligned rows): scales as words
 ):
     """Grid ``(E_local * MAX_M / ROWS,)``: ``ROWS`` consecutive slots of one expert. Used
     slots (``< masked_m``) gather their received row (payload, scales, gs, the pair's
@@ -528,12 +595,26 @@ def ep_permute_kernel(
         c += BLOCK_W
     j = tl.arange(0, SF_BLOCK)
     if PAYLOAD == 0:
-        sfb = tl.load(row[:, None] + SCALE_OFF + j[None, :], mask=real[:, None] & (j < KSF)[None, :], other=0)
-        if SWIZZLE:
-            sf_off = swizzled_sf_offset(e, m.to(tl.int64)[:, None], j.to(tl.int64)[None, :], MT, KT)
+        if SF_WORDS:
+            # KSF % 4 == 0: four scales a 32-bit word in both layouts (k % 4 is innermost in
+            # the 128x4 tile too), a quarter of the byte path's stores
+            jw = tl.arange(0, SF_BLOCK // 4)
+            wm = (jw < KSF // 4)[None, :]
+            sfw = tl.load((row + SCALE_OFF).to(tl.pointer_type(tl.int32))[:, None] + jw[None, :],
+                          mask=real[:, None] & wm, other=0)  # fmt: skip
+            if SWIZZLE:
+                m64 = m.to(tl.int64)[:, None]
+                sf_off = ((e * MT + m64 // 128) * KT + jw[None, :]) * 128 + (m64 % 32) * 4 + (m64 % 128) // 32
+            else:
+                sf_off = slot[:, None] * (SF_COLS // 4) + jw[None, :]
+            tl.store(sf_ptr.to(tl.pointer_type(tl.int32)) + sf_off, sfw, mask=wm & (m >= 0)[:, None])
         else:
-            sf_off = slot[:, None] * SF_COLS + j[None, :]
-        tl.store(sf_ptr + sf_off, sfb, mask=(j < SF_COLS)[None, :] & (m >= 0)[:, None])
+            sfb = tl.load(row[:, None] + SCALE_OFF + j[None, :], mask=real[:, None] & (j < KSF)[None, :], other=0)
+            if SWIZZLE:
+                sf_off = swizzled_sf_offset(e, m.to(tl.int64)[:, None], j.to(tl.int64)[None, :], MT, KT)
+            else:
+                sf_off = slot[:, None] * SF_COLS + j[None, :]
+            tl.store(sf_ptr + sf_off, sfb, mask=(j < SF_COLS)[None, :] & (m >= 0)[:, None])
         gs = tl.load((row + GS_OFF).to(tl.pointer_type(tl.float32)), mask=real, other=1.0)
         tl.store(gs_out_ptr + slot, gs)
     elif PAYLOAD == 1:

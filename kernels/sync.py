@@ -126,12 +126,27 @@ def report_timeout(status_ptr, code):
 
 
 @triton.jit
-def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr):
+def fence_gpu(GPU: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread (GPU only): orders this GPU's stores for its
+    other programs, without waiting for peers' memory as the system-scope fence does."""
+    if GPU:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, LOCAL: tl.constexpr = False):
     """Call once per program after its stores. True in exactly one program, the last to
-    arrive, which has then acquired every other program's stores; it resets the counter."""
-    fence_sys(GPU)
-    tl.debug_barrier()
-    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    arrive, which has then acquired every other program's stores; it resets the counter.
+    ``LOCAL``: the stores went to this GPU's memory only and only this launch reads them,
+    so GPU scope suffices (fence and counter), which is cheaper than system scope."""
+    if LOCAL:
+        fence_gpu(GPU)
+        tl.debug_barrier()
+        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    else:
+        fence_sys(GPU)
+        tl.debug_barrier()
+        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
     last = old == num_programs - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")

@@ -14,7 +14,7 @@ def test_ep_kernels_compile_for_sm90():
         force_triton(B)
         import fp4comm.ep.layout as L
         force_triton(L)
-        from fp4comm.ep.backend import RowTargets
+        from fp4comm.ep.backend import DevicePlan, RowTargets
         from fp4comm.ep.message import CombineLayout
         T, K, R, El, H = 8, 8, 4, 2, 7168
         for B.KERNELS in B.KERNEL_VARIANTS:
@@ -27,6 +27,10 @@ def test_ep_kernels_compile_for_sm90():
                 gss = ["per_token", 1.0, torch.ones(T), torch.tensor(2.0)] if payload == "nvfp4" else ["per_token"]
                 for gs in gss:
                     B.pack_rows(msg, x, ids, w, ro, dests, global_scale=gs, ue8m0=payload == "fp8")
+                if B._v2("pack"):  # the nvlink early send: row bases from the exchanged counts
+                    tab = torch.zeros(R, dtype=torch.int64)
+                    dp = DevicePlan(torch.zeros(R * 16 + R, dtype=torch.int64), 16, 1, 64)
+                    B.pack_rows(msg, x, ids, w, ro, RowTargets(None, tab, tab, dp), ue8m0=payload == "fp8")
                 rows = torch.zeros(T, msg.row_bytes, dtype=torch.uint8)
                 for layout in (("swizzled", "linear") if payload == "nvfp4" else ("linear",)):
                     p = B.permute_rows(msg, rows, expert_base=0, num_local_experts=El, max_m=128, scale_layout=layout)
@@ -56,14 +60,17 @@ def test_ep_kernels_compile_for_sm90():
                 assert "st.global.b8" not in ptx and "st.global.v2.b64" in ptx, name
             if consts.get("V2") and name == "ep_combine_source_kernel" and consts["CPAYLOAD"] == 2:
                 assert "ld.global.b16" not in ptx and "ld.global.v4.b32" in ptx, name
+            if consts.get("SF_WORDS"):  # v2 nvfp4 permute: scales moved as words, never bytes
+                assert "st.global.b8" not in ptx and "ld.global.b8" not in ptx and "ld.global.u8" not in ptx, name
         """
     )
     # distinct variants per KERNELS value (v1, v2: every kernel gets a V2 / tile variant): pack 4 nvfp4 gs
     # modes + fp8 + bf16 (6); permute: index kernel single-chunk and chunked (2) + histogram (1), shared by
     # all payloads; the copy per nvfp4 layout / fp8 / bf16 at max_m 128 (4) and again at max_m 256 (3);
-    # combine (expert + source) x 3 wires (6); layout (int32 / int64 ids, 2): 24 each
+    # combine (expert + source) x 3 wires (6); layout (int32 / int64 ids, 2): 24 each, and v2's
+    # column scan of the chunk histograms (1) and pack with a device plan per payload (3)
     import collections
 
-    assert len(names) == 48, collections.Counter(names)
+    assert len(names) == 52, collections.Counter(names)
     assert {"ep_layout_kernel", "ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
             "ep_combine_expert_kernel", "ep_combine_source_kernel"} <= set(names), names

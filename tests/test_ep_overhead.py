@@ -117,7 +117,7 @@ def _collectives_and_reuse(pg: ProcessGroup, backend: str, variant: str = "basel
     return out
 
 
-NVLINK_VARIANTS = ["baseline", "symmem", "symmem_defer"]
+NVLINK_VARIANTS = ["baseline", "symmem", "symmem_defer", "send_with_meta"]
 BACKEND_VARIANTS = [("torch", "baseline")] + [
     pytest.param("nvlink", v, marks=interp, id=f"nvlink-{v}") for v in NVLINK_VARIANTS
 ]

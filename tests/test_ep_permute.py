@@ -103,22 +103,24 @@ def test_pack_matches_reference(payload, H, gs, device):
 @pytest.mark.parametrize("scale_layout", ["swizzled", "linear"])
 @pytest.mark.parametrize("max_m,E", [(None, 16), (128, 16), (None, 256)], ids=["derived", "fixed128", "El128"])
 @pytest.mark.parametrize("chunks", ["multi", "one"])
-def test_permute_matches_reference(payload, H, scale_layout, max_m, E, chunks, device, monkeypatch):
+def test_permute_matches_reference(payload, H, scale_layout, max_m, E, chunks, kernels, device, monkeypatch):
     """Slots and layout vs the reference; N=150 rows span several chunks of the two-phase
-    slot assignment (El=8: 3 chunks of 64 rows; El=128: 19 chunks of 8 rows), or one chunk
-    (the path of small dispatches: no histogram launch)."""
+    slot assignment (El=8: 3 chunks of 64 rows; El=128: 19 chunks of 8 rows; v2 with its
+    column scan), or one chunk (the path of small dispatches: no histogram launch)."""
     import fp4comm.ep.buffer as B
 
     N, K, R, rank = 150, 4, 2, 1
+    v2 = kernels == "v2"
     if E == 256 and (scale_layout == "linear" or payload != "nvfp4"):
         pytest.skip("one layout is enough for the many-experts chunking")
     if chunks == "one":
         if E == 256:
             pytest.skip("the single-chunk path is shared by every payload")
-        assert _permute_index_params(N, K, E // R)[-1] == 1
+        monkeypatch.setattr(B, "_ONE_CHUNK_ROWS_V2", 1024)
+        assert _permute_index_params(N, K, E // R, v2)[-1] == 1
     else:
         monkeypatch.setattr(B, "_ONE_CHUNK_ROWS", 0)
-        assert _permute_index_params(N, K, E // R)[-1] > 1
+        assert _permute_index_params(N, K, E // R, v2)[-1] > 1
     El = E // R
     x = _tokens(N, H, device, seed=3)
     ids, w = _routing(N, K, E, seed=3, minus1=0.2, dup=True)

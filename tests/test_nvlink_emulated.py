@@ -604,19 +604,70 @@ def test_ht_epbuffer_nvlink_equals_torch(payload, layout):
     assert len(out) == 2
 
 
-@pytest.mark.parametrize("kernels", ["v2", "best"])
+@pytest.mark.parametrize(
+    "kernels,variant", [("v2", "send_with_meta"), ("best", "send_with_meta"), ("best", "symmem_defer")]
+)
 @pytest.mark.parametrize(
     "payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear"), ("bf16", "linear")], ids=["nvfp4", "fp8", "bf16"]
 )
-def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout, kernels):
+def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout, kernels, variant):
     """The v2 kernels (all, or the per-kernel mix of ``"best"``) over emulated NVLink (peer
-    stores through aligned word pointers, parallel layout, permute changes) give the bits of
-    the torch backend's v1 kernels."""
+    stores through aligned word pointers, parallel layout, permute changes), with the rows
+    sent right after the count exchange (offsets computed on the device; the default) or
+    after the host read the counts, give the bits of the torch backend's v1 kernels."""
     from tests.distributed import run_distributed
 
     H = 128 if payload == "fp8" else 80
-    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 5, H, "symmem_defer", kernels)
+    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 5, H, variant, kernels)
     assert len(out) == 2
+
+
+def _ht_send_with_meta_errors(pg):
+    """The early send (rows stored before the host sees the counts) stores nothing when any
+    rank's input is bad or a receiver would overflow: every rank raises the same error, the
+    receive buffers keep their bytes, and the next dispatch is correct."""
+    import torch.distributed as dist
+
+    from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant("send_with_meta")
+    R, E, K, H, T = pg.world_size, 8, 3, 64, 6
+    bad = pg.rank == 1
+    xs, ids, ws = make_inputs(R, [T] * R, H, E, K, seed=41)
+    x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
+    hot = torch.full_like(i, -1)
+    hot[:, 0] = 0  # every token of every rank to rank 0: R * T rows
+    kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="nvfp4")
+    cases = [
+        ("dtype", dict(), lambda: (x.float() if bad else x, i, w), r"^x: " if bad else r"^x: invalid on rank 1"),
+        ("range", dict(), lambda: (x, torch.full_like(i, E) if bad else i, w), r"^topk_ids: values outside"),
+        ("max_recv", dict(max_recv_tokens=R * T - 1), lambda: (x, hot, w), r"^max_recv_tokens: receive overflow"),
+    ]
+    for name, extra, args, match in cases:
+        with EPBuffer(backend="nvlink", **kw, **extra) as nv:
+            assert nv.backend.sends_with_meta
+            recv = nv.backend._recv.local
+            recv.fill_(0x5A)
+            dist.barrier()
+            with pytest.raises((TypeError, ValueError), match=match):
+                nv.dispatch(*args())
+            dist.barrier()  # every rank's pack ran (or not) before its raise
+            assert bool((recv == 0x5A).all()), name
+            d = nv.dispatch(x, i, w)  # still in sync, correct
+            with EPBuffer(backend="torch", **kw) as ref:
+                b = ref.dispatch(x, i, w)
+                assert torch.equal(d.masked_m, b.masked_m), name
+                assert torch.equal(d.scales.view(torch.uint8), b.scales.view(torch.uint8)), name
+                eo = torch.randn(d.x.shape[0], d.max_m, H, generator=torch.Generator().manual_seed(3)).bfloat16()
+                assert torch.equal(nv.combine(eo, d.handle), ref.combine(eo, b.handle)), name
+    return len(cases)
+
+
+def test_ht_send_with_meta_stores_nothing_on_errors():
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_ht_send_with_meta_errors, 2) == [3, 3]
 
 
 @pytest.mark.parametrize("variant", ["symmem", "symmem_defer"])

@@ -346,6 +346,49 @@ def test_ht_deferred_and_exchange_timeout_gpu(world):
     assert all(run_distributed(_ht_deferred_and_exchange_timeout, world, backend="nccl"))
 
 
+def _ht_send_with_meta_timeout(pg):
+    """The early send: rank 0 alone dispatches. Its count exchange gives up, its pack stores
+    nothing (the device plan sees the missing vector), its flag wait gives up too, and the
+    dispatch raises the exchange's timeout naming rank 1 instead of hanging."""
+    import torch.distributed as dist
+
+    from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
+    from fp4comm.ep.symmem import finalize
+
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
+    _watch()
+    set_host_variant("send_with_meta")
+    buf = EPBuffer(backend="nvlink", hidden=256, num_experts=8, num_topk=2, max_tokens_per_rank=8, timeout_s=0.5)
+    assert buf.backend.sends_with_meta
+    recv = buf.backend._recv.local
+    recv.fill_(0x5A)
+    torch.cuda.synchronize()
+    dist.barrier()
+    err = None
+    if pg.rank == 0:
+        x = torch.randn(8, 256, device=pg.device).bfloat16()
+        ids = torch.randint(0, 8, (8, 2), device=pg.device, dtype=torch.int32)
+        try:
+            buf.dispatch(x, ids, torch.rand(8, 2, device=pg.device))
+        except TimeoutError as ex:
+            err = str(ex)
+        torch.cuda.synchronize()
+    dist.barrier()
+    untouched = bool((recv == 0x5A).all())  # rank 0 stored nothing into rank 1 (nor its own buffer)
+    buf.destroy()
+    finalize()
+    if pg.rank == 0:
+        assert err is not None and "count exchange timed out waiting for rank 1" in err, err
+    assert untouched
+    return True
+
+
+@pytest.mark.parametrize("world", WORLDS[:1])
+def test_ht_send_with_meta_timeout_gpu(world):
+    assert all(run_distributed(_ht_send_with_meta_timeout, world, backend="nccl"))
+
+
 # ----------------------------------------------------------------------------- high throughput
 def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
     from fp4comm.ep import EPBuffer
@@ -406,7 +449,9 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
 
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("payload", ["nvfp4", "fp8", "bf16"])
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2", "symmem_defer+best"])
+@pytest.mark.parametrize(
+    "variant", ["baseline", "symmem_defer", "symmem_defer+v2", "symmem_defer+best", "send_with_meta+best"]
+)
 def test_ht_nvlink_equals_torch(world, payload, variant):
     assert all(run_distributed(_ht_vs_torch, world, payload, 20, "bf16", variant, backend="nccl", timeout=300))
 
@@ -419,6 +464,6 @@ def test_ht_nvlink_combine_wire_equals_torch(world, cpayload):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2"])
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2", "send_with_meta+best"])
 def test_ht_1000_cycles(world, variant):
     assert all(run_distributed(_ht_vs_torch, world, "nvfp4", 1000, "bf16", variant, backend="nccl", timeout=600))

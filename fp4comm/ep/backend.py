@@ -159,20 +159,47 @@ class HostStager:
         return self._dev[i]
 
 
+@dataclass(frozen=True)
+class DevicePlan:
+    """Row bases a sender computes on the device, for a pack launched before the host has
+    seen the counts (:meth:`EPBackend.exchange_meta_and_send`).
+
+    Attributes:
+        meta: int64 on the device: ``[R, width]`` exchanged vectors (``[code, range_bad,
+            rows to each rank (R), ...]`` of every rank), then ``[R]`` timeout words of the
+            exchange (non-zero: that rank's vector never came).
+        width: ``W``, the length of one vector.
+        rank: the sending rank.
+        max_recv: rows a receive buffer holds.
+
+    The pack kernel stores nothing if any rank reported an error or never answered, or if
+    a receiver would overflow (the host raises after its sync, on every rank alike).
+    """
+
+    meta: torch.Tensor
+    width: int
+    rank: int
+    max_recv: int
+
+
 @dataclass
 class RowTargets:
     """Where a kernel stores (or reads) the rows for rank ``r``: row ``row_base[r] + i`` of the
     buffer at address ``table[r]`` (row ``i`` of ``views[r]``).
 
     Attributes:
-        views: ``R`` tensors, the block of each rank (the ``impl="reference"`` path writes them).
+        views: ``R`` tensors, the block of each rank (the ``impl="reference"`` path writes them);
+            ``None`` with ``device_plan`` (the sizes are not known on the host yet).
         table: ``[R]`` int64 device addresses; cached by the backend (fixed buffers).
-        row_base: ``[R]`` int64 on the device (a row of ``TransferPlan.vec``).
+        row_base: ``[R]`` int64 on the device (a row of ``TransferPlan.vec``); ignored with
+            ``device_plan``.
+        device_plan: the pack kernel computes the row bases itself (see :class:`DevicePlan`).
     """
 
-    views: list[torch.Tensor]
+    views: list[torch.Tensor] | None
     table: torch.Tensor
     row_base: torch.Tensor
+    device_plan: DevicePlan | None = None
 
 
 #: ``pack(t)``: store this rank's message rows for rank ``r`` (``plan.send_counts[r]`` rows of
@@ -226,6 +253,19 @@ class EPBackend(ABC):
             host.copy_(out, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return host
+
+    #: whether :meth:`exchange_meta_and_send` is implemented (same value on every rank)
+    sends_with_meta: bool = False
+
+    def exchange_meta_and_send(self, meta: torch.Tensor, pack: PackFn | None) -> torch.Tensor:
+        """:meth:`exchange_meta`, with this rank's rows sent before the host sync: right after
+        the exchange (stream order) ``pack`` is called with :class:`RowTargets` carrying a
+        :class:`DevicePlan` (row bases from the exchanged vectors, on the device), then the
+        transfer's completion is signalled; the host waits for the vectors only, so its
+        checks overlap the send. ``pack`` is ``None`` on a rank whose input is bad (it only
+        signals). The next :meth:`dispatch_rows` then sends nothing and returns the received
+        rows. Only backends with :attr:`sends_with_meta`."""
+        raise NotImplementedError(f"backend {self.name!r} does not send with the count exchange")
 
     @abstractmethod
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .._launch import launch
-from .backend import EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
+from .backend import DevicePlan, EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
 from .message import MessageLayout, combine_row_bytes
 from .symmem import SymmetricMemory
 
@@ -72,17 +72,29 @@ META_EXCHANGE = "symmem"
 #: ``TimeoutError`` there; ``dispatch`` then returns without waiting for the GPU.
 DEFER_DISPATCH_CHECK = True
 
-#: named host-path variants, ``(META_EXCHANGE, DEFER_DISPATCH_CHECK)`` (tests, benchmarks)
-HOST_VARIANTS = {"baseline": ("nccl", False), "symmem": ("symmem", False), "symmem_defer": ("symmem", True)}
+#: ``True`` (default, needs ``META_EXCHANGE == "symmem"`` and the v2 pack kernel): ``dispatch``
+#: launches the pack and the flags right after the count exchange, with row bases computed
+#: on the device (:meth:`NVLinkBackend.exchange_meta_and_send`); the host sync waits for the
+#: count vectors only. ``False``: the host reads the counts, then launches the pack.
+SEND_WITH_META = True
+
+#: named host-path variants, ``(META_EXCHANGE, DEFER_DISPATCH_CHECK, SEND_WITH_META)``
+#: (tests, benchmarks); the defaults are ``"send_with_meta"``
+HOST_VARIANTS = {
+    "baseline": ("nccl", False, False),
+    "symmem": ("symmem", False, False),
+    "symmem_defer": ("symmem", True, False),
+    "send_with_meta": ("symmem", True, True),
+}
 
 
 def set_host_variant(name: str) -> None:
-    """Set :data:`META_EXCHANGE` and :data:`DEFER_DISPATCH_CHECK` from :data:`HOST_VARIANTS`
-    (every rank must use the same variant for a call)."""
-    global META_EXCHANGE, DEFER_DISPATCH_CHECK
+    """Set :data:`META_EXCHANGE`, :data:`DEFER_DISPATCH_CHECK` and :data:`SEND_WITH_META` from
+    :data:`HOST_VARIANTS` (every rank must use the same variant for a call)."""
+    global META_EXCHANGE, DEFER_DISPATCH_CHECK, SEND_WITH_META
     if name not in HOST_VARIANTS:
         raise ValueError(f"name: must be one of {list(HOST_VARIANTS)}, got {name!r}")
-    META_EXCHANGE, DEFER_DISPATCH_CHECK = HOST_VARIANTS[name]
+    META_EXCHANGE, DEFER_DISPATCH_CHECK, SEND_WITH_META = HOST_VARIANTS[name]
 
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -142,6 +154,8 @@ class NVLinkBackend(EPBackend):
         self._epoch_d = 0
         self._epoch_c = 0
         self._pending: int | None = None  # status slot to read in check()
+        self._sent = False  # exchange_meta_and_send already sent this dispatch's rows
+        self._meta_ready = torch.cuda.Event() if device.type == "cuda" else None
         self.timeout_spins = CPU_TIMEOUT_SPINS
         self.timeout_s = float(getattr(config, "timeout_s", None) or DEFAULT_TIMEOUT_S)
         self._alive = True
@@ -152,8 +166,48 @@ class NVLinkBackend(EPBackend):
             torch.cuda.current_stream(device).synchronize()
 
     # ------------------------------------------------------------------ interface
+    @property
+    def sends_with_meta(self) -> bool:  # same on every rank (module knob, config)
+        return SEND_WITH_META and META_EXCHANGE == "symmem"
+
+    def exchange_meta_and_send(self, meta: torch.Tensor, pack: PackFn | None) -> torch.Tensor:
+        """The count exchange, then (stream order, no host sync in between) the pack into
+        peers' receive buffers with row bases computed on the device from the exchanged
+        vectors (:class:`~fp4comm.ep.backend.DevicePlan`: nothing is stored if any rank is
+        bad or silent, or a receiver would overflow) and the dispatch flags; the host waits
+        for the vectors alone (an event after their copy), so its checks, the plan and the
+        permute launches overlap the send. Every rank launches the flags, also one whose
+        input is bad (``pack=None``), so epochs stay equal on every rank."""
+        if meta.shape[0] != self._meta_w:
+            raise ValueError(f"meta: {meta.shape[0]} words, the exchange carries {self._meta_w}")
+        self._epoch_m += 1
+        self._meta_kernel(meta.to(torch.int64).contiguous(), self._epoch_m)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self._meta_host.copy_(self._meta_out, non_blocking=True)
+            self._meta_ready.record()
+        R, W = self.world_size, self._meta_w
+        if pack is not None:
+            dp = DevicePlan(self._meta_out[: R * W + R], W, self.rank, self.max_recv)
+            pack(RowTargets(None, self._recv.peer_ptrs, self._recv.peer_ptrs, dp))
+        self._epoch_d += 1
+        pending = self._pending  # a deferred status of the previous dispatch, read below
+        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0)
+        self._sent = True
+        if cuda:
+            self._meta_ready.synchronize()
+        if pending == ST_DISPATCH:
+            self._raise_status(self._host_status, ST_DISPATCH)
+        late = np.flatnonzero(self._host_late)
+        if late.size:
+            raise self._timeout("count exchange", int(late[0]))
+        return self._host_rows
+
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:
         R, RB = self.world_size, self.row_bytes
+        if self._sent:  # exchange_meta_and_send stored the rows and launched the flags
+            self._sent = False
+            return self._recv.local.view(-1, RB)[: plan.num_recv]
         worst = max(sum(plan.counts[s][r] for s in range(R)) for r in range(R))
         if worst > self.max_recv:
             # identical on every rank (counts are global): nobody stores anything

@@ -368,10 +368,14 @@ def pack_rows(
     v2 = _v2("pack")
     if v2 and msg.payload == "nvfp4":
         nb = max(nb, 8)  # scale bytes go out as whole 8-byte words
+    dp = t.device_plan
+    if dp is not None and not v2:
+        raise ValueError("dests: a device plan needs the v2 pack kernel (fp4comm.ep.buffer.KERNELS)")
+    plan_args = (t.table, 0, 0, 0) if dp is None else (dp.meta, dp.width, dp.rank, dp.max_recv)
     launch(ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
-        K=msg.num_topk, KP=next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
+        *plan_args, DEVICE_PLAN=dp is not None, K=msg.num_topk, KP=next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
         **(dict(V2=True, RP=next_pow2(R), MW=next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
                 HC=H) if v2 else {}),
@@ -399,23 +403,29 @@ _ONEHOT_TILE = 4096
 _MAX_CHUNKS = 128
 
 
-#: up to this many received rows the slot assignment is one program (one chunk: no
+#: v1: up to this many received rows the slot assignment is one program (one chunk: no
 #: histogram launch); more rows spread over up to :data:`_MAX_CHUNKS` programs
 _ONE_CHUNK_ROWS = 1024
+#: v2: the same threshold, but a v2 chunk is one ``SUB``-row step, so by default only a
+#: dispatch of at most ``SUB`` rows is one chunk; more rows are ``cdiv(N, SUB)`` chunks
+#: (histogram, column scan, index: three short launches, every program one round trip).
+#: H200, EP4 4096 tok/rank (14.8k rows, 32.6k pairs): v1-style 116 chunks of 8 steps took
+#: 70 us in the index phase
+_ONE_CHUNK_ROWS_V2 = 0
 #: slots a program of the permute copy (multiple of nothing but a divisor of 128)
 _PERMUTE_ROWS = 32
 
 
-def _permute_index_params(N: int, K: int, El: int) -> tuple[int, int, int, int, int]:
+def _permute_index_params(N: int, K: int, El: int, v2: bool = False) -> tuple[int, int, int, int, int]:
     """``(KP, ELP, SUB, BLOCK_N, C)`` of the two-phase slot assignment (see
-    :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`, :data:`_ONE_CHUNK_ROWS`): ``C`` chunks of
-    ``BLOCK_N`` rows, scanned ``SUB`` rows at a time."""
+    :data:`_ONEHOT_TILE`, :data:`_MAX_CHUNKS`, :data:`_ONE_CHUNK_ROWS`,
+    :data:`_ONE_CHUNK_ROWS_V2`): ``C`` chunks of ``BLOCK_N`` rows, scanned ``SUB`` rows at a time."""
     KP, ELP = next_pow2(K), max(2, next_pow2(El))
     SUB = max(1, min(64, _ONEHOT_TILE // (KP * ELP)))
     SUB = 1 << (SUB.bit_length() - 1)
-    if N <= _ONE_CHUNK_ROWS:
+    if N <= (max(_ONE_CHUNK_ROWS_V2, SUB) if v2 else _ONE_CHUNK_ROWS):
         return KP, ELP, SUB, round_up(max(N, 1), SUB), min(N, 1)
-    block_n = max(SUB, next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
+    block_n = SUB if v2 else max(SUB, next_pow2(cdiv(max(N, 1), _MAX_CHUNKS)))
     return KP, ELP, SUB, block_n, cdiv(N, block_n)
 
 
@@ -456,7 +466,12 @@ def permute_rows(
             sm = slot_map
         return PermuteResult(lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, sm)
 
-    from ..kernels.dispatch import ep_permute_hist_kernel, ep_permute_index_kernel, ep_permute_kernel
+    from ..kernels.dispatch import (
+        ep_permute_hist_kernel,
+        ep_permute_index_kernel,
+        ep_permute_kernel,
+        ep_permute_scan_kernel,
+    )
 
     pdtype, pcols = {
         "nvfp4": (torch.uint8, msg.hidden // 2),
@@ -478,22 +493,27 @@ def permute_rows(
     if slot_map is None:
         slot_map = torch.empty(N, K, dtype=torch.int32, device=dev)
     masked_m = torch.empty(El, dtype=torch.int32, device=dev)
-    KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El)
+    v2 = _v2("permute")
+    KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El, v2)
     C = max(C, 1)  # N = 0: one program still writes masked_m (zeros)
     # one int32 scratch: [C, ELP] chunk histograms, then [El * max_m] slot -> (n * K + k)
     scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
     hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
-    v2 = _v2("permute")
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
         hb = min(_ONEHOT_TILE, next_pow2(block_n * KP))
         launch(ep_permute_hist_kernel, (C,),
             rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4,
             **(dict(V2=True, HB=hb) if v2 else {}),
         )  # fmt: skip
+        if v2:  # the chunk carries and masked_m, spread over experts
+            eb = min(ELP, 16)
+            launch(ep_permute_scan_kernel, (ELP // eb,),
+                hist, masked_m, C, El, ELP=ELP, EB=eb, CB=max(1, _ONEHOT_TILE // eb), num_warps=4,
+            )  # fmt: skip
     launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
-        block_n, C, **common, num_warps=4, **(dict(V2=True, CBH=max(1, _ONEHOT_TILE // ELP)) if v2 else {}),
+        block_n, C, **common, num_warps=4, **(dict(V2=True) if v2 else {}),
     )  # fmt: skip
     words = msg.payload_bytes // 4
     rows_per = _PERMUTE_ROWS
@@ -506,6 +526,7 @@ def permute_rows(
         max(ksf, 1), max(sf_cols, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
         K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled", ROWS=rows_per,
         BLOCK_W=min(_ONEHOT_TILE // rows_per, next_pow2(words)), SF_BLOCK=next_pow2(max(sf_cols, 1)),
+        SF_WORDS=v2 and msg.payload == "nvfp4" and ksf % 4 == 0 and msg.scale_offset % 4 == 0 and msg.row_bytes % 4 == 0,
         num_warps=4,
     )  # fmt: skip
     if msg.payload == "nvfp4":
@@ -781,7 +802,11 @@ class EPBuffer:
 
         Returns:
             :class:`DispatchOutput`. Collective: every rank must call it (with ``T = 0`` if it
-            has no tokens). Any bad input, on any rank, raises on every rank before data moves.
+            has no tokens). Any bad input, on any rank, raises on every rank before data moves
+            (the nvlink backend's device-side check stops its early send, see
+            :class:`~fp4comm.ep.backend.DevicePlan`); a ``max_m`` overflow raises on every rank
+            before anything is laid out (the nvlink rows may already sit in the peers' internal
+            receive buffers then, which the next dispatch overwrites).
         """
         backend = self._alive()
         cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
@@ -800,7 +825,21 @@ class EPBuffer:
                 torch.zeros(1, dtype=torch.int64, device=self.device), range_bad,
                 lay.num_tokens_per_rank.long(), lay.num_tokens_per_expert.long(),
             ])  # fmt: skip
-        allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
+        weights = topk_weights.float().contiguous() if err is None else None
+        impl = cfg.impl
+
+        def pack(dests: RowTargets) -> None:
+            pack_rows(
+                self.msg, x, ids, weights, rank_offset, dests,
+                global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
+            )  # fmt: skip
+
+        if self._triton and _v2("pack") and backend.sends_with_meta:
+            # rows go out right after the exchange (offsets computed on the device); the host
+            # checks below overlap the send, and dispatch_rows sends nothing more
+            allm = backend.exchange_meta_and_send(meta, pack if err is None else None).numpy()
+        else:
+            allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
         if allm[:, 0].any():
             _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch")
         if allm[:, 1].any():
@@ -831,15 +870,6 @@ class EPBuffer:
 
         self._generation += 1
         self._handle = None
-        impl = cfg.impl
-        weights = topk_weights.float().contiguous()
-
-        def pack(dests: RowTargets) -> None:
-            pack_rows(
-                self.msg, x, ids, weights, rank_offset, dests,
-                global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
-            )  # fmt: skip
-
         recv = backend.dispatch_rows(plan, pack)
         p = permute_rows(
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
