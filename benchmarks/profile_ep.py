@@ -18,6 +18,8 @@ Variants (the same buffer, knobs flipped between runs; identical kernels except 
 * ``best`` / ``send_meta``: the default kernel mix (``KERNELS = "best"``) with the
   ``symmem_defer`` host path, and with the rows sent right after the count exchange
   (``backend_nvlink.SEND_WITH_META``; the default);
+* ``send_rowwise``: ``send_meta`` with the expert-side combine in received-row order
+  (``fp4comm.ep.buffer.COMBINE_SPREAD = False``; every other variant takes the sources in turn);
 * ``kernels_v2``: the current host defaults (``cached``, and ``symmem_defer`` on nvlink) with
   the v2 kernels (``fp4comm.ep.buffer.KERNELS = "v2"``: parallel layout, 16-byte row stores
   in pack / combine, hoisted loads, permute phase changes); compare its kernel table with
@@ -55,12 +57,13 @@ import dist_env  # noqa: E402
 
 VARIANTS = {
     "torch": ["jit", "cached", "kernels_v2"],
-    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta"],
+    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta", "send_rowwise"],
 }
 #: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
 KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
          "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2"),
-         "best": (True, "symmem_defer", "best"), "send_meta": (True, "send_with_meta", "best")}  # fmt: skip
+         "best": (True, "symmem_defer", "best"), "send_meta": (True, "send_with_meta", "best"),
+         "send_rowwise": (True, "send_with_meta", "best", False)}  # fmt: skip
 
 
 class PhaseTimer:
@@ -228,10 +231,11 @@ def run(args) -> None:
             timer.wrap(buf.backend, m, "be." + m)
         timer.wrap(buf, "_validate_dispatch", "validate_dispatch")
         variants = [v for v in VARIANTS[backend] if not args.variants or v in args.variants.split(",")]
-        saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS
+        saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS, B.COMBINE_SPREAD
         for T in tokens:
             for variant in variants:
-                L.ENABLED, host, B.KERNELS = KNOBS[variant]
+                L.ENABLED, host, B.KERNELS, *spread = KNOBS[variant]
+                B.COMBINE_SPREAD = spread[0] if spread else True
                 NB.set_host_variant(host)  # the torch backend ignores it
                 times, phases, kernels = _case(buf, T, args, dev, timer, dist)
                 results.append(
@@ -239,7 +243,7 @@ def run(args) -> None:
                 )
                 if lead:
                     _print_case(results[-1])
-        L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS = saved  # defaults again
+        L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS, B.COMBINE_SPREAD = saved
         buf.destroy()
     timer.restore()
     if lead:

@@ -683,7 +683,7 @@ def _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2: tl.constexp
     return row, base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROT"])
 def ep_combine_expert_kernel(
     eo_ptr,  # [E_local * MAX_M, H] bf16 expert outputs
     slot_map_ptr,  # [N, K] int32
@@ -702,6 +702,8 @@ def ep_combine_expert_kernel(
     V2: tl.constexpr = False,  # loads hoisted (_expert_acc, _rank_rows), 16-byte stores (bf16 wire)
     RP: tl.constexpr = 1,  # V2: power of two >= R
     KP: tl.constexpr = 1,  # V2: power of two >= K
+    SPREAD: tl.constexpr = False,  # program p -> row p // R of source (p + ROT) % R (see below)
+    ROT=0,  # SPREAD: this rank
 ):
     """Expert side of combine, one received row ``n`` a program: FP32 ``acc = acc + w_k *
     float(out[slot])`` over the row's local ``k`` ascending, one BF16 rounding (RNE); the
@@ -709,9 +711,29 @@ def ep_combine_expert_kernel(
     dispatch quantizes a token: ``gs = 2688 / amax`` for nvfp4) and store the message row.
     V1 stores the bf16 row through a table address cast to a pointer (unknown alignment:
     2-byte stores); V2 through :func:`_row_words` (16-byte stores: rows are multiples of
-    16 bytes at 16-byte aligned bases)."""
-    n = tl.program_id(0).to(tl.int64)
-    row, base = _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2, RP)
+    16 bytes at 16-byte aligned bases).
+
+    Program order: without ``SPREAD`` program ``n`` takes received row ``n``, so the
+    programs running at any moment store to one source rank (rows are grouped by source),
+    and every rank stores to the same one: its links take all the traffic while the other
+    ranks' links idle. ``SPREAD`` (grid ``R * max_s count[s]``): program ``p`` takes row
+    ``p // R`` of source ``(p + ROT) % R`` (nothing past that source's rows), so the stores
+    of neighbouring programs go to every rank in turn, each rank starting with a different
+    one. Same rows, same bits."""
+    if SPREAD:
+        p = tl.program_id(0)
+        src = (p + ROT) % R
+        start = tl.load(recv_end_ptr + src - 1, mask=src > 0, other=0)
+        n = start + p // R
+        live = n < tl.load(recv_end_ptr + src)
+        row = n + tl.load(row_shift_ptr + src)
+        base = tl.load(out_table_ptr + src)
+    else:
+        n = tl.program_id(0).to(tl.int64)
+        live = n >= 0
+        row, base = _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2, RP)
+    if not live:
+        return
     if CPAYLOAD == 2:
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = h < H

@@ -46,6 +46,10 @@ def test_ep_kernels_compile_for_sm90():
                 tg = RowTargets(rows, torch.zeros(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64))
                 B.combine_expert(torch.zeros(El, 128, H, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.int32),
                                  torch.zeros(El * 128), tg, torch.zeros(R, dtype=torch.int64), wire=wire)
+                if wire == "bf16":  # the sources taken in turn (EPBuffer's order)
+                    B.combine_expert(torch.zeros(El, 128, H, dtype=torch.bfloat16),
+                                     torch.zeros(T, K, dtype=torch.int32), torch.zeros(El * 128), tg,
+                                     torch.zeros(R, dtype=torch.int64), wire=wire, spread=(1, [T, 0, 0, 0]))
                 B.combine_source(tg, torch.zeros(T, R, dtype=torch.int32), H, wire=wire)
         # bit-exact with torch needs mul + add, never a fused multiply-add, in the combine kernels
         for name, sig, consts, ptx in KERNELS:
@@ -68,9 +72,10 @@ def test_ep_kernels_compile_for_sm90():
     # modes + fp8 + bf16 (6); permute: index kernel single-chunk and chunked (2) + histogram (1), shared by
     # all payloads; the copy per nvfp4 layout / fp8 / bf16 at max_m 128 (4) and again at max_m 256 (3);
     # combine (expert + source) x 3 wires (6); layout (int32 / int64 ids, 2): 24 each, and v2's
-    # column scan of the chunk histograms (1) and pack with a device plan per payload (3)
+    # column scan of the chunk histograms (1) and pack with a device plan per payload (3); the
+    # bf16 expert-side combine with the sources in turn (SPREAD, v1 and v2: 2)
     import collections
 
-    assert len(names) == 52, collections.Counter(names)
+    assert len(names) == 54, collections.Counter(names)
     assert {"ep_layout_kernel", "ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
             "ep_combine_expert_kernel", "ep_combine_source_kernel"} <= set(names), names

@@ -53,6 +53,9 @@ MAX_M_ALIGN = 128
 #: :data:`_PERMUTE_ROWS_V2` slots a copy program (whole rows in one load). ``"best"``
 #: (default): per kernel, the variant the H200 measured faster (:data:`_BEST_V2`). Timed
 #: side by side by ``benchmarks/profile_ep.py --variants symmem_defer,kernels_v2``.
+#: the expert-side combine takes the source ranks in turn (program p -> source (p + rank) % R)
+#: instead of received-row order, in which every rank stores to the same peer at a time
+COMBINE_SPREAD = True
 KERNEL_VARIANTS = ("v1", "v2", "best")
 KERNELS = "best"
 #: kernels whose v2 the H200 measured faster (EP4, 4096 tok/rank, nvlink, GPU us per call,
@@ -506,10 +509,10 @@ def permute_rows(
             rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4,
             **(dict(V2=True, HB=hb) if v2 else {}),
         )  # fmt: skip
-        if v2:  # the chunk carries and masked_m, spread over experts
-            eb = min(ELP, 16)
-            launch(ep_permute_scan_kernel, (ELP // eb,),
-                hist, masked_m, C, El, ELP=ELP, EB=eb, CB=max(1, _ONEHOT_TILE // eb), num_warps=4,
+        if v2:  # the chunk carries and masked_m: one program per expert column, one step up
+            # to 4096 chunks (H200, 1850 chunks: 16 experts a program in 8 steps took 14 us)
+            launch(ep_permute_scan_kernel, (ELP,),
+                hist, masked_m, C, El, ELP=ELP, EB=1, CB=_ONEHOT_TILE, num_warps=4,
             )  # fmt: skip
     launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
@@ -556,6 +559,7 @@ def combine_expert(
     *,
     wire: str = "bf16",
     impl: str = "auto",
+    spread: tuple[int, list[int]] | None = None,
 ) -> None:
     """Expert side of combine: one combine row per received row.
 
@@ -567,6 +571,8 @@ def combine_expert(
             :class:`~fp4comm.ep.message.CombineLayout` ``(wire, H)``.
         recv_end: ``[R]`` int64, end (exclusive) of the received rows of each source.
         wire: ``"bf16"`` | ``"fp8"`` | ``"nvfp4"``.
+        spread: ``(this rank, rows received from each source)``: programs take the sources
+            in turn (:data:`COMBINE_SPREAD`), so peer stores use every rank's links at once.
 
     Row value: FP32 ``acc = acc + w_k * float(out[slot])`` over local ``k`` ascending, one BF16
     rounding (RNE), then (fp8 / nvfp4 wires) quantized per row; no FMA (bit-exact with
@@ -588,7 +594,12 @@ def combine_expert(
     R, K = dests.table.shape[0], slot_map.shape[1]
     if _v2("combine_expert"):
         kw.update(V2=True, RP=next_pow2(R), KP=next_pow2(K))
-    launch(ep_combine_expert_kernel, (N, split),
+    grid = N
+    if spread is not None and COMBINE_SPREAD and R > 1:  # interleave the sources (see the kernel)
+        rank, counts = spread
+        grid = R * max(counts)
+        kw.update(SPREAD=True, ROT=rank)
+    launch(ep_combine_expert_kernel, (grid, split),
         expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, R,
         H=H, K=K, enable_fp_fusion=False, **kw,
     )  # fmt: skip
@@ -946,8 +957,9 @@ class EPBuffer:
 
         def reduce(dests: RowTargets) -> None:
             combine_expert(
-                expert_out, cur.slot_map, cur.slot_weights, dests, plan.row("recv_end"), wire=wire, impl=impl
-            )
+                expert_out, cur.slot_map, cur.slot_weights, dests, plan.row("recv_end"), wire=wire, impl=impl,
+                spread=(self.rank, plan.recv_counts),
+            )  # fmt: skip
 
         parts = backend.combine_rows(plan, reduce, self.clayout.row_bytes, code)
         y = combine_source(parts, cur.rank_offset, self.config.hidden, wire=wire, impl=impl)
