@@ -720,7 +720,29 @@ FLAG_CODE_MASK = tl.constexpr(255)
 ST_PEER_CODE = tl.constexpr(4)  # status[4 + p]: code rank p sent with its flag this call
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "code", "max_spins", "timeout_us"])
+@triton.jit
+def _plan_rows(meta_ptr, W, rank, R, out_ptr, RP: tl.constexpr):
+    """The rows of ``fp4comm.ep.backend.plan_array`` (``PLAN_ROWS`` order, ``[9, R]`` int64 at
+    ``out``) from the exchanged vectors ``meta`` ``[R, W]`` (``cnt[s][r]`` at ``2 + r`` of
+    row ``s``), so the host need not build and copy them."""
+    i = tl.arange(0, RP)
+    im = i < R
+    a = i[:, None]  # first index
+    b = i[None, :]  # second index
+    cnt = tl.load(meta_ptr + a * W + 2 + b, mask=(a < R) & (b < R), other=0)
+    send = tl.sum(tl.where(a == rank, cnt, 0), axis=0)  # [r]: cnt[rank][r]
+    recv = tl.sum(tl.where(b == rank, cnt, 0), axis=1)  # [s]: cnt[s][rank]
+    send_start = tl.cumsum(send, axis=0) - send
+    recv_start = tl.cumsum(recv, axis=0) - recv
+    in_receiver = tl.sum(tl.where(a < rank, cnt, 0), axis=0)
+    shift = tl.sum(tl.where(b < rank, cnt, 0), axis=1) - recv_start
+    rows = (send_start, in_receiver, recv_start, recv_start + recv, shift, i + 1, send_start + i, recv_start + i,
+            send_start + i + 1)  # fmt: skip
+    for j in tl.static_range(9):
+        tl.store(out_ptr + j * R + i, rows[j].to(tl.int64), mask=im)
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "code", "max_spins", "timeout_us", "PLAN_W"])
 def signal_wait_kernel(
     flags_table,  # [R] int64: base of rank p's int64 flag array (one slot per source)
     flags_ptr,  # this rank's flag array
@@ -731,16 +753,25 @@ def signal_wait_kernel(
     code,  # this rank's error code for this call, 0..255 (0 = fine)
     max_spins,
     timeout_us,
+    plan_meta_ptr,  # PLAN: int64 [R, PLAN_W] exchanged count vectors
+    plan_out_ptr,  # PLAN: int64 [9, R] out (_plan_rows)
+    PLAN_W,
     STATUS_SLOT: tl.constexpr,
     SIGNAL: tl.constexpr,
     WAIT: tl.constexpr,
     GPU: tl.constexpr,
+    PLAN: tl.constexpr = False,
+    RP: tl.constexpr = 1,  # PLAN: power of two >= R
 ):
     """Grid ``(R,)``: program ``p`` tells rank ``p`` that this rank's rows for it (stored by
     earlier kernels on this stream) are complete (``SIGNAL``: flag ``(epoch << 8) | code``),
     then waits for rank ``p``'s rows to this rank (``WAIT``; a timeout records ``1 + p`` in
-    ``status[STATUS_SLOT]``, else ``status[4 + p]`` = the code ``p`` sent)."""
+    ``status[STATUS_SLOT]``, else ``status[4 + p]`` = the code ``p`` sent). ``PLAN`` (with
+    ``SIGNAL``): program 0 also writes the transfer plan's device rows (:func:`_plan_rows`)."""
     p = tl.program_id(0)
+    if PLAN and SIGNAL:
+        if p == 0:
+            _plan_rows(plan_meta_ptr, PLAN_W, rank, tl.num_programs(0), plan_out_ptr, RP)
     target = epoch.to(tl.int64) * FLAG_CODE_SCALE
     if SIGNAL:
         dst = tl.load(flags_table + p).to(tl.pointer_type(tl.int64)) + rank

@@ -11,10 +11,13 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fp4comm.ep.low_latency import LowLatencyBuffer, LowLatencyConfig
 from fp4comm.ep.symmem import EmulatedWorld
 from fp4comm.formats import unswizzle_scales
+from fp4comm.kernels.nvlink import _plan_rows
 from fp4comm.reference.quant import (
     dequantize_fp8_blockwise_ref,
     dequantize_nvfp4_ref,
@@ -725,7 +728,9 @@ for v, p, l, c in [(v, *pl) for v in ("v1", "v2") for pl in [("nvfp4", "linear",
 from fp4comm.kernels.nvlink import signal_wait_kernel
 f, st = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
 st = torch.zeros(6, dtype=torch.int32)
-signal_wait_kernel[(2,)](f, f, st, f, 1, 3, 0, 2, 1000, STATUS_SLOT=0, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
+for plan in (dict(PLAN=False, RP=1), dict(PLAN=True, RP=2)):  # the dispatch flag kernel also writes the plan rows
+    signal_wait_kernel[(2,)](f, f, st, f, 1, 3, 0, 2, 1000, f, torch.zeros(18, dtype=torch.int64), 16,
+                             STATUS_SLOT=0, SIGNAL=True, WAIT=True, GPU=True, num_warps=1, **plan)
 from fp4comm.kernels.nvlink import meta_exchange_kernel
 m = torch.zeros(64, dtype=torch.int64)
 meta_exchange_kernel[(2,)](m, f, f, f, m, m, f, 1, 3, 10, 2, 1000, WP=16, SIGNAL=True, WAIT=True, GPU=True, num_warps=1)
@@ -743,4 +748,29 @@ def test_nvlink_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "COMPILED 66" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and "COMPILED 67" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@triton.jit
+def _plan_rows_kernel(meta_ptr, W, rank, R, out_ptr, RP: tl.constexpr):
+    _plan_rows(meta_ptr, W, rank, R, out_ptr, RP)
+
+
+@pytest.mark.parametrize("R", [2, 3, 4])
+def test_device_plan_rows_equal_plan_array(R):
+    """The early send's plan rows, computed by the dispatch flag kernel from the exchanged
+    vectors, equal the host's ``plan_array`` for every rank (uneven counts, zeros included)."""
+    import numpy as np
+
+    from fp4comm.ep.backend import PLAN_ROWS, plan_array
+
+    W = 2 + R + 5
+    counts = np.random.default_rng(R).integers(0, 50, size=(R, R))
+    counts[0, R - 1] = 0
+    meta = torch.zeros(R, W, dtype=torch.int64)
+    meta[:, 2 : 2 + R] = torch.from_numpy(counts)
+    meta[:, 2 + R :] = 7  # per-expert words: ignored
+    for rank in range(R):
+        out = torch.full((len(PLAN_ROWS), R), -99, dtype=torch.int64)
+        _plan_rows_kernel[(1,)](meta, W, rank, R, out, RP=triton.next_power_of_2(R))
+        assert np.array_equal(out.numpy(), plan_array(counts, rank)), (rank, out, plan_array(counts, rank))

@@ -264,7 +264,9 @@ class EPBackend(ABC):
         transfer's completion is signalled; the host waits for the vectors only, so its
         checks overlap the send. ``pack`` is ``None`` on a rank whose input is bad (it only
         signals). The next :meth:`dispatch_rows` then sends nothing and returns the received
-        rows. Only backends with :attr:`sends_with_meta`."""
+        rows. The plan's device rows (``TransferPlan.vec``) are computed on the device too and
+        left in :attr:`plan_rows` (valid until the next call). Only backends with
+        :attr:`sends_with_meta`."""
         raise NotImplementedError(f"backend {self.name!r} does not send with the count exchange")
 
     @abstractmethod

@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 
 from .._launch import launch
-from .backend import DevicePlan, EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
+from .._runtime import next_pow2
+from .backend import PLAN_ROWS, DevicePlan, EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
 from .message import MessageLayout, combine_row_bytes
 from .symmem import SymmetricMemory
 
@@ -155,6 +156,8 @@ class NVLinkBackend(EPBackend):
         self._epoch_c = 0
         self._pending: int | None = None  # status slot to read in check()
         self._sent = False  # exchange_meta_and_send already sent this dispatch's rows
+        # the transfer plan's device rows, written by the dispatch flag kernel of the early send
+        self._plan_vec = torch.zeros(len(PLAN_ROWS), R, dtype=torch.int64, device=device)
         self._meta_ready = torch.cuda.Event() if device.type == "cuda" else None
         self.timeout_spins = CPU_TIMEOUT_SPINS
         self.timeout_s = float(getattr(config, "timeout_s", None) or DEFAULT_TIMEOUT_S)
@@ -192,7 +195,7 @@ class NVLinkBackend(EPBackend):
             pack(RowTargets(None, self._recv.peer_ptrs, self._recv.peer_ptrs, dp))
         self._epoch_d += 1
         pending = self._pending  # a deferred status of the previous dispatch, read below
-        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0)
+        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0, plan=True)
         self._sent = True
         if cuda:
             self._meta_ready.synchronize()
@@ -202,6 +205,11 @@ class NVLinkBackend(EPBackend):
         if late.size:
             raise self._timeout("count exchange", int(late[0]))
         return self._host_rows
+
+    @property
+    def plan_rows(self) -> torch.Tensor:
+        """``[len(PLAN_ROWS), R]`` int64 device rows of the latest :meth:`exchange_meta_and_send`."""
+        return self._plan_vec
 
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:
         R, RB = self.world_size, self.row_bytes
@@ -296,22 +304,24 @@ class NVLinkBackend(EPBackend):
         )
 
     # ------------------------------------------------------------------ flags
-    def _flags(self, flags, epoch: int, slot: int, code: int, warmup: bool = False) -> None:
+    def _flags(self, flags, epoch: int, slot: int, code: int, warmup: bool = False, plan: bool = False) -> None:
         """Signal ``(epoch << 8) | code`` to every peer and wait for theirs (no host sync:
-        :meth:`check` reads the status later)."""
+        :meth:`check` reads the status later). ``plan``: the same launch writes the transfer
+        plan's device rows from the exchanged vectors into :attr:`_plan_vec`."""
         from ..kernels.nvlink import signal_wait_kernel
 
         R = self.world_size
         args = (
             flags.peer_ptrs, flags.local, self._status, self._sink, self.rank, epoch, code, self.timeout_spins,
-            self._timeout_us(),
+            self._timeout_us(), self._meta_out, self._plan_vec, self._meta_w,
         )  # fmt: skip
-        if warmup:  # GPU, compile only: the dispatch and the combine variant
-            for sl in (ST_DISPATCH, ST_COMBINE):
+        kw = dict(PLAN=True, RP=next_pow2(R)) if plan else {}
+        if warmup:  # GPU, compile only: the dispatch (with and without the plan) and the combine variant
+            for sl, pk in ((ST_DISPATCH, {}), (ST_DISPATCH, dict(PLAN=True, RP=next_pow2(R))), (ST_COMBINE, {})):
                 signal_wait_kernel.warmup(*args, grid=(R,), STATUS_SLOT=sl, SIGNAL=True, WAIT=True, GPU=True,
-                                          num_warps=1)
+                                          num_warps=1, **pk)  # fmt: skip
             return
-        self._signal_wait(signal_wait_kernel, args, dict(STATUS_SLOT=slot, num_warps=1))
+        self._signal_wait(signal_wait_kernel, args, dict(STATUS_SLOT=slot, num_warps=1, **kw))
         self._pending = slot
 
     def _meta_kernel(self, meta: torch.Tensor, epoch: int, warmup: bool = False) -> None:

@@ -845,7 +845,8 @@ class EPBuffer:
                 global_scale=global_scale, ue8m0=cfg.fp8_ue8m0, impl=impl,
             )  # fmt: skip
 
-        if self._triton and _v2("pack") and backend.sends_with_meta:
+        early = self._triton and _v2("pack") and backend.sends_with_meta
+        if early:
             # rows go out right after the exchange (offsets computed on the device); the host
             # checks below overlap the send, and dispatch_rows sends nothing more
             allm = backend.exchange_meta_and_send(meta, pack if err is None else None).numpy()
@@ -876,7 +877,10 @@ class EPBuffer:
         else:
             max_m = ref.round_max_m(experts[self.rank * El : (self.rank + 1) * El])
         counts_l = tuple(map(tuple, counts.tolist()))
-        vec = self._plan_stager.put(plan_array(counts, self.rank))  # one async copy, fixed buffers
+        if early:  # the plan's device rows were computed on the device (backend.plan_rows)
+            vec = backend.plan_rows
+        else:
+            vec = self._plan_stager.put(plan_array(counts, self.rank))  # one async copy, fixed buffers
         plan = TransferPlan(self.rank, counts_l, self.msg.row_bytes, cfg.hidden, vec)
 
         self._generation += 1
