@@ -18,6 +18,7 @@ Variants (the same buffer, knobs flipped between runs; identical kernels except 
 * ``best`` / ``send_meta``: the default kernel mix (``KERNELS = "best"``) with the
   ``symmem_defer`` host path, and with the rows sent right after the count exchange
   (``backend_nvlink.SEND_WITH_META``; the default);
+* ``send_v2``: ``send_meta`` with every v2 kernel (``KERNELS = "v2"``);
 * ``send_rowwise``: ``send_meta`` with the expert-side combine in received-row order
   (``fp4comm.ep.buffer.COMBINE_SPREAD = False``; every other variant takes the sources in turn);
 * ``kernels_v2``: the current host defaults (``cached``, and ``symmem_defer`` on nvlink) with
@@ -57,13 +58,13 @@ import dist_env  # noqa: E402
 
 VARIANTS = {
     "torch": ["jit", "cached", "kernels_v2"],
-    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta", "send_rowwise"],
+    "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta", "send_rowwise", "send_v2"],
 }
 #: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
 KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
          "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2"),
          "best": (True, "symmem_defer", "best"), "send_meta": (True, "send_with_meta", "best"),
-         "send_rowwise": (True, "send_with_meta", "best", False)}  # fmt: skip
+         "send_rowwise": (True, "send_with_meta", "best", False), "send_v2": (True, "send_with_meta", "v2")}  # fmt: skip
 
 
 class PhaseTimer:
