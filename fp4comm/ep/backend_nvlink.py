@@ -24,7 +24,14 @@ Symmetric memory: NVSHMEM (``fp4comm.ep.symmem.init_nvshmem``) on GPUs; on CPU (
 a host barrier between signalling and waiting.
 
 Per call: dispatch = the count exchange (:data:`META_EXCHANGE`: the base class's NCCL
-all-gather, or a symmetric-memory flag exchange with no NCCL call) + one flag kernel;
+all-gather, or a symmetric-memory flag exchange with no NCCL call) + one flag kernel. With
+:data:`SEND_WITH_META` (default) the pack and the flag kernel are queued right behind the
+exchange, before the host has seen the counts: the pack computes its row bases on the
+device from the exchanged vectors and stores nothing if any rank is bad or silent or a
+receiver would overflow (:class:`~fp4comm.ep.backend.DevicePlan`), and the flag kernel
+writes the plan's device rows; the host then waits for the vectors alone, so its checks
+and the permute launches overlap the send (EP4, 4x H200, 4096 tok/rank, profile_ep with
+per-phase timers: dispatch host path 1091 -> 1038 us, wall 1126 -> 1070 us);
 combine = one flag kernel, no collective: a rank whose combine input is bad sends its error code in the low
 bits of its flag (``(epoch << 8) | code``) and stores no rows, so every rank learns about it
 from the flag it waits for anyway. Destination pointer tables are the symmetric buffers'

@@ -54,12 +54,18 @@ MAX_M_ALIGN = 128
 #: (default): per kernel, the variant the H200 measured faster (:data:`_BEST_V2`). Timed
 #: side by side by ``benchmarks/profile_ep.py --variants symmem_defer,kernels_v2``.
 #: the expert-side combine takes the source ranks in turn (program p -> source (p + rank) % R)
-#: instead of received-row order, in which every rank stores to the same peer at a time
+#: instead of received-row order, in which every rank stores to the same peer at a time.
+#: EP4, 4x H200, 4096 tok/rank, BF16 wire: that kernel 736 -> 471 us GPU, combine wall 939 ->
+#: 666 us (profile_ep, same run); the v2 kernel with this order: 447 us (a tie), so "best"
+#: keeps v1
 COMBINE_SPREAD = True
 KERNEL_VARIANTS = ("v1", "v2", "best")
 KERNELS = "best"
 #: kernels whose v2 the H200 measured faster (EP4, 4096 tok/rank, nvlink, GPU us per call,
-#: v1 -> v2): layout 94 -> 29, pack 171 -> 135, permute (hist + index + copy) 183 -> 173,
+#: v1 -> v2): layout 94 -> 29, pack 171 -> 135, permute (hist + index + copy) 183 -> 173
+#: (fifth session, one H200, the same 14.8k received rows: v2 with the column scan and
+#: one-step index programs, scales as words: hist 3 + scan 6 + index 22 + copy 76 us vs
+#: 3 + 70 + 100 before),
 #: combine_source 79 -> 65. The v2 expert-side combine is no faster over NVLink (636-682 ->
 #: 667) and slower into local memory (torch backend: 195 -> 281), so it stays v1.
 _BEST_V2 = frozenset({"layout", "pack", "permute", "combine_source"})
