@@ -524,23 +524,22 @@ def ep_permute_scan_kernel(
     C,
     E_LOCAL,
     ELP: tl.constexpr,
-    EB: tl.constexpr,  # experts a program (power of two, divides ELP)
     CB: tl.constexpr,  # chunks a step (power of two)
 ):
-    """V2 phase 1b, grid ``(ELP // EB,)``: each expert's column of ``hist`` becomes its
-    exclusive prefix over chunks (the carry each chunk of the index phase starts from), in
-    place, and the column total is ``masked_m``. Columns are independent, so the scan is
-    spread over experts and takes ``C / CB`` steps instead of the index phase's ``c`` loads
-    per program."""
-    e = tl.program_id(0) * EB + tl.arange(0, EB)
-    carry = tl.zeros((EB,), tl.int32)
+    """V2 phase 1b, grid ``(ELP,)``: expert ``e``'s column of ``hist`` becomes its exclusive
+    prefix over chunks (the carry each chunk of the index phase starts from), in place, and
+    the column total is ``masked_m[e]``. Columns are independent, so the scan is spread
+    over experts and takes ``C / CB`` steps instead of the index phase's ``c`` loads per
+    program."""
+    e = tl.program_id(0)
+    carry = tl.zeros((), tl.int32)
     c0 = 0
     while c0 < C:
         cc = c0 + tl.arange(0, CB)
-        hp = hist_ptr + cc[:, None] * ELP + e[None, :]
-        cm = (cc < C)[:, None]
+        hp = hist_ptr + cc * ELP + e
+        cm = cc < C
         h = tl.load(hp, mask=cm, other=0)
-        tl.store(hp, carry[None, :] + tl.cumsum(h, axis=0) - h, mask=cm)
+        tl.store(hp, carry + tl.cumsum(h, axis=0) - h, mask=cm)
         carry += tl.sum(h, axis=0)
         c0 += CB
     tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)

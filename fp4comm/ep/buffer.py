@@ -53,22 +53,22 @@ MAX_M_ALIGN = 128
 #: :data:`_PERMUTE_ROWS_V2` slots a copy program (whole rows in one load). ``"best"``
 #: (default): per kernel, the variant the H200 measured faster (:data:`_BEST_V2`). Timed
 #: side by side by ``benchmarks/profile_ep.py --variants symmem_defer,kernels_v2``.
+KERNEL_VARIANTS = ("v1", "v2", "best")
+KERNELS = "best"
+#: kernels whose v2 the H200 measured faster (EP4, 4096 tok/rank, nvlink, GPU us per call,
+#: v1 -> v2): layout 94 -> 29, pack 171 -> 135, permute (hist + index + copy) 183 -> 173,
+#: combine_source 79 -> 65. The v2 expert-side combine is no faster over NVLink (636-682 ->
+#: 667; with :data:`COMBINE_SPREAD` 471 -> 447, a tie) and slower into local memory (torch
+#: backend: 195 -> 281), so it stays v1. The v2 permute has since become histogram + column
+#: scan + one-step index programs with scales copied as words (one H200, the EP4 receiver's
+#: 14.8k rows, swizzled scales: 3 + 6 + 22 + 76 us, was 3 + 70 + 100).
+_BEST_V2 = frozenset({"layout", "pack", "permute", "combine_source"})
 #: the expert-side combine takes the source ranks in turn (program p -> source (p + rank) % R)
 #: instead of received-row order, in which every rank stores to the same peer at a time.
 #: EP4, 4x H200, 4096 tok/rank, BF16 wire: that kernel 736 -> 471 us GPU, combine wall 939 ->
 #: 666 us (profile_ep, same run); the v2 kernel with this order: 447 us (a tie), so "best"
 #: keeps v1
 COMBINE_SPREAD = True
-KERNEL_VARIANTS = ("v1", "v2", "best")
-KERNELS = "best"
-#: kernels whose v2 the H200 measured faster (EP4, 4096 tok/rank, nvlink, GPU us per call,
-#: v1 -> v2): layout 94 -> 29, pack 171 -> 135, permute (hist + index + copy) 183 -> 173
-#: (fifth session, one H200, the same 14.8k received rows: v2 with the column scan and
-#: one-step index programs, scales as words: hist 3 + scan 6 + index 22 + copy 76 us vs
-#: 3 + 70 + 100 before),
-#: combine_source 79 -> 65. The v2 expert-side combine is no faster over NVLink (636-682 ->
-#: 667) and slower into local memory (torch backend: 195 -> 281), so it stays v1.
-_BEST_V2 = frozenset({"layout", "pack", "permute", "combine_source"})
 
 
 def _v2(kernel: str) -> bool:
@@ -384,7 +384,8 @@ def pack_rows(
     launch(ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
-        *plan_args, DEVICE_PLAN=dp is not None, K=msg.num_topk, KP=next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
+        *plan_args, DEVICE_PLAN=dp is not None,
+        K=msg.num_topk, KP=next_pow2(msg.num_topk), PAYLOAD=PAYLOADS.index(msg.payload),
         GS_MODE=gs_mode, UE8M0=ue8m0, NB=nb, num_warps=_row_warps(elems),
         **(dict(V2=True, RP=next_pow2(R), MW=next_pow2((msg.src_offset + 4 - msg.gs_offset) // 4),
                 HC=H) if v2 else {}),
@@ -517,9 +518,7 @@ def permute_rows(
         )  # fmt: skip
         if v2:  # the chunk carries and masked_m: one program per expert column, one step up
             # to 4096 chunks (H200, 1850 chunks: 16 experts a program in 8 steps took 14 us)
-            launch(ep_permute_scan_kernel, (ELP,),
-                hist, masked_m, C, El, ELP=ELP, EB=1, CB=_ONEHOT_TILE, num_warps=4,
-            )  # fmt: skip
+            launch(ep_permute_scan_kernel, (ELP,), hist, masked_m, C, El, ELP=ELP, CB=_ONEHOT_TILE, num_warps=4)
     launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
         block_n, C, **common, num_warps=4, **(dict(V2=True) if v2 else {}),
