@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,7 +41,9 @@ PAYLOADS = ("nvfp4", "fp8", "bf16")
 
 @dataclass(frozen=True)
 class MessageLayout:
-    """Byte offsets of one dispatch message row (see module docstring)."""
+    """Byte offsets of one dispatch message row (see module docstring). The derived sizes
+    and offsets are computed once per instance (``cached_property``: kernel launches read
+    them on every call)."""
 
     payload: str
     hidden: int
@@ -57,49 +60,49 @@ class MessageLayout:
             raise ValueError(f"num_topk: must be > 0, got {self.num_topk}")
 
     # ---- sizes
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
         return {"nvfp4": self.hidden // 2, "fp8": self.hidden, "bf16": 2 * self.hidden}[self.payload]
 
-    @property
+    @cached_property
     def scale_bytes(self) -> int:
         return {"nvfp4": self.hidden // NVFP4_BLOCK, "fp8": 4 * (self.hidden // FP8_BLOCK), "bf16": 0}[self.payload]
 
-    @property
+    @cached_property
     def num_scales(self) -> int:
         """Scale elements in a row (E4M3 for nvfp4, FP32 for fp8)."""
         return {"nvfp4": self.hidden // NVFP4_BLOCK, "fp8": self.hidden // FP8_BLOCK, "bf16": 0}[self.payload]
 
     # ---- offsets (bytes from the row start)
-    @property
+    @cached_property
     def scale_offset(self) -> int:
         return round_up(self.payload_bytes, 16)
 
-    @property
+    @cached_property
     def meta_offset(self) -> int:
         return round_up(self.scale_offset + self.scale_bytes, 16)
 
-    @property
+    @cached_property
     def gs_offset(self) -> int:
         return self.meta_offset
 
-    @property
+    @cached_property
     def ids_offset(self) -> int:
         return self.meta_offset + (4 if self.payload == "nvfp4" else 0)
 
-    @property
+    @cached_property
     def weights_offset(self) -> int:
         return self.ids_offset + 4 * self.num_topk
 
-    @property
+    @cached_property
     def src_offset(self) -> int:
         return self.weights_offset + 4 * self.num_topk
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         return round_up(self.src_offset + 4, 16)
 
-    @property
+    @cached_property
     def wire_bytes(self) -> int:
         """Bytes of payload + scales (+ global scale) a token puts on the wire (no metadata)."""
         return self.payload_bytes + self.scale_bytes + (4 if self.payload == "nvfp4" else 0)
@@ -192,27 +195,27 @@ class CombineLayout:
         if self.payload not in COMBINE_PAYLOADS:
             raise ValueError(f"combine_payload: must be one of {list(COMBINE_PAYLOADS)}, got {self.payload!r}")
 
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
         return {"nvfp4": self.hidden // 2, "fp8": self.hidden, "bf16": 2 * self.hidden}[self.payload]
 
-    @property
+    @cached_property
     def num_scales(self) -> int:
         return {"nvfp4": self.hidden // NVFP4_BLOCK, "fp8": self.hidden // FP8_BLOCK, "bf16": 0}[self.payload]
 
-    @property
+    @cached_property
     def scale_bytes(self) -> int:
         return self.num_scales * (4 if self.payload == "fp8" else 1)
 
-    @property
+    @cached_property
     def scale_offset(self) -> int:
         return round_up(self.payload_bytes, 16)
 
-    @property
+    @cached_property
     def gs_offset(self) -> int:
         return round_up(self.scale_offset + self.scale_bytes, 16)
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         return self.gs_offset + (16 if self.payload == "nvfp4" else 0)
 
