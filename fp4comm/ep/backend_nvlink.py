@@ -263,6 +263,7 @@ class NVLinkBackend(EPBackend):
         signal and wait halves around a host barrier), one D2H copy, one stream sync.
         Either way a dispatch status left unread by :data:`DEFER_DISPATCH_CHECK` is read
         after the sync (for ``"symmem"`` from the same copy) and raises first."""
+        self._sent = False  # this dispatch sends in dispatch_rows (a failed early send left no rows)
         if META_EXCHANGE != "symmem" or meta.shape[0] != self._meta_w:
             out = super().exchange_meta(meta)
             if self._pending == ST_DISPATCH:
