@@ -260,7 +260,8 @@ def _report(args, results, skipped, env, R):
     _speedups(results)
     cols = [
         ("backend", "backend"), ("op", "op"), ("payload", "payload"), ("combine_payload", "wire"), ("tokens", "tok/rank"),
-        ("time_us", "us (mean +- std)"), ("bytes_per_rank", "bytes to peers/rank"), ("gbps_per_rank", "GB/s/rank"),
+        ("time_us", "us (mean +- std)"), ("median_us", "median us"), ("bytes_per_rank", "bytes to peers/rank"),
+        ("gbps_per_rank", "GB/s/rank"),
         ("speedup_vs_bf16", "x vs bf16"), ("speedup_vs_raw_a2a", "x vs raw bf16 a2a"),
     ]  # fmt: skip
     order = {"raw_a2a": 0}
