@@ -475,6 +475,7 @@ def ep_permute_index_kernel(
     SUB: tl.constexpr,
     ELP: tl.constexpr,
     V2: tl.constexpr = False,
+    SCANNED: tl.constexpr = False,  # V2 with C > 1: hist holds the carries (see below)
 ):
     """Phase 2, grid ``(C,)``: chunk ``c`` starts each expert at the sum of the histograms of
     chunks ``< c`` (exclusive scan), then gives each ``(row, k)`` routed to a local expert the
@@ -484,37 +485,56 @@ def ep_permute_index_kernel(
     spread over ``C`` programs.
 
     V1: each program sums the histograms of the chunks before it itself (``c`` round trips);
-    the last chunk writes ``masked_m``. V2 (``C > 1``): :func:`ep_permute_scan_kernel` has
-    already turned ``hist`` into those carries and written ``masked_m``, so a program loads
-    one row (its chunk is one ``SUB`` step: no loop-carried round trips either); with
-    ``C == 1`` the carry is zero and the program writes ``masked_m``."""
+    the last chunk writes ``masked_m``. V2 with ``C == 1``: the carry is zero and the program
+    writes ``masked_m``.
+
+    ``SCANNED`` (V2 with ``C > 1``): :func:`ep_permute_scan_kernel` has already turned
+    ``hist`` into the carries and written ``masked_m``; a program takes one ``SUB``-row
+    chunk in one step and builds no one-hot tile. A pair's slot is its expert's carry,
+    gathered from this chunk's row of ``hist``, plus the pairs of the chunk before it routed
+    to the same expert (a ``[SUB*KP, SUB*KP]`` comparison summed along one axis: no scan
+    through shared memory; H200, 14.8k rows: 11.4 us, the one-hot scan 22 us). Same slots."""
     c = tl.program_id(0)
-    e = tl.arange(0, ELP)
-    carry = tl.zeros((ELP,), tl.int32)
-    if V2:
-        if NUM_CHUNKS > 1:
-            carry = tl.load(hist_ptr + c * ELP + e)
+    if SCANNED:
+        P: tl.constexpr = SUB * KP
+        pi = tl.arange(0, P)
+        pn = c * BLOCK_N + pi // KP
+        pk = pi % KP
+        pmask = (pn < N) & (pk < K)
+        pidp = (recv_ptr + pn.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
+        pel = tl.load(pidp + pk, mask=pmask, other=-1) - EXPERT_BASE
+        phit = pmask & (pel >= 0) & (pel < E_LOCAL)
+        pel = tl.where(phit, pel, -1)
+        pj = tl.arange(0, P)
+        psame = (pel[None, :] == pel[:, None]) & (pj[None, :] < pi[:, None])
+        pslot = tl.load(hist_ptr + c * ELP + pel, mask=phit, other=0) + tl.sum(psame.to(tl.int32), axis=1)
+        pout = tl.where(phit & (pslot < MAX_M), pel * MAX_M + pslot, -1)
+        tl.store(slot_map_ptr + pn.to(tl.int64) * K + pk, pout, mask=pmask)
+        tl.store(slot_src_ptr + pout, pn * K + pk, mask=pmask & (pout >= 0))
     else:
-        j = 0
-        while j < c:
-            carry += tl.load(hist_ptr + j * ELP + e)
-            j += 1
-    n0 = c * BLOCK_N
-    end = tl.minimum(n0 + BLOCK_N, N)
-    while n0 < end:
-        n, k, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
-        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this sub-block, per expert
-        slot = tl.sum(onehot * (carry[None, :] + before), axis=1)
-        el = tl.sum(onehot * e[None, :], axis=1)
-        hit = tl.sum(onehot, axis=1) != 0
-        out = tl.where(hit & (slot < MAX_M), el * MAX_M + slot, -1)
-        pm = (n < end) & (k < K)
-        tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=pm)
-        tl.store(slot_src_ptr + out, n * K + k, mask=pm & (out >= 0))
-        carry += tl.sum(onehot, axis=0)
-        n0 += SUB
-    if c == NUM_CHUNKS - 1 and (not V2 or NUM_CHUNKS == 1):
-        tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)
+        e = tl.arange(0, ELP)
+        carry = tl.zeros((ELP,), tl.int32)
+        if not V2:
+            j = 0
+            while j < c:
+                carry += tl.load(hist_ptr + j * ELP + e)
+                j += 1
+        n0 = c * BLOCK_N
+        end = tl.minimum(n0 + BLOCK_N, N)
+        while n0 < end:
+            n, k, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+            before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this sub-block, per expert
+            slot = tl.sum(onehot * (carry[None, :] + before), axis=1)
+            el = tl.sum(onehot * e[None, :], axis=1)
+            hit = tl.sum(onehot, axis=1) != 0
+            out = tl.where(hit & (slot < MAX_M), el * MAX_M + slot, -1)
+            pm = (n < end) & (k < K)
+            tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=pm)
+            tl.store(slot_src_ptr + out, n * K + k, mask=pm & (out >= 0))
+            carry += tl.sum(onehot, axis=0)
+            n0 += SUB
+        if c == NUM_CHUNKS - 1:
+            tl.store(masked_m_ptr + e, carry, mask=e < E_LOCAL)
 
 
 @triton.jit
