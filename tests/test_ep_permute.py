@@ -154,6 +154,30 @@ def test_permute_matches_reference(payload, H, scale_layout, max_m, E, chunks, k
         assert torch.equal(got.global_scale.cpu(), want.global_scale)
 
 
+def test_permute_swizzled_quad_slots(kernels, device):
+    """Rows of 520 payload words: the copy takes 4 slots a program, with v2 the slots 32
+    apart of a 128-slot tile (``QUAD``: each scale column one 16-byte store); every byte
+    equals the reference, padding rows and several tiles per expert included."""
+    N, K, E, R, rank, H = 70, 2, 4, 2, 0, 4160
+    El = E // R
+    x = _tokens(N, H, device, seed=5)
+    ids, w = _routing(N, K, E, seed=5, minus1=0.1)
+    msg = MessageLayout("nvfp4", H, K)
+    rows = ref.pack_rows_ref(msg, x.cpu(), ids, w, torch.zeros(N, 1, dtype=torch.int32))
+    ref_ids = unpack_messages(msg, rows).topk_ids
+    mm = 256
+    got = permute_rows(msg, rows.to(device), expert_base=0, num_local_experts=El, max_m=mm, impl="triton")
+    slot_map, masked_m = ref.permute_index_ref(ref_ids, 0, El, mm)
+    want = ref.permute_ref(msg, rows, slot_map, El, mm, "swizzled")
+    assert torch.equal(got.masked_m.cpu(), masked_m)
+    assert torch.equal(got.scales.cpu().view(torch.uint8), want.scales.view(torch.uint8))
+    assert torch.equal(got.global_scale.cpu(), want.global_scale)
+    assert torch.equal(got.topk_weights.cpu(), want.topk_weights)
+    for e in range(El):
+        n = int(masked_m[e])
+        assert torch.equal(got.x[e, :n].cpu(), want.x[e, :n]), e
+
+
 def test_permute_no_rows(device):
     msg = MessageLayout("nvfp4", 64, 2)
     got = permute_rows(

@@ -525,6 +525,7 @@ def permute_rows(
         block_n, C, **common, num_warps=4, **(dict(V2=True, SCANNED=C > 1) if v2 else {}),
     )  # fmt: skip
     words = msg.payload_bytes // 4
+    sf_words = v2 and msg.payload == "nvfp4" and ksf % 4 == 0 and msg.scale_offset % 4 == 0 and msg.row_bytes % 4 == 0
     rows_per = _PERMUTE_ROWS
     if v2:  # whole rows a load: ROWS * pow2(words) <= the tile (a power of two, divides 128)
         rows_per = max(1, min(_PERMUTE_ROWS, _ONEHOT_TILE // next_pow2(words)))
@@ -535,7 +536,7 @@ def permute_rows(
         max(ksf, 1), max(sf_cols, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
         K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled", ROWS=rows_per,
         BLOCK_W=min(_ONEHOT_TILE // rows_per, next_pow2(words)), SF_BLOCK=next_pow2(max(sf_cols, 1)),
-        SF_WORDS=v2 and msg.payload == "nvfp4" and ksf % 4 == 0 and msg.scale_offset % 4 == 0 and msg.row_bytes % 4 == 0,
+        SF_WORDS=sf_words, QUAD=sf_words and scale_layout == "swizzled" and rows_per == 4,
         num_warps=4,
     )  # fmt: skip
     if msg.payload == "nvfp4":
