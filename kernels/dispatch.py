@@ -2,16 +2,20 @@
 
 * :func:`ep_pack_kernel`: BF16 token -> message rows (quantized in registers, BF16 read
   once), stored through a device table of destination base addresses, so the same kernel
-  fills a local send buffer or peers' symmetric memory.
+  fills a local send buffer or peers' symmetric memory; with a device plan it computes the
+  row bases (and whether to send at all) from the exchanged count vectors itself.
 * :func:`ep_layout_kernel`: ``topk_ids`` -> per-rank / per-expert counts (straight into the
   vector the count all-gather sends) and each token's row in each destination block.
-* :func:`ep_permute_index_kernel`: received rows -> slot of every ``(row, k)`` hitting a
-  local expert (deterministic: receive order), and ``masked_m``.
+* :func:`ep_permute_hist_kernel`, :func:`ep_permute_scan_kernel` (v2) and
+  :func:`ep_permute_index_kernel`: received rows -> slot of every ``(row, k)`` hitting a
+  local expert (deterministic: receive order), and ``masked_m`` (per-chunk expert
+  histograms, their exclusive scan per expert, then the slots of each chunk).
 * :func:`ep_permute_kernel`: received rows -> masked per-expert layout, one program per
   ``ROWS`` slots (padding slots filled in the same pass), scales straight into the linear
   or 128x4 swizzled layout.
 * :func:`ep_combine_expert_kernel`: expert side, FP32 ``sum_k w_k * out[slot]`` over a
-  row's local experts (k ascending), one BF16 partial row per received row.
+  row's local experts (k ascending), one BF16 partial row per received row (the source
+  ranks taken in turn, so peer stores spread over every rank's links).
 * :func:`ep_combine_source_kernel`: source side, FP32 sum of a token's per-rank partial
   rows in rank order, BF16 out.
 
