@@ -31,7 +31,15 @@ from .common import (
     nvfp4_quantize_tile,
     swizzled_sf_offset,
 )
-from .sync import arrive_last, fence_sys, flag_store_release, report_timeout, spin_start, wait_flag_geq
+from .sync import (
+    arrive_last,
+    fence_sys,
+    flag_store_relaxed,
+    flag_store_release,
+    report_timeout,
+    spin_start,
+    wait_flag_geq,
+)
 
 # status slots (int32 [4], local): set by kernels, read by the host
 ST_DISPATCH_TIMEOUT = tl.constexpr(0)  # 1 + source rank whose dispatch flag never came
@@ -336,10 +344,10 @@ def ll_dispatch_send_kernel(
         old = tl.atomic_add(counter_ptr + ex, mine, mask=has, sem="acq_rel", scope="sys")
         full = has & (old + mine == tot)
         tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
-        fence_sys(GPU)
-        tl.debug_barrier()
         val = (seq.to(tl.int64) << 32) | tl.minimum(tot, TMAX).to(tl.int64)
-        flag_store_release(fptr, val, full, sink_ptr, GPU)
+        tl.debug_barrier()  # then one fence a thread for all its flags (flag_store_relaxed)
+        fence_sys(GPU)
+        flag_store_relaxed(fptr, val, full, sink_ptr, GPU)
     else:
         t = pid
         while t < T:
@@ -369,9 +377,13 @@ def ll_dispatch_send_kernel(
             cnt = tl.minimum(cnt, TMAX)
             fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
             val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
-            fence_sys(GPU)
+            # one fence a thread for its flags, then relaxed stores (flag_store_relaxed), not a
+            # release store (a fence) per flag: EP4 4x H200, CUDA graph, v1 / v2 dispatch at
+            # 128 tok 41.6 -> 39.4-39.9 / 44.0 -> 40.0-40.3 us, at 512 tok 103.9 -> 101.5-101.8
+            # / 93.8 -> 90.2-90.6 us
             tl.debug_barrier()
-            flag_store_release(fptr, val, ex < E, sink_ptr, GPU)
+            fence_sys(GPU)
+            flag_store_relaxed(fptr, val, ex < E, sink_ptr, GPU)
             tl.store(epoch_ptr + 1, seq)
 
 

@@ -5,8 +5,11 @@ Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
 
 * a program's data stores (to local or peer memory) are ordered before its flag by a
   ``fence.acq_rel.sys`` in every thread (GPU only), ``tl.debug_barrier()`` (CTA barrier),
-  then a release store at system scope (:func:`flag_store_release`); the receiver's
-  acquire at system scope that reads the flag then sees every one of those stores;
+  then a release store at system scope (:func:`flag_store_release`); or, for many flags a
+  program (the low-latency dispatch's per-expert flags), the barrier first, then one fence
+  a thread and relaxed system-scope stores (:func:`flag_store_relaxed`: a release
+  pattern); the receiver's acquire at system scope that reads the flag then sees every one
+  of those stores;
 * no atomic ever targets peer memory: flags are written with ``st.release.sys`` and only
   their owner reads them (atomics stay on local counters and status words);
 * several programs hand over through :func:`arrive_last`: each does an ``acq_rel``
@@ -74,6 +77,27 @@ def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr):
         addr = tl.where(mask, ptr, sink)
         tl.inline_asm_elementwise(
             "st.release.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;",
+            "=r,l,l",
+            [addr, value.to(tl.int64)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.atomic_xchg(ptr, value.to(tl.int64), mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
+def flag_store_relaxed(ptr, value, mask, sink, GPU: tl.constexpr):
+    """Like :func:`flag_store_release`, but a plain ``st.relaxed.sys`` (no fence of its own).
+    It publishes the program's earlier stores only as the second half of a release pattern:
+    the caller runs ``tl.debug_barrier()`` and then :func:`fence_sys` right before it (the
+    barrier first, so that every thread's fence comes after all the program's stores). One
+    fence a thread then covers all its flags, where ``st.release.sys`` fences per flag."""
+    if GPU:
+        addr = tl.where(mask, ptr, sink)
+        tl.inline_asm_elementwise(
+            "st.relaxed.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;",
             "=r,l,l",
             [addr, value.to(tl.int64)],
             dtype=tl.int32,
