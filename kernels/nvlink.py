@@ -31,15 +31,7 @@ from .common import (
     nvfp4_quantize_tile,
     swizzled_sf_offset,
 )
-from .sync import (
-    arrive_last,
-    fence_sys,
-    flag_store_relaxed,
-    flag_store_release,
-    report_timeout,
-    spin_start,
-    wait_flag_geq,
-)
+from .sync import arrive_last, fence_sys, flag_store_release, report_timeout, spin_start, wait_flag_geq
 
 # status slots (int32 [4], local): set by kernels, read by the host
 ST_DISPATCH_TIMEOUT = tl.constexpr(0)  # 1 + source rank whose dispatch flag never came
@@ -345,9 +337,9 @@ def ll_dispatch_send_kernel(
         full = has & (old + mine == tot)
         tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
         val = (seq.to(tl.int64) << 32) | tl.minimum(tot, TMAX).to(tl.int64)
-        tl.debug_barrier()  # then one fence a thread for all its flags (flag_store_relaxed)
+        tl.debug_barrier()  # then one fence a thread for all its flags (RELAXED stores)
         fence_sys(GPU)
-        flag_store_relaxed(fptr, val, full, sink_ptr, GPU)
+        flag_store_release(fptr, val, full, sink_ptr, GPU, RELAXED=True)
     else:
         t = pid
         while t < T:
@@ -377,13 +369,13 @@ def ll_dispatch_send_kernel(
             cnt = tl.minimum(cnt, TMAX)
             fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
             val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
-            # one fence a thread for its flags, then relaxed stores (flag_store_relaxed), not a
+            # one fence a thread for its flags, then relaxed stores (RELAXED), not a
             # release store (a fence) per flag: EP4 4x H200, CUDA graph, v1 / v2 dispatch at
             # 128 tok 41.6 -> 39.4-39.9 / 44.0 -> 40.0-40.3 us, at 512 tok 103.9 -> 101.5-101.8
             # / 93.8 -> 90.2-90.6 us
             tl.debug_barrier()
             fence_sys(GPU)
-            flag_store_relaxed(fptr, val, ex < E, sink_ptr, GPU)
+            flag_store_release(fptr, val, ex < E, sink_ptr, GPU, RELAXED=True)
             tl.store(epoch_ptr + 1, seq)
 
 

@@ -7,8 +7,8 @@ Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
   ``fence.acq_rel.sys`` in every thread (GPU only), ``tl.debug_barrier()`` (CTA barrier),
   then a release store at system scope (:func:`flag_store_release`); or, for many flags a
   program (the low-latency dispatch's per-expert flags), the barrier first, then one fence
-  a thread and relaxed system-scope stores (:func:`flag_store_relaxed`: a release
-  pattern); the receiver's acquire at system scope that reads the flag then sees every one
+  a thread and relaxed system-scope stores (:func:`flag_store_release` with
+  ``RELAXED``: a release pattern); the receiver's acquire at system scope that reads the flag then sees every one
   of those stores;
 * no atomic ever targets peer memory: flags are written with ``st.release.sys`` and only
   their owner reads them (atomics stay on local counters and status words);
@@ -64,7 +64,7 @@ def _ld_acquire_sys(ptr):
 
 
 @triton.jit
-def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr):
+def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr, RELAXED: tl.constexpr = False):
     """Publish int64 ``value`` at ``ptr`` (local or peer; scalars or tensors) where ``mask``,
     release semantics at system scope.
 
@@ -72,38 +72,20 @@ def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr):
     the same value), never an atomic on peer memory; masked-off elements store into
     ``sink`` (a local scratch int64) instead, as inline PTX cannot be masked. The caller
     puts :func:`fence_sys` and ``tl.debug_barrier()`` before it so that the stores of the
-    whole program are ordered before the flag. Interpreter: a masked atomic exchange."""
-    if GPU:
-        addr = tl.where(mask, ptr, sink)
-        tl.inline_asm_elementwise(
-            "st.release.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,l",
-            [addr, value.to(tl.int64)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    else:
-        tl.atomic_xchg(ptr, value.to(tl.int64), mask=mask, sem="release", scope="sys")
+    whole program are ordered before the flag. Interpreter: a masked atomic exchange.
 
-
-@triton.jit
-def flag_store_relaxed(ptr, value, mask, sink, GPU: tl.constexpr):
-    """Like :func:`flag_store_release`, but a plain ``st.relaxed.sys`` (no fence of its own).
+    ``RELAXED``: ``st.relaxed.sys`` instead (no fence of its own), for many flags a program.
     It publishes the program's earlier stores only as the second half of a release pattern:
     the caller runs ``tl.debug_barrier()`` and then :func:`fence_sys` right before it (the
     barrier first, so that every thread's fence comes after all the program's stores). One
     fence a thread then covers all its flags, where ``st.release.sys`` fences per flag."""
     if GPU:
+        if RELAXED:
+            st: tl.constexpr = "st.relaxed.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;"
+        else:
+            st: tl.constexpr = "st.release.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;"
         addr = tl.where(mask, ptr, sink)
-        tl.inline_asm_elementwise(
-            "st.relaxed.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,l",
-            [addr, value.to(tl.int64)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+        tl.inline_asm_elementwise(st, "=r,l,l", [addr, value.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.atomic_xchg(ptr, value.to(tl.int64), mask=mask, sem="release", scope="sys")
 
@@ -150,27 +132,12 @@ def report_timeout(status_ptr, code):
 
 
 @triton.jit
-def fence_gpu(GPU: tl.constexpr):
-    """``fence.acq_rel.gpu`` in every thread (GPU only): orders this GPU's stores for its
-    other programs, without waiting for peers' memory as the system-scope fence does."""
-    if GPU:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, LOCAL: tl.constexpr = False):
+def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr):
     """Call once per program after its stores. True in exactly one program, the last to
-    arrive, which has then acquired every other program's stores; it resets the counter.
-    ``LOCAL``: the stores went to this GPU's memory only and only this launch reads them,
-    so GPU scope suffices (fence and counter), which is cheaper than system scope."""
-    if LOCAL:
-        fence_gpu(GPU)
-        tl.debug_barrier()
-        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    else:
-        fence_sys(GPU)
-        tl.debug_barrier()
-        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    arrive, which has then acquired every other program's stores; it resets the counter."""
+    fence_sys(GPU)
+    tl.debug_barrier()
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
     last = old == num_programs - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
