@@ -263,10 +263,15 @@ class EPBackend(ABC):
         :class:`DevicePlan` (row bases from the exchanged vectors, on the device), then the
         transfer's completion is signalled; the host waits for the vectors only, so its
         checks overlap the send. ``pack`` is ``None`` on a rank whose input is bad (it only
-        signals). The next :meth:`dispatch_rows` then sends nothing and returns the received
-        rows. The plan's device rows (``TransferPlan.vec``) are computed on the device too and
-        left in :attr:`plan_rows` (valid until the next call). Only backends with
-        :attr:`sends_with_meta`."""
+        signals). The buffer then takes this rank's rows from :meth:`received_rows` instead
+        of calling :meth:`dispatch_rows`. The plan's device rows (``TransferPlan.vec``) are
+        computed on the device too and left in :attr:`plan_rows` (valid until the next call).
+        Only backends with :attr:`sends_with_meta`."""
+        raise NotImplementedError(f"backend {self.name!r} does not send with the count exchange")
+
+    def received_rows(self, plan: TransferPlan) -> torch.Tensor:
+        """After :meth:`exchange_meta_and_send`: the received rows, as :meth:`dispatch_rows`
+        returns them. Only backends with :attr:`sends_with_meta`."""
         raise NotImplementedError(f"backend {self.name!r} does not send with the count exchange")
 
     @abstractmethod

@@ -162,7 +162,6 @@ class NVLinkBackend(EPBackend):
         self._epoch_d = 0
         self._epoch_c = 0
         self._pending: int | None = None  # status slot to read in check()
-        self._sent = False  # exchange_meta_and_send already sent this dispatch's rows
         # the transfer plan's device rows, written by the dispatch flag kernel of the early send
         self._plan_vec = torch.zeros(len(PLAN_ROWS), R, dtype=torch.int64, device=device)
         self._meta_ready = torch.cuda.Event() if device.type == "cuda" else None
@@ -190,39 +189,26 @@ class NVLinkBackend(EPBackend):
         input is bad (``pack=None``), so epochs stay equal on every rank."""
         if meta.shape[0] != self._meta_w:
             raise ValueError(f"meta: {meta.shape[0]} words, the exchange carries {self._meta_w}")
-        self._epoch_m += 1
-        self._meta_kernel(meta.to(torch.int64).contiguous(), self._epoch_m)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self._meta_host.copy_(self._meta_out, non_blocking=True)
-            self._meta_ready.record()
         R, W = self.world_size, self._meta_w
-        if pack is not None:
-            dp = DevicePlan(self._meta_out[: R * W + R], W, self.rank, self.max_recv)
-            pack(RowTargets(None, self._recv.peer_ptrs, self._recv.peer_ptrs, dp))
-        self._epoch_d += 1
-        pending = self._pending  # a deferred status of the previous dispatch, read below
-        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0, plan=True)
-        self._sent = True
-        if cuda:
-            self._meta_ready.synchronize()
-        if pending == ST_DISPATCH:
-            self._raise_status(self._host_status, ST_DISPATCH)
-        late = np.flatnonzero(self._host_late)
-        if late.size:
-            raise self._timeout("count exchange", int(late[0]))
-        return self._host_rows
+
+        def send() -> None:
+            if pack is not None:
+                dp = DevicePlan(self._meta_out[: R * W + R], W, self.rank, self.max_recv)
+                pack(RowTargets(None, self._recv.peer_ptrs, self._recv.peer_ptrs, dp))
+            self._signal_dispatch(plan=True)
+
+        return self._exchange_symmem(meta, send)
 
     @property
     def plan_rows(self) -> torch.Tensor:
         """``[len(PLAN_ROWS), R]`` int64 device rows of the latest :meth:`exchange_meta_and_send`."""
         return self._plan_vec
 
+    def received_rows(self, plan: TransferPlan) -> torch.Tensor:
+        return self._recv.local.view(-1, self.row_bytes)[: plan.num_recv]
+
     def dispatch_rows(self, plan: TransferPlan, pack: PackFn) -> torch.Tensor:
         R, RB = self.world_size, self.row_bytes
-        if self._sent:  # exchange_meta_and_send stored the rows and launched the flags
-            self._sent = False
-            return self._recv.local.view(-1, RB)[: plan.num_recv]
         worst = max(sum(plan.counts[s][r] for s in range(R)) for r in range(R))
         if worst > self.max_recv:
             # identical on every rank (counts are global): nobody stores anything
@@ -235,9 +221,13 @@ class NVLinkBackend(EPBackend):
             off = plan.offset_in_receiver(r)
             views.append(self._recv.peer(r).view(-1, RB)[off : off + plan.send_counts[r]])
         pack(RowTargets(views, self._recv.peer_ptrs, plan.row("in_receiver")))
+        self._signal_dispatch()
+        return self.received_rows(plan)
+
+    def _signal_dispatch(self, plan: bool = False) -> None:
+        """The dispatch flags of a new epoch (see :meth:`_flags`)."""
         self._epoch_d += 1
-        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0)
-        return self._recv.local.view(-1, RB)[: plan.num_recv]
+        self._flags(self._dflags, self._epoch_d, ST_DISPATCH, 0, plan=plan)
 
     def combine_rows(self, plan: TransferPlan, reduce: ReduceFn, crow_bytes: int, code: int) -> RowTargets:
         R, CRB = self.world_size, self.crow_bytes
@@ -260,23 +250,37 @@ class NVLinkBackend(EPBackend):
     def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
         """:data:`META_EXCHANGE` ``"nccl"``: the base class's all-gather. ``"symmem"``: one
         :func:`~kernels.nvlink.meta_exchange_kernel` launch (GPU; under the interpreter its
-        signal and wait halves around a host barrier), one D2H copy, one stream sync.
+        signal and wait halves around a host barrier), one D2H copy, one host wait for it.
         Either way a dispatch status left unread by :data:`DEFER_DISPATCH_CHECK` is read
         after the sync (for ``"symmem"`` from the same copy) and raises first."""
-        self._sent = False  # this dispatch sends in dispatch_rows (a failed early send left no rows)
         if META_EXCHANGE != "symmem" or meta.shape[0] != self._meta_w:
             out = super().exchange_meta(meta)
             if self._pending == ST_DISPATCH:
                 self._pending = None
                 self._raise_status(self._status.tolist(), ST_DISPATCH)
             return out
+        return self._exchange_symmem(meta)
+
+    def _exchange_symmem(self, meta: torch.Tensor, send=None) -> torch.Tensor:
+        """One :func:`~kernels.nvlink.meta_exchange_kernel` launch, the D2H copy of its output
+        (vectors, timeout words, status words) and an event behind it; then ``send()``
+        (kernels queued behind the exchange, before the host waits) and the wait for that
+        event. A deferred dispatch status from the same copy raises first, then a timeout of
+        the exchange."""
         self._epoch_m += 1
         self._meta_kernel(meta.to(torch.int64).contiguous(), self._epoch_m)
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             self._meta_host.copy_(self._meta_out, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-        if self._pending == ST_DISPATCH:
+            self._meta_ready.record()
+        pending = self._pending
+        if pending == ST_DISPATCH:
             self._pending = None
+        if send is not None:
+            send()
+        if cuda:
+            self._meta_ready.synchronize()
+        if pending == ST_DISPATCH:
             self._raise_status(self._host_status, ST_DISPATCH)
         late = np.flatnonzero(self._host_late)
         if late.size:

@@ -855,7 +855,7 @@ class EPBuffer:
         early = self._triton and _v2("pack") and backend.sends_with_meta
         if early:
             # rows go out right after the exchange (offsets computed on the device); the host
-            # checks below overlap the send, and dispatch_rows sends nothing more
+            # checks below overlap the send; the received rows come from received_rows
             allm = backend.exchange_meta_and_send(meta, pack if err is None else None).numpy()
         else:
             allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
@@ -892,7 +892,7 @@ class EPBuffer:
 
         self._generation += 1
         self._handle = None
-        recv = backend.dispatch_rows(plan, pack)
+        recv = backend.received_rows(plan) if early else backend.dispatch_rows(plan, pack)
         p = permute_rows(
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
             scale_layout=cfg.scale_layout, slot_map=self._slot_map[: plan.num_recv], impl=impl,
