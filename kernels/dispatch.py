@@ -400,18 +400,26 @@ def ep_layout_kernel(
 
 
 @triton.jit
-def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
-                SUB: tl.constexpr, ELP: tl.constexpr):  # fmt: skip
-    """Rows ``n0 .. n0 + SUB`` of the received rows: ``(n [SUB*KP], k [SUB*KP], onehot
-    [SUB*KP, ELP])`` with the ``(n, k)`` pairs flattened row-major and ``onehot[i, e]`` = 1
-    where pair ``i`` is routed to local expert ``e``."""
-    i = tl.arange(0, SUB * KP)
+def _chunk_experts(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
+                   ROWS: tl.constexpr):  # fmt: skip
+    """Rows ``n0 .. n0 + ROWS`` (below ``N``) of the received rows: ``(n [ROWS*KP], k
+    [ROWS*KP], el [ROWS*KP])`` with the ``(n, k)`` pairs flattened row-major and ``el`` the
+    local expert of each pair, -1 where it is not routed to this rank (or past ``N`` / ``K``)."""
+    i = tl.arange(0, ROWS * KP)
     n = n0 + i // KP
     k = i % KP
     m = (n < N) & (k < K)
     idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
     el = tl.load(idp + k, mask=m, other=-1) - EXPERT_BASE
-    el = tl.where(m & (el >= 0) & (el < E_LOCAL), el, -1)
+    return n, k, tl.where(m & (el >= 0) & (el < E_LOCAL), el, -1)
+
+
+@triton.jit
+def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
+                SUB: tl.constexpr, ELP: tl.constexpr):  # fmt: skip
+    """:func:`_chunk_experts` of ``SUB`` rows as ``(n, k, onehot [SUB*KP, ELP])``:
+    ``onehot[i, e]`` = 1 where pair ``i`` is routed to local expert ``e``."""
+    n, k, el = _chunk_experts(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB)
     onehot = (el[:, None] == tl.arange(0, ELP)[None, :]).to(tl.int32)
     return n, k, onehot
 
@@ -442,14 +450,9 @@ def ep_permute_hist_kernel(
     n0 = c * BLOCK_N
     end = tl.minimum(n0 + BLOCK_N, N)
     if V2:
-        i = tl.arange(0, HB)
         while n0 < end:
-            n = n0 + i // KP
-            k = i % KP
-            m = (n < end) & (k < K)
-            idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
-            el = tl.load(idp + k, mask=m, other=-1) - EXPERT_BASE
-            ok = m & (el >= 0) & (el < E_LOCAL)
+            _, _, el = _chunk_experts(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, HB // KP)
+            ok = el >= 0
             cnt += tl.histogram(tl.where(ok, el, 0), ELP, mask=ok)
             n0 += HB // KP
     else:
@@ -501,17 +504,11 @@ def ep_permute_index_kernel(
     through shared memory; H200, 14.8k rows: 11.4 us, the one-hot scan 22 us). Same slots."""
     c = tl.program_id(0)
     if SCANNED:
-        P: tl.constexpr = SUB * KP
-        pi = tl.arange(0, P)
-        pn = c * BLOCK_N + pi // KP
-        pk = pi % KP
+        pn, pk, pel = _chunk_experts(recv_ptr, c * BLOCK_N, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB)
         pmask = (pn < N) & (pk < K)
-        pidp = (recv_ptr + pn.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
-        pel = tl.load(pidp + pk, mask=pmask, other=-1) - EXPERT_BASE
-        phit = pmask & (pel >= 0) & (pel < E_LOCAL)
-        pel = tl.where(phit, pel, -1)
-        pj = tl.arange(0, P)
-        psame = (pel[None, :] == pel[:, None]) & (pj[None, :] < pi[:, None])
+        phit = pel >= 0
+        pi = tl.arange(0, SUB * KP)
+        psame = (pel[None, :] == pel[:, None]) & (pi[None, :] < pi[:, None])
         pslot = tl.load(hist_ptr + c * ELP + pel, mask=phit, other=0) + tl.sum(psame.to(tl.int32), axis=1)
         pout = tl.where(phit & (pslot < MAX_M), pel * MAX_M + pslot, -1)
         tl.store(slot_map_ptr + pn.to(tl.int64) * K + pk, pout, mask=pmask)
