@@ -60,11 +60,13 @@ VARIANTS = {
     "torch": ["jit", "cached", "kernels_v2"],
     "nvlink": ["jit", "cached", "symmem", "symmem_defer", "kernels_v2", "best", "send_meta", "send_rowwise", "send_v2"],
 }
-#: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS)
-KNOBS = {"jit": (False, "baseline", "v1"), "cached": (True, "baseline", "v1"), "symmem": (True, "symmem", "v1"),
-         "symmem_defer": (True, "symmem_defer", "v1"), "kernels_v2": (True, "symmem_defer", "v2"),
-         "best": (True, "symmem_defer", "best"), "send_meta": (True, "send_with_meta", "best"),
-         "send_rowwise": (True, "send_with_meta", "best", False), "send_v2": (True, "send_with_meta", "v2")}  # fmt: skip
+#: variant -> (fp4comm._launch.ENABLED, backend_nvlink host variant, fp4comm.ep.buffer.KERNELS,
+#: fp4comm.ep.buffer.COMBINE_SPREAD)
+KNOBS = {"jit": (False, "baseline", "v1", True), "cached": (True, "baseline", "v1", True),
+         "symmem": (True, "symmem", "v1", True), "symmem_defer": (True, "symmem_defer", "v1", True),
+         "kernels_v2": (True, "symmem_defer", "v2", True), "best": (True, "symmem_defer", "best", True),
+         "send_meta": (True, "send_with_meta", "best", True), "send_rowwise": (True, "send_with_meta", "best", False),
+         "send_v2": (True, "send_with_meta", "v2", True)}  # fmt: skip
 
 
 class PhaseTimer:
@@ -235,8 +237,7 @@ def run(args) -> None:
         saved = L.ENABLED, NB.META_EXCHANGE, NB.DEFER_DISPATCH_CHECK, NB.SEND_WITH_META, B.KERNELS, B.COMBINE_SPREAD
         for T in tokens:
             for variant in variants:
-                L.ENABLED, host, B.KERNELS, *spread = KNOBS[variant]
-                B.COMBINE_SPREAD = spread[0] if spread else True
+                L.ENABLED, host, B.KERNELS, B.COMBINE_SPREAD = KNOBS[variant]
                 NB.set_host_variant(host)  # the torch backend ignores it
                 times, phases, kernels = _case(buf, T, args, dev, timer, dist)
                 results.append(
