@@ -24,14 +24,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gpu_kernel_us(fn: Callable[[], object], reps: int = 100, flush_mb: int = 256) -> list[float]:
+def gpu_kernel_us(fn: Callable[[], object], reps: int = 100, flush_mb: int = 256, flush: str = "read") -> list[float]:
     """GPU time (us) of one call of ``fn``, ``reps`` samples: ``fn`` is captured once in a CUDA
-    graph and each replay is timed by events after a ``flush_mb`` write that evicts L2.
+    graph and each replay is timed by events after a ``flush_mb`` pass that evicts L2.
+
+    ``flush``: ``"read"`` (default) reads a ``flush_mb`` buffer, so L2 is cold *and clean*
+    when ``fn`` starts: it pays for its own bytes only. ``"write"`` zero-fills the buffer
+    (``triton.testing.do_bench``'s flush); that leaves L2 full of dirty lines (50 MB on
+    H100/H200) which ``fn``'s own misses must write back to HBM first: 25% more traffic for
+    a kernel that moves 200 MB, 2.5% for a 2 GB copy.
 
     Replaying the graph leaves out the host's Python and launch overhead. Timing eager calls
     after the flush (``triton.testing.do_bench``) measures that overhead instead of the
     kernels whenever it exceeds the flush's ~70 us (e.g. a 30 us quantize or a 60 us cache
     write whose Python wrapper validates its inputs). ``fn`` must not sync the host."""
+    if flush not in ("read", "write"):
+        raise ValueError(f"flush: 'read' or 'write', got {flush!r}")
     fn()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -41,12 +49,13 @@ def gpu_kernel_us(fn: Callable[[], object], reps: int = 100, flush_mb: int = 256
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = torch.empty(flush_mb << 20, dtype=torch.int8, device="cuda")
+    buf = torch.zeros(flush_mb << 18, dtype=torch.float32, device="cuda")
+    evict = buf.zero_ if flush == "write" else buf.amax
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for _ in range(5):
         graph.replay()
     for start, end in events:
-        flush.zero_()
+        evict()
         start.record()
         graph.replay()
         end.record()
