@@ -169,15 +169,37 @@ def test_dynamic_zero_heads_store_scale_one(fmt):
     k[:, 1] = 0.0
     k[2] = 0.0
     k[3, 2] = 1e-44  # subnormal amax: amax / QMAX underflows to 0 -> scale 1
+    k[0, 2] = 2e-37  # normal amax, subnormal amax / QMAX (1 / scale would be Inf) -> scale 1, zero codes
     v = torch.zeros(4, H, D, device=DEV)
     c = KVCache.allocate(2, 4, H, D, fmt, device=DEV)
     c.k_scale_cache.fill_(-5.0)
     c.write(k, v, torch.arange(4, device=DEV), impl="triton")
     sc = c.k_scale_cache.view(-1, H)[:4]
-    assert (sc[:, 1] == 1).all() and (sc[2] == 1).all() and sc[3, 2] == 1
+    assert (sc[:, 1] == 1).all() and (sc[2] == 1).all() and sc[3, 2] == 1 and sc[0, 2] == 1
+    assert (c.k_cache.view(-1, H, D)[0, 2].float() == 0).all()
     assert (c.v_scale_cache.view(-1, H)[:4] == 1).all()
     assert (c.k_cache.view(-1, H, D)[:4, 1].float() == 0).all()
     assert sc.isfinite().all() and (sc > 0).all()
+
+
+def test_recipe_multiplies_by_the_reciprocal():
+    """The spec: ``v = x * RN(1 / scale)`` (one IEEE division a head), then the 8-bit rounding.
+    Inputs picked where that and rounding the true quotient ``x / scale`` give different
+    codes: kernel and reference follow the reciprocal."""
+    s = torch.tensor(7.0)
+    inv = torch.tensor(1.0) / s  # RN(1/7)
+    x = (torch.randn(1 << 18, generator=torch.Generator().manual_seed(7)) * 700).to(torch.bfloat16).float()
+    for fmt in ("fp8", "int8"):
+        by_inv = ref.quantize_values(x * inv, torch.tensor(1.0), fmt)
+        by_div = ref.quantize_values(x / s, torch.tensor(1.0), fmt)
+        apart = x[by_inv.view(torch.uint8) != by_div.view(torch.uint8)]
+        assert apart.numel() >= 8, fmt  # boundary cases exist for this scale
+        xs = apart[:8].repeat_interleave(8).view(8, 1, 8)
+        want = ref.quantize_values(xs, s, fmt)
+        assert torch.equal(want.view(torch.uint8), ref.quantize_values(xs * inv, torch.tensor(1.0), fmt).view(torch.uint8))
+        c = KVCache.allocate(2, 4, 1, 8, fmt, k_scale=s, v_scale=s, device=DEV)
+        c.write(xs.to(DEV), xs.to(DEV), torch.arange(8, device=DEV), impl="triton")
+        assert torch.equal(c.k_cache.view(-1, 1, 8)[:8].cpu().view(torch.uint8), want.view(torch.uint8)), fmt
 
 
 def test_nan_input_is_defined():
@@ -264,6 +286,7 @@ BAD = {
     "slot_len": (ValueError, "slot_mapping", lambda a: dict(slot_mapping=torch.tensor([0, 1]))),
     "no_scale": (ValueError, "k_scale", lambda a: dict(k_scale=None)),
     "scale_zero": (ValueError, "v_scale", lambda a: dict(v_scale=torch.tensor(0.0))),
+    "scale_subnormal": (ValueError, "k_scale", lambda a: dict(k_scale=torch.tensor(1e-39))),  # 1 / scale = Inf
     "scale_shape": (ValueError, "k_scale", lambda a: dict(k_scale=torch.ones(3))),
     "scale_dtype": (TypeError, "k_scale", lambda a: dict(k_scale=torch.ones(2, dtype=torch.float64))),
     "format": (ValueError, "kv_format", lambda a: dict(kv_format="e5m2")),

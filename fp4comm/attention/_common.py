@@ -6,7 +6,7 @@ import torch
 
 from .._checks import check_choice, check_tensor
 from .._runtime import next_pow2  # noqa: F401  (re-exported: paged, kv_cache)
-from ..reference.attention import KV_DTYPES, KV_FORMATS
+from ..reference.attention import KV_DTYPES, KV_FORMATS, MIN_SCALE
 
 FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 FORMAT_CODE = {"bf16": 0, "fp8": 1, "int8": 2}
@@ -52,14 +52,15 @@ def check_static_scale(
     name: str, scale: object, num_kv_heads: int, device: torch.device, *, check_values: bool = True
 ) -> torch.Tensor:
     """A decode-direction scale per tensor (0-dim or ``[1]``) or per KV head ``[Hkv]``,
-    float32, finite and > 0. Returns a 1-dim FP32 tensor (``[1]`` or ``[Hkv]``)."""
+    float32, finite and >= ``2^-126`` (the smallest normal FP32: quantization multiplies by
+    ``1 / scale``, which must be finite). Returns a 1-dim FP32 tensor (``[1]`` or ``[Hkv]``)."""
     if scale is None:
         raise ValueError(f"{name}: required for static fp8/int8 kv formats (decode-direction scale, x ~= q * scale)")
     check_tensor(name, scale, dtype=torch.float32, device=device)
     if not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] in (1, num_kv_heads))):
         raise ValueError(f"{name}: expected a 0-dim, [1] or [num_kv_heads={num_kv_heads}] tensor, got {list(scale.shape)}")
-    if check_values and not bool(((scale > 0) & scale.isfinite()).all()):
-        raise ValueError(f"{name}: scales must be finite and > 0")
+    if check_values and not bool(((scale >= MIN_SCALE) & scale.isfinite()).all()):
+        raise ValueError(f"{name}: scales must be finite and >= 2^-126 (1.18e-38), got min {float(scale.min()):.3g}")
     return scale.reshape(-1)
 
 

@@ -62,13 +62,13 @@ def write_kv_cache(
             block_size``; negative entries are skipped (padding). Slots must be unique.
         kv_format: ``"bf16" | "fp8" | "int8" | "fp8_dynamic" | "int8_dynamic"``.
         k_scale, v_scale: static formats only: decode-direction FP32 scales, 0-dim / ``[1]``
-            (per tensor) or ``[num_kv_heads]`` (per head); finite, > 0. Typically from
+            (per tensor) or ``[num_kv_heads]`` (per head); finite, >= 2^-126. Typically from
             :func:`calibrate_kv_scales`.
         k_scale_cache, v_scale_cache: dynamic formats only: ``[num_blocks, block_size,
             num_kv_heads]`` FP32, receive ``amax / QMAX`` of each (token, head); an all-zero
             head stores 1.
         check_indices: check ``slot_mapping`` against the cache size and the static scales
-            for finite, > 0 values (device syncs); pass ``False`` on hot paths / CUDA graphs.
+            for finite values >= 2^-126 (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
 
     Quantized values saturate (fp8 to +-448, int8 to +-127), they never wrap or become Inf.
@@ -132,20 +132,27 @@ def write_kv_cache(
 def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
     """``(BLOCK_H, BLOCK_D, num_warps)`` of the cache-write kernel.
 
-    The write is pure bandwidth: one program per token moves all its heads (up to 4096
+    The write streams: one program per token moves all its heads (up to 4096
     elements: 8 KB of BF16 in, 4 KB of FP8 out for K and again for V) so each program issues
     large, contiguous 16-byte accesses and the grid (one program per token) is big enough at
     prefill sizes; more heads than that are split over a second grid dim. Per-(token, head)
     dynamic scales reduce along ``BLOCK_D`` inside the tile.
 
-    H200, 32k tokens, 8 KV heads of 128, 16-token pages: bf16 73 us, fp8 71, int8 72,
-    fp8_dynamic / int8_dynamic 81 (57-60% of the 4.8 TB/s peak; 66-86% of a large copy).
+    H200, 8 KV heads of 128, 16-token pages, L2 flushed by a read (% of the 4.8 TB/s peak),
+    32k / 128k tokens: bf16 68.9 / 269 us (81 / 83%), fp8 49.7 / 191 (85 / 88%), int8 50.5 /
+    192 (83 / 88%), fp8_dynamic 61.6 / 229 (69 / 74%), int8_dynamic 61.9 / 231 (69 / 74%).
+    The 1-byte formats are instruction-bound, not bandwidth-bound: with an IEEE division a
+    value (``div.rn``: a range check and a branch around a slow path each; 1104 sm_90
+    instructions vs 544 for the bf16 copy) fp8 took 68.5 / 252.9 us (61 / 66%), int8 70.1 /
+    260.4, the dynamic ones 79.8 / 296.8; multiplying by the per-head reciprocal (616) gave
+    the figures above (the dynamic ones still compute the amax and the scale in the tile).
     Variants timed against it and dropped (none faster): loads of slot, K and V issued
     together; K and V in separate programs (1 or 2 warps); 2 tokens a program at 4 warps (fp8
-    71.4 us, a tie); a persistent grid of 4 or 8 programs an SM (1.2-1.8x slower); raw BF16
-    copies; streaming cache hints (commit f0095e5 has them); the per-element IEEE division
-    replaced by a per-row reciprocal and two FMAs (Markstein's correction; fp8 73 us, int8 68,
-    dynamic 83-90: not ALU-bound, so no gain).
+    71.4 us, a tie); a persistent grid of 4 or 8 programs an SM (1.2-1.8x slower); the same
+    as a software-pipelined loop (K/V loads 2-4 tokens ahead through shared memory, 4-16
+    programs an SM: 4-60% slower, session 6); raw BF16 copies; streaming cache hints (commit
+    f0095e5 has them); the division kept exact with a per-row reciprocal and two FMAs
+    (Markstein's correction; fp8 73 us, int8 68: no gain).
     """
     BLOCK_D = next_pow2(head_dim)
     BLOCK_H = max(1, min(next_pow2(num_kv_heads), 4096 // BLOCK_D))
@@ -275,7 +282,8 @@ def calibrate_kv_scales(
 
     Returns:
         ``(k_scale, v_scale)`` FP32: ``scale = margin * amax / QMAX`` (QMAX 448 for fp8, 127
-        for int8) over the finite ``|x|``; a head never seen non-zero gets 1.
+        for int8) over the finite ``|x|``; a head never seen non-zero (or whose scale would be
+        below ``2^-126``) gets 1.
     """
     if kv_format not in ("fp8", "int8"):
         raise ValueError(f"kv_format: must be one of ['fp8', 'int8'] (static formats), got {kv_format!r}")
@@ -297,5 +305,5 @@ def calibrate_kv_scales(
         if not per_head:
             amax = amax.amax()
         s = amax * float(margin) / ref.QMAX[kv_format]
-        out.append(torch.where(s > 0, s, torch.ones_like(s)))
+        out.append(torch.where(s >= ref.MIN_SCALE, s, torch.ones_like(s)))
     return out[0], out[1]

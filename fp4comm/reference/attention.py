@@ -6,17 +6,22 @@ No Triton, no pytest; only torch and :mod:`fp4comm.formats`. Inputs are assumed 
 Scales are **decode direction** everywhere: ``x ~= q * scale`` (``q`` the stored code).
 
 Quantization recipe (what the Triton kernels reproduce bit for bit):
-  * all arithmetic in FP32, IEEE round-to-nearest; ``x / scale`` is a true division (not a
-    multiplication by a reciprocal);
-  * ``fp8``: ``e4m3_rne_satfinite(x / scale)``: clamp to +-448 *before* the cast (so
+  * all arithmetic in FP32, IEEE round-to-nearest; a value is scaled by the reciprocal of
+    its scale, ``v = x * inv`` with ``inv = 1 / scale`` (one IEEE division a head or row,
+    as the FP8 block format and vLLM's FP8 quantization do; scales are >= ``2^-126`` so
+    ``inv`` is finite). ``v`` differs from the quotient ``x / scale`` by at most one FP32
+    rounding, so a code can differ from that of a true division only when ``x / scale``
+    lies within about ``2^-24`` (relative) of a rounding boundary of the 8-bit grid;
+  * ``fp8``: ``e4m3_rne_satfinite(v)``: clamp to +-448 *before* the cast (so
     overflow saturates and never becomes NaN), round to nearest even (subnormals included),
     a negative value that rounds to zero keeps its sign (byte 0x80); NaN stays NaN (0x7F);
-  * ``int8``: ``round_half_even(clamp(x / scale, -127, 127))``: **symmetric** range, -128 is
+  * ``int8``: ``round_half_even(clamp(v, -127, 127))``: **symmetric** range, -128 is
     never written (negation stays exact, the grid is symmetric around 0); NaN stores 0;
   * dynamic formats (``*_dynamic``): one scale per (token, KV head):
     ``scale = amax / QMAX`` where ``amax`` is the max of the *finite* ``|x|`` of that head
-    (``QMAX`` = 448 for fp8, 127 for int8); a head whose scale is 0 (all zeros, or an
-    ``amax`` so small that ``amax / QMAX`` underflows) stores scale 1, never 0 or Inf.
+    (``QMAX`` = 448 for fp8, 127 for int8); a head whose scale is below the smallest
+    normal FP32, ``2^-126`` (all zeros, or an ``amax`` under ``QMAX * 2^-126``, about
+    5e-36 for fp8) stores scale 1 (and so zero codes), never 0, a subnormal or Inf.
     Non-finite elements then saturate like any value over the range.
   * ``bf16``: ``x.to(bfloat16)`` (round to nearest even).
 
@@ -34,6 +39,9 @@ from __future__ import annotations
 import torch
 
 from ..formats import E4M3_MAX, e4m3_rne_satfinite, ieee_div
+
+#: Smallest scale a quantized cache uses: the smallest normal FP32, so ``1 / scale`` is finite.
+MIN_SCALE = 2.0**-126
 
 #: Largest code magnitude of each quantized cache element type.
 INT8_MAX = 127.0
@@ -79,7 +87,7 @@ def quantize_values(x: torch.Tensor, scale: torch.Tensor | float, kv_format: str
     fmt = base_format(kv_format)
     if fmt == "bf16":
         return x.to(torch.bfloat16)
-    v = x.float() / torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    v = x.float() * ieee_div(1.0, torch.as_tensor(scale, dtype=torch.float32, device=x.device))
     if fmt == "fp8":
         return e4m3_rne_satfinite(v)
     v = torch.where(v.isnan(), torch.zeros_like(v), v).clamp(-INT8_MAX, INT8_MAX)
@@ -87,12 +95,13 @@ def quantize_values(x: torch.Tensor, scale: torch.Tensor | float, kv_format: str
 
 
 def dynamic_scale(x: torch.Tensor, kv_format: str, dim: int = -1) -> torch.Tensor:
-    """Decode-direction scale over ``dim``: ``amax(finite |x|) / QMAX``, 0 -> 1 (zero-safe)."""
+    """Decode-direction scale over ``dim``: ``amax(finite |x|) / QMAX``; below ``2^-126``
+    (zero or subnormal) -> 1 (zero-safe, and its reciprocal finite)."""
     a = x.float().abs()
     a = torch.where(a.isfinite(), a, torch.zeros_like(a))
     amax = a.amax(dim=dim)
     s = ieee_div(amax, QMAX[base_format(kv_format)])
-    return torch.where(s == 0, torch.ones_like(s), s)
+    return torch.where(s < MIN_SCALE, torch.ones_like(s), s)
 
 
 def dequantize_values(q: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
