@@ -17,7 +17,7 @@ figure (``target`` / ``meets``) and writes ``<out>.json`` and ``<out>.csv``.
 ``--quick``: decode at batch 32 and 128, context 16k, plus fp8 decode variants at batch 32
 (``tune`` rows, see :func:`decode_variants`: which :class:`AttentionTiles` to make the
 default), prefill 8k (bf16, fp8, and ``tune`` rows of the generic and the
-prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes (32k tokens).
+prefill-specialised ``fa`` kernel, see :func:`prefill_variants`), writes (32k and 128k tokens).
 ``--only decode,prefill`` (any of ``decode`` / ``prefill`` / ``write``) runs those sections.
 ``--smoke`` runs tiny shapes (on CPU through Triton's interpreter) to test the script itself.
 
@@ -73,11 +73,14 @@ TARGET_PREFILL_VS_SDPA = 0.8
 def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
     """Decode candidates of ``--quick`` beside the default (``tune`` rows): ``(name, tiles,
     splits)``, fp8 at the tuning batch (32) only: the default (mode 3 = FP16 operands, N =
-    128, 4 warps, 3 stages), ``cvt2`` (integer conversion to BF16, the runner-up mode) and
-    ``splits8`` (8 splits; the heuristic picks 16 at b32: the ``default`` row's note). H200,
-    b32 / 16k, GQA 32 / 8, D 128: default 373.0 us, cvt2 494.3, splits8 376.4.
+    128, 4 warps, 2 stages, block-table reads outside the pipeliner), ``pipelined bt`` (what
+    that replaced: block-table reads through Triton's pipeliner at 3 stages), ``cvt2``
+    (integer conversion to BF16, the runner-up mode) and ``splits8`` (8 splits; the
+    heuristic picks 16 at b32). H200, b32 / 16k, GQA 32 / 8, D 128 (L2 flushed by a read):
+    default 352.2-353.4 us, pipelined bt 366.6 (see ``paged.DECODE_ONE_BYTE_STAGES``);
+    session 3: cvt2 494.3 vs 373.0 (the then default), splits8 376.4.
 
-    Timed there and removed (commit f88ea2a has them), all slower than the default: N = 64
+    Timed there and removed (commit f88ea2a has them), all slower than the then default: N = 64
     483.6 us (146 registers: 3 programs an SM), the same capped at 128 registers (an
     ``AttentionTiles.max_regs`` -> ptxas ``maxnreg`` knob: 4 an SM) 424.8, 8 warps 508.5,
     N = 256 at 8 warps and 2 stages 582.7; b128: default 1355.6, N = 64 capped 1570.7. The
@@ -85,14 +88,14 @@ def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
     if fmt != "fp8" or not tune_batch:
         return []
     t = attention_tiles(D, Hq // Hkv, 1, fmt)
-    return [("default", t, None), ("cvt2", AttentionTiles(**{**t.__dict__, "kv_convert": 2}), None),
-            ("splits8", t, 8)]
+    return [("default", t, None), ("pipelined bt", replace(t, bt_ldg=False, num_stages=3), None),
+            ("cvt2", replace(t, kv_convert=2), None), ("splits8", t, 8)]
 
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
     """Prefill rows of ``--quick`` beside the defaults (``tune`` rows) as ``(name, format, fp8
     queries, tiles, splits, block size)``: what the defaults replaced (the generic kernel; the
-    fa kernel without ``fa_q_smem`` / ``fa_bt_ldg``; fp8 at N = 64) and the defaults with
+    fa kernel without ``fa_q_smem`` / ``bt_ldg``; fp8 at N = 64) and the defaults with
     pages of 128 keys (one block-table read a tile; the other rows use ``bs``). H200, one 8k
     causal sequence, D 128, 32 / 8 heads, pages of 16 (TFLOP/s; SDPA 586-613): generic 259
     (N = 64) / 296 (N = 128); fa 299 (N = 64) / 352 (N = 128; 2 / 4 stages 326 / 352); fa +
@@ -104,7 +107,7 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
     def tiles(base, **kw):
         return AttentionTiles(**{**base.__dict__, **kw})
 
-    plain = dict(fa_q_smem=False, fa_bt_ldg=False)
+    plain = dict(fa_q_smem=False, bt_ldg=False)
     return [("generic", "bf16", False, tiles(t, kernel="generic", **plain), None, bs),
             ("fa plain", "bf16", False, tiles(t, **plain), None, bs),
             ("default bs=128", "bf16", False, t, None, 128),
@@ -114,7 +117,8 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
 
 def bench(fn, smoke: bool) -> float:
     """Median time of ``fn()`` in microseconds: on GPU the kernels' time, as CUDA-graph replays
-    after an L2 flush (:func:`common.gpu_kernel_us`; fp4comm and SDPA alike)."""
+    after a 256 MB read that leaves L2 cold and clean (:func:`common.gpu_kernel_us`; fp4comm
+    and SDPA alike)."""
     if smoke or not torch.cuda.is_available():
         fn()
         t = time.perf_counter()
@@ -183,7 +187,8 @@ def run_roofline(dev, smoke, peak):
     n = (1 << 16) if smoke else (1 << 30)
     src = torch.empty(n, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    us = bench(lambda: dst.copy_(src), smoke)
+    # 8-byte elements: torch's byte copy ran at 2.7 TB/s on an H200 (session 6)
+    us = bench(lambda: dst.view(torch.int64).copy_(src.view(torch.int64)), smoke)
     gbps = 2 * n / us / 1e3
     return [dict(section="roofline", name="d2d copy", format="-", batch=0, context=0, us=us, gbps=gbps,
                  pct_peak=100 * gbps / peak, pct_copy=100.0)]
@@ -245,7 +250,8 @@ def run_decode(dev, smoke, peak, copy_gbps, configs, Hq, Hkv, D, bs, tune=False,
                                      us=us_v, gbps=g, pct_peak=100 * g / peak, pct_copy=100 * g / copy_gbps,
                                      speedup_vs_sdpa=sdpa_us / us_v,
                                      note=f"N={tiles.block_n} w={tiles.num_warps} st={tiles.num_stages} "
-                                          f"cvt={tiles.kv_convert} splits={splits or auto_splits}"))
+                                          f"cvt={tiles.kv_convert} {'ldg ' if tiles.bt_ldg else ''}"
+                                          f"splits={splits or auto_splits}"))
             del c, bt
     return rows
 
@@ -283,7 +289,7 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
         rows.append(dict(section="tune" if tiles else "prefill", name="paged_attention" + suffix, format=fmt,
                          batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,
                          note=f"{t.kernel} N={t.block_n} w={t.num_warps} st={t.num_stages} cvt={t.kv_convert} "
-                              f"{'qsmem ' if t.fa_q_smem else ''}{'ldg ' if t.fa_bt_ldg else ''}"
+                              f"{'qsmem ' if t.fa_q_smem else ''}{'ldg ' if t.bt_ldg else ''}"
                               f"bs={page} splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
         if fmt == "bf16" and not q_fp8:
             rows[-1].update(target=f">={TARGET_PREFILL_VS_SDPA}x sdpa",
@@ -292,7 +298,14 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     return rows
 
 
-def run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs, tune=False):
+def run_write(dev, smoke, peak, copy_gbps, sizes, Hkv, D, bs, tune=False):
+    rows = []
+    for T in sizes:
+        rows += _run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs)
+    return rows
+
+
+def _run_write(dev, smoke, peak, copy_gbps, T, Hkv, D, bs):
     rows = []
     k = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
     v = torch.randn(T, Hkv, D, device=dev).to(torch.bfloat16)
@@ -367,18 +380,18 @@ def main(argv=None):
     if smoke:
         Hq, Hkv, D, bs = 4, 2, 64, 16
         configs = [(2, 40)]
-        prefill_len, write_T = 32, 64
+        prefill_len, write_T = 32, [64]
         tune_batch = 2
     elif args.quick:
         Hq, Hkv, D, bs = 32, 8, 128, 16
         configs = [(32, 16384), (128, 16384)]
-        prefill_len, write_T = args.prefill_len, 32768
+        prefill_len, write_T = args.prefill_len, [32768, 131072]
         tune_batch = 32
     else:
         Hq, Hkv, D, bs = 32, 8, 128, 16
         configs = [(b, c) for b in map(int, args.batches.split(",")) for c in map(int, args.contexts.split(","))
                    if b * c <= args.max_tokens]
-        prefill_len, write_T = args.prefill_len, 32768
+        prefill_len, write_T = args.prefill_len, [32768, 131072]
         tune_batch = 32
     rows = run_roofline(dev, smoke, args.peak_gbps)
     copy_gbps = rows[0]["gbps"]

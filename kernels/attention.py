@@ -257,13 +257,45 @@ def _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
 
 
 @triton.jit
-def _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+def _ld_nc_b32(ptr):
+    """``ld.global.nc.b32`` (GPU only): a load Triton's pipeliner does not see (see
+    :func:`_page_rows`); the block table is read-only while the kernel runs."""
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _page_rows(bt_row, start, offs_n, n_ok, k_end, block_size, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, BT_LDG: tl.constexpr = False, INTERPRET: tl.constexpr = False):
     """Block and in-block row (int64) of keys ``offs_n = start + arange(BLOCK_N)``.
 
     ``PAGE`` = the block size when it is a power of two (shifts, and when ``PAGE`` is a
     multiple of ``BLOCK_N`` the whole tile is one contiguous run of one page: a single
-    block-table entry), else 0 (runtime ``block_size``, one entry per key)."""
-    if PAGE > 0:
+    block-table entry), else 0 (runtime ``block_size``, one entry per key).
+
+    ``BT_LDG`` (unmasked tiles on the GPU): the block-table entries are read with
+    :func:`_ld_nc_b32` instead of ``tl.load``. Triton's pipeliner turns a ``tl.load`` of the
+    block table into a ``cp.async`` one stage ahead of the K/V copies it addresses, so with
+    ``num_stages`` 3 the K/V copies of tile ``i + 1`` are issued at the end of iteration ``i``
+    and waited for (``cp.async.wait_group 0``) at the top of ``i + 1``: no overlap of a
+    program's loads with its own compute. With the entries read outside the pipeliner the
+    K/V copies are the only pipelined loads: ``num_stages - 1`` tiles ahead; the
+    ``ld.global.nc`` (one per page a thread: a thread's rows of a 128-key tile lie in 8
+    different 16-key pages, and every thread reads the same 8 entries) stalls the issue of
+    those copies instead. The pipeliner also evaluates the addresses of the tile after the
+    loop's last one (and of the first tile of an empty loop), and an inline-asm load is not
+    predicated off as its own loads are: keys at or past ``k_end`` read entry 0 (every table
+    used with ``BT_LDG`` has a column), never past the table's end."""
+    if BT_LDG and not MASK and not INTERPRET:
+        if PAGE > 0:
+            if PAGE % BLOCK_N == 0:
+                page = _ld_nc_b32(bt_row + tl.where(start < k_end, start // PAGE, 0)).to(tl.int64)
+            else:
+                page = _ld_nc_b32(bt_row + tl.where(n_ok, offs_n // PAGE, 0)).to(tl.int64)
+            in_blk = (offs_n % PAGE).to(tl.int64)
+        else:
+            page = _ld_nc_b32(bt_row + tl.where(n_ok, offs_n // block_size, 0)).to(tl.int64)
+            in_blk = (offs_n % block_size).to(tl.int64)
+    elif PAGE > 0:
         if PAGE % BLOCK_N == 0:
             page = tl.load(bt_row + start // PAGE).to(tl.int64)
         elif MASK:
@@ -308,7 +340,7 @@ def _attend_tile(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
-    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr, BT_LDG: tl.constexpr,
 ):
     """Keys ``[start, start + BLOCK_N)``: gather, dequantize, score, mask, online-softmax
     update. Returns ``(m_i, l_i, acc)``.
@@ -318,7 +350,7 @@ def _attend_tile(
     window mask at all. ``MASK`` True: keys are clipped to ``k_end`` and masked per row."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
-    page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
+    page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, k_end, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
     s = qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK, CVT, INTERPRET)
     # qk_scale: [M], per row (softmax scale * q/k descales, and mode 3's power-of-two q rescale)
@@ -369,7 +401,7 @@ def _attend_range(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
-    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr, BT_LDG: tl.constexpr,
 ):
     """Tiles starting at ``k_from, k_from + BLOCK_N, ... < k_to`` (keys clipped to ``k_end``)."""
     if INTERPRET:
@@ -380,7 +412,7 @@ def _attend_range(
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
             start += BLOCK_N
     else:
         for start in range(k_from, k_to, BLOCK_N):
@@ -389,7 +421,7 @@ def _attend_range(
                 kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET)
+                BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, MASK, PAGE, CVT, INTERPRET, BT_LDG)
     return m_i, l_i, acc
 
 
@@ -447,6 +479,7 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
+    BT_LDG: tl.constexpr = False,
 ):
     """Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``.
 
@@ -514,13 +547,13 @@ def paged_attention_kernel(
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET)
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, False, PAGE, CVT, INTERPRET, BT_LDG)
         m_i, l_i, acc = _attend_range(
             full_end, k_end, k_end, q, pos, m_i, l_i, acc, qk_scale, bt_row, kvh, block_size, window, offs_d,
             kc_ptr, vc_ptr, ksc_ptr, vsc_ptr,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET)
+            BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
 
         _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
                 out_ptr, stride_ot, stride_oh, ws_o_ptr, stride_wss, stride_wst, stride_wsh,

@@ -35,51 +35,14 @@ Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU)
   whose scale is negative runs every tile through the masked step (``s * c`` before the max,
   sign-agnostic) instead of a second build of the unmasked loop (that one doubled the
   shared memory, past the 227 KB limit, and serialized the wgmmas).
-* ``BT_LDG`` (``fa_bt_ldg``): block-table reads outside Triton's pipeliner, see
-  :func:`_fa_page_rows`: K/V copies prefetched ``num_stages - 1`` tiles ahead instead of one.
+* ``BT_LDG`` (``bt_ldg``): block-table reads outside Triton's pipeliner, see
+  :func:`~fp4comm.kernels.attention._page_rows`: K/V copies prefetched ``num_stages - 1`` tiles ahead instead of one.
 """
 
 import triton
 import triton.language as tl
 
 from .attention import _finish, _online_softmax_step, _page_rows, pv_update, q_rows_to_f16, q_tile, qk_scores, visible
-
-
-@triton.jit
-def _ld_nc_b32(ptr):
-    """``ld.global.nc.b32`` (GPU only): a load Triton's pipeliner does not see (see
-    :func:`_fa_page_rows`); the block table is read-only while the kernel runs."""
-    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK: tl.constexpr, BT_LDG: tl.constexpr, INTERPRET: tl.constexpr):
-    """Block and in-block row (int64) of keys ``offs_n``, as ``_page_rows`` of the generic kernel.
-
-    ``BT_LDG`` (unmasked tiles on the GPU): the block-table entries are read with
-    :func:`_ld_nc_b32` instead of ``tl.load``. Triton's pipeliner turns a ``tl.load`` of the
-    block table into a ``cp.async`` one stage ahead of the K/V copies it addresses, so with
-    ``num_stages`` 3 the K/V copies of tile ``i + 1`` are issued at the end of iteration ``i``
-    and waited for (``cp.async.wait_group 0``) at the top of ``i + 1``: no overlap of a
-    program's loads with its own compute. With the entries read outside the pipeliner the
-    K/V copies are the only pipelined loads: ``num_stages - 1`` tiles ahead (``wait_group 2``
-    at 3 stages, 224 KB of shared memory at N = 128, D = 128); the ``ld.global.nc`` (one per
-    page a thread: a thread's rows of a 128-key tile lie in 8 different 16-key pages, and
-    every thread reads the same 8 entries) stalls the issue of those copies instead."""
-    if BT_LDG and not MASK and not INTERPRET:
-        if PAGE > 0:
-            if PAGE % BLOCK_N == 0:
-                page = _ld_nc_b32(bt_row + start // PAGE).to(tl.int64)
-            else:
-                page = _ld_nc_b32(bt_row + offs_n // PAGE).to(tl.int64)
-            in_blk = (offs_n % PAGE).to(tl.int64)
-        else:
-            page = _ld_nc_b32(bt_row + offs_n // block_size).to(tl.int64)
-            in_blk = (offs_n % block_size).to(tl.int64)
-    else:
-        page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK)
-    return page, in_blk
 
 
 @triton.jit
@@ -102,7 +65,7 @@ def _fa_tile(
     vsc_ptr, stride_vsb, stride_vss, stride_vsh = v_scales
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_end
-    page, in_blk = _fa_page_rows(bt_row, start, offs_n, n_ok, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
+    page, in_blk = _page_rows(bt_row, start, offs_n, n_ok, k_end, block_size, PAGE, BLOCK_N, MASK, BT_LDG, INTERPRET)
     k_rows = page * stride_kcb + in_blk * stride_kcs + kvh * stride_kch
     v_rows = page * stride_vcb + in_blk * stride_vcs + kvh * stride_vch
     s = qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK, CVT, INTERPRET)

@@ -106,9 +106,9 @@ def build(seq_lens, q_lens, Hq, Hkv, D, bs, fmt, *, seed=0, device=DEV, spare_bl
 #: prefill-specialised one and its opt-in variants (see ``paged_prefill_kernel``)
 KERNEL_TILES = {
     "generic": dict(kernel="generic"),
-    "fa": dict(kernel="fa", fa_q_smem=False, fa_bt_ldg=False),
-    "fa_qsmem": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=False),  # BF16 queries unmodified, the sign in the score scale
-    "fa_ldg": dict(kernel="fa", fa_q_smem=True, fa_bt_ldg=True),  # + block-table reads outside the pipeliner
+    "fa": dict(kernel="fa", fa_q_smem=False, bt_ldg=False),
+    "fa_qsmem": dict(kernel="fa", fa_q_smem=True, bt_ldg=False),  # BF16 queries unmodified, the sign in the score scale
+    "fa_ldg": dict(kernel="fa", fa_q_smem=True, bt_ldg=True),  # + block-table reads outside the pipeliner
 }
 #: ``fa_ldg`` differs from ``fa_qsmem`` on the GPU only (the interpreter reads the block table
 #: with ``tl.load`` either way)
@@ -270,15 +270,16 @@ def test_split_kv(fmt, splits):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("window", [1, 7, 40], ids=["w1", "w7", "w40"])
 def test_sliding_window(window, kernel):
-    """The fa kernel also with 8-key tiles: tiles inside every row's window run unmasked,
+    """The fa kernel also with 8-key tiles (16 on the GPU): tiles inside every row's window run unmasked,
     the window's leading edge and the diagonal masked."""
     case = build([60, 17], [20, 1], Hq=2, Hkv=2, D=64, bs=8, fmt="bf16", seed=5)
     out = run(case, sliding_window=window, kernel=kernel)
     assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window}")
     full = run(case, kernel=kernel)
     assert not torch.equal(out, full)
-    if kernel != "generic":
-        small = AttentionTiles(block_q=16, group_pad=1, block_n=8, num_warps=4, num_stages=2)
+    if kernel != "generic":  # tl.dot needs K >= 16 when compiled: 16-key tiles on the GPU
+        small = AttentionTiles(block_q=16, group_pad=1, block_n=8 if DEV.type == "cpu" else 16, num_warps=4,
+                               num_stages=2)
         out = run(case, sliding_window=window, tiles=small, kernel=kernel)
         assert_close_to_ref(out, reference(case, sliding_window=window), what=f"window={window} small tiles")
 
@@ -333,11 +334,12 @@ def test_negative_descale_bf16_queries(fmt, mode, kernel):
     """BF16 queries and a negative ``k_descale`` (per sequence and head, mixed signs): the fa
     kernel either moves the sign into the queries or (``fa_q_smem``, BF16 operands) runs
     every tile of a negative program through the masked step, which scales before its max;
-    prefill and chunked rows, 16-token q tiles over 8-key tiles (most of them unmasked). The
+    prefill and chunked rows, 16-token q tiles over 8-key tiles (16 on the GPU; most of them unmasked). The
     scores span more than 128 (base 2), so a running max taken on the wrong side overflows."""
     case = build([40, 23], [40, 9], Hq=4, Hkv=2, D=64, bs=8, fmt=fmt, seed=9)
     kd = torch.tensor([[-1.3, 0.8], [0.9, -0.6]], device=DEV) * 40  # score ranges beyond exp2's (2^128)
-    tiles = AttentionTiles(block_q=16, group_pad=2, block_n=8, num_warps=4, num_stages=2, kv_convert=mode)
+    tiles = AttentionTiles(block_q=16, group_pad=2, block_n=8 if DEV.type == "cpu" else 16, num_warps=4, num_stages=2,
+                           kv_convert=mode)  # tl.dot needs K >= 16 when compiled
     out = run(case, k_descale=kd, tiles=tiles, kernel=kernel)
     assert_close_to_ref(out, reference(case, k_descale=kd), what=f"{fmt} negative")
     assert_close_to_ref(run(case, k_descale=kd.abs(), tiles=tiles, kernel=kernel), reference(case, k_descale=kd.abs()),
@@ -415,7 +417,7 @@ def test_tile_and_split_heuristics(monkeypatch):
     assert attention_tiles(128, 4, 8192, "bf16").block_n == 128 and attention_tiles(128, 4, 8192, "fp8").block_n == 128
     assert attention_tiles(128, 4, 8192, "int8").block_n == 64  # N = 128 timed for fp8 only
     t = attention_tiles(128, 4, 8192, "bf16")
-    assert t.fa_q_smem and t.fa_bt_ldg and not attention_tiles(128, 4, 1, "bf16").fa_q_smem
+    assert t.fa_q_smem and t.bt_ldg and not attention_tiles(128, 4, 1, "bf16").fa_q_smem
     # the kernel knob: prefill tiles follow PREFILL_KERNEL, decode tiles stay generic
     assert attention_tiles(128, 4, 8192, "bf16").kernel == paged_mod.PREFILL_KERNEL == "fa"
     monkeypatch.setattr(paged_mod, "PREFILL_KERNEL", "generic")
@@ -634,7 +636,7 @@ def test_gpu_decode_variants(fmt):
 @pytest.mark.gpu
 def test_gpu_prefill_variants():
     """Every prefill variant the benchmark times (``prefill_variants``: kernels, tiles, stages,
-    the fa kernel's ``fa_q_smem`` / ``fa_bt_ldg``, fp8 caches and queries, 16- and 128-key
+    the fa kernel's ``fa_q_smem`` / ``bt_ldg``, fp8 caches and queries, 16- and 128-key
     pages) gives the reference's answer on the GPU at the benchmark's head shape (GQA 32 / 8,
     head dim 128), ragged prefill and chunked lengths."""
     mod = _bench_module()
@@ -715,7 +717,8 @@ def test_kernels_compile_for_sm90():
         bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
         # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
         VARIANTS = [
-            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots)
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots), bt_ldg
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, AttentionTiles(4, 4, 128, 4, 3, 3)),  # decode, block table pipelined
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode, integer E4M3, V before layout change
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 0)),  # decode, Triton's cast
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 1)),  # decode, integer conversion, hoisted
@@ -735,9 +738,9 @@ def test_kernels_compile_for_sm90():
             ("fp8", 128, 4096, torch.float8_e4m3fn, 1, 128, AttentionTiles(32, 4, 128, 8, 2, 3, "fa")),  # page per tile
             ("bf16", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True)),
             ("bf16", 128, 4096, torch.bfloat16, 1, 16,  # block table outside the pipeliner: K/V two tiles ahead
-             AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, fa_bt_ldg=True)),
-            ("bf16", 128, 4096, torch.bfloat16, 1, 128, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_bt_ldg=True)),
-            ("fp8", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 3, "fa", fa_bt_ldg=True)),
+             AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, bt_ldg=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 128, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", bt_ldg=True)),
+            ("fp8", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 3, "fa", bt_ldg=True)),
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -767,10 +770,12 @@ def test_kernels_compile_for_sm90():
                 assert ptx.count("ldmatrix") <= 8, consts  # the output's 8 only (else + 8 a key loop: Q reloaded)
             if name == "paged_prefill_kernel" and consts.get("BT_LDG"):  # K/V copies two tiles ahead
                 assert "ld.global.nc.b32" in ptx and "cp.async.wait_group \t2;" in ptx, consts
+            if name == "paged_attention_kernel":  # decode: block-table reads outside the pipeliner or not
+                assert ("ld.global.nc.b32" in ptx) == bool(consts.get("BT_LDG")), consts
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
     # 33 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 32, names
+    assert len(names) == 33, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

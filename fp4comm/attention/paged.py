@@ -38,7 +38,7 @@ class AttentionTiles:
     kv_convert: int = 0  # fp8/int8 -> dot operand conversion on the GPU, see kv_convert_mode()
     kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
     fa_q_smem: bool = False  # kernel "fa": BF16 queries unmodified, wgmma's A from shared memory
-    fa_bt_ldg: bool = False  # kernel "fa": block-table reads outside Triton's pipeliner (K/V prefetched further)
+    bt_ldg: bool = False  # block-table reads of unmasked tiles outside Triton's pipeliner (K/V prefetched further)
 
     @property
     def block_m(self) -> int:
@@ -61,7 +61,7 @@ class AttentionTiles:
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
 #: always runs the generic kernel. Opt-in fa variants (not timed yet; ``tune`` rows "qsmem" /
-#: "ldg"): ``fa_q_smem`` (BF16 queries fed to wgmma from shared memory) and ``fa_bt_ldg``
+#: "ldg"): ``fa_q_smem`` (BF16 queries fed to wgmma from shared memory) and ``bt_ldg``
 #: (block-table reads outside Triton's pipeliner, so the K/V copies run ``num_stages - 1``
 #: tiles ahead of the compute instead of being issued at the end of the previous tile and
 #: waited for at once), see :mod:`fp4comm.kernels.attention_prefill`.
@@ -137,18 +137,22 @@ def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) 
     return kv_convert
 
 
-#: ``num_stages`` of fp8/int8 decode (head dim <= 128, N = 128). The K/V tile addresses come
-#: from a block-table load in the same iteration, and Triton's pipeliner splits the
-#: ``num_stages - 1`` stages of latency over that two-load chain: at 3 (and at 4) the K/V
-#: ``cp.async`` are issued one iteration ahead and every iteration begins with
-#: ``DEPBAR.LE SB0, 0x0`` (wait for all of them: no overlap of a program's loads with its own
-#: compute; sm_90 SASS of b32/16k fp8, 2 K/V buffers, 74 KB shared, 168 registers); at 5 the
-#: tiles are two iterations ahead (waits ``0x3``/``0x1``, 3 buffers, 107.5 KB shared: 2
-#: programs an SM, 128 KB of cache reads in flight an SM). Measured on H200 (b32/16k fp8,
-#: ``bench_attention.py --quick``): 3 stages 372-373 us (two runs), 5 stages 399 us, N = 64 at
-#: 5 / 7 stages 422 / 435 us: the occupancy lost to the third buffer costs more than the
-#: deeper prefetch wins, so 3 it is (``tune`` rows keep the comparison).
-DECODE_ONE_BYTE_STAGES = 3
+#: ``num_stages`` of fp8/int8 decode (head dim <= 128, N = 128), whose block-table reads
+#: run outside Triton's pipeliner (``bt_ldg``, see ``_page_rows`` in
+#: :mod:`fp4comm.kernels.attention`). With them inside (the old default), the K/V addresses
+#: came from a block-table load of the same iteration and the pipeliner split the stages
+#: over that two-load chain: at 3 stages the K/V ``cp.async`` of tile ``i + 1`` were issued
+#: at the end of iteration ``i`` and waited for at the top of ``i + 1`` (74 KB shared, 168
+#: registers, 3 programs an SM). Measured on H200 (b32 / b128 at 16k, fp8, L2 flushed by a
+#: read): old 3 stages 366.6 / 1344.5 us; ``bt_ldg`` at 2 stages 352.2-353.4 / 1279.2-1286.5
+#: (same 74 KB, the copies issued before the compute of the tile ahead); ``bt_ldg`` at 3
+#: stages 370.5 / 1283.1 (K/V two tiles ahead, 106 KB shared: 2 programs an SM); 2 warps,
+#: N = 64 at 3-4 stages, 8 or 32 splits (b32) and 2 or 8 (b128), and a grid with the KV
+#: heads of a sequence adjacent: all slower or within 1%. Session-3 figures without
+#: ``bt_ldg``: 5 stages 399 us, N = 64 at 5 / 7 stages 422 / 435 us. bf16 decode (N = 64)
+#: keeps 3 stages: ``bt_ldg`` takes it from 544-545 / 2040 us to 505-507 / 1916 us (88% /
+#: 93% of the 4.8 TB/s peak).
+DECODE_ONE_BYTE_STAGES = 2
 
 
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
@@ -166,14 +170,15 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       MMA is tiny; the warps exist to issue loads and conversions.
     * Keys per step, prefill: N = 128 at head_dim <= 64 and at 128 for 2-byte caches and
       (fa kernel) static fp8 caches, 64 for the other 1-byte caches at 128 (not timed at 128),
-      32 at 256. fa, fp8 cache, 8k causal: N = 128 with ``fa_bt_ldg`` 338 TFLOP/s vs N = 64
-      274. ``fa_q_smem`` + ``fa_bt_ldg`` (bf16): 379 vs 352 (pages of 16), 437 with pages of
+      32 at 256. fa, fp8 cache, 8k causal: N = 128 with ``bt_ldg`` 338 TFLOP/s vs N = 64
+      274. ``fa_q_smem`` + ``bt_ldg`` (bf16): 379 vs 352 (pages of 16), 437 with pages of
       128 (one block-table read a tile). At D = 128 (sm_90, 8 warps, wgmma) N = 128 is ~250
       registers, with spills for fp8; H200, bf16, 8k causal: N = 128 353 TFLOP/s vs N = 64
       299 (fa kernel), 296 vs 259 (generic). Only the tiles on the causal diagonal are
       masked (see the kernels), and q tiles run longest first.
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
-      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (3), see there.
+      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (2), see there.
+    * ``bt_ldg`` (block-table reads outside the pipeliner): decode and the fa prefill kernel.
     * ``kv_convert``: :func:`kv_convert_mode`.
     * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
     """
@@ -196,7 +201,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     kernel = "generic" if decode else PREFILL_KERNEL
     fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format), kernel,
-                          fa_q_smem=fa, fa_bt_ldg=fa)
+                          fa_q_smem=fa, bt_ldg=fa or decode)
 
 
 #: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
@@ -405,6 +410,7 @@ def paged_attention(
     vsc = v_scale_cache if dynamic else dummy(dev).view(1, 1, 1)
     strides = _kernel_strides(q, k_cache, v_cache, ksc, vsc, block_table, qd, kd, vd, out)
     scale_log2 = float(softmax_scale) * math.log2(math.e)
+    bt_ldg = tiles.bt_ldg and block_table.shape[1] > 0  # its reads may touch column 0 of any row
     common = dict(HEAD_DIM=D, GROUP_PAD=tiles.group_pad, BLOCK_Q=tiles.block_q, BLOCK_N=tiles.block_n,
                   DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
                   PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
@@ -416,7 +422,7 @@ def paged_attention(
         _kp.paged_prefill_kernel[(num_q_tiles * S * Hkv,)](
             q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
             scale_log2, Hq // Hkv, bs, sliding_window or 0, S, Hkv, num_q_tiles, *strides,
-            Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=tiles.fa_bt_ldg, **common,
+            Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=bt_ldg, **common,
         )  # fmt: skip
         return out
     if num_kv_splits is None:
@@ -431,7 +437,7 @@ def paged_attention(
         q, k_cache, v_cache, out, ws_o, ws_lse, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
         scale_log2, Hq // Hkv, bs, sliding_window or 0, num_q_tiles, *strides,
         ws_o.stride(0), ws_o.stride(1), ws_o.stride(2), ws_lse.stride(0), ws_lse.stride(1),
-        NUM_SPLITS=num_kv_splits, **common,
+        NUM_SPLITS=num_kv_splits, BT_LDG=bt_ldg, **common,
     )  # fmt: skip
     if num_kv_splits > 1:
         combine_splits(ws_o, ws_lse, out, exact)
