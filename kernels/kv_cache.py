@@ -52,13 +52,15 @@ def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     (broadcastable FP32, ``RN(1 / scale)``, see :func:`reciprocal`): ``v = RN(x * inv)``.
 
     fp8: ``sat(v)`` to +-448, RNE, NaN -> NaN (byte 0x7F); int8: clamp to +-127 then round
-    half to even, NaN -> 0; bf16: RNE cast (``inv`` unused).
+    half to even, NaN -> 0 (on the GPU one ``cvt.rni.sat.s8.f32`` and an integer max; under
+    the interpreter a clamp and magic-number rounding); bf16: RNE cast (``inv`` unused).
 
     The E4M3 rounding: on the GPU the cast itself (sm_90 emits
     ``cvt.rn.satfinite.e4m3x2.f32``: RNE, saturating to +-448 (Inf included), subnormals
-    and the sign of zero kept, 1 F2F per pair), so no clamp; NaN -> 0x7F by one select
-    (bit-exact vs torch on H200); under the interpreter, whose cast rounds subnormal ties
-    differently and does not saturate, a clamp and :func:`e4m3_round` (about 15 integer ops).
+    and the sign of zero kept, every NaN -> 0x7F whatever its sign or payload (checked on
+    H200), 1 F2F per pair): no clamp, no select; under the interpreter, whose cast rounds
+    subnormal ties differently, does not saturate and keeps a NaN's sign, a clamp,
+    :func:`e4m3_round` (about 15 integer ops) and the NaN byte by a select.
 
     The multiply replaced an IEEE division a value (``div.rn.f32``: a range check and a
     branch around a slow path each): the writes were instruction-bound. H200, 8 KV heads of
@@ -71,18 +73,21 @@ def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
         v = x * inv
         if INTERPRET:
             c = tl.minimum(tl.maximum(v, -448.0), 448.0)
-            c = e4m3_round(tl.where(v != v, 0.0, c))
+            b = e4m3_round(tl.where(v != v, 0.0, c)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            return tl.where(v != v, 0x7F, b).to(tl.float8e4nv, bitcast=True)
         else:
-            c = v
-        b = c.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        b = tl.where(v != v, 0x7F, b)
-        return b.to(tl.float8e4nv, bitcast=True)
+            return v.to(tl.float8e4nv)
     else:
         v = x * inv
-        c = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        c = tl.where(v != v, 0.0, c)
-        r = (c + 12582912.0) - 12582912.0  # |c| <= 127: exact round half to even
-        return r.to(tl.int8)
+        if INTERPRET:
+            c = tl.minimum(tl.maximum(v, -127.0), 127.0)
+            c = tl.where(v != v, 0.0, c)
+            r = (c + 12582912.0) - 12582912.0  # |c| <= 127: exact round half to even
+            return r.to(tl.int8)
+        else:  # one F2I: round half to even, saturate to [-128, 127], NaN -> 0; then -128 -> -127
+            r = tl.inline_asm_elementwise("cvt.rni.sat.s8.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True,
+                                          pack=1)
+            return tl.maximum(r, -127).to(tl.int8)
 
 
 @triton.jit
@@ -97,10 +102,17 @@ def reciprocal(s):
 def dynamic_scale_rows(x, QMAX: tl.constexpr):
     """Per-row decode scale of an FP32 tile ``[R, C]``: ``amax(finite |x|) / QMAX``; a scale
     below the smallest normal FP32 (``2^-126``: zero, or an ``amax`` under ``QMAX * 2^-126``)
-    becomes 1."""
+    becomes 1.
+
+    The max of ``|x|`` is taken as is first (one ``FMNMX`` a value, ``|.|`` folded in; on
+    the GPU it skips NaN); only a tile where that max is not finite (an Inf, or a NaN under
+    the interpreter, whose max propagates it) takes it again over the finite values
+    (two more ops a value)."""
     a = tl.abs(x)
-    a = tl.where(a < float("inf"), a, 0.0)  # drops Inf and NaN
-    s = tl.math.div_rn(tl.max(a, axis=1), QMAX)
+    amax = tl.max(a, axis=1)
+    if not (tl.max(amax, axis=0) < float("inf")):
+        amax = tl.max(tl.where(a < float("inf"), a, 0.0), axis=1)  # drops Inf and NaN
+    s = tl.math.div_rn(amax, QMAX)
     return tl.where(s < 1.1754943508222875e-38, 1.0, s)
 
 
