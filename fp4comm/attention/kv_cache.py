@@ -139,13 +139,16 @@ def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
     dynamic scales reduce along ``BLOCK_D`` inside the tile.
 
     H200, 8 KV heads of 128, 16-token pages, L2 flushed by a read (% of the 4.8 TB/s peak),
-    32k / 128k tokens: bf16 68.9 / 269 us (81 / 83%), fp8 49.7 / 191 (85 / 88%), int8 50.5 /
-    192 (83 / 88%), fp8_dynamic 61.6 / 229 (69 / 74%), int8_dynamic 61.9 / 231 (69 / 74%).
-    The 1-byte formats are instruction-bound, not bandwidth-bound: with an IEEE division a
+    32k / 128k tokens: bf16 68.6 / 268 us (82 / 84%), fp8 50.2 / 193 (84 / 87%), int8 51.3 /
+    194 (82 / 87%), fp8_dynamic 57.0 / 215 (74 / 79%), int8_dynamic 57.6 / 220 (74 / 77%).
+    The 1-byte formats were instruction-bound, not bandwidth-bound: with an IEEE division a
     value (``div.rn``: a range check and a branch around a slow path each; 1104 sm_90
-    instructions vs 544 for the bf16 copy) fp8 took 68.5 / 252.9 us (61 / 66%), int8 70.1 /
-    260.4, the dynamic ones 79.8 / 296.8; multiplying by the per-head reciprocal (616) gave
-    the figures above (the dynamic ones still compute the amax and the scale in the tile).
+    instructions for fp8 vs 544 for the bf16 copy) fp8 took 68.5 / 252.9 us (61 / 66%), int8
+    70.1 / 260.4, the dynamic ones 79.8 / 296.8. Multiplying by the per-head reciprocal (616)
+    gave fp8 49.7 / 191, int8 50.5 / 192, dynamic 61.6 / 229; then the satfinite cast alone for
+    fp8 (464), one ``cvt.rni.sat.s8.f32`` for int8 (536) and the amax without a per-value
+    finite filter (unless the tile holds an Inf) gave the figures above. The dynamic formats
+    still reduce each head's amax across threads and divide twice a head (scale, reciprocal).
     Variants timed against it and dropped (none faster): loads of slot, K and V issued
     together; K and V in separate programs (1 or 2 warps); 2 tokens a program at 4 warps (fp8
     71.4 us, a tie); a persistent grid of 4 or 8 programs an SM (1.2-1.8x slower); the same
