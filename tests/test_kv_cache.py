@@ -261,7 +261,7 @@ def test_empty_and_all_skipped():
 
 
 def test_write_tiles():
-    assert write_tiles(8, 128) == (8, 128, 2)
+    assert write_tiles(8, 128) == (8, 128, 1)  # one warp: 32 values a thread
     bh, bd, _ = write_tiles(64, 256)
     assert bd == 256 and bh * bd <= 4096
     assert write_tiles(1, 48)[1] == 64

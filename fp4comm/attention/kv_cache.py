@@ -139,16 +139,19 @@ def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
     dynamic scales reduce along ``BLOCK_D`` inside the tile.
 
     H200, 8 KV heads of 128, 16-token pages, L2 flushed by a read (% of the 4.8 TB/s peak),
-    32k / 128k tokens: bf16 68.6 / 268 us (82 / 84%), fp8 50.2 / 193 (84 / 87%), int8 51.3 /
-    194 (82 / 87%), fp8_dynamic 57.0 / 215 (74 / 79%), int8_dynamic 57.6 / 220 (74 / 77%).
+    32k / 128k tokens, one warp a program (32 values a thread): bf16 68.6 / 267 us (82 /
+    84%), fp8 49.8 / 192 (84 / 88%), int8 50.1 / 192 (84 / 88%), fp8_dynamic 50.9 / 195 (83 /
+    87%), int8_dynamic 51.9 / 197 (82 / 86%). At 2 warps (the rule before, 16 values a thread)
+    the same except the dynamic formats: 56.2-58.2 / 215-220 us (73-79%), whose per-head amax
+    reduction across threads and two divisions a head were then shared by fewer values;
+    4 warps 5-40% slower, 8 warps 1.3-2.1x.
     The 1-byte formats were instruction-bound, not bandwidth-bound: with an IEEE division a
     value (``div.rn``: a range check and a branch around a slow path each; 1104 sm_90
     instructions for fp8 vs 544 for the bf16 copy) fp8 took 68.5 / 252.9 us (61 / 66%), int8
     70.1 / 260.4, the dynamic ones 79.8 / 296.8. Multiplying by the per-head reciprocal (616)
     gave fp8 49.7 / 191, int8 50.5 / 192, dynamic 61.6 / 229; then the satfinite cast alone for
     fp8 (464), one ``cvt.rni.sat.s8.f32`` for int8 (536) and the amax without a per-value
-    finite filter (unless the tile holds an Inf) gave the figures above. The dynamic formats
-    still reduce each head's amax across threads and divide twice a head (scale, reciprocal).
+    finite filter (unless the tile holds an Inf) gave the figures above.
     Variants timed against it and dropped (none faster): loads of slot, K and V issued
     together; K and V in separate programs (1 or 2 warps); 2 tokens a program at 4 warps (fp8
     71.4 us, a tie); a persistent grid of 4 or 8 programs an SM (1.2-1.8x slower); the same
@@ -159,7 +162,7 @@ def write_tiles(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
     """
     BLOCK_D = next_pow2(head_dim)
     BLOCK_H = max(1, min(next_pow2(num_kv_heads), 4096 // BLOCK_D))
-    num_warps = 4 if BLOCK_H * BLOCK_D >= 2048 else 2 if BLOCK_H * BLOCK_D >= 512 else 1
+    num_warps = max(1, min(4, BLOCK_H * BLOCK_D // 1024))  # 32 values a thread (8 x 128: one warp)
     return BLOCK_H, BLOCK_D, num_warps
 
 
