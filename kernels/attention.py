@@ -285,26 +285,24 @@ def _page_rows(bt_row, start, offs_n, n_ok, k_end, block_size, PAGE: tl.constexp
     loop's last one (and of the first tile of an empty loop), and an inline-asm load is not
     predicated off as its own loads are: keys at or past ``k_end`` read entry 0 (every table
     used with ``BT_LDG`` has a column), never past the table's end."""
-    if BT_LDG and not MASK and not INTERPRET:
-        if PAGE > 0:
-            if PAGE % BLOCK_N == 0:
-                page = _ld_nc_b32(bt_row + tl.where(start < k_end, start // PAGE, 0)).to(tl.int64)
-            else:
-                page = _ld_nc_b32(bt_row + tl.where(n_ok, offs_n // PAGE, 0)).to(tl.int64)
-            in_blk = (offs_n % PAGE).to(tl.int64)
-        else:
-            page = _ld_nc_b32(bt_row + tl.where(n_ok, offs_n // block_size, 0)).to(tl.int64)
-            in_blk = (offs_n % block_size).to(tl.int64)
+    if PAGE > 0 and PAGE % BLOCK_N == 0:  # one entry for the tile
+        idx = start // PAGE
+        ok = start < k_end
     elif PAGE > 0:
-        if PAGE % BLOCK_N == 0:
-            page = tl.load(bt_row + start // PAGE).to(tl.int64)
-        elif MASK:
-            page = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        else:
-            page = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+        idx = offs_n // PAGE
+        ok = n_ok
+    else:
+        idx = offs_n // block_size
+        ok = n_ok
+    if BT_LDG and not MASK and not INTERPRET:
+        page = _ld_nc_b32(bt_row + tl.where(ok, idx, 0)).to(tl.int64)
+    elif PAGE > 0 and (PAGE % BLOCK_N == 0 or not MASK):
+        page = tl.load(bt_row + idx).to(tl.int64)
+    else:
+        page = tl.load(bt_row + idx, mask=n_ok, other=0).to(tl.int64)
+    if PAGE > 0:
         in_blk = (offs_n % PAGE).to(tl.int64)
     else:
-        page = tl.load(bt_row + offs_n // block_size, mask=n_ok, other=0).to(tl.int64)
         in_blk = (offs_n % block_size).to(tl.int64)
     return page, in_blk
 

@@ -26,17 +26,19 @@ What differs from the generic kernel:
   the queries once a program); ``c`` = softmax scale * log2(e) * q/k descales (per row in
   ``CVT`` mode 3: FP16 queries rescaled by a power of two, see the generic kernel).
 
-Opt-in variants (``AttentionTiles`` fields, defaults off until timed on the GPU):
+Variants (``AttentionTiles`` fields; both on by default since timed on H200, see
+``fp4comm.attention.paged.attention_tiles``):
 
 * ``Q_SMEM`` (``fa_q_smem``; BF16 queries with BF16 operands only): Q is used as loaded, so
-  Triton feeds the QK wgmma's A operand from shared memory (the default build modifies Q,
+  Triton feeds the QK wgmma's A operand from shared memory (the build without it modifies Q,
   keeps it in shared memory and reloads it into registers with 8 ``ldmatrix`` a tile: sm_90
   ptxas, N = 128, D = 128: 246 registers vs 254). The score scale keeps its sign; a program
   whose scale is negative runs every tile through the masked step (``s * c`` before the max,
   sign-agnostic) instead of a second build of the unmasked loop (that one doubled the
   shared memory, past the 227 KB limit, and serialized the wgmmas).
 * ``BT_LDG`` (``bt_ldg``): block-table reads outside Triton's pipeliner, see
-  :func:`~fp4comm.kernels.attention._page_rows`: K/V copies prefetched ``num_stages - 1`` tiles ahead instead of one.
+  :func:`~fp4comm.kernels.attention._page_rows`: K/V copies prefetched ``num_stages - 1``
+  tiles ahead instead of one.
 """
 
 import triton

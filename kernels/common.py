@@ -241,6 +241,13 @@ def ue8m0_round_up(s):
 
 
 @triton.jit
+def reciprocal_rn(s):
+    """``RN(1 / s)`` elementwise (IEEE division, ``div.rn``): one per row, head or block,
+    so that values can be scaled by a multiply that every implementation rounds alike."""
+    return tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+
+
+@triton.jit
 def fp8_block_quantize_tile(xf, UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
     """DeepEP-style FP8 of an FP32 tile ``[NB, BLOCK]`` (one scale per row of the tile):
     ``s = max(amax, 1e-4) / 448`` (rounded up to a power of two when ``UE8M0``),
@@ -253,7 +260,7 @@ def fp8_block_quantize_tile(xf, UE8M0: tl.constexpr, HW_CVT: tl.constexpr):
     sf = tl.math.div_rn(amax, tl.zeros_like(amax) + E4M3_MAX)
     if UE8M0:
         sf = ue8m0_round_up(sf)
-    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+    inv = reciprocal_rn(sf)
     if HW_CVT:
         qb = (xf * inv[:, None]).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
     else:

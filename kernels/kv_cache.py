@@ -10,6 +10,8 @@ reference bit for bit on GPUs too.
 import triton
 import triton.language as tl
 
+from .common import reciprocal_rn
+
 FMT_BF16 = tl.constexpr(0)
 FMT_FP8 = tl.constexpr(1)
 FMT_INT8 = tl.constexpr(2)
@@ -51,7 +53,8 @@ def bf16_rne(x):
 @triton.jit
 def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     """Quantize an FP32 tile with ``inv``, the reciprocal of the decode-direction scale
-    (broadcastable FP32, ``RN(1 / scale)``, see :func:`reciprocal`): ``v = RN(x * inv)``.
+    (broadcastable FP32, ``RN(1 / scale)``, see
+    :func:`~fp4comm.kernels.common.reciprocal_rn`): ``v = RN(x * inv)``.
 
     fp8: ``sat(v)`` to +-448, RNE, NaN -> NaN (byte 0x7F); int8: clamp to +-127 then round
     half to even, NaN -> 0 (on the GPU one ``cvt.rni.sat.s8.f32`` and an integer max; under
@@ -92,14 +95,6 @@ def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def reciprocal(s):
-    """``RN(1 / s)`` (IEEE division), one per row or head; the host keeps ``s`` in
-    ``[2^-126, ...)`` so that it is finite (a static scale is checked, a dynamic one
-    floored by :func:`dynamic_scale_rows`)."""
-    return tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-
-
-@triton.jit
 def dynamic_scale_rows(x, QMAX: tl.constexpr):
     """Per-row decode scale of an FP32 tile ``[R, C]``: ``amax(finite |x|) / QMAX``; a scale
     below the smallest normal FP32 (``2^-126``: zero, or an ``amax`` under ``QMAX * 2^-126``)
@@ -135,11 +130,11 @@ def _write_one(
             s = dynamic_scale_rows(x, 448.0)
         else:
             s = dynamic_scale_rows(x, 127.0)
-        q = quantize_tile(x, reciprocal(s)[:, None], FMT, INTERPRET)
+        q = quantize_tile(x, reciprocal_rn(s)[:, None], FMT, INTERPRET)
         tl.store(sc_ptr + blk * stride_sb + off * stride_ss + offs_h * stride_sh, s, mask=hmask)
     else:
         s = tl.load(scale_ptr + offs_h * stride_scale, mask=hmask, other=1.0)
-        q = quantize_tile(x, reciprocal(s)[:, None], FMT, INTERPRET)
+        q = quantize_tile(x, reciprocal_rn(s)[:, None], FMT, INTERPRET)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
     tl.store(dst, q, mask=mask)
 
@@ -202,7 +197,7 @@ def write_mla_cache_kernel(
         tl.store(c16_ptr + blk * stride_c16b + off * stride_c16s + ROPE_OFF16 + tl.arange(0, ROPE), r)
         if IS_FP8:
             s = dynamic_scale_rows(x, 448.0)
-            q = quantize_tile(x, reciprocal(s)[:, None], 1, INTERPRET)
+            q = quantize_tile(x, reciprocal_rn(s)[:, None], 1, INTERPRET)
             tl.store(c8_ptr + blk * stride_c8b + off * stride_c8s + offs_g[:, None] * GROUP + offs_c[None, :], q)
             tl.store(c32_ptr + blk * stride_c32b + off * stride_c32s + SCALE_OFF32 + offs_g, s)
         else:

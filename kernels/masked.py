@@ -13,7 +13,7 @@ is exact in FP32); FP8 ``bf16(e4m3(q) * s)``.
 import triton
 import triton.language as tl
 
-from .common import e2m1_decode, e4m3_decode, store_rounded, swizzled_sf_offset
+from .common import e2m1_decode, e4m3_decode, reciprocal_rn, store_rounded, swizzled_sf_offset
 from .gemm import GS_PER_EXPERT, GS_PER_ROW  # the GEMM operand's global-scale modes
 
 
@@ -62,7 +62,7 @@ def nvfp4_masked_dequant_kernel(
             gs = tl.zeros((ROWS,), tl.float32) + tl.load(gs_ptr + e)
         else:
             gs = tl.zeros((ROWS,), tl.float32) + tl.load(gs_ptr)
-        r = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), gs)
+        r = reciprocal_rn(gs)
         shifts = tl.arange(0, 8) * 4
         codes = (words[:, :, None] >> shifts[None, None, :]) & 15
         v = (e2m1_decode(codes) * sf[:, :, None]) * r[:, None, None]

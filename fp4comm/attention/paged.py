@@ -60,11 +60,12 @@ class AttentionTiles:
 #:   The default; ``bench_attention.py --quick --only prefill`` times both (``tune`` rows).
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
-#: always runs the generic kernel. Opt-in fa variants (not timed yet; ``tune`` rows "qsmem" /
-#: "ldg"): ``fa_q_smem`` (BF16 queries fed to wgmma from shared memory) and ``bt_ldg``
-#: (block-table reads outside Triton's pipeliner, so the K/V copies run ``num_stages - 1``
-#: tiles ahead of the compute instead of being issued at the end of the previous tile and
-#: waited for at once), see :mod:`fp4comm.kernels.attention_prefill`.
+#: always runs the generic kernel. The fa kernel's ``fa_q_smem`` (BF16 queries fed to wgmma
+#: from shared memory) and ``bt_ldg`` (block-table reads outside Triton's pipeliner, so the
+#: K/V copies run ``num_stages - 1`` tiles ahead of the compute instead of being issued at the
+#: end of the previous tile and waited for at once; decode uses it too) are on by default
+#: (:func:`attention_tiles`; the ``tune`` row "fa plain" times the kernel without them), see
+#: :mod:`fp4comm.kernels.attention_prefill`.
 PREFILL_KERNEL = "fa"
 PREFILL_KERNELS = ("generic", "fa")
 
