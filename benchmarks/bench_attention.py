@@ -72,12 +72,12 @@ TARGET_PREFILL_VS_SDPA = 0.8
 
 def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
     """Decode candidates of ``--quick`` beside the default (``tune`` rows): ``(name, tiles,
-    splits)``, fp8 at the tuning batch (32) only: the default (mode 3 = FP16 operands, N =
-    128, 4 warps, 2 stages, block-table reads outside the pipeliner), ``pipelined bt`` (what
-    that replaced: block-table reads through Triton's pipeliner at 3 stages), ``cvt2``
-    (integer conversion to BF16, the runner-up mode) and ``splits8`` (8 splits; the
+    splits)``, fp8 at the tuning batch (32) only: the default (one warp, mode 3 = FP16
+    operands, N = 16, 3 stages, block-table reads outside the pipeliner), ``4 warps`` (the
+    session-6 default it replaced: N = 128, 2 stages), ``N32`` (one warp, 32 keys a step),
+    ``cvt2`` (integer conversion to BF16, the runner-up mode) and ``splits8`` (8 splits; the
     heuristic picks 16 at b32). H200, b32 / 16k, GQA 32 / 8, D 128 (L2 flushed by a read):
-    default 352.2-353.4 us, pipelined bt 366.6 (see ``paged.DECODE_ONE_BYTE_STAGES``);
+    default 294-295 us, 4 warps 362, N32 307 (see ``paged.DECODE_ONE_WARP_BLOCK_N``);
     session 3: cvt2 494.3 vs 373.0 (the then default), splits8 376.4.
 
     Timed there and removed (commit f88ea2a has them), all slower than the then default: N = 64
@@ -88,8 +88,8 @@ def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
     if fmt != "fp8" or not tune_batch:
         return []
     t = attention_tiles(D, Hq // Hkv, 1, fmt)
-    return [("default", t, None), ("pipelined bt", replace(t, bt_ldg=False, num_stages=3), None),
-            ("cvt2", replace(t, kv_convert=2), None), ("splits8", t, 8)]
+    return [("default", t, None), ("4 warps", replace(t, num_warps=4, block_n=128, num_stages=2), None),
+            ("N32", replace(t, block_n=32), None), ("cvt2", replace(t, kv_convert=2), None), ("splits8", t, 8)]
 
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):

@@ -155,6 +155,25 @@ def effective_convert_mode(kv_convert: int, kv_format: str, interpreting: bool) 
 #: 93% of the 4.8 TB/s peak).
 DECODE_ONE_BYTE_STAGES = 2
 
+#: Decode programs of one warp (M = 16 query rows, head dim <= 128): keys per step
+#: (``block_n``) of the static formats (bf16, fp8, int8) and of the dynamic ones, 3 stages.
+#: With 4 warps the M = 16 tile is split across warps, so every key step waits on ~8
+#: CTA-wide barriers (the row max and sum across warps, the probabilities' layout change,
+#: V's trip through shared memory); with one warp those are warp shuffles and a
+#: single-warp barrier, and the small programs (fp8, N = 16: 159 registers, 16 KB shared)
+#: fit 12 to an SM instead of 3, the latency of each tile hidden by the others. H200, GQA
+#: 32 / 8, D 128, pages of 16, 16k context, b32 / b128, L2 flushed by a read (4 warps at
+#: N = 128 / 64 before): fp8 362 / 1332 -> 294-295 / 1112-1114 us (76% / 80% of the 4.8
+#: TB/s peak); int8 383 / 1410 -> 305 / 1150; bf16 519 / 1999 -> 500 / 1943; fp8_dynamic
+#: 542 / 2035 -> 384 / 1441 (N = 32; N = 16 491 / 1873). Other one-warp fp8 tiles, b32 /
+#: b128: N = 32 at 3 stages 307 / 1138, at 2 or 4 stages 332-337 / 1203-1239; N = 16 at 2,
+#: 4, 5, 6 stages 394 / 1491, 318 / 1182, 315 / 1168, 339 / 1257; N = 64 at 2 / 3 stages
+#: 375 / 1348, 344 / 1221; 2 warps at N = 64 346 / 1254; N = 16 without ``bt_ldg`` 420 /
+#: 1600; capped at 128 registers (16 programs an SM) 302 / 1139; 12 or 24 splits instead of
+#: the 16 / 4 of :func:`select_num_kv_splits` within 2%.
+DECODE_ONE_WARP_BLOCK_N = 16
+DECODE_ONE_WARP_BLOCK_N_DYNAMIC = 32
+
 
 def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
     """Tile sizes of the paged-attention kernel, in one place with the reasons.
@@ -165,10 +184,12 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       for 256 (the accumulator doubles). Decode (few query rows) uses the smallest M that
       holds ``max_seqlen_q * group_pad`` rows, >= 16: padding rows is wasted MMA work but
       decode is bound by cache bytes, not by MMA.
-    * Keys per step (N), decode: it streams the cache, so each step should move a lot of
-      bytes: 128 keys of 1-byte fp8/int8 at head_dim <= 128 (16 KB of K + 16 KB of V a step),
-      64 keys of bf16 (the same bytes), halved at head_dim 256. 4 warps: with M = 16 the
-      MMA is tiny; the warps exist to issue loads and conversions.
+    * Decode at M = 16 and head_dim <= 128: one warp a program, 16 keys a step (32 for the
+      dynamic formats), 3 stages: many small programs an SM instead of a few large ones,
+      see :data:`DECODE_ONE_WARP_BLOCK_N`.
+    * Keys per step (N), other decode tiles (M = 32, head_dim 256): 4 warps, each step
+      moves 128 keys of 1-byte fp8/int8 at head_dim <= 128 (16 KB of K + 16 KB of V), 64
+      keys of bf16 (the same bytes), halved at head_dim 256.
     * Keys per step, prefill: N = 128 at head_dim <= 64 and at 128 for 2-byte caches and
       (fa kernel) static fp8 caches, 64 for the other 1-byte caches at 128 (not timed at 128),
       32 at 256. fa, fp8 cache, 8k causal: N = 128 with ``bt_ldg`` 338 TFLOP/s vs N = 64
@@ -178,7 +199,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       299 (fa kernel), 296 vs 259 (generic). Only the tiles on the causal diagonal are
       masked (see the kernels), and q tiles run longest first.
     * ``num_stages`` 3 (2 at head_dim 256) keeps shared memory under ~160 KB on H100/H200;
-      fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (2), see there.
+      4-warp fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (2), see there.
     * ``bt_ldg`` (block-table reads outside the pipeliner): decode and the fa prefill kernel.
     * ``kv_convert``: :func:`kv_convert_mode`.
     * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
@@ -197,7 +218,10 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
         block_n = 128 if head_dim <= 64 or (head_dim <= 128 and wide) else 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
-    if decode and one_byte and head_dim <= 128:
+    if decode and block_m == 16 and head_dim <= 128:
+        num_warps = 1
+        block_n = DECODE_ONE_WARP_BLOCK_N_DYNAMIC if ref.is_dynamic(kv_format) else DECODE_ONE_WARP_BLOCK_N
+    elif decode and one_byte and head_dim <= 128:
         num_stages = DECODE_ONE_BYTE_STAGES
     kernel = "generic" if decode else PREFILL_KERNEL
     fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
@@ -205,8 +229,9 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
                           fa_q_smem=fa, bt_ldg=fa or decode)
 
 
-#: Programs an SM should get over a launch before splitting stops paying: with ~3 decode
-#: programs resident an SM, 16 is >= 5 waves, so the last, partly filled wave costs little.
+#: Programs an SM should get over a launch before splitting stops paying: with 3 (4-warp)
+#: to 12 (one-warp) decode programs resident an SM, 16 is >= 1.3 to 5 waves; b32 / 16k
+#: at 12 or 24 splits instead of 16 measured within 2% (see :data:`DECODE_ONE_WARP_BLOCK_N`).
 KV_SPLIT_PROGRAMS_PER_SM = 16
 
 
@@ -214,10 +239,10 @@ def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> 
     """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
 
     Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
-    each streaming megabytes. A decode program (4 warps, 168 registers in the fp8 mode 3
-    build) leaves room for ~3 resident per SM, so ``num_programs`` of a few per SM run in
-    2-3 waves whose last one is partly empty (2048 programs on 132 x 3 slots = 5.2 waves:
-    the sixth runs 17% full). Split by the smallest power of two that gives >=
+    each streaming megabytes. A 4-warp decode program (168 registers in the fp8 mode 3
+    build) leaves room for ~3 resident per SM, a one-warp one (M = 16) for ~12, so
+    ``num_programs`` of a few per SM run in 1-3 waves whose last one is partly empty (2048
+    programs on 132 x 3 slots = 5.2 waves: the sixth runs 17% full). Split by the smallest power of two that gives >=
     :data:`KV_SPLIT_PROGRAMS_PER_SM` programs an SM (b32 x 8 KV heads at 16k: 16 splits of
     1024 keys = 256 KB of fp8 K+V each; b128: 4 splits), but never so far that a split
     covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (512 keys = 128 KB at head_dim 128,
