@@ -163,14 +163,17 @@ DECODE_ONE_BYTE_STAGES = 2
 #: single-warp barrier, and the small programs (fp8, N = 16: 159 registers, 16 KB shared)
 #: fit 12 to an SM instead of 3, the latency of each tile hidden by the others. H200, GQA
 #: 32 / 8, D 128, pages of 16, 16k context, b32 / b128, L2 flushed by a read (4 warps at
-#: N = 128 / 64 before): fp8 362 / 1332 -> 294-295 / 1112-1114 us (76% / 80% of the 4.8
-#: TB/s peak); int8 383 / 1410 -> 305 / 1150; bf16 519 / 1999 -> 500 / 1943; fp8_dynamic
+#: N = 128 / 64 before): fp8 362 / 1332 -> 291-297 / 1098-1145 us (75-77% / 78-82% of the
+#: 4.8 TB/s peak; b32 carries ~15 us of fixed cost: the launch's first pipeline fill, the
+#: split combine pass); int8 383 / 1410 -> 305 / 1150; bf16 519 / 1999 -> 500 / 1943; fp8_dynamic
 #: 542 / 2035 -> 384 / 1441 (N = 32; N = 16 491 / 1873). Other one-warp fp8 tiles, b32 /
 #: b128: N = 32 at 3 stages 307 / 1138, at 2 or 4 stages 332-337 / 1203-1239; N = 16 at 2,
 #: 4, 5, 6 stages 394 / 1491, 318 / 1182, 315 / 1168, 339 / 1257; N = 64 at 2 / 3 stages
 #: 375 / 1348, 344 / 1221; 2 warps at N = 64 346 / 1254; N = 16 without ``bt_ldg`` 420 /
 #: 1600; capped at 128 registers (16 programs an SM) 302 / 1139; 12 or 24 splits instead of
-#: the 16 / 4 of :func:`select_num_kv_splits` within 2%.
+#: the 16 / 4 of :func:`select_num_kv_splits` within 2%. Not the block-table reads: each
+#: tile's entry loaded one tile earlier still (a loop-carried ``ld.global.nc``), or pages
+#: of 128 (one entry for 8 tiles), time the same (b32 292-293 / 291 us).
 DECODE_ONE_WARP_BLOCK_N = 16
 DECODE_ONE_WARP_BLOCK_N_DYNAMIC = 32
 
