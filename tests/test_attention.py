@@ -397,11 +397,13 @@ def test_empty_batch_and_out_buffer():
 
 def test_tile_and_split_heuristics(monkeypatch):
     t = attention_tiles(128, 8, 1, "fp8")
-    assert t.block_m == 16 and t.group_pad == 8 and t.num_warps == 1 and t.block_n == paged_mod.DECODE_ONE_WARP_BLOCK_N
+    assert t.block_m == 16 and t.group_pad == 8 and t.num_warps == 1
+    assert t.block_n == paged_mod.DECODE_ONE_WARP_BLOCK_N
     assert attention_tiles(128, 4, 1, "int8_dynamic").block_n == paged_mod.DECODE_ONE_WARP_BLOCK_N_DYNAMIC
     # one warp only for M = 16 at head dim <= 128: 32 rows or head dim 256 keep 4 warps
     t = attention_tiles(128, 8, 4, "fp8")
-    assert t.block_m == 32 and t.num_warps == 4 and t.block_n == 128 and t.num_stages == paged_mod.DECODE_ONE_BYTE_STAGES
+    assert t.block_m == 32 and t.num_warps == 4 and t.block_n == 128
+    assert t.num_stages == paged_mod.DECODE_ONE_BYTE_STAGES
     assert attention_tiles(256, 4, 1, "fp8").num_warps == 4
     t = attention_tiles(128, 1, 8192, "bf16")
     assert t.block_m == 128 and t.num_warps == 8
@@ -722,7 +724,7 @@ def test_kernels_compile_for_sm90():
         bt, sl = torch.zeros(2, 64, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32)
         # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
         VARIANTS = [
-            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (hardware E4M3 -> FP16, FP16 dots), bt_ldg, 1 warp
+            ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (E4M3 -> FP16 in hardware), bt_ldg, 1 warp
             ("fp8", 128, 8, torch.bfloat16, 4, 16, None),  # decode tiles of 32 rows: 4 warps, N 128, 2 stages
             ("fp8", 128, 1, torch.bfloat16, 4, 16, AttentionTiles(4, 4, 128, 4, 3, 3)),  # decode, block table pipelined
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode, integer E4M3, V before layout change

@@ -245,7 +245,8 @@ def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> 
     each streaming megabytes. A 4-warp decode program (168 registers in the fp8 mode 3
     build) leaves room for ~3 resident per SM, a one-warp one (M = 16) for ~12, so
     ``num_programs`` of a few per SM run in 1-3 waves whose last one is partly empty (2048
-    programs on 132 x 3 slots = 5.2 waves: the sixth runs 17% full). Split by the smallest power of two that gives >=
+    programs on 132 x 3 slots = 5.2 waves: the sixth runs 17% full). Split by the smallest
+    power of two that gives >=
     :data:`KV_SPLIT_PROGRAMS_PER_SM` programs an SM (b32 x 8 KV heads at 16k: 16 splits of
     1024 keys = 256 KB of fp8 K+V each; b128: 4 splits), but never so far that a split
     covers fewer than :data:`MIN_KEYS_PER_SPLIT` keys (512 keys = 128 KB at head_dim 128,
