@@ -403,25 +403,26 @@ def ep_layout_kernel(
 def _chunk_experts(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
                    ROWS: tl.constexpr):  # fmt: skip
     """Rows ``n0 .. n0 + ROWS`` (below ``N``) of the received rows: ``(n [ROWS*KP], k
-    [ROWS*KP], el [ROWS*KP])`` with the ``(n, k)`` pairs flattened row-major and ``el`` the
-    local expert of each pair, -1 where it is not routed to this rank (or past ``N`` / ``K``)."""
+    [ROWS*KP], m [ROWS*KP], el [ROWS*KP])`` with the ``(n, k)`` pairs flattened row-major,
+    ``m`` the pairs that exist (``n < N``, ``k < K``) and ``el`` the local expert of each
+    pair, -1 where it is not routed to this rank (or not in ``m``)."""
     i = tl.arange(0, ROWS * KP)
     n = n0 + i // KP
     k = i % KP
     m = (n < N) & (k < K)
     idp = (recv_ptr + n.to(tl.int64) * ROW_BYTES + IDS_OFF).to(tl.pointer_type(tl.int32))
     el = tl.load(idp + k, mask=m, other=-1) - EXPERT_BASE
-    return n, k, tl.where(m & (el >= 0) & (el < E_LOCAL), el, -1)
+    return n, k, m, tl.where(m & (el >= 0) & (el < E_LOCAL), el, -1)
 
 
 @triton.jit
 def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl.constexpr, KP: tl.constexpr,
                 SUB: tl.constexpr, ELP: tl.constexpr):  # fmt: skip
-    """:func:`_chunk_experts` of ``SUB`` rows as ``(n, k, onehot [SUB*KP, ELP])``:
+    """:func:`_chunk_experts` of ``SUB`` rows as ``(n, k, m, onehot [SUB*KP, ELP])``:
     ``onehot[i, e]`` = 1 where pair ``i`` is routed to local expert ``e``."""
-    n, k, el = _chunk_experts(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB)
+    n, k, m, el = _chunk_experts(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB)
     onehot = (el[:, None] == tl.arange(0, ELP)[None, :]).to(tl.int32)
-    return n, k, onehot
+    return n, k, m, onehot
 
 
 @triton.jit
@@ -451,13 +452,13 @@ def ep_permute_hist_kernel(
     end = tl.minimum(n0 + BLOCK_N, N)
     if V2:
         while n0 < end:
-            _, _, el = _chunk_experts(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, HB // KP)
+            _, _, _, el = _chunk_experts(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, HB // KP)
             ok = el >= 0
             cnt += tl.histogram(tl.where(ok, el, 0), ELP, mask=ok)
             n0 += HB // KP
     else:
         while n0 < end:
-            _, _, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+            _, _, _, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
             cnt += tl.sum(onehot, axis=0)
             n0 += SUB
     tl.store(hist_ptr + c * ELP + tl.arange(0, ELP), cnt)
@@ -504,8 +505,8 @@ def ep_permute_index_kernel(
     through shared memory; H200, 14.8k rows: 11.4 us, the one-hot scan 22 us). Same slots."""
     c = tl.program_id(0)
     if SCANNED:
-        pn, pk, pel = _chunk_experts(recv_ptr, c * BLOCK_N, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB)
-        pmask = (pn < N) & (pk < K)
+        pn, pk, pmask, pel = _chunk_experts(recv_ptr, c * BLOCK_N, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP,
+                                            SUB)
         phit = pel >= 0
         pi = tl.arange(0, SUB * KP)
         psame = (pel[None, :] == pel[:, None]) & (pi[None, :] < pi[:, None])
@@ -524,13 +525,12 @@ def ep_permute_index_kernel(
         n0 = c * BLOCK_N
         end = tl.minimum(n0 + BLOCK_N, N)
         while n0 < end:
-            n, k, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
+            n, k, pm, onehot = _chunk_hits(recv_ptr, n0, end, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP, SUB, ELP)
             before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this sub-block, per expert
             slot = tl.sum(onehot * (carry[None, :] + before), axis=1)
             el = tl.sum(onehot * e[None, :], axis=1)
             hit = tl.sum(onehot, axis=1) != 0
             out = tl.where(hit & (slot < MAX_M), el * MAX_M + slot, -1)
-            pm = (n < end) & (k < K)
             tl.store(slot_map_ptr + n.to(tl.int64) * K + k, out, mask=pm)
             tl.store(slot_src_ptr + out, n * K + k, mask=pm & (out >= 0))
             carry += tl.sum(onehot, axis=0)

@@ -51,14 +51,14 @@ def bf16_rne(x):
 
 
 @triton.jit
-def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Quantize an FP32 tile with ``inv``, the reciprocal of the decode-direction scale
-    (broadcastable FP32, ``RN(1 / scale)``, see
-    :func:`~fp4comm.kernels.common.reciprocal_rn`): ``v = RN(x * inv)``.
+def quantize_tile(x, scale, FMT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Quantize an FP32 tile ``[R, C]`` to fp8 (``FMT`` 1) or int8 (2) with the
+    decode-direction ``scale`` of each row (FP32 ``[R]``): ``v = RN(x * inv)`` with ``inv =
+    RN(1 / scale)``, one IEEE division a row (:func:`~fp4comm.kernels.common.reciprocal_rn`).
 
     fp8: ``sat(v)`` to +-448, RNE, NaN -> NaN (byte 0x7F); int8: clamp to +-127 then round
     half to even, NaN -> 0 (on the GPU one ``cvt.rni.sat.s8.f32`` and an integer max; under
-    the interpreter a clamp and magic-number rounding); bf16: RNE cast (``inv`` unused).
+    the interpreter a clamp and magic-number rounding). (bf16 caches: :func:`bf16_rne`.)
 
     The E4M3 rounding: on the GPU the cast itself (sm_90 emits
     ``cvt.rn.satfinite.e4m3x2.f32``: RNE, saturating to +-448 (Inf included), subnormals
@@ -71,10 +71,8 @@ def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
     branch around a slow path each): the writes were instruction-bound (figures in
     ``fp4comm.attention.kv_cache.write_tiles``).
     """
-    if FMT == 0:
-        return bf16_rne(x)
-    elif FMT == 1:
-        v = x * inv
+    v = x * reciprocal_rn(scale)[:, None]
+    if FMT == 1:
         if INTERPRET:
             c = tl.minimum(tl.maximum(v, -448.0), 448.0)
             b = e4m3_round(tl.where(v != v, 0.0, c)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
@@ -82,7 +80,6 @@ def quantize_tile(x, inv, FMT: tl.constexpr, INTERPRET: tl.constexpr):
         else:
             return v.to(tl.float8e4nv)
     else:
-        v = x * inv
         if INTERPRET:
             c = tl.minimum(tl.maximum(v, -127.0), 127.0)
             c = tl.where(v != v, 0.0, c)
@@ -124,17 +121,17 @@ def _write_one(
     x = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if FMT == 0:
-        q = quantize_tile(x, 1.0, FMT, INTERPRET)
+        q = bf16_rne(x)
     elif DYNAMIC:
         if FMT == 1:
             s = dynamic_scale_rows(x, 448.0)
         else:
             s = dynamic_scale_rows(x, 127.0)
-        q = quantize_tile(x, reciprocal_rn(s)[:, None], FMT, INTERPRET)
+        q = quantize_tile(x, s, FMT, INTERPRET)
         tl.store(sc_ptr + blk * stride_sb + off * stride_ss + offs_h * stride_sh, s, mask=hmask)
     else:
         s = tl.load(scale_ptr + offs_h * stride_scale, mask=hmask, other=1.0)
-        q = quantize_tile(x, reciprocal_rn(s)[:, None], FMT, INTERPRET)
+        q = quantize_tile(x, s, FMT, INTERPRET)
     dst = cache_ptr + blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
     tl.store(dst, q, mask=mask)
 
@@ -197,7 +194,7 @@ def write_mla_cache_kernel(
         tl.store(c16_ptr + blk * stride_c16b + off * stride_c16s + ROPE_OFF16 + tl.arange(0, ROPE), r)
         if IS_FP8:
             s = dynamic_scale_rows(x, 448.0)
-            q = quantize_tile(x, reciprocal_rn(s)[:, None], 1, INTERPRET)
+            q = quantize_tile(x, s, 1, INTERPRET)
             tl.store(c8_ptr + blk * stride_c8b + off * stride_c8s + offs_g[:, None] * GROUP + offs_c[None, :], q)
             tl.store(c32_ptr + blk * stride_c32b + off * stride_c32s + SCALE_OFF32 + offs_g, s)
         else:

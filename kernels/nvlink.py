@@ -337,9 +337,7 @@ def ll_dispatch_send_kernel(
         full = has & (old + mine == tot)
         tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
         val = (seq.to(tl.int64) << 32) | tl.minimum(tot, TMAX).to(tl.int64)
-        tl.debug_barrier()  # then one fence a thread for all its flags (RELAXED stores)
-        fence_sys(GPU)
-        flag_store_release(fptr, val, full, sink_ptr, GPU, RELAXED=True)
+        flag_store_release(fptr, val, full, sink_ptr, GPU, RELAXED=True)  # barrier, one fence a thread, stores
     else:
         t = pid
         while t < T:
@@ -373,8 +371,6 @@ def ll_dispatch_send_kernel(
             # release store (a fence) per flag: EP4 4x H200, CUDA graph, v1 / v2 dispatch at
             # 128 tok 41.6 -> 39.4-39.9 / 44.0 -> 40.0-40.3 us, at 512 tok 103.9 -> 101.5-101.8
             # / 93.8 -> 90.2-90.6 us
-            tl.debug_barrier()
-            fence_sys(GPU)
             flag_store_release(fptr, val, ex < E, sink_ptr, GPU, RELAXED=True)
             tl.store(epoch_ptr + 1, seq)
 

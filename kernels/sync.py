@@ -7,9 +7,9 @@ Memory-model contract (PTX, relied on by every kernel in ``nvlink.py``):
   ``fence.acq_rel.sys`` in every thread (GPU only), ``tl.debug_barrier()`` (CTA barrier),
   then a release store at system scope (:func:`flag_store_release`); or, for many flags a
   program (the low-latency dispatch's per-expert flags), the barrier first, then one fence
-  a thread and relaxed system-scope stores (:func:`flag_store_release` with
-  ``RELAXED``: a release pattern); the receiver's acquire at system scope that reads the flag then sees every one
-  of those stores;
+  a thread and relaxed system-scope stores (:func:`flag_store_release` with ``RELAXED``,
+  which runs the barrier and the fence itself: a release pattern); the receiver's acquire
+  at system scope that reads the flag then sees every one of those stores;
 * no atomic ever targets peer memory: flags are written with ``st.release.sys`` and only
   their owner reads them (atomics stay on local counters and status words);
 * several programs hand over through :func:`arrive_last`: each does an ``acq_rel``
@@ -74,11 +74,14 @@ def flag_store_release(ptr, value, mask, sink, GPU: tl.constexpr, RELAXED: tl.co
     puts :func:`fence_sys` and ``tl.debug_barrier()`` before it so that the stores of the
     whole program are ordered before the flag. Interpreter: a masked atomic exchange.
 
-    ``RELAXED``: ``st.relaxed.sys`` instead (no fence of its own), for many flags a program.
-    It publishes the program's earlier stores only as the second half of a release pattern:
-    the caller runs ``tl.debug_barrier()`` and then :func:`fence_sys` right before it (the
-    barrier first, so that every thread's fence comes after all the program's stores). One
-    fence a thread then covers all its flags, where ``st.release.sys`` fences per flag."""
+    ``RELAXED``: for many flags a program, the whole release pattern here, no fence or
+    barrier before it in the caller: ``tl.debug_barrier()``, then :func:`fence_sys` (the
+    barrier first, so that every thread's fence comes after all the program's stores), then
+    ``st.relaxed.sys`` stores. One fence a thread then covers all its flags, where
+    ``st.release.sys`` fences per flag."""
+    if RELAXED:
+        tl.debug_barrier()
+        fence_sys(GPU)
     if GPU:
         if RELAXED:
             st: tl.constexpr = "st.relaxed.sys.global.b64 [$1], $2;\n\tmov.u32 $0, 0;"
