@@ -49,7 +49,6 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 import torch.nn.functional as F  # noqa: E402
 
 from fp4comm.attention import (  # noqa: E402
-    AttentionTiles,
     KVCache,
     attention_tiles,
     select_num_kv_splits,
@@ -103,15 +102,11 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
     N = 128 with bt_ldg 338 (2 stages, no ldg: 319)."""
     t = attention_tiles(D, Hq // Hkv, L, "bf16")
     t8 = attention_tiles(D, Hq // Hkv, L, "fp8")
-
-    def tiles(base, **kw):
-        return AttentionTiles(**{**base.__dict__, **kw})
-
     plain = dict(fa_q_smem=False, bt_ldg=False)
-    return [("generic", "bf16", False, tiles(t, kernel="generic", **plain), None, bs),
-            ("fa plain", "bf16", False, tiles(t, **plain), None, bs),
+    return [("generic", "bf16", False, replace(t, kernel="generic", **plain), None, bs),
+            ("fa plain", "bf16", False, replace(t, **plain), None, bs),
             ("default bs=128", "bf16", False, t, None, 128),
-            ("fa N=64 plain", "fp8", False, tiles(t8, block_n=64, **plain), None, bs),
+            ("fa N=64 plain", "fp8", False, replace(t8, block_n=64, **plain), None, bs),
             ("default fp8 q", "fp8", True, t8, None, bs)]
 
 
