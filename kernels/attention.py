@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .common import e4m3_decode
 from .kv_cache import bf16_rne
+from .sync import arrive_last
 
 
 @triton.jit
@@ -234,21 +235,61 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _store_rows(o, rows_t, rows_h, row_ok, offs_d, out_ptr, stride_ot, stride_oh, INTERPRET: tl.constexpr):
+    """Store FP32 rows ``o [M, HEAD_DIM]`` at ``out[rows_t, rows_h]`` where ``row_ok``, in the
+    output's dtype (BF16 round-to-nearest-even)."""
+    ptrs = out_ptr + rows_t[:, None] * stride_ot + rows_h[:, None] * stride_oh + offs_d[None, :]
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptrs, _to_bf16(o, INTERPRET), mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_split_rows(ws_o_ptr, ws_lse_ptr, rows_t, rows_h, row_ok, out_ptr, stride_ot, stride_oh,
+                      stride_wss, stride_wst, stride_wsh, stride_lss, stride_lst,
+                      NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store into ``out`` the ``NUM_SPLITS`` partial outputs of rows ``(rows_t, rows_h)``
+    merged by their base-2 log-sum-exp (the formula of :func:`combine_splits_kernel`, splits
+    summed in order); rows whose splits are all empty -> zeros. ``CD`` columns at a time
+    and one split a step, so the merge needs fewer registers than the kernel's main loop
+    (sm_90, one-warp fp8 decode: 161 vs 159 without it; loads of several splits at once,
+    ``[splits, rows, columns]``, took 195-206 and cost resident programs). The loads bypass
+    L1 (``.cg``): other programs of the launch wrote the workspace."""
+    CD: tl.constexpr = min(32, HEAD_DIM)
+    lse_rows = ws_lse_ptr + rows_t * stride_lst + rows_h
+    m = tl.full(rows_t.shape, float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(lse_rows + s * stride_lss, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros(rows_t.shape, tl.float32)
+    for s in range(NUM_SPLITS):
+        den += tl.math.exp2(tl.load(lse_rows + s * stride_lss, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                            - m_use)
+    inv = tl.where(den > 0.0, 1.0 / tl.maximum(den, 1e-30), 0.0)
+    for d0 in tl.static_range(0, HEAD_DIM, CD):
+        offs_d = d0 + tl.arange(0, CD)
+        o_rows = ws_o_ptr + rows_t[:, None] * stride_wst + rows_h[:, None] * stride_wsh + offs_d[None, :]
+        acc = tl.zeros([rows_t.shape[0], CD], tl.float32)
+        for s in range(NUM_SPLITS):
+            w = tl.math.exp2(tl.load(lse_rows + s * stride_lss, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                             - m_use)
+            acc += w[:, None] * tl.load(o_rows + s * stride_wss, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        _store_rows(acc * inv[:, None], rows_t, rows_h, row_ok, offs_d, out_ptr, stride_ot, stride_oh, INTERPRET)
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
             out_ptr, stride_ot, stride_oh,
             ws_o_ptr, stride_wss, stride_wst, stride_wsh,
             ws_lse_ptr, stride_lss, stride_lst,
-            NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Normalize and store one tile: straight to ``out`` (one split) or, with splits, the
+            SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Normalize and store one tile: straight to ``out`` (one split) or, with ``SPLIT``, the
     normalized partial output and its base-2 log-sum-exp to the workspace."""
     inv = tl.where(l_i > 0.0, v_descale / tl.maximum(l_i, 1e-30), 0.0)
     o = acc * inv[:, None]
-    if NUM_SPLITS == 1:
-        ptrs = out_ptr + rows_t[:, None] * stride_ot + rows_h[:, None] * stride_oh + offs_d[None, :]
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            tl.store(ptrs, _to_bf16(o, INTERPRET), mask=row_ok[:, None])
-        else:
-            tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if not SPLIT:
+        _store_rows(o, rows_t, rows_h, row_ok, offs_d, out_ptr, stride_ot, stride_oh, INTERPRET)
     else:
         ptrs = ws_o_ptr + split * stride_wss + rows_t[:, None] * stride_wst + rows_h[:, None] * stride_wsh
         tl.store(ptrs + offs_d[None, :], o, mask=row_ok[:, None])
@@ -477,7 +518,7 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr,
-    BT_LDG: tl.constexpr = False,
+    BT_LDG: tl.constexpr = False, FUSE_COMBINE: tl.constexpr = False, counter_ptr=None,
 ):
     """Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``.
 
@@ -490,6 +531,11 @@ def paged_attention_kernel(
     A program's keys ``[k_begin, k_end)`` run in two loops: whole tiles every row of the
     tile sees (causal: keys ``<=`` the tile's first query position; no window) without any
     mask, then the rest (the diagonal tiles, the ragged last tile) masked.
+
+    ``FUSE_COMBINE`` (``NUM_SPLITS > 1``): no combine pass; the last split program of each
+    ``(pid, kvh)`` to arrive on ``counter_ptr[pid * num_kv_heads + kvh]`` (int32, zero
+    before the launch, zero again after it) merges the workspace rows of its tile into
+    ``out`` (:func:`_merge_split_rows`).
     """
     pid = tl.program_id(0)
     seq = pid // num_q_tiles
@@ -555,7 +601,12 @@ def paged_attention_kernel(
 
         _finish(acc, m_i, l_i, v_descale, split, rows_t, rows_h, row_ok, offs_d,
                 out_ptr, stride_ot, stride_oh, ws_o_ptr, stride_wss, stride_wst, stride_wsh,
-                ws_lse_ptr, stride_lss, stride_lst, NUM_SPLITS, INTERPRET)
+                ws_lse_ptr, stride_lss, stride_lst, NUM_SPLITS > 1, INTERPRET)
+        if FUSE_COMBINE:
+            if arrive_last(counter_ptr + pid * tl.num_programs(1) + kvh, NUM_SPLITS, not INTERPRET, "gpu"):
+                _merge_split_rows(ws_o_ptr, ws_lse_ptr, rows_t, rows_h, row_ok, out_ptr, stride_ot, stride_oh,
+                                  stride_wss, stride_wst, stride_wsh, stride_lss, stride_lst,
+                                  NUM_SPLITS, HEAD_DIM, INTERPRET)
 
 
 @triton.jit

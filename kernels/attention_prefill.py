@@ -207,4 +207,4 @@ def paged_prefill_kernel(
             BLOCK_N, DYNAMIC, CAUSAL, USE_WINDOW, True, PAGE, CVT, INTERPRET, BT_LDG)
 
         _finish(acc, m_i, l_i, v_descale, 0, rows_t, rows_h, row_ok, offs_d,
-                out_ptr, stride_ot, stride_oh, out_ptr, 0, 0, 0, out_ptr, 0, 0, 1, INTERPRET)
+                out_ptr, stride_ot, stride_oh, out_ptr, 0, 0, 0, out_ptr, 0, 0, False, INTERPRET)

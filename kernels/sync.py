@@ -135,12 +135,24 @@ def report_timeout(status_ptr, code):
 
 
 @triton.jit
-def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr):
+def fence_gpu(GPU: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread (GPU only), as :func:`fence_sys` for programs
+    of one GPU."""
+    if GPU:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, SCOPE: tl.constexpr = "sys"):
     """Call once per program after its stores. True in exactly one program, the last to
-    arrive, which has then acquired every other program's stores; it resets the counter."""
-    fence_sys(GPU)
+    arrive, which has then acquired every other program's stores; it resets the counter.
+    ``SCOPE`` ``"gpu"``: fence and add at GPU scope, for stores read on the same GPU only."""
+    if SCOPE == "sys":
+        fence_sys(GPU)
+    else:
+        fence_gpu(GPU)
     tl.debug_barrier()
-    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope=SCOPE)
     last = old == num_programs - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")

@@ -267,6 +267,26 @@ def test_split_kv(fmt, splits):
     assert torch.equal(out[3].float(), torch.zeros_like(out[3].float()))  # padded row (seq_len 0): zeros
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8_dynamic"])
+def test_fused_split_combine(fmt):
+    """Split-KV with the merge in the kernel (the last split program of a tile merges the
+    workspace rows, ``fuse_combine``) equals the separate combine pass bit for bit, for split
+    counts that are not powers of two too; above FUSE_COMBINE_MAX_SPLITS the separate pass
+    runs. Rows of an empty sequence stay zero; the counters are zero again after the launch
+    (a second call gives the same result)."""
+    case = build([300, 17, 0, 1000], [1, 2, 1, 1], Hq=4, Hkv=2, D=64, bs=16, fmt=fmt, seed=14)
+    want = reference(case)
+    tiles = default_tiles(case)
+    assert tiles.fuse_combine
+    for splits in (2, 3, 6, 7):
+        fused = run(case, num_kv_splits=splits, tiles=tiles)
+        sep = run(case, num_kv_splits=splits, tiles=dataclasses.replace(tiles, fuse_combine=False))
+        assert torch.equal(fused, sep), splits
+        assert torch.equal(run(case, num_kv_splits=splits, tiles=tiles), fused), splits
+        assert_close_to_ref(fused, want, what=f"{fmt} fused splits={splits}")
+        assert torch.equal(fused[3].float(), torch.zeros_like(fused[3].float()))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("window", [1, 7, 40], ids=["w1", "w7", "w40"])
 def test_sliding_window(window, kernel):
@@ -418,6 +438,19 @@ def test_tile_and_split_heuristics(monkeypatch):
     # batch 32 x 8 KV heads at 16k on 132 SMs: >= 16 programs an SM, each >= 64 KB of fp8 K+V
     s = select_num_kv_splits(32 * 8, 16384, 132)
     assert s == 16 and 32 * 8 * s >= 16 * 132 and (16384 // s) * 2 * 128 >= 64 * 1024
+    # wave-filling splits (bf16 / fp8 caches): slots = resident programs an SM x SMs
+    sfs = paged_mod.splits_for_slots
+    assert sfs(32 * 8, 16384, 12 * 132) == 6  # 1536 of 1584 slots: one wave
+    assert sfs(128 * 8, 16384, 12 * 132) == 3  # 3072: two full waves (1 split: 65% of one)
+    assert sfs(32 * 8, 16384, 7 * 132) == 3  # fewer resident programs, fewer splits
+    assert sfs(64, 16384, 12 * 132) == 24 and sfs(8, 600, 1584) == 1 and sfs(1, 1 << 20, 1584) == 32
+    assert sfs(64 * 8, 4096, 12 * 132) == 3  # <= 4096 // MIN_KEYS_PER_SPLIT = 8 splits allowed
+    for P, L, slots in [(256, 16384, 1584), (1024, 16384, 1320), (7, 3000, 400), (5000, 1 << 16, 396)]:
+        got = sfs(P, L, slots)  # the chosen count minimizes the model over the allowed counts
+        allowed = [c for c in paged_mod.SPLIT_CHOICES if c <= max(1, L // paged_mod.MIN_KEYS_PER_SPLIT)]
+        cost = {c: -(-P * c // slots) * (1 / c + paged_mod.SPLIT_WAVE_COST) for c in allowed}
+        assert got in allowed and cost[got] <= min(cost.values()) + 1e-9, (P, L, slots, got)
+    assert attention_tiles(128, 4, 1, "fp8").fuse_combine and not attention_tiles(128, 4, 8192, "bf16").fuse_combine
     assert attention_tiles(128, 4, 1, "fp8").kv_convert == kv_convert_mode("fp8")
     assert attention_tiles(128, 4, 1, "bf16").kv_convert == 0
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
@@ -558,7 +591,7 @@ BAD = {
     "scale_cache_static": (ValueError, "k_scale_cache", lambda c: dict(k_scale_cache=torch.ones(1, 1, 1, device=DEV))),
     "softmax_scale": (ValueError, "softmax_scale", lambda c: dict(softmax_scale=float("nan"))),
     "window": (ValueError, "sliding_window", lambda c: dict(sliding_window=0)),
-    "splits": (ValueError, "num_kv_splits", lambda c: dict(num_kv_splits=3)),
+    "splits": (ValueError, "num_kv_splits", lambda c: dict(num_kv_splits=paged_mod.MAX_KV_SPLITS + 1)),
     "out": (ValueError, "out", lambda c: dict(out=torch.empty(1, 4, 64, dtype=torch.bfloat16, device=DEV))),
 }
 
@@ -623,6 +656,21 @@ def test_gpu_long_context_decode(fmt):
     assert_close_to_ref(out, reference(case), what=f"gpu long {fmt}")
     one = run(case, num_kv_splits=1)
     assert_close_to_ref(one, reference(case), what=f"gpu long {fmt} unsplit")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp8_dynamic"])
+def test_gpu_wave_splits(fmt):
+    """Automatic splits of bf16 / fp8 caches come from the compiled split kernel's resident
+    programs (its registers and shared memory); the result matches the reference."""
+    case = build([16384, 9000, 1], [1, 1, 1], Hq=32, Hkv=8, D=128, bs=16, fmt=fmt, device="cuda", seed=43)
+    paged_mod._RESIDENT.clear()
+    out = run(case)
+    assert_close_to_ref(out, reference(case), what=f"gpu wave splits {fmt}")
+    (resident,) = paged_mod._RESIDENT.values()
+    assert 1 <= resident <= paged_mod.MAX_CTAS_PER_SM
+    if fmt == "fp8":  # one-warp fp8 decode: <= 168 registers -> 12 an SM (65536 / (168 * 32))
+        assert resident >= 10, resident
 
 
 @pytest.mark.gpu
@@ -725,6 +773,7 @@ def test_kernels_compile_for_sm90():
         # (format, head_dim, max_seqlen_q, q dtype, splits, block_size, tiles override)
         VARIANTS = [
             ("fp8", 128, 1, torch.bfloat16, 4, 16, None),  # decode, CVT 3 (E4M3 -> FP16 in hardware), bt_ldg, 1 warp
+            ("fp8", 128, 1, torch.bfloat16, 6, 16, None),  # 6 splits (not a power of two), merged in the kernel
             ("fp8", 128, 8, torch.bfloat16, 4, 16, None),  # decode tiles of 32 rows: 4 warps, N 128, 2 stages
             ("fp8", 128, 1, torch.bfloat16, 4, 16, AttentionTiles(4, 4, 128, 4, 3, 3)),  # decode, block table pipelined
             ("fp8", 128, 1, torch.bfloat16, 8, 16, AttentionTiles(4, 4, 128, 4, 3, 2)),  # decode, integer E4M3, V before layout change
@@ -778,6 +827,8 @@ def test_kernels_compile_for_sm90():
                 assert ptx.count("ldmatrix") <= 8, consts  # the output's 8 only (else + 8 a key loop: Q reloaded)
             if name == "paged_prefill_kernel" and consts.get("BT_LDG"):  # K/V copies two tiles ahead
                 assert "ld.global.nc.b32" in ptx and "cp.async.wait_group \t2;" in ptx, consts
+            if name == "paged_attention_kernel" and consts.get("FUSE_COMBINE"):  # last split program merges
+                assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, consts
             if name == "paged_attention_kernel":  # decode: block-table reads outside the pipeliner or not
                 assert ("ld.global.nc.b32" in ptx) == bool(consts.get("BT_LDG")), consts
             if name.startswith("write_") and (consts.get("FMT") == 1 or consts.get("IS_FP8")):

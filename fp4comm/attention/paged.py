@@ -39,6 +39,7 @@ class AttentionTiles:
     kernel: str = "generic"  # "generic" | "fa" (prefill-specialised, one split), see PREFILL_KERNEL
     fa_q_smem: bool = False  # kernel "fa": BF16 queries unmodified, wgmma's A from shared memory
     bt_ldg: bool = False  # block-table reads of unmasked tiles outside Triton's pipeliner (K/V prefetched further)
+    fuse_combine: bool = False  # split-KV: the last split program of a tile merges the splits (no combine pass)
 
     @property
     def block_m(self) -> int:
@@ -206,6 +207,8 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     * ``bt_ldg`` (block-table reads outside the pipeliner): decode and the fa prefill kernel.
     * ``kv_convert``: :func:`kv_convert_mode`.
     * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
+    * ``fuse_combine`` (the generic kernel): split-KV launches merge their splits in the
+      kernel, see :func:`~fp4comm.kernels.attention.paged_attention_kernel`.
     """
     group_pad = next_pow2(group)
     prefill_m = 128 if head_dim <= 128 else 64
@@ -229,7 +232,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     kernel = "generic" if decode else PREFILL_KERNEL
     fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format), kernel,
-                          fa_q_smem=fa, bt_ldg=fa or decode)
+                          fa_q_smem=fa, bt_ldg=fa or decode, fuse_combine=kernel == "generic")
 
 
 #: Programs an SM should get over a launch before splitting stops paying: with 3 (4-warp)
@@ -239,7 +242,9 @@ KV_SPLIT_PROGRAMS_PER_SM = 16
 
 
 def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
-    """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys.
+    """Split-KV factor: how many programs share one (sequence, q tile, KV head)'s keys (the
+    rule of int8 caches and of :func:`~fp4comm.attention.mla_decode`; bf16 / fp8 caches use
+    :func:`splits_for_slots`).
 
     Long-context decode has few programs (``num_seqs * num_kv_heads``, e.g. 32 x 8 = 256)
     each streaming megabytes. A 4-warp decode program (168 registers in the fp8 mode 3
@@ -262,6 +267,79 @@ def select_num_kv_splits(num_programs: int, max_seqlen_k: int, num_sms: int) -> 
     want = next_pow2(cdiv(target, max(1, num_programs)))
     cap = 1 << ((max_seqlen_k // MIN_KEYS_PER_SPLIT).bit_length() - 1)
     return max(1, min(want, cap, MAX_KV_SPLITS))
+
+
+#: Cost of one more wave of split programs, in units of one program's time over a whole
+#: sequence (the ramp of a wave whose programs all start together: first loads, pipeline
+#: fill, the partial stores). 0.01 (fp8 b32 / 16k: 6 splits, one wave, 282 us vs 12 splits,
+#: two waves, 287 us) let the model prefer 24 splits in 5 waves to 4 in one for int8 (10
+#: programs an SM), measured 313-326 us vs 306 at 16 splits: more waves cost more than that.
+SPLIT_WAVE_COST = 0.05
+
+#: Most splits ``AttentionTiles.fuse_combine`` merges in the kernel (more: the separate
+#: combine pass). The merging program reads every split's partial rows one split at a time,
+#: in the launch's tail. H200, GQA 32 / 8, D 128, fused vs separate: b32 / 16k fp8 at 6
+#: splits 277 vs 285-287 us, fp8_dynamic at 3 splits 361-363 vs 404, int8_dynamic at 3
+#: 407-410 vs 437; at 8 splits (b64 / 4k) fp8 176 vs 159-161 and bf16 278 vs 262; at 16
+#: (b32 / 16k) fp8 322 vs 294, bf16 527 vs 500.
+FUSE_COMBINE_MAX_SPLITS = 6
+
+#: Cache formats (base) whose decode splits come from :func:`splits_for_slots`; int8 caches
+#: keep :func:`select_num_kv_splits`: H200, b32 / 16k, int8 at 5 splits (one wave of its
+#: 10 programs an SM) 407 us vs 305 at 16, int8_dynamic at 64k 3 splits 1609-1705 vs
+#: 1515-1562 at 16 (why longer int8 programs stream slower was not found). fp8, b32 / 16k:
+#: 16 -> 6 splits 293 -> 277 us; fp8_dynamic 382 -> 361; bf16 at b64 / 4k 262 -> 254.
+WAVE_SPLIT_FORMATS = ("bf16", "fp8")
+
+#: Split counts :func:`splits_for_slots` picks from (each is a separate compiled kernel: the
+#: split count is a ``constexpr``; as a runtime value the one-warp fp8 decode kernel took 192
+#: registers instead of 159, 10 programs an SM instead of 12)
+SPLIT_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+
+
+def splits_for_slots(num_programs: int, max_seqlen_k: int, slots: int) -> int:
+    """Split-KV factor of the decode kernel from the programs the GPU holds at once.
+
+    ``slots`` = resident programs an SM (from the compiled kernel's registers and shared
+    memory, :func:`resident_programs`) x SMs. Decode programs are latency-bound: a program
+    streams at about the same rate however many share its SM, so a launch takes ~``waves``
+    x (its program's keys) where ``waves = ceil(num_programs * s / slots)``: the best
+    split count fills whole waves. Minimizes ``waves * (1 / s + SPLIT_WAVE_COST)`` over
+    ``1 <= s <= min(MAX_KV_SPLITS, max_seqlen_k // MIN_KEYS_PER_SPLIT)``, the smallest ``s``
+    on ties, over :data:`SPLIT_CHOICES`. H200, fp8, b32 x 8 KV heads at 16k, 12 one-warp programs an SM (1584 slots):
+    6 splits (1536 programs, one wave) 282 us; 4 / 5 / 8 / 12 / 16 splits 307 / 309 / 307 /
+    287 / 292 us. b128 (1024 programs): 3 splits (two full waves) 1087-1103 us; 1 / 2 / 4:
+    1150-1166 / 1171-1179 / 1126-1153 us (all with the separate combine pass)."""
+    if max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT or num_programs <= 0:
+        return 1
+    best, best_cost = 1, None
+    for splits in SPLIT_CHOICES:
+        if splits > max_seqlen_k // MIN_KEYS_PER_SPLIT:
+            break
+        cost = cdiv(num_programs * splits, slots) * (1.0 / splits + SPLIT_WAVE_COST)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = splits, cost
+    return best
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """Programs of a compiled Triton kernel one SM holds at once: the least of its register,
+    shared-memory, thread and CTA limits (registers allocated per warp in units of 256)."""
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    regs_per_warp = cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
+    by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    shared = compiled.metadata.shared + 1024  # + the CTA's reserved shared memory
+    by_shared = props.shared_memory_per_multiprocessor // shared
+    return max(1, min(by_regs, by_threads, by_shared, MAX_CTAS_PER_SM))
+
+
+#: CTAs an SM holds at most (sm_80 / sm_90)
+MAX_CTAS_PER_SM = 32
+#: Resident decode programs an SM assumed under the interpreter (no compiled kernel to ask)
+INTERPRETER_RESIDENT = 4
+_RESIDENT: dict = {}
 
 
 def check_descale(name: str, d: object, num_seqs: int, num_kv_heads: int, device: torch.device):
@@ -348,8 +426,8 @@ def paged_attention(
         sliding_window: ``w`` keys (the query's own position included), or ``None``.
         max_seqlen_q: the longest query run; computed from ``cu_seqlens_q`` (one device sync)
             when ``None``. Passing a smaller value than the truth leaves rows uncomputed.
-        num_kv_splits: force the split-KV factor (power of two); ``None`` =
-            :func:`select_num_kv_splits`.
+        num_kv_splits: force the split-KV factor (1 to :data:`MAX_KV_SPLITS`); ``None`` =
+            :func:`splits_for_slots` (bf16, fp8 caches), :func:`select_num_kv_splits` (int8).
         tiles: override :func:`attention_tiles` (benchmark sweeps); under the interpreter
             ``kv_convert`` 1 and 2 run as 0 (see :func:`effective_convert_mode`);
             ``kernel="fa"`` runs the prefill-specialised kernel (:data:`PREFILL_KERNEL`) unless
@@ -401,8 +479,8 @@ def paged_attention(
             raise ValueError("out: the last dim must be contiguous")
     if num_kv_splits is not None:
         check_positive_int("num_kv_splits", num_kv_splits)
-        if num_kv_splits & (num_kv_splits - 1):
-            raise ValueError(f"num_kv_splits: must be a power of two, got {num_kv_splits}")
+        if num_kv_splits > MAX_KV_SPLITS:
+            raise ValueError(f"num_kv_splits: at most {MAX_KV_SPLITS}, got {num_kv_splits}")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                       cu_seqlens_q=cu_seqlens_q)
     if check_indices:
@@ -455,23 +533,58 @@ def paged_attention(
             Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=bt_ldg, **common,
         )  # fmt: skip
         return out
-    if num_kv_splits is None:
-        num_kv_splits = select_num_kv_splits(S * num_q_tiles * Hkv, block_table.shape[1] * bs, _num_sms(dev))
-    if num_kv_splits > 1:
-        ws_o = torch.empty(num_kv_splits, T, Hq, D, dtype=torch.float32, device=dev)
-        ws_lse = torch.empty(num_kv_splits, T, Hq, dtype=torch.float32, device=dev)
-    else:
-        ws_o, ws_lse = dummy(dev).view(1, 1, 1, 1), dummy(dev).view(1, 1, 1)
-    grid = (S * num_q_tiles, Hkv, num_kv_splits)
-    _k.paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, ws_o, ws_lse, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
-        scale_log2, Hq // Hkv, bs, sliding_window or 0, num_q_tiles, *strides,
-        ws_o.stride(0), ws_o.stride(1), ws_o.stride(2), ws_lse.stride(0), ws_lse.stride(1),
-        NUM_SPLITS=num_kv_splits, BT_LDG=bt_ldg, **common,
-    )  # fmt: skip
-    if num_kv_splits > 1:
-        combine_splits(ws_o, ws_lse, out, exact)
+    max_k = block_table.shape[1] * bs
+    kw = dict(BT_LDG=bt_ldg, FUSE_COMBINE=tiles.fuse_combine, **common)
+
+    def launch(splits: int, warmup: bool = False):
+        """The decode kernel over ``splits`` splits (its workspace allocated here), or with
+        ``warmup`` the compiled split kernel only (nothing runs)."""
+        if splits > 1:
+            ws_o = torch.empty(splits, T, Hq, D, dtype=torch.float32, device=dev)
+            ws_lse = torch.empty(splits, T, Hq, dtype=torch.float32, device=dev)
+        else:
+            ws_o, ws_lse = dummy(dev).view(1, 1, 1, 1), dummy(dev).view(1, 1, 1)
+        fuse = tiles.fuse_combine and 1 < splits <= FUSE_COMBINE_MAX_SPLITS
+        # fused combine: one arrival counter a (sequence, q tile, KV head), zero before the launch
+        counters = (torch.empty if warmup else torch.zeros)(S * num_q_tiles * Hkv, dtype=torch.int32, device=dev) \
+            if fuse else None
+        grid = (S * num_q_tiles, Hkv, splits)
+        args = (q, k_cache, v_cache, out, ws_o, ws_lse, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0],
+                ksc, vsc, scale_log2, Hq // Hkv, bs, sliding_window or 0, num_q_tiles, *strides,
+                ws_o.stride(0), ws_o.stride(1), ws_o.stride(2), ws_lse.stride(0), ws_lse.stride(1))
+        opts = dict(kw, NUM_SPLITS=splits, FUSE_COMBINE=fuse, counter_ptr=counters)
+        if warmup:
+            return _k.paged_attention_kernel.warmup(*args, grid=grid, **opts)
+        _k.paged_attention_kernel[grid](*args, **opts)
+        if splits > 1 and not fuse:
+            combine_splits(ws_o, ws_lse, out, exact)
+
+    splits = num_kv_splits
+    if splits is None and ref.base_format(kv_format) in WAVE_SPLIT_FORMATS:
+        splits = 1  # fill whole waves of the split kernel's resident programs
+        if max_k >= 2 * MIN_KEYS_PER_SPLIT:
+            resident = _resident(dev, (q.dtype, k_cache.dtype, out.dtype, tuple(sorted(kw.items()))), launch)
+            splits = splits_for_slots(S * num_q_tiles * Hkv, max_k, _num_sms(dev) * resident)
+    elif splits is None:
+        splits = select_num_kv_splits(S * num_q_tiles * Hkv, max_k, _num_sms(dev))
+    launch(splits)
     return out
+
+
+def _resident(dev: torch.device, key: tuple, launch) -> int:
+    """Resident programs an SM of the split decode kernel (``launch(2, warmup=True)``
+    compiles it; counted once per device and configuration ``key``);
+    :data:`INTERPRETER_RESIDENT` off the GPU."""
+    if dev.type != "cuda":
+        return INTERPRETER_RESIDENT
+    key = (dev.index, *key)
+    n = _RESIDENT.get(key)
+    if n is None:
+        ck = launch(2, warmup=True)
+        ck = ck.result() if hasattr(ck, "result") else ck
+        ck._init_handles()
+        n = _RESIDENT[key] = resident_programs(ck, dev)
+    return n
 
 
 def _kernel_strides(q, k_cache, v_cache, ksc, vsc, block_table, qd, kd, vd, out) -> tuple:
