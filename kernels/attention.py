@@ -603,7 +603,7 @@ def paged_attention_kernel(
                 out_ptr, stride_ot, stride_oh, ws_o_ptr, stride_wss, stride_wst, stride_wsh,
                 ws_lse_ptr, stride_lss, stride_lst, NUM_SPLITS > 1, INTERPRET)
         if FUSE_COMBINE:
-            if arrive_last(counter_ptr + pid * tl.num_programs(1) + kvh, NUM_SPLITS, not INTERPRET, "gpu"):
+            if arrive_last(counter_ptr + pid * tl.num_programs(1) + kvh, NUM_SPLITS, not INTERPRET, True):
                 _merge_split_rows(ws_o_ptr, ws_lse_ptr, rows_t, rows_h, row_ok, out_ptr, stride_ot, stride_oh,
                                   stride_wss, stride_wst, stride_wsh, stride_lss, stride_lst,
                                   NUM_SPLITS, HEAD_DIM, INTERPRET)

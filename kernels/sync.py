@@ -143,16 +143,18 @@ def fence_gpu(GPU: tl.constexpr):
 
 
 @triton.jit
-def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, SCOPE: tl.constexpr = "sys"):
+def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, GPU_SCOPE: tl.constexpr = False):
     """Call once per program after its stores. True in exactly one program, the last to
     arrive, which has then acquired every other program's stores; it resets the counter.
-    ``SCOPE`` ``"gpu"``: fence and add at GPU scope, for stores read on the same GPU only."""
-    if SCOPE == "sys":
-        fence_sys(GPU)
-    else:
+    ``GPU_SCOPE``: fence and add at GPU scope, for stores read on the same GPU only."""
+    if GPU_SCOPE:
         fence_gpu(GPU)
-    tl.debug_barrier()
-    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope=SCOPE)
+        tl.debug_barrier()
+        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    else:
+        fence_sys(GPU)
+        tl.debug_barrier()
+        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
     last = old == num_programs - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
