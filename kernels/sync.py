@@ -149,12 +149,10 @@ def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, GPU_SCOPE: tl.cons
     ``GPU_SCOPE``: fence and add at GPU scope, for stores read on the same GPU only."""
     if GPU_SCOPE:
         fence_gpu(GPU)
-        tl.debug_barrier()
-        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     else:
         fence_sys(GPU)
-        tl.debug_barrier()
-        old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    tl.debug_barrier()
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu" if GPU_SCOPE else "sys")
     last = old == num_programs - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")

@@ -165,16 +165,18 @@ DECODE_ONE_BYTE_STAGES = 2
 #: fit 12 to an SM instead of 3, the latency of each tile hidden by the others. H200, GQA
 #: 32 / 8, D 128, pages of 16, 16k context, b32 / b128, L2 flushed by a read (4 warps at
 #: N = 128 / 64 before): fp8 362 / 1332 -> 291-297 / 1098-1145 us (75-77% / 78-82% of the
-#: 4.8 TB/s peak; b32 carries ~15 us of fixed cost: the launch's first pipeline fill, the
-#: split combine pass); int8 383 / 1410 -> 305 / 1150; bf16 519 / 1999 -> 500 / 1943; fp8_dynamic
-#: 542 / 2035 -> 384 / 1441 (N = 32; N = 16 491 / 1873). Other one-warp fp8 tiles, b32 /
+#: 4.8 TB/s peak, with 16 / 4 splits and the combine pass: b32's ~15 us of extra cost was
+#: mostly 2.6 waves of programs that start together, see :func:`splits_for_slots`, and ~5 us
+#: the combine pass, see :data:`FUSE_COMBINE_MAX_SPLITS`); int8 383 / 1410 -> 305 / 1150;
+#: bf16 519 / 1999 -> 500 / 1943; fp8_dynamic 542 / 2035 -> 384 / 1441 (N = 32; N = 16 491 /
+#: 1873). Other one-warp fp8 tiles, b32 /
 #: b128: N = 32 at 3 stages 307 / 1138, at 2 or 4 stages 332-337 / 1203-1239; N = 16 at 2,
 #: 4, 5, 6 stages 394 / 1491, 318 / 1182, 315 / 1168, 339 / 1257; N = 64 at 2 / 3 stages
 #: 375 / 1348, 344 / 1221; 2 warps at N = 64 346 / 1254; N = 16 without ``bt_ldg`` 420 /
 #: 1600; capped at 128 registers (16 programs an SM) 302 / 1139; 12 or 24 splits instead of
-#: the 16 / 4 of :func:`select_num_kv_splits` within 2%. Not the block-table reads: each
-#: tile's entry loaded one tile earlier still (a loop-carried ``ld.global.nc``), or pages
-#: of 128 (one entry for 8 tiles), time the same (b32 292-293 / 291 us).
+#: 16 within 2% (6, one full wave: 282, see :func:`splits_for_slots`). Not the block-table
+#: reads: each tile's entry loaded one tile earlier still (a loop-carried ``ld.global.nc``),
+#: or pages of 128 (one entry for 8 tiles), time the same (b32 292-293 / 291 us).
 DECODE_ONE_WARP_BLOCK_N = 16
 DECODE_ONE_WARP_BLOCK_N_DYNAMIC = 32
 
@@ -235,9 +237,9 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
                           fa_q_smem=fa, bt_ldg=fa or decode, fuse_combine=kernel == "generic")
 
 
-#: Programs an SM should get over a launch before splitting stops paying: with 3 (4-warp)
-#: to 12 (one-warp) decode programs resident an SM, 16 is >= 1.3 to 5 waves; b32 / 16k
-#: at 12 or 24 splits instead of 16 measured within 2% (see :data:`DECODE_ONE_WARP_BLOCK_N`).
+#: Programs an SM should get over a launch before splitting stops paying (the rule of
+#: :func:`select_num_kv_splits`: int8 caches, MLA): with 3 (4-warp) to 12 (one-warp) decode
+#: programs resident an SM, 16 is >= 1.3 to 5 waves.
 KV_SPLIT_PROGRAMS_PER_SM = 16
 
 
@@ -296,6 +298,13 @@ WAVE_SPLIT_FORMATS = ("bf16", "fp8")
 #: registers instead of 159, 10 programs an SM instead of 12)
 SPLIT_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 
+#: CTAs an SM holds at most (sm_80 / sm_90)
+MAX_CTAS_PER_SM = 32
+#: Resident decode programs an SM assumed under the interpreter (no compiled kernel to ask)
+INTERPRETER_RESIDENT = 4
+#: (device index, configuration) -> resident programs an SM of its split decode kernel
+_RESIDENT: dict = {}
+
 
 def splits_for_slots(num_programs: int, max_seqlen_k: int, slots: int) -> int:
     """Split-KV factor of the decode kernel from the programs the GPU holds at once.
@@ -305,10 +314,10 @@ def splits_for_slots(num_programs: int, max_seqlen_k: int, slots: int) -> int:
     streams at about the same rate however many share its SM, so a launch takes ~``waves``
     x (its program's keys) where ``waves = ceil(num_programs * s / slots)``: the best
     split count fills whole waves. Minimizes ``waves * (1 / s + SPLIT_WAVE_COST)`` over
-    ``1 <= s <= min(MAX_KV_SPLITS, max_seqlen_k // MIN_KEYS_PER_SPLIT)``, the smallest ``s``
-    on ties, over :data:`SPLIT_CHOICES`. H200, fp8, b32 x 8 KV heads at 16k, 12 one-warp programs an SM (1584 slots):
-    6 splits (1536 programs, one wave) 282 us; 4 / 5 / 8 / 12 / 16 splits 307 / 309 / 307 /
-    287 / 292 us. b128 (1024 programs): 3 splits (two full waves) 1087-1103 us; 1 / 2 / 4:
+    the counts of :data:`SPLIT_CHOICES` up to ``max_seqlen_k // MIN_KEYS_PER_SPLIT``, the
+    smallest on ties. H200, fp8, b32 x 8 KV heads at 16k, 12 one-warp programs an SM (1584
+    slots): 6 splits (1536 programs, one wave) 282 us; 4 / 5 / 8 / 12 / 16 splits 307 / 309 /
+    307 / 287 / 292 us. b128 (1024 programs): 3 splits (two full waves) 1087-1103 us; 1 / 2 / 4:
     1150-1166 / 1171-1179 / 1126-1153 us (all with the separate combine pass)."""
     if max_seqlen_k < 2 * MIN_KEYS_PER_SPLIT or num_programs <= 0:
         return 1
@@ -334,12 +343,6 @@ def resident_programs(compiled, device: torch.device) -> int:
     by_shared = props.shared_memory_per_multiprocessor // shared
     return max(1, min(by_regs, by_threads, by_shared, MAX_CTAS_PER_SM))
 
-
-#: CTAs an SM holds at most (sm_80 / sm_90)
-MAX_CTAS_PER_SM = 32
-#: Resident decode programs an SM assumed under the interpreter (no compiled kernel to ask)
-INTERPRETER_RESIDENT = 4
-_RESIDENT: dict = {}
 
 
 def check_descale(name: str, d: object, num_seqs: int, num_kv_heads: int, device: torch.device):
@@ -534,7 +537,7 @@ def paged_attention(
         )  # fmt: skip
         return out
     max_k = block_table.shape[1] * bs
-    kw = dict(BT_LDG=bt_ldg, FUSE_COMBINE=tiles.fuse_combine, **common)
+    kw = dict(BT_LDG=bt_ldg, **common)
 
     def launch(splits: int, warmup: bool = False):
         """The decode kernel over ``splits`` splits (its workspace allocated here), or with
@@ -563,7 +566,8 @@ def paged_attention(
     if splits is None and ref.base_format(kv_format) in WAVE_SPLIT_FORMATS:
         splits = 1  # fill whole waves of the split kernel's resident programs
         if max_k >= 2 * MIN_KEYS_PER_SPLIT:
-            resident = _resident(dev, (q.dtype, k_cache.dtype, out.dtype, tuple(sorted(kw.items()))), launch)
+            key = (q.dtype, k_cache.dtype, out.dtype, tiles.fuse_combine, tuple(sorted(kw.items())))
+            resident = _resident(dev, key, launch)
             splits = splits_for_slots(S * num_q_tiles * Hkv, max_k, _num_sms(dev) * resident)
     elif splits is None:
         splits = select_num_kv_splits(S * num_q_tiles * Hkv, max_k, _num_sms(dev))
@@ -573,8 +577,10 @@ def paged_attention(
 
 def _resident(dev: torch.device, key: tuple, launch) -> int:
     """Resident programs an SM of the split decode kernel (``launch(2, warmup=True)``
-    compiles it; counted once per device and configuration ``key``);
-    :data:`INTERPRETER_RESIDENT` off the GPU."""
+    compiles its 2-split build; counted once per device and configuration ``key``, and taken
+    for every split count: the builds differ by a few registers, e.g. one-warp fp8 161 at
+    2-5 splits, 168 at 6, 159 at 8 and 16, all 12 an SM); :data:`INTERPRETER_RESIDENT` off
+    the GPU."""
     if dev.type != "cuda":
         return INTERPRETER_RESIDENT
     key = (dev.index, *key)
