@@ -97,13 +97,20 @@ def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
     causal sequence, D 128, 32 / 8 heads, pages of 16 (TFLOP/s; SDPA 586-613): generic 259
     (N = 64) / 296 (N = 128); fa 299 (N = 64) / 352 (N = 128; 2 / 4 stages 326 / 352); fa +
     q_smem 379, + bt_ldg 361, both 379; both with pages of 128: 437; fp8 cache: fa N = 64 274,
-    N = 128 with bt_ldg 338 (2 stages, no ldg: 319)."""
+    N = 128 with bt_ldg 338 (2 stages, no ldg: 319). Session 9 (SDPA 618; block-table entries
+    of a tile read as one vector, K/V by TMA where a page holds a tile): default 446, pages of
+    32 452, of 64 499 (N = 128 without TMA 485), of 128 545 (no TMA 496), of 256 537."""
     t = attention_tiles(D, Hq // Hkv, L, "bf16")
     t8 = attention_tiles(D, Hq // Hkv, L, "fp8")
     plain = dict(fa_q_smem=False, bt_ldg=False)
     return [("generic", "bf16", False, replace(t, kernel="generic", **plain), None, bs),
             ("fa plain", "bf16", False, replace(t, **plain), None, bs),
+            ("default bs=32", "bf16", False, t, None, 32),
+            ("N=128 bs=64", "bf16", False, t, None, 64),
+            ("default bs=64", "bf16", False, attention_tiles(D, Hq // Hkv, L, "bf16", 64), None, 64),
             ("default bs=128", "bf16", False, t, None, 128),
+            ("no tma bs=128", "bf16", False, replace(t, fa_tma=False), None, 128),
+            ("default bs=256", "bf16", False, t, None, 256),
             ("fa N=64 plain", "fp8", False, replace(t8, block_n=64, **plain), None, bs),
             ("default fp8 q", "fp8", True, t8, None, bs)]
 
@@ -277,11 +284,12 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
             rows.append(dict(section="prefill", name="sdpa (dense, causal)", format="bf16", batch=1, context=L,
                              us=sdpa_us, tflops=flops / sdpa_us / 1e6))
             del k, v
-        t = tiles or attention_tiles(D, Hq // Hkv, L, fmt)
+        t = tiles or attention_tiles(D, Hq // Hkv, L, fmt, page)
         rows.append(dict(section="tune" if tiles else "prefill", name="paged_attention" + suffix, format=fmt,
                          batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,
                          note=f"{t.kernel} N={t.block_n} w={t.num_warps} st={t.num_stages} cvt={t.kv_convert} "
                               f"{'qsmem ' if t.fa_q_smem else ''}{'ldg ' if t.bt_ldg else ''}"
+                              f"{'tma ' if t.fa_tma and t.kernel == 'fa' and page >= t.block_n else ''}"
                               f"bs={page} splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
         if fmt == "bf16" and not q_fp8:
             rows[-1].update(target=f">={TARGET_PREFILL_VS_SDPA}x sdpa",

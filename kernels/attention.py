@@ -356,7 +356,13 @@ def qk_scores(q, kc_ptr, k_rows, n_ok, offs_d, MASK: tl.constexpr, CVT: tl.const
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :])
-    return _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], k_rows.shape[0]], tl.float32),
+    return qk_dot(q, k, CVT, INTERPRET)
+
+
+@triton.jit
+def qk_dot(q, k, CVT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Unscaled scores ``q @ k^T`` of a loaded cache tile ``k [N, D]``, dequantized as ``CVT`` says."""
+    return _dot(q, tl.trans(_kv_operand(k, CVT, False, INTERPRET)), tl.zeros([q.shape[0], k.shape[0]], tl.float32),
                 INTERPRET)
 
 
@@ -417,6 +423,12 @@ def pv_update(p, alpha, acc, v_rows, n_ok, offs_d, vc_ptr, vs_ptrs, DYNAMIC: tl.
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :])
+    return pv_dot(p, alpha, acc, v, n_ok, vs_ptrs, DYNAMIC, CVT, INTERPRET)
+
+
+@triton.jit
+def pv_dot(p, alpha, acc, v, n_ok, vs_ptrs, DYNAMIC: tl.constexpr, CVT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc * alpha + p @ v`` for a loaded cache tile ``v [N, D]`` (see :func:`pv_update`)."""
     vf = _kv_operand(v, CVT, True, INTERPRET)
     if DYNAMIC:
         vs = tl.load(vs_ptrs, mask=n_ok, other=0.0)

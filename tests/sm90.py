@@ -49,6 +49,8 @@ def _compile_only(self, *args, grid, warmup, **kw):
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + _TY[v.dtype]
             if v.data_ptr() % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(v).__name__ == "TensorDescriptor":  # host-side TMA descriptor (triton.tools.tensor_descriptor)
+            sig[p.name] = f"tensordesc<{_TY[v.base.dtype]}{list(v.block_shape)}>"
         elif isinstance(v, bool): sig[p.name] = "i1"
         elif isinstance(v, int):
             sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"

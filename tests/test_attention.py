@@ -456,6 +456,12 @@ def test_tile_and_split_heuristics(monkeypatch):
     assert attention_tiles(64, 4, 8192, "bf16").block_n == 128
     assert attention_tiles(128, 4, 8192, "bf16").block_n == 128 and attention_tiles(128, 4, 8192, "fp8").block_n == 128
     assert attention_tiles(128, 4, 8192, "int8").block_n == 64  # N = 128 timed for fp8 only
+    # TMA-fed fa tiles (2-byte caches): N = 64 where a page of 64 keys then holds a tile
+    assert attention_tiles(128, 4, 8192, "bf16", 64).block_n == 64 and attention_tiles(128, 4, 8192, "bf16").fa_tma
+    assert [attention_tiles(128, 4, 8192, "bf16", bs).block_n for bs in (16, 32, 128, 256, 48)] == [128] * 5
+    assert attention_tiles(128, 4, 8192, "fp8", 64).block_n == 128 and not attention_tiles(128, 4, 8192, "fp8").fa_tma
+    assert attention_tiles(128, 4, 1, "bf16", 64) == attention_tiles(128, 4, 1, "bf16")  # decode: no change
+    assert not attention_tiles(128, 4, 1, "bf16", 64).fa_tma
     t = attention_tiles(128, 4, 8192, "bf16")
     assert t.fa_q_smem and t.bt_ldg and not attention_tiles(128, 4, 1, "bf16").fa_q_smem
     # the kernel knob: prefill tiles follow PREFILL_KERNEL, decode tiles stay generic
@@ -475,6 +481,61 @@ def test_block_sizes_and_unmasked_tiles(bs, kernel):
     hold whole tiles are read with one block-table entry a tile; other sizes at run time."""
     case = build([300, 130, 1], [300, 1, 1], Hq=4, Hkv=2, D=64, bs=bs, fmt="int8_dynamic", seed=12)
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"bs={bs}")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8_dynamic"])
+def test_fa_tma_matches_pointer_loads(fmt):
+    """fa kernel, pages holding whole tiles: K/V tiles read through TMA descriptors give bit
+    for bit the answer of the pointer loads, and both match the reference, with the unused
+    slots of each sequence's last page (and the spare pages) full of NaN / extreme codes
+    (TMA reads whole pages: those rows must be zeroed, not merely given p = 0)."""
+    case = build([15, 17, 300, 40], [5, 17, 33, 40], Hq=4, Hkv=2, D=64, bs=32, fmt=fmt, seed=17)
+    c = case["cache"]
+    used = torch.zeros(c.k_cache.shape[:2], dtype=torch.bool)
+    for i, L in enumerate(case["seq_lens"].tolist()):
+        pos = torch.arange(L)
+        used[case["bt"][i].cpu().long()[pos // 32], pos % 32] = True
+    for t in (c.k_cache, c.v_cache):  # NaN (bf16: 0x7FC0, E4M3: 0x7F), int8: +127
+        bits = t.view(torch.int16 if fmt == "bf16" else torch.int8)
+        bits[~used.to(t.device)] = 0x7FC0 if fmt == "bf16" else 0x7F
+    tiles = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kernel="fa", fa_tma=True)
+    assert paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 32, 16) is not None
+    out_tma = run(case, tiles=tiles)
+    out_ptr = run(case, tiles=dataclasses.replace(tiles, fa_tma=False))
+    assert torch.equal(out_tma, out_ptr)
+    assert_close_to_ref(out_tma, reference(case), what=f"{fmt} tma")
+
+
+def test_fa_tma_layouts():
+    """TMA descriptors only where a page holds whole tiles and the cache is a stack of
+    [block_size, heads * dim] pages (16-byte aligned); every other layout keeps the pointer
+    loads (None), and the answer is the same either way."""
+    c = KVCache.allocate(6, 32, 2, 64, "bf16")
+    descs = paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 32, 32)
+    assert descs is not None and [list(d.block_shape) for d in descs] == [[32, 64], [32, 64]]
+    assert list(descs[0].shape) == [6 * 32, 2 * 64] and list(descs[0].strides) == [2 * 64, 1]
+    assert paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 16, 32) is None  # a tile spans two pages
+    assert paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 0, 32) is None  # runtime block size
+    both = torch.zeros(6, 32, 2, 2, 64, dtype=torch.bfloat16)  # K and V interleaved per head: heads not packed
+    assert paged_mod.fa_tensor_descriptors(both[:, :, :, 0], both[:, :, :, 1], 32, 32) is None
+    wide = torch.zeros(6, 33, 2, 64, dtype=torch.bfloat16)[:, :32]  # pages padded: not one 2-D array of slots
+    assert paged_mod.fa_tensor_descriptors(wide, wide, 32, 32) is None
+
+
+def test_block_table_vector_reads():
+    """Whole 2-, 4- or 8-page tiles whose entries are 8- / 16-byte aligned in every row, and a
+    row long enough for the read-ahead of a whole tile's entries."""
+    bt = torch.zeros(3, 64, dtype=torch.int32)
+    assert paged_mod._block_table_vector_reads(bt, 16, 128)  # 8 entries
+    assert paged_mod._block_table_vector_reads(bt, 32, 128) and paged_mod._block_table_vector_reads(bt, 64, 128)
+    assert not paged_mod._block_table_vector_reads(bt, 128, 128)  # one page a tile: one entry anyway
+    assert not paged_mod._block_table_vector_reads(bt, 8, 128)  # 16 entries
+    assert not paged_mod._block_table_vector_reads(bt, 0, 128)  # runtime block size
+    odd = torch.zeros(3, 65, dtype=torch.int32)  # rows of 65 entries: row 1's tiles are not 16-byte aligned
+    assert not paged_mod._block_table_vector_reads(odd, 16, 128)
+    assert paged_mod._block_table_vector_reads(torch.zeros(3, 66, dtype=torch.int32), 64, 128)  # 8 bytes suffice
+    assert not paged_mod._block_table_vector_reads(torch.zeros(3, 4, dtype=torch.int32), 16, 128)  # 4 < 8 columns
+    assert not paged_mod._block_table_vector_reads(torch.zeros(3, 65, dtype=torch.int32)[:, 1:], 16, 128)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -798,6 +859,11 @@ def test_kernels_compile_for_sm90():
              AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, bt_ldg=True)),
             ("bf16", 128, 4096, torch.bfloat16, 1, 128, AttentionTiles(32, 4, 128, 8, 3, 0, "fa", bt_ldg=True)),
             ("fp8", 128, 4096, torch.bfloat16, 1, 16, AttentionTiles(32, 4, 64, 8, 3, 3, "fa", bt_ldg=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 128, None),  # fa default, pages of whole tiles: K/V by TMA
+            ("fp8", 128, 4096, torch.bfloat16, 1, 256, AttentionTiles(32, 4, 128, 8, 3, 3, "fa", bt_ldg=True, fa_tma=True)),
+            ("bf16", 128, 4096, torch.bfloat16, 1, 64, None),  # pages of 64: N = 64, TMA
+            ("bf16", 128, 4096, torch.bfloat16, 1, 64,  # 2 pages a tile: block-table entries as one 8-byte vector
+             AttentionTiles(32, 4, 128, 8, 3, 0, "fa", fa_q_smem=True, bt_ldg=True)),
         ]
         for fmt, D, mq, qdt, sp, bs, tiles in VARIANTS:
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
@@ -825,8 +891,12 @@ def test_kernels_compile_for_sm90():
                 assert "cp.async.cg.shared.global" in ptx and ", 0x10" in ptx, ("no 16-byte cache reads", consts)
             if name == "paged_prefill_kernel" and consts.get("Q_SMEM"):  # Q's A operand straight from shared:
                 assert ptx.count("ldmatrix") <= 8, consts  # the output's 8 only (else + 8 a key loop: Q reloaded)
-            if name == "paged_prefill_kernel" and consts.get("BT_LDG"):  # K/V copies two tiles ahead
-                assert "ld.global.nc.b32" in ptx and "cp.async.wait_group \t2;" in ptx, consts
+            if name == "paged_prefill_kernel" and consts.get("BT_LDG") and not consts.get("TMA"):  # K/V two tiles ahead
+                assert "ld.global.nc" in ptx and "cp.async.wait_group \t2;" in ptx, consts
+            if name == "paged_prefill_kernel":  # TMA: bulk tensor copies and no cp.async; vector block-table reads
+                assert ("cp.async.bulk.tensor.2d" in ptx) == bool(consts.get("TMA")), consts
+                assert ("cp.async.cg" not in ptx) == bool(consts.get("TMA")), consts
+                assert ("ld.global.nc.v" in ptx) == bool(consts.get("BT_VEC")), consts
             if name == "paged_attention_kernel" and consts.get("FUSE_COMBINE"):  # last split program merges
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, consts
             if name == "paged_attention_kernel":  # decode: block-table reads outside the pipeliner or not
@@ -835,6 +905,6 @@ def test_kernels_compile_for_sm90():
                 assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, ("no hardware E4M3 cast", consts)
         """
     )
-    # 34 distinct variants (some default tile choices equal an explicit one)
-    assert len(names) == 34, names
+    # 38 distinct variants (some default tile choices equal an explicit one)
+    assert len(names) == 38, names
     assert {"write_kv_cache_kernel", "paged_attention_kernel", "paged_prefill_kernel"} <= set(names), names

@@ -40,6 +40,7 @@ class AttentionTiles:
     fa_q_smem: bool = False  # kernel "fa": BF16 queries unmodified, wgmma's A from shared memory
     bt_ldg: bool = False  # block-table reads of unmasked tiles outside Triton's pipeliner (K/V prefetched further)
     fuse_combine: bool = False  # split-KV: the last split program of a tile merges the splits (no combine pass)
+    fa_tma: bool = False  # kernel "fa": K/V tiles by TMA where one page holds a tile (see fa_tensor_descriptors)
 
     @property
     def block_m(self) -> int:
@@ -58,6 +59,8 @@ class AttentionTiles:
 #:   ``-inf`` guard and the score scale folded into the exponent's FMA, the sliding window's
 #:   inner tiles unmasked too. H200, same shape: 353 TFLOP/s at N = 128 (299 at N = 64; 402
 #:   with 128-key pages, one block-table read a tile); fp8 cache at N = 64: 274 (generic 220).
+#:   Session 9 (SDPA 618): 446 at pages of 16 (block-table entries read as one vector), 545
+#:   with pages of 128 (K/V by TMA), see ``attention_tiles``.
 #:   The default; ``bench_attention.py --quick --only prefill`` times both (``tune`` rows).
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
@@ -181,7 +184,8 @@ DECODE_ONE_WARP_BLOCK_N = 16
 DECODE_ONE_WARP_BLOCK_N_DYNAMIC = 32
 
 
-def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str) -> AttentionTiles:
+def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str,
+                    block_size: int | None = None) -> AttentionTiles:
     """Tile sizes of the paged-attention kernel, in one place with the reasons.
 
     * Rows (M) are (token, head-of-the-GQA-group) pairs, so one K/V tile read serves the
@@ -208,6 +212,13 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       4-warp fp8/int8 decode at head_dim <= 128: :data:`DECODE_ONE_BYTE_STAGES` (2), see there.
     * ``bt_ldg`` (block-table reads outside the pipeliner): decode and the fa prefill kernel.
     * ``kv_convert``: :func:`kv_convert_mode`.
+    * ``fa_tma`` (fa kernel, 2-byte caches): K/V tiles by TMA where a page holds whole tiles
+      (:func:`fa_tensor_descriptors`); with ``block_size`` 64 (< N) N drops to 64 so that it
+      does. H200, one 8k causal sequence, D 128, bf16 (SDPA 618 TFLOP/s): pages of 128 545
+      TFLOP/s with TMA vs 496 without; 256: 537; 64: 499 at N = 64 + TMA vs 485 at N = 128;
+      32: 452, 16: 446 (no TMA: a tile spans several pages; the block-table entries of a
+      tile are read as one vector instead, 377 before). fp8 caches keep the pointer loads
+      (bs 128: 324 with TMA vs 343 without).
     * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
     * ``fuse_combine`` (the generic kernel): split-KV launches merge their splits in the
       kernel, see :func:`~fp4comm.kernels.attention.paged_attention_kernel`.
@@ -224,6 +235,9 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     else:
         wide = not one_byte or (kv_format == "fp8" and PREFILL_KERNEL == "fa")
         block_n = 128 if head_dim <= 64 or (head_dim <= 128 and wide) else 64 if head_dim <= 128 else 32
+    tma = not decode and PREFILL_KERNEL == "fa" and not one_byte
+    if tma and block_size is not None and 64 <= block_size < block_n and block_size & (block_size - 1) == 0:
+        block_n = block_size  # one page a tile: TMA-fed
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if head_dim <= 128 else 2
     if decode and block_m == 16 and head_dim <= 128:
@@ -234,7 +248,7 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     kernel = "generic" if decode else PREFILL_KERNEL
     fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format), kernel,
-                          fa_q_smem=fa, bt_ldg=fa or decode, fuse_combine=kernel == "generic")
+                          fa_q_smem=fa, bt_ldg=fa or decode, fuse_combine=kernel == "generic", fa_tma=tma)
 
 
 #: Programs an SM should get over a launch before splitting stops paying (the rule of
@@ -379,6 +393,46 @@ def check_block_table(block_table, seq_lens, num_blocks: int, block_size: int) -
         )
 
 
+
+
+def _block_table_vector_reads(block_table: torch.Tensor, page: int, block_n: int) -> bool:
+    """Whether the fa kernel reads a tile's block-table entries as one vector (``BT_VEC``, see
+    ``_tile_pages_vec``): a tile spans 2, 4 or 8 whole power-of-two pages and every row's
+    entries for a tile are aligned to the vector's size (8 or 16 bytes)."""
+    n = block_n // page if 0 < page < block_n else 0
+    align = 4 * min(n, 4)
+    return (n in (2, 4, 8) and block_table.shape[1] >= n  # read-ahead past a row's end reads its first n
+            and block_table.data_ptr() % align == 0 and block_table.stride(0) * 4 % align == 0)
+
+
+def fa_tensor_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, page: int, block_n: int):
+    """TMA descriptors of the K and V caches for the fa kernel, or None where it must read
+    them with pointer loads.
+
+    Each cache is viewed as a 2-D array ``[num_blocks * block_size, num_kv_heads * head_dim]``
+    (a row per slot) with a ``[block_n, head_dim]`` box: a tile of ``block_n`` keys of one
+    head is one TMA copy when a page holds whole tiles (``page``, the power-of-two block
+    size, a multiple of ``block_n``). That needs heads and dims packed within a slot, pages
+    one after the other, and TMA's 16-byte alignment of the base and the row stride; caches
+    laid out otherwise (and pages of fewer keys, a tile then spanning several) keep the
+    pointer loads. H200, one 8k causal sequence, GQA 32 / 8, D 128, bf16, contiguous K/V
+    (session 9 probe): a TMA-fed kernel 583 TFLOP/s vs 506 with pointer loads."""
+    if page < block_n or page % block_n:
+        return None
+    nb, bs, hkv, d = k_cache.shape
+    if nb * bs >= 2**31:
+        return None
+    for c in (k_cache, v_cache):
+        es = c.element_size()
+        if (c.stride(3) != 1 or c.stride(2) != d or c.stride(0) != bs * c.stride(1) or c.data_ptr() % 16
+                or c.stride(1) * es % 16 or d * es < 16):
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor.from_tensor(c.as_strided((nb * bs, hkv * d), (c.stride(1), 1)), [block_n, d])
+                 for c in (k_cache, v_cache))
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -509,7 +563,7 @@ def paged_attention(
     from fp4comm.kernels import attention as _k
 
     if tiles is None:
-        tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format)
+        tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format, bs)
     elif tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
         raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
     if tiles.kernel not in PREFILL_KERNELS:
@@ -529,11 +583,14 @@ def paged_attention(
     if tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1):
         from fp4comm.kernels import attention_prefill as _kp
 
+        descs = fa_tensor_descriptors(k_cache, v_cache, common["PAGE"], tiles.block_n) if tiles.fa_tma else None
         # one program per (q tile, sequence, KV head), longest q tiles first
         _kp.paged_prefill_kernel[(num_q_tiles * S * Hkv,)](
             q, k_cache, v_cache, out, block_table, seq_lens, cu_seqlens_q, qd[0], kd[0], vd[0], ksc, vsc,
             scale_log2, Hq // Hkv, bs, sliding_window or 0, S, Hkv, num_q_tiles, *strides,
-            Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=bt_ldg, **common,
+            Q_SMEM=tiles.fa_q_smem and q.dtype == torch.bfloat16 and cvt < 3, BT_LDG=bt_ldg,
+            TMA=descs is not None, k_desc=descs and descs[0], v_desc=descs and descs[1],
+            BT_VEC=bt_ldg and _block_table_vector_reads(block_table, common["PAGE"], tiles.block_n), **common,
         )  # fmt: skip
         return out
     max_k = block_table.shape[1] * bs
