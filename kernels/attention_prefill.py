@@ -108,14 +108,6 @@ def _ld_nc_v4(ptr):
 
 
 @triton.jit
-def _ld_nc_v8(ptr):
-    """Eight int32 at a 16-byte aligned ``ptr``: two ``ld.global.nc.v4.b32`` in one asm block (GPU only)."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];",
-        "=r,=r,=r,=r,=r,=r,=r,=r,l", [ptr], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
 def _pick2(j, e0, e1):
     return tl.where((j & 1) == 1, e1, e0)
 
@@ -130,14 +122,17 @@ def _tile_pages_vec(bt_row, start, k_end, PAGE: tl.constexpr, BLOCK_N: tl.conste
     """Blocks (int64) of the keys ``start + arange(BLOCK_N)`` of a whole tile spanning ``BLOCK_N
     // PAGE`` = 2, 4 or 8 pages: every thread reads all of the tile's block-table entries
     with one 8- or 16-byte load (two 16-byte ones for 8) instead of one 4-byte load a row it
-    holds (a 128-key tile of 16-key pages: 8 dependent ``ld.global.nc`` a thread, which
-    ptxas serializes under the kernel's register pressure). The per-row selects fold away:
-    the page index of each register's row is a compile-time constant. Entries past ``k_end``
-    (the pipeliner's read-ahead) read the row's first ones."""
+    holds (a 128-key tile of 16-key pages: 8 ``ld.global.nc`` a thread, which ptxas issues
+    two at a time, each pair waited for before the QK wgmma, under the kernel's register
+    pressure; the two vector loads are still waited for one after the other, also when
+    written as one asm block). The per-row selects fold away: the page index of each
+    register's row is a compile-time constant. Entries past ``k_end`` (the pipeliner's
+    read-ahead) read the row's first ones."""
     j = tl.arange(0, BLOCK_N) // PAGE
     first = bt_row + tl.where(start < k_end, start // PAGE, 0)
     if BLOCK_N // PAGE == 8:
-        e0, e1, e2, e3, e4, e5, e6, e7 = _ld_nc_v8(first)
+        e0, e1, e2, e3 = _ld_nc_v4(first)
+        e4, e5, e6, e7 = _ld_nc_v4(first + 4)
         page = tl.where((j & 4) == 4, _pick4(j, e4, e5, e6, e7), _pick4(j, e0, e1, e2, e3))
     elif BLOCK_N // PAGE == 4:
         e0, e1, e2, e3 = _ld_nc_v4(first)
