@@ -48,11 +48,16 @@ def spin_start(GPU: tl.constexpr):
 
 
 @triton.jit
-def fence_sys(GPU: tl.constexpr):
+def fence_sys(GPU: tl.constexpr, GPU_SCOPE: tl.constexpr = False):
     """``fence.acq_rel.sys`` in every thread (GPU only; a no-op under the interpreter, which
-    is sequentially consistent)."""
+    is sequentially consistent); ``GPU_SCOPE``: ``fence.acq_rel.gpu`` instead, for programs
+    of one GPU."""
     if GPU:
-        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        if GPU_SCOPE:
+            fence: tl.constexpr = "fence.acq_rel.gpu; mov.u32 $0, 0;"
+        else:
+            fence: tl.constexpr = "fence.acq_rel.sys; mov.u32 $0, 0;"
+        tl.inline_asm_elementwise(fence, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -135,22 +140,11 @@ def report_timeout(status_ptr, code):
 
 
 @triton.jit
-def fence_gpu(GPU: tl.constexpr):
-    """``fence.acq_rel.gpu`` in every thread (GPU only), as :func:`fence_sys` for programs
-    of one GPU."""
-    if GPU:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def arrive_last(counter_ptr, num_programs, GPU: tl.constexpr, GPU_SCOPE: tl.constexpr = False):
     """Call once per program after its stores. True in exactly one program, the last to
     arrive, which has then acquired every other program's stores; it resets the counter.
     ``GPU_SCOPE``: fence and add at GPU scope, for stores read on the same GPU only."""
-    if GPU_SCOPE:
-        fence_gpu(GPU)
-    else:
-        fence_sys(GPU)
+    fence_sys(GPU, GPU_SCOPE)
     tl.debug_barrier()
     old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu" if GPU_SCOPE else "sys")
     last = old == num_programs - 1

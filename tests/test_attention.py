@@ -509,7 +509,7 @@ def test_fa_tma_matches_pointer_loads(fmt):
 def test_fa_tma_layouts():
     """TMA descriptors only where a page holds whole tiles and the cache is a stack of
     [block_size, heads * dim] pages (16-byte aligned); every other layout keeps the pointer
-    loads (None), and the answer is the same either way."""
+    loads (None)."""
     c = KVCache.allocate(6, 32, 2, 64, "bf16")
     descs = paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 32, 32)
     assert descs is not None and [list(d.block_shape) for d in descs] == [[32, 64], [32, 64]]

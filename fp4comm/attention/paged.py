@@ -235,7 +235,9 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     else:
         wide = not one_byte or (kv_format == "fp8" and PREFILL_KERNEL == "fa")
         block_n = 128 if head_dim <= 64 or (head_dim <= 128 and wide) else 64 if head_dim <= 128 else 32
-    tma = not decode and PREFILL_KERNEL == "fa" and not one_byte
+    kernel = "generic" if decode else PREFILL_KERNEL
+    fa = kernel == "fa"  # fa_q_smem, bt_ldg: both measured faster on H200 (see the N bullet above)
+    tma = fa and not one_byte
     if tma and block_size is not None and 64 <= block_size < block_n and block_size & (block_size - 1) == 0:
         block_n = block_size  # one page a tile: TMA-fed
     num_warps = 8 if block_m >= 128 else 4
@@ -245,8 +247,6 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
         block_n = DECODE_ONE_WARP_BLOCK_N_DYNAMIC if ref.is_dynamic(kv_format) else DECODE_ONE_WARP_BLOCK_N
     elif decode and one_byte and head_dim <= 128:
         num_stages = DECODE_ONE_BYTE_STAGES
-    kernel = "generic" if decode else PREFILL_KERNEL
-    fa = kernel == "fa"  # both measured faster on H200 (see the N bullet above); no-ops for "generic"
     return AttentionTiles(block_q, group_pad, block_n, num_warps, num_stages, kv_convert_mode(kv_format), kernel,
                           fa_q_smem=fa, bt_ldg=fa or decode, fuse_combine=kernel == "generic", fa_tma=tma)
 
@@ -358,7 +358,6 @@ def resident_programs(compiled, device: torch.device) -> int:
     return max(1, min(by_regs, by_threads, by_shared, MAX_CTAS_PER_SM))
 
 
-
 def check_descale(name: str, d: object, num_seqs: int, num_kv_heads: int, device: torch.device):
     """A descale: ``None`` (1), 0-dim / ``[1]`` (per tensor), ``[num_kv_heads]`` or
     ``[num_seqs, num_kv_heads]``, float32. Returns ``(tensor, stride_seq, stride_head)``."""
@@ -391,8 +390,6 @@ def check_block_table(block_table, seq_lens, num_blocks: int, block_size: int) -
             f"block_table: entry [{i}, {j}] = {int(block_table[i, j])} is out of range [0, {num_blocks}) "
             f"(sequence {i} uses its first {int(need[i])} entries)"
         )
-
-
 
 
 def _block_table_vector_reads(block_table: torch.Tensor, page: int, block_n: int) -> bool:
