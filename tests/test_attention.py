@@ -506,6 +506,19 @@ def test_fa_tma_matches_pointer_loads(fmt):
     assert_close_to_ref(out_tma, reference(case), what=f"{fmt} tma")
 
 
+def test_attention_tiles_bad_input():
+    """``attention_tiles`` (public: benchmarks and callers build tiles with it) names the
+    argument it rejects."""
+    for args, err, name in [((0, 4, 1, "bf16"), ValueError, "head_dim"), ((128, 0, 1, "bf16"), ValueError, "group"),
+                            ((128, 4, -1, "bf16"), ValueError, "max_seqlen_q"),
+                            ((128.0, 4, 1, "bf16"), TypeError, "head_dim"),
+                            ((128, 4, 1, "fp4"), ValueError, "kv_format"),
+                            ((128, 4, 8192, "bf16", 0), ValueError, "block_size"),
+                            ((128, 4, 8192, "bf16", "64"), TypeError, "block_size")]:
+        with pytest.raises(err, match=name):
+            attention_tiles(*args)
+
+
 def test_fa_tma_layouts():
     """TMA descriptors only where a page holds whole tiles and the cache is a stack of
     [block_size, heads * dim] pages (16-byte aligned); every other layout keeps the pointer

@@ -223,6 +223,12 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
     * ``fuse_combine`` (the generic kernel): split-KV launches merge their splits in the
       kernel, see :func:`~fp4comm.kernels.attention.paged_attention_kernel`.
     """
+    check_positive_int("head_dim", head_dim)
+    check_positive_int("group", group)
+    check_positive_int("max_seqlen_q", max_seqlen_q, allow_zero=True)
+    check_format(kv_format)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
     group_pad = next_pow2(group)
     prefill_m = 128 if head_dim <= 128 else 64
     block_m = min(max(next_pow2(max(1, max_seqlen_q) * group_pad), 16), prefill_m)
