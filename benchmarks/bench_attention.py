@@ -50,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fp4comm.attention import (  # noqa: E402
     KVCache,
+    paged,
     attention_tiles,
     write_kv_cache,
     write_tiles,
@@ -91,28 +92,33 @@ def decode_variants(Hq: int, Hkv: int, D: int, fmt: str, tune_batch: bool):
 
 def prefill_variants(Hq: int, Hkv: int, D: int, L: int, bs: int):
     """Prefill rows of ``--quick`` beside the defaults (``tune`` rows) as ``(name, format, fp8
-    queries, tiles, splits, block size)``: what the defaults replaced (the generic kernel; the
-    fa kernel without ``fa_q_smem`` / ``bt_ldg``; fp8 at N = 64) and the defaults with
-    pages of 128 keys (one block-table read a tile; the other rows use ``bs``). H200, one 8k
-    causal sequence, D 128, 32 / 8 heads, pages of 16 (TFLOP/s; SDPA 586-613): generic 259
-    (N = 64) / 296 (N = 128); fa 299 (N = 64) / 352 (N = 128; 2 / 4 stages 326 / 352); fa +
-    q_smem 379, + bt_ldg 361, both 379; both with pages of 128: 437; fp8 cache: fa N = 64 274,
-    N = 128 with bt_ldg 338 (2 stages, no ldg: 319). Session 9 (SDPA 618; block-table entries
-    of a tile read as one vector, K/V by TMA where a page holds a tile): default 446, pages of
-    32 452, of 64 499 (N = 128 without TMA 485), of 128 545 (no TMA 496), of 256 537."""
+    queries, tiles, splits, block size, stage_kv)`` (``tiles`` None: the default tiles of that
+    block size): what the defaults replaced (the generic kernel; the fa kernel without
+    ``fa_q_smem`` / ``bt_ldg``; unstaged pages; fp8 at N = 64) and the defaults at other
+    page sizes (the other rows use ``bs``). H200, one 8k causal sequence, D 128, 32 / 8
+    heads, pages of 16 (TFLOP/s; SDPA 586-613): generic 259 (N = 64) / 296 (N = 128); fa 299
+    (N = 64) / 352 (N = 128; 2 / 4 stages 326 / 352); fa + q_smem 379, + bt_ldg 361, both
+    379; both with pages of 128: 437; fp8 cache: fa N = 64 274, N = 128 with bt_ldg 338 (2
+    stages, no ldg: 319). Session 9 (SDPA 618; block-table entries of a tile read as one
+    vector, K/V by TMA where a page holds a tile): 446 at pages of 16, 452 at 32, 499 at 64
+    (N = 64; N = 128 without TMA 485), 545 at 128 (no TMA 496), 537 at 256. Session 10:
+    pages under 128 keys staged into 128-key pages (``stage_kv``, the default at this shape)."""
     t = attention_tiles(D, Hq // Hkv, L, "bf16")
     t8 = attention_tiles(D, Hq // Hkv, L, "fp8")
     plain = dict(fa_q_smem=False, bt_ldg=False)
-    return [("generic", "bf16", False, replace(t, kernel="generic", **plain), None, bs),
-            ("fa plain", "bf16", False, replace(t, **plain), None, bs),
-            ("default bs=32", "bf16", False, t, None, 32),
-            ("N=128 bs=64", "bf16", False, t, None, 64),
-            ("default bs=64", "bf16", False, attention_tiles(D, Hq // Hkv, L, "bf16", 64), None, 64),
-            ("default bs=128", "bf16", False, t, None, 128),
-            ("no tma bs=128", "bf16", False, replace(t, fa_tma=False), None, 128),
-            ("default bs=256", "bf16", False, t, None, 256),
-            ("fa N=64 plain", "fp8", False, replace(t8, block_n=64, **plain), None, bs),
-            ("default fp8 q", "fp8", True, t8, None, bs)]
+    return [("generic", "bf16", False, replace(t, kernel="generic", **plain), None, bs, None),
+            ("fa plain", "bf16", False, replace(t, **plain), None, bs, False),
+            (f"no staging bs={bs}", "bf16", False, None, None, bs, False),
+            ("default bs=32", "bf16", False, None, None, 32, None),
+            ("no staging bs=32", "bf16", False, None, None, 32, False),
+            ("default bs=64", "bf16", False, None, None, 64, None),
+            ("no staging bs=64", "bf16", False, None, None, 64, False),
+            ("no staging N=128 bs=64", "bf16", False, t, None, 64, False),
+            ("default bs=128", "bf16", False, None, None, 128, None),
+            ("no tma bs=128", "bf16", False, replace(t, fa_tma=False), None, 128, None),
+            ("default bs=256", "bf16", False, None, None, 256, None),
+            ("fa N=64 plain", "fp8", False, replace(t8, block_n=64, **plain), None, bs, None),
+            ("default fp8 q", "fp8", True, None, None, bs, None)]
 
 
 def bench(fn, smoke: bool) -> float:
@@ -262,19 +268,19 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     seq_lens = torch.tensor([L], dtype=torch.int32, device=dev)
     sdpa_us = None
-    variants = [("", "bf16", False, None, None, bs), ("", "fp8", False, None, None, bs),
-                (" fp8 q", "fp8", True, None, None, bs)]
+    variants = [("prefill", "", "bf16", False, None, None, bs, None), ("prefill", "", "fp8", False, None, None, bs, None),
+                ("prefill", " fp8 q", "fp8", True, None, None, bs, None)]
     if tune:
-        variants += [(" " + name, *v) for name, *v in prefill_variants(Hq, Hkv, D, L, bs)]
-    for suffix, fmt, q_fp8, tiles, splits, page in variants:
+        variants += [("tune", " " + name, *v) for name, *v in prefill_variants(Hq, Hkv, D, L, bs)]
+    for section, suffix, fmt, q_fp8, tiles, splits, page, stage in variants:
         c, bt = make_cache(fmt, 1, L, Hkv, D, page, dev)
         qq = q.to(torch.float8_e4m3fn) if q_fp8 else q
         qd = torch.tensor(1.0, device=dev) if q_fp8 else None
         out = torch.empty(L, Hq, D, dtype=torch.bfloat16, device=dev)
 
-        def fn(c=c, bt=bt, qq=qq, qd=qd, out=out, tiles=tiles, splits=splits):
+        def fn(c=c, bt=bt, qq=qq, qd=qd, out=out, tiles=tiles, splits=splits, stage=stage):
             c.attend(qq, bt, seq_lens, cu, softmax_scale=D ** -0.5, q_descale=qd, max_seqlen_q=L,
-                     check_indices=False, out=out, tiles=tiles, num_kv_splits=splits)
+                     check_indices=False, out=out, tiles=tiles, num_kv_splits=splits, stage_kv=stage)
 
         us = bench(fn, smoke)
         if fmt == "bf16" and sdpa_us is None:
@@ -285,12 +291,18 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
                              us=sdpa_us, tflops=flops / sdpa_us / 1e6))
             del k, v
         t = tiles or attention_tiles(D, Hq // Hkv, L, fmt, page)
-        rows.append(dict(section="tune" if tiles else "prefill", name="paged_attention" + suffix, format=fmt,
+        staged = paged.kv_staging(stage, t, splits, fmt, page,
+                                  lambda: paged.stages_kv(L, 1, Hq, Hkv, D, bt, page, True, None, 2))
+        if staged and tiles is None:
+            t = attention_tiles(D, Hq // Hkv, L, fmt, paged.STAGE_PAGE)
+        kv_page = paged.STAGE_PAGE if staged else page
+        rows.append(dict(section=section, name="paged_attention" + suffix, format=fmt,
                          batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,
                          note=f"{t.kernel} N={t.block_n} w={t.num_warps} st={t.num_stages} cvt={t.kv_convert} "
                               f"{'qsmem ' if t.fa_q_smem else ''}{'ldg ' if t.bt_ldg else ''}"
-                              f"{'tma ' if t.fa_tma and t.kernel == 'fa' and page >= t.block_n else ''}"
-                              f"bs={page} splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
+                              f"{'tma ' if t.fa_tma and t.kernel == 'fa' and kv_page >= t.block_n else ''}"
+                              f"bs={page}{f' staged to {kv_page}' if staged else ''} "
+                              f"splits={splits or ('1' if t.kernel == 'fa' else 'auto')}"))
         if fmt == "bf16" and not q_fp8:
             rows[-1].update(target=f">={TARGET_PREFILL_VS_SDPA}x sdpa",
                             meets=rows[-1]["speedup_vs_sdpa"] >= TARGET_PREFILL_VS_SDPA)

@@ -506,6 +506,78 @@ def test_fa_tma_matches_pointer_loads(fmt):
     assert_close_to_ref(out_tma, reference(case), what=f"{fmt} tma")
 
 
+@pytest.mark.parametrize("bs,causal,window", [(8, True, None), (4, False, None), (16, True, 40)])
+def test_stage_kv_matches_unstaged(bs, causal, window):
+    """Pages smaller than a tile staged into 128-key pages (read by TMA) give bit for bit the
+    answer of the unstaged launch (pointer loads through the block table), with NaN in every
+    slot no sequence uses, garbage (-1, out of range) in the block-table columns past each
+    sequence's pages, and empty / 1- / 15- / 17-token sequences."""
+    case = build([15, 17, 300, 1, 0], [5, 17, 33, 1, 0], Hq=4, Hkv=2, D=64, bs=bs, fmt="bf16", seed=23)
+    c, bt = case["cache"], case["bt"]
+    used = torch.zeros(c.k_cache.shape[:2], dtype=torch.bool)
+    for i, L in enumerate(case["seq_lens"].tolist()):
+        pos = torch.arange(L)
+        used[bt[i].cpu().long()[pos // bs], pos % bs] = True
+        bt[i, -(-L // bs):] = torch.tensor([-1, 10**6], dtype=torch.int32).repeat(bt.shape[1])[: bt.shape[1] - -(-L // bs)]
+    for t in (c.k_cache, c.v_cache):
+        t.view(torch.int16)[~used.to(t.device)] = 0x7FC0
+    tiles = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kernel="fa", fa_tma=True)
+    kw = dict(tiles=tiles, causal=causal, sliding_window=window, check_indices=False, max_seqlen_q=33)
+    staged = run(case, stage_kv=True, **kw)
+    assert torch.equal(staged, run(case, stage_kv=False, **kw))
+    assert_close_to_ref(staged, reference(case, causal=causal, sliding_window=window), what=f"staged bs={bs}")
+
+
+def test_stage_kv_pages():
+    """The staged caches hold each sequence's pages in order, 128-key pages one sequence
+    after the other, for packed and padded (non-contiguous) caches; unused entries may be
+    anything."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(10, 16, 2, 8, generator=g).to(torch.bfloat16)
+    padded = torch.randn(10, 17, 2, 8, generator=g).to(torch.bfloat16)[:, :16]  # not contiguous
+    bt = torch.tensor([[3, 1, 7, -5, 99, 0, 2, 2, 4], [9, 8, 6, 5, 4, 3, 2, 1, 0]], dtype=torch.int32)
+    ks, vs, sbt = paged_mod.stage_kv_pages(k, padded, bt)
+    assert ks.shape == vs.shape == (2 * 2, 128, 2, 8) and ks.is_contiguous() and vs.is_contiguous()
+    assert sbt.tolist() == [[0, 1], [2, 3]] and sbt.dtype == torch.int32
+    assert paged_mod.fa_tensor_descriptors(ks, vs, 128, 128) is not None  # what staging is for: TMA tiles
+    for i in range(2):
+        for j in range(9):
+            e = int(bt[i, j])
+            if 0 <= e < 10:
+                for src, dst in ((k, ks), (padded, vs)):
+                    assert torch.equal(dst.view(2, 256, 2, 8)[i, 16 * j:16 * j + 16], src[e])
+    with pytest.raises(ValueError, match="page"):
+        paged_mod.stage_kv_pages(k, k, bt, page=24)
+
+
+def test_stages_kv_rule():
+    """Automatic staging from shapes alone: long prefill runs yes; many short runs, a block
+    table much wider than the sequences, small sliding windows or staged caches over
+    STAGE_MAX_BYTES no."""
+    def rule(T, S, cols, bs=16, Hq=32, Hkv=8, D=128, causal=True, window=None):
+        return paged_mod.stages_kv(T, S, Hq, Hkv, D, torch.zeros(S, cols, dtype=torch.int32), bs, causal, window, 2)
+
+    assert rule(8192, 1, 512)  # the benchmark's 8k prefill: 16k pairs a slot
+    assert rule(8192, 2, 256) and rule(8192, 1, 512, Hq=8, Hkv=8)  # two 4k runs; MHA at 4096
+    assert not rule(8192, 64, 8)  # 64 runs of 128 queries: the copy would cost more than it saves
+    assert not rule(8192, 1, 8192)  # a table sized for 128k keys
+    assert not rule(8192, 1, 512, window=256)
+    assert not rule(0, 0, 0) and rule(4096, 1, 256, causal=False, Hq=8)  # non-causal: twice the keys a query
+    assert not rule(131072, 1, 8192, Hkv=32, Hq=128)  # 2 GiB of staged K/V
+    assert not rule(4096, 1, 256, Hq=8) and rule(4096, 1, 256, Hq=16)
+
+
+def test_stage_kv_bad_input():
+    """``stage_kv=True`` where staging cannot apply, or not a bool: an error naming it."""
+    for fmt, bs, tiles in [("fp8", 16, None), ("bf16", 128, None), ("bf16", 16, "generic")]:
+        case = build([40], [40], Hq=4, Hkv=2, D=64, bs=bs, fmt=fmt, seed=5)
+        kw = dict(tiles=dataclasses.replace(default_tiles(case), kernel=tiles)) if tiles else {}
+        with pytest.raises(ValueError, match="stage_kv"):
+            run(case, stage_kv=True, **kw)
+    with pytest.raises(TypeError, match="stage_kv"):
+        run(case, stage_kv="yes")
+
+
 def test_attention_tiles_bad_input():
     """``attention_tiles`` (public: benchmarks and callers build tiles with it) names the
     argument it rejects."""
@@ -882,8 +954,8 @@ def test_kernels_compile_for_sm90():
             s = torch.full((8,), 0.1) if fmt in ("fp8", "int8") else None
             c = KVCache.allocate(64 * 16 // bs + 1, bs, 8, D, fmt, k_scale=s, v_scale=s)
             c.attend(torch.zeros(2 * mq, 32, D).to(qdt), bt, sl, torch.arange(3, dtype=torch.int32) * mq, softmax_scale=0.1,
-                     max_seqlen_q=mq, check_indices=False, num_kv_splits=sp, tiles=tiles,
-                     q_descale=torch.tensor(1.0) if qdt != torch.bfloat16 else None)
+                     max_seqlen_q=mq, check_indices=False, num_kv_splits=sp, tiles=tiles, stage_kv=False,
+                     q_descale=torch.tensor(1.0) if qdt != torch.bfloat16 else None)  # staged = the bs 128 TMA build
         cache = allocate_mla_cache(64, 16, "fp8")
         write_mla_cache(torch.zeros(5, 512).bfloat16(), torch.zeros(5, 64).bfloat16(), cache, torch.arange(5))
         mla_decode(torch.zeros(2, 128, 512).bfloat16(), torch.zeros(2, 128, 64).bfloat16(), cache, bt, sl, 0.1, "fp8",

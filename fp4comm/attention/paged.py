@@ -60,7 +60,8 @@ class AttentionTiles:
 #:   inner tiles unmasked too. H200, same shape: 353 TFLOP/s at N = 128 (299 at N = 64; 402
 #:   with 128-key pages, one block-table read a tile); fp8 cache at N = 64: 274 (generic 220).
 #:   Session 9 (SDPA 618): 446 at pages of 16 (block-table entries read as one vector), 545
-#:   with pages of 128 (K/V by TMA), see ``attention_tiles``.
+#:   with pages of 128 (K/V by TMA), see ``attention_tiles``; session 10: 529 at pages of 16,
+#:   staged into pages of 128 (:data:`STAGE_PAGE`).
 #:   The default; ``bench_attention.py --quick --only prefill`` times both (``tune`` rows).
 #:
 #: Per call: ``tiles=AttentionTiles(..., kernel="fa")``. An explicit ``num_kv_splits > 1``
@@ -218,7 +219,9 @@ def attention_tiles(head_dim: int, group: int, max_seqlen_q: int, kv_format: str
       TFLOP/s with TMA vs 496 without; 256: 537; 64: 499 at N = 64 + TMA vs 485 at N = 128;
       32: 452, 16: 446 (no TMA: a tile spans several pages; the block-table entries of a
       tile are read as one vector instead, 377 before). fp8 caches keep the pointer loads
-      (bs 128: 324 with TMA vs 343 without).
+      (bs 128: 324 with TMA vs 343 without). ``paged_attention`` stages long prefill runs
+      over bf16 pages smaller than a tile into 128-key pages first (``stage_kv``, see
+      :data:`STAGE_PAGE`), which this kernel then reads by TMA.
     * ``kernel``: :data:`PREFILL_KERNEL` for prefill tiles (M > 32), else ``"generic"``.
     * ``fuse_combine`` (the generic kernel): split-KV launches merge their splits in the
       kernel, see :func:`~fp4comm.kernels.attention.paged_attention_kernel`.
@@ -436,6 +439,78 @@ def fa_tensor_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, page: in
                  for c in (k_cache, v_cache))
 
 
+#: Prefill over pages smaller than a TMA tile: the fa kernel then reads each tile's
+#: block-table entries before its K/V copies, a latency Triton's pipeliner cannot hide (H200,
+#: one 8k causal sequence, GQA 32 / 8, D 128, bf16: 446 TFLOP/s at pages of 16 vs 489 with no
+#: block-table reads at all and 545 with pages of 128 read by TMA). :func:`paged_attention`
+#: then *stages* the sequences' pages first (:func:`stage_kv_pages`): one gather copies them
+#: into a temporary cache of :data:`STAGE_PAGE`-key pages, which the kernel reads by TMA.
+#: H200, same shape (SDPA 613), staged vs not, the copy included: pages of 16 529 vs 449
+#: TFLOP/s, 32 533 vs 457, 64 533 vs 499 (N = 64 by TMA); pages of 128 541.
+STAGE_PAGE = 128
+#: Automatic staging (``stage_kv=None``) when a lower bound on the attention work a staged
+#: (key, KV head) slot serves, in (query head, key) pairs (see :func:`stages_kv`), is at least
+#: this: the copy moves 8 bytes a bf16 value (K and V, read and written, ~25 us for one 8k
+#: sequence of 8 heads of 128) against ~15% of the attention's time saved. At this ratio the
+#: saving is >= ~2.4x the copy's cost (HBM 4 TB/s vs 450 TFLOP/s).
+STAGE_MIN_WORK = 4096
+#: Automatic staging allocates at most this much for the staged K and V together.
+STAGE_MAX_BYTES = 1 << 30
+
+
+def stages_kv(T: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block_table: torch.Tensor,
+              block_size: int, causal: bool, sliding_window: int | None, elem_size: int) -> bool:
+    """Whether automatic staging pays (no device sync: shapes only). The (query head, key)
+    pairs are bounded below from ``T`` queries in ``num_seqs`` runs: a causal run of ``q``
+    queries attends to at least ``q^2 / 2`` keys (``q^2`` without causality), and
+    ``sum q_i^2 >= T^2 / num_seqs``; a sliding window caps the keys a query sees. The staged
+    slots are the block table's whole width (every row is staged up to it)."""
+    if num_seqs == 0 or T == 0:
+        return False
+    keys = T / num_seqs / (2 if causal else 1)
+    if sliding_window is not None:
+        keys = min(keys, sliding_window)
+    slots = num_seqs * cdiv(block_table.shape[1] * block_size, STAGE_PAGE) * STAGE_PAGE
+    return (T * num_heads * keys >= STAGE_MIN_WORK * slots * num_kv_heads
+            and 2 * slots * num_kv_heads * head_dim * elem_size <= STAGE_MAX_BYTES)
+
+
+def kv_staging(stage_kv: bool | None, tiles: AttentionTiles, num_kv_splits: int | None, kv_format: str,
+               block_size: int, pays) -> bool:
+    """Whether :func:`paged_attention` stages the pages (its ``stage_kv`` argument): where
+    it can apply (the fa kernel with ``fa_tma``, a bf16 cache, power-of-two pages under
+    :data:`STAGE_PAGE` keys), ``stage_kv`` or, for ``None``, ``pays()`` (:func:`stages_kv`).
+    ``stage_kv=True`` where it cannot apply raises."""
+    fa = tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1)
+    can = fa and tiles.fa_tma and kv_format == "bf16" and block_size < STAGE_PAGE and not block_size & (block_size - 1)
+    if stage_kv and not can:
+        raise ValueError(f"stage_kv: needs the fa kernel with fa_tma over a bf16 cache whose pages hold fewer than "
+                         f"{STAGE_PAGE} keys (a power of two), got {kv_format} pages of {block_size}, tiles {tiles}")
+    return can and (stage_kv if stage_kv is not None else pays())
+
+
+def stage_kv_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, page: int = STAGE_PAGE):
+    """Copy each sequence's pages into fresh caches of ``page``-key pages, one sequence after
+    the other: returns ``(k, v, block_table)`` with ``k, v [num_seqs * n, page, num_kv_heads,
+    head_dim]`` (packed, contiguous) and the block table ``[num_seqs, n]`` of ``arange``
+    entries, ``n = cdiv(max_blocks * block_size, page)``. ``page`` must be a multiple of the
+    cache's block size. Entries a sequence does not use may be anything (they are clamped
+    into range and their pages copied, never read by the kernel)."""
+    nb, bs = k_cache.shape[:2]
+    if page % bs:
+        raise ValueError(f"page: must be a multiple of the cache's block_size {bs}, got {page}")
+    S, cols = block_table.shape
+    n = cdiv(cols * bs, page)
+    idx = block_table.clamp(0, nb - 1).long()
+    if n * page // bs > cols:
+        idx = torch.nn.functional.pad(idx, (0, n * page // bs - cols))
+    idx = idx.reshape(-1)
+    # H200, one 8k sequence of 8 heads of 128 at pages of 16: 22.6 us for K and V (2.97 TB/s
+    # read + written), vs 26.0 us by index_select on [num_blocks, page elements] views
+    k, v = (c[idx].view(S * n, page, *c.shape[2:]) for c in (k_cache, v_cache))
+    return k, v, torch.arange(S * n, dtype=torch.int32, device=block_table.device).view(S, n)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -459,6 +534,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     check_indices: bool = True,
     impl: str = "auto",
+    stage_kv: bool | None = None,
 ) -> torch.Tensor:
     """Attention of varlen queries over a paged, possibly quantized, KV cache.
 
@@ -496,6 +572,13 @@ def paged_attention(
         check_indices: validate ``seq_lens``, ``cu_seqlens_q`` and the used ``block_table``
             entries (device syncs); pass ``False`` on hot paths / CUDA graphs.
         impl: ``"auto" | "triton" | "reference"``.
+        stage_kv: bf16 caches with pages of fewer than :data:`STAGE_PAGE` keys under the
+            prefill (fa) kernel: copy the sequences' pages into a temporary cache of
+            :data:`STAGE_PAGE`-key pages first (:func:`stage_kv_pages`; 2 x ``num_seqs x
+            max_blocks x block_size`` slots, rounded up to whole pages), read by TMA. ``None``:
+            when :func:`stages_kv` says it pays (long prefill runs: one 8k sequence at pages of
+            16 goes from ~446 to ~530 TFLOP/s on H200); ``True``: always (``ValueError`` where it
+            cannot apply); ``False``: never. Same answer bit for bit either way.
 
     Returns:
         ``[T, num_heads, head_dim]`` ``bfloat16``. Queries with no key to attend (a sequence
@@ -541,6 +624,8 @@ def paged_attention(
         check_positive_int("num_kv_splits", num_kv_splits)
         if num_kv_splits > MAX_KV_SPLITS:
             raise ValueError(f"num_kv_splits: at most {MAX_KV_SPLITS}, got {num_kv_splits}")
+    if stage_kv is not None and not isinstance(stage_kv, bool):
+        raise TypeError(f"stage_kv: must be True, False or None, got {stage_kv!r}")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                       cu_seqlens_q=cu_seqlens_q)
     if check_indices:
@@ -565,12 +650,20 @@ def paged_attention(
 
     from fp4comm.kernels import attention as _k
 
-    if tiles is None:
+    auto_tiles = tiles is None
+    if auto_tiles:
         tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format, bs)
     elif tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
         raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
     if tiles.kernel not in PREFILL_KERNELS:
         raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
+    fa = tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1)
+    if kv_staging(stage_kv, tiles, num_kv_splits, kv_format, bs, lambda: stages_kv(
+            T, S, Hq, Hkv, D, block_table, bs, causal, sliding_window, k_cache.element_size())):
+        k_cache, v_cache, block_table = stage_kv_pages(k_cache, v_cache, block_table)
+        bs = STAGE_PAGE
+        if auto_tiles:
+            tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format, bs)
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
     exact = triton_interpreting() and dev.type == "cpu"
     cvt = effective_convert_mode(tiles.kv_convert, kv_format, exact)
@@ -583,7 +676,7 @@ def paged_attention(
                   DYNAMIC=dynamic, CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
                   PAGE=bs if bs & (bs - 1) == 0 else 0, CVT=cvt, INTERPRET=exact,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
-    if tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1):
+    if fa:
         from fp4comm.kernels import attention_prefill as _kp
 
         descs = fa_tensor_descriptors(k_cache, v_cache, common["PAGE"], tiles.block_n) if tiles.fa_tma else None
