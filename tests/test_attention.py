@@ -831,18 +831,18 @@ def test_gpu_decode_variants(fmt):
     variants = mod.decode_variants(32, 8, 128, "fp8", True) + mod.decode_variants(32, 8, 128, "fp8", False)
     assert variants
     for name, tiles, splits in variants:
-        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits, stage_kv=stage), want, what=f"{fmt} {name}")
 
 
 @pytest.mark.gpu
 def test_gpu_prefill_variants():
     """Every prefill variant the benchmark times (``prefill_variants``: kernels, tiles, stages,
-    the fa kernel's ``fa_q_smem`` / ``bt_ldg``, fp8 caches and queries, 16- and 128-key
-    pages) gives the reference's answer on the GPU at the benchmark's head shape (GQA 32 / 8,
+    the fa kernel's ``fa_q_smem`` / ``bt_ldg``, fp8 caches and queries, 16- to 256-key
+    pages, staged or not) gives the reference's answer on the GPU at the benchmark's head shape (GQA 32 / 8,
     head dim 128), ragged prefill and chunked lengths."""
     mod = _bench_module()
     cases = {}
-    for name, fmt, q_fp8, tiles, splits, bs in mod.prefill_variants(32, 8, 128, 2048, 16):
+    for name, fmt, q_fp8, tiles, splits, bs, stage in mod.prefill_variants(32, 8, 128, 2048, 16):
         if (fmt, q_fp8, bs) not in cases:
             case = build([1500, 700, 33], [1500, 300, 33], Hq=32, Hkv=8, D=128, bs=bs, fmt=fmt, device="cuda",
                          seed=42, q_fp8=q_fp8)
@@ -875,6 +875,17 @@ def test_gpu_convert_modes_agree(fmt, kernel):
         assert_close_to_ref(outs[mode], want, what=f"{fmt} cvt={mode}")
     for mode, o in outs.items():
         assert (o.float() - outs[0].float()).abs().max().item() <= 1e-2 * outs[0].float().abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_stage_kv_default_tiles():
+    """Default tiles (N = 128, 8 warps) on a shape the automatic rule stages: the staged
+    launch (128-key pages by TMA) gives the unstaged one's answer bit for bit."""
+    case = build([4096, 1500], [4096, 1500], Hq=16, Hkv=2, D=128, bs=16, fmt="bf16", device="cuda", seed=31)
+    assert paged_mod.stages_kv(5596, 2, 16, 2, 128, case["bt"], 16, True, None, 2)
+    staged = run(case)
+    assert torch.equal(staged, run(case, stage_kv=False))
+    assert_close_to_ref(staged, reference(case), what="staged, default tiles")
 
 
 @pytest.mark.gpu
