@@ -291,8 +291,7 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
                              us=sdpa_us, tflops=flops / sdpa_us / 1e6))
             del k, v
         t = tiles or attention_tiles(D, Hq // Hkv, L, fmt, page)
-        staged = paged.kv_staging(stage, t, splits, fmt, page,
-                                  lambda: paged.stages_kv(L, 1, Hq, Hkv, D, bt, page, True, None, 2))
+        staged = paged.stages_kv(stage, paged.runs_fa(t, splits) and t.fa_tma, fmt, page, bt.shape[1], L, 1, Hq, Hkv, D)
         if staged and tiles is None:
             t = attention_tiles(D, Hq // Hkv, L, fmt, paged.STAGE_PAGE)
         kv_page = paged.STAGE_PAGE if staged else page

@@ -483,6 +483,20 @@ def test_block_sizes_and_unmasked_tiles(bs, kernel):
     assert_close_to_ref(run(case, kernel=kernel), reference(case), what=f"bs={bs}")
 
 
+def poison_unused_slots(case):
+    """Every cache slot no sequence of ``case`` uses (the tails of last pages, spare pages)
+    set to NaN (bf16: 0x7FC0, E4M3: 0x7F) or, int8, +127: a kernel that reads them and
+    relies on ``p = 0`` alone (``0 * NaN`` is NaN) gives NaN."""
+    c, bs, fmt = case["cache"], case["cache"].k_cache.shape[1], case["fmt"]
+    used = torch.zeros(c.k_cache.shape[:2], dtype=torch.bool)
+    for i, L in enumerate(case["seq_lens"].tolist()):
+        pos = torch.arange(L)
+        used[case["bt"][i].cpu().long()[pos // bs], pos % bs] = True
+    for t in (c.k_cache, c.v_cache):
+        bits = t.view(torch.int16 if fmt == "bf16" else torch.int8)
+        bits[~used.to(t.device)] = 0x7FC0 if fmt == "bf16" else 0x7F
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8_dynamic"])
 def test_fa_tma_matches_pointer_loads(fmt):
     """fa kernel, pages holding whole tiles: K/V tiles read through TMA descriptors give bit
@@ -491,13 +505,7 @@ def test_fa_tma_matches_pointer_loads(fmt):
     (TMA reads whole pages: those rows must be zeroed, not merely given p = 0)."""
     case = build([15, 17, 300, 40], [5, 17, 33, 40], Hq=4, Hkv=2, D=64, bs=32, fmt=fmt, seed=17)
     c = case["cache"]
-    used = torch.zeros(c.k_cache.shape[:2], dtype=torch.bool)
-    for i, L in enumerate(case["seq_lens"].tolist()):
-        pos = torch.arange(L)
-        used[case["bt"][i].cpu().long()[pos // 32], pos % 32] = True
-    for t in (c.k_cache, c.v_cache):  # NaN (bf16: 0x7FC0, E4M3: 0x7F), int8: +127
-        bits = t.view(torch.int16 if fmt == "bf16" else torch.int8)
-        bits[~used.to(t.device)] = 0x7FC0 if fmt == "bf16" else 0x7F
+    poison_unused_slots(case)
     tiles = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kernel="fa", fa_tma=True)
     assert paged_mod.fa_tensor_descriptors(c.k_cache, c.v_cache, 32, 16) is not None
     out_tma = run(case, tiles=tiles)
@@ -513,16 +521,12 @@ def test_stage_kv_matches_unstaged(bs, causal, window):
     slot no sequence uses, garbage (-1, out of range) in the block-table columns past each
     sequence's pages, and empty / 1- / 15- / 17-token sequences."""
     case = build([15, 17, 300, 1, 0], [5, 17, 33, 1, 0], Hq=4, Hkv=2, D=64, bs=bs, fmt="bf16", seed=23)
-    c, bt = case["cache"], case["bt"]
-    used = torch.zeros(c.k_cache.shape[:2], dtype=torch.bool)
+    bt = case["bt"]
+    poison_unused_slots(case)
     for i, L in enumerate(case["seq_lens"].tolist()):
-        pos = torch.arange(L)
-        used[bt[i].cpu().long()[pos // bs], pos % bs] = True
         pages = -(-L // bs)
         spare = torch.arange(bt.shape[1] - pages, device=bt.device)
         bt[i, pages:] = torch.where(spare % 2 == 0, -1, 10**6).to(torch.int32)  # never read, staged or not
-    for t in (c.k_cache, c.v_cache):
-        t.view(torch.int16)[~used.to(t.device)] = 0x7FC0
     tiles = AttentionTiles(block_q=8, group_pad=2, block_n=16, num_warps=4, num_stages=2, kernel="fa", fa_tma=True)
     kw = dict(tiles=tiles, causal=causal, sliding_window=window, check_indices=False, max_seqlen_q=33)
     staged = run(case, stage_kv=True, **kw)
@@ -557,7 +561,7 @@ def test_stages_kv_rule():
     table much wider than the sequences, small sliding windows or staged caches over
     STAGE_MAX_BYTES no."""
     def rule(T, S, cols, bs=16, Hq=32, Hkv=8, D=128, causal=True, window=None):
-        return paged_mod.stages_kv(T, S, Hq, Hkv, D, torch.zeros(S, cols, dtype=torch.int32), bs, causal, window, 2)
+        return paged_mod.stages_kv(None, True, "bf16", bs, cols, T, S, Hq, Hkv, D, causal, window)
 
     assert rule(8192, 1, 512)  # the benchmark's 8k prefill: 16k pairs a slot
     assert rule(8192, 2, 256) and rule(8192, 1, 512, Hq=8, Hkv=8)  # two 4k runs; MHA at 4096
@@ -884,7 +888,7 @@ def test_gpu_stage_kv_default_tiles():
     """Default tiles (N = 128, 8 warps) on a shape the automatic rule stages: the staged
     launch (128-key pages by TMA) gives the unstaged one's answer bit for bit."""
     case = build([4096, 1500], [4096, 1500], Hq=16, Hkv=2, D=128, bs=16, fmt="bf16", device="cuda", seed=31)
-    assert paged_mod.stages_kv(5596, 2, 16, 2, 128, case["bt"], 16, True, None, 2)
+    assert paged_mod.stages_kv(None, True, "bf16", 16, case["bt"].shape[1], 5596, 2, 16, 2, 128)
     staged = run(case)
     assert torch.equal(staged, run(case, stage_kv=False))
     assert_close_to_ref(staged, reference(case), what="staged, default tiles")

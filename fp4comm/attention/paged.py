@@ -458,35 +458,38 @@ STAGE_MIN_WORK = 4096
 STAGE_MAX_BYTES = 1 << 30
 
 
-def stages_kv(T: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block_table: torch.Tensor,
-              block_size: int, causal: bool, sliding_window: int | None, elem_size: int) -> bool:
-    """Whether automatic staging pays (no device sync: shapes only). The (query head, key)
-    pairs are bounded below from ``T`` queries in ``num_seqs`` runs: a causal run of ``q``
-    queries attends to at least ``q^2 / 2`` keys (``q^2`` without causality), and
-    ``sum q_i^2 >= T^2 / num_seqs``; a sliding window caps the keys a query sees. The staged
-    slots are the block table's whole width (every row is staged up to it)."""
+def runs_fa(tiles: AttentionTiles, num_kv_splits: int | None) -> bool:
+    """Whether :func:`paged_attention` launches the prefill (fa) kernel for these tiles: an
+    explicit ``num_kv_splits > 1`` always runs the generic one."""
+    return tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1)
+
+
+def stages_kv(stage_kv: bool | None, fa_tma: bool, kv_format: str, block_size: int, max_blocks: int, T: int,
+              num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool = True,
+              sliding_window: int | None = None) -> bool:
+    """Whether :func:`paged_attention` stages the pages (its ``stage_kv`` argument). Staging
+    applies to TMA-fed fa launches (``fa_tma``: :func:`runs_fa` and ``tiles.fa_tma``) over a
+    bf16 cache of power-of-two pages under :data:`STAGE_PAGE` keys; there ``stage_kv`` True /
+    False decides, and ``None`` asks whether it pays, from shapes only (no device sync). The
+    (query head, key) pairs are bounded below from ``T`` queries in ``num_seqs`` runs: a
+    causal run of ``q`` queries attends to at least ``q^2 / 2`` keys (``q^2`` without
+    causality), and ``sum q_i^2 >= T^2 / num_seqs``; a sliding window caps the keys a query
+    sees. The staged slots are the block table's whole width (``max_blocks`` pages a
+    sequence). ``stage_kv=True`` where staging cannot apply raises."""
+    can = fa_tma and kv_format == "bf16" and block_size < STAGE_PAGE and not block_size & (block_size - 1)
+    if stage_kv and not can:
+        raise ValueError(f"stage_kv: needs the fa kernel with fa_tma over a bf16 cache whose pages hold fewer than "
+                         f"{STAGE_PAGE} keys (a power of two), got {kv_format} pages of {block_size}, fa_tma={fa_tma}")
+    if not can or stage_kv is not None:
+        return can and bool(stage_kv)
     if num_seqs == 0 or T == 0:
         return False
     keys = T / num_seqs / (2 if causal else 1)
     if sliding_window is not None:
         keys = min(keys, sliding_window)
-    slots = num_seqs * cdiv(block_table.shape[1] * block_size, STAGE_PAGE) * STAGE_PAGE
+    slots = num_seqs * cdiv(max_blocks * block_size, STAGE_PAGE) * STAGE_PAGE
     return (T * num_heads * keys >= STAGE_MIN_WORK * slots * num_kv_heads
-            and 2 * slots * num_kv_heads * head_dim * elem_size <= STAGE_MAX_BYTES)
-
-
-def kv_staging(stage_kv: bool | None, tiles: AttentionTiles, num_kv_splits: int | None, kv_format: str,
-               block_size: int, pays) -> bool:
-    """Whether :func:`paged_attention` stages the pages (its ``stage_kv`` argument): where
-    it can apply (the fa kernel with ``fa_tma``, a bf16 cache, power-of-two pages under
-    :data:`STAGE_PAGE` keys), ``stage_kv`` or, for ``None``, ``pays()`` (:func:`stages_kv`).
-    ``stage_kv=True`` where it cannot apply raises."""
-    fa = tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1)
-    can = fa and tiles.fa_tma and kv_format == "bf16" and block_size < STAGE_PAGE and not block_size & (block_size - 1)
-    if stage_kv and not can:
-        raise ValueError(f"stage_kv: needs the fa kernel with fa_tma over a bf16 cache whose pages hold fewer than "
-                         f"{STAGE_PAGE} keys (a power of two), got {kv_format} pages of {block_size}, tiles {tiles}")
-    return can and (stage_kv if stage_kv is not None else pays())
+            and 2 * slots * num_kv_heads * head_dim * 2 <= STAGE_MAX_BYTES)  # bf16: 2 bytes a value
 
 
 def stage_kv_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, page: int = STAGE_PAGE):
@@ -658,9 +661,9 @@ def paged_attention(
         raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
     if tiles.kernel not in PREFILL_KERNELS:
         raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
-    fa = tiles.kernel == "fa" and (num_kv_splits is None or num_kv_splits == 1)
-    if kv_staging(stage_kv, tiles, num_kv_splits, kv_format, bs, lambda: stages_kv(
-            T, S, Hq, Hkv, D, block_table, bs, causal, sliding_window, k_cache.element_size())):
+    fa = runs_fa(tiles, num_kv_splits)
+    if stages_kv(stage_kv, fa and tiles.fa_tma, kv_format, bs, block_table.shape[1], T, S, Hq, Hkv, D, causal,
+                 sliding_window):
         k_cache, v_cache, block_table = stage_kv_pages(k_cache, v_cache, block_table)
         bs = STAGE_PAGE
         if auto_tiles:
