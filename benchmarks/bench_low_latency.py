@@ -12,9 +12,10 @@ each; median over iterations, slowest rank, rank 0 prints. Two modes per backend
 ``eager`` (Python calls: the events then also see the host's launch time whenever it is
 longer than the GPU work) and, for ``nvlink``, ``graph``: dispatch and combine captured once
 into two CUDA graphs and replayed back to back (how a decode step runs them), so the events
-measure the GPU side: kernels, NVLink stores and the flag waits. Bytes: message rows sent to *other* ranks
-(``(token, expert)`` pairs whose expert lives elsewhere x row bytes; the rank's own pairs
-move through local HBM); GB/s per GPU = those bytes / time. Targets (issue 4, 4x H200,
+measure the GPU side: kernels, NVLink stores and the flag waits. Bytes: rows sent to *other* ranks
+(dispatch: ``(token, expert)`` pairs whose expert lives elsewhere x row bytes; combine: one
+partial row per (token, other rank it went to); the rank's own rows move through local
+HBM); GB/s per GPU = those bytes / time. Targets (issue 4, 4x H200,
 H=7168, top-8, 256 experts): dispatch 128 tok <= 25 us, combine 128 tok <= 45 us,
 dispatch 512 tok <= 55 us.
 
@@ -66,11 +67,15 @@ def _result(buf, T, ids, ev):
     buf.check()
     td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
     tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
-    owner = ids.long() // buf.num_local_experts
-    remote_pairs = int(((ids >= 0) & (owner != buf.rank)).sum())
+    owner = torch.where(ids >= 0, ids.long() // buf.num_local_experts, -1)
+    remote = (owner >= 0) & (owner != buf.rank)
+    remote_pairs = int(remote.sum())
+    # combine: one partial row per (token, remote rank it went to)
+    hit = torch.zeros(T, buf.world_size, dtype=torch.bool, device=ids.device)
+    hit.scatter_(1, torch.where(remote, owner, buf.rank), remote)  # every write to a column agrees
     return dict(
         tokens=T, dispatch_us=td, combine_us=tc,
-        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=remote_pairs * buf.crow_bytes,
+        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=int(hit.sum()) * buf.crow_bytes,
     )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ _I32_MIN, _I32_END, _I64_END = -(1 << 31), 1 << 31, 1 << 63
 #: takes (an interpreted function); kernels are module-level singletons
 _CACHE: dict = {}
 _DRIVER: list = []  # [get_current_device, get_current_stream], set on first GPU launch
+_KNOBS: list = []  # [triton.knobs], set on first use
 
 
 def arg_key(a):
@@ -65,8 +66,11 @@ def arg_key(a):
 
 
 def _options_key(kw: dict):
-    from triton import knobs
+    if not _KNOBS:  # imported once: an import statement costs ~8 us a call even when cached
+        from triton import knobs
 
+        _KNOBS.append(knobs)
+    knobs = _KNOBS[0]
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):  # a HookChain with hooks, or a bare hook
             return None

@@ -172,6 +172,12 @@ def swizzled_sf_offset(e, m, k, MT, KT):
 
 
 @triton.jit
+def pick(vec, lanes, i):
+    """Element ``i`` of a register vector (``lanes`` = its ``tl.arange``), exact for integers."""
+    return tl.sum(tl.where(lanes == i, vec, 0), axis=0)
+
+
+@triton.jit
 def to_bf16_rne(x):
     """FP32 -> BF16 rounding to nearest even on every backend. (``.to(tl.bfloat16)`` is RNE on
     GPUs but truncates under TRITON_INTERPRET=1; rounding the bits first makes the final

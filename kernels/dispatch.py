@@ -35,6 +35,7 @@ from .common import (
     nvfp4_global_scale,
     nvfp4_pair_stats,
     nvfp4_quantize_pairs,
+    pick,
     swizzled_sf_offset,
     to_bf16_rne,
     unpack_pairs,
@@ -45,12 +46,6 @@ from .sync import arrive_last
 PAYLOAD_NVFP4 = tl.constexpr(0)
 PAYLOAD_FP8 = tl.constexpr(1)
 PAYLOAD_BF16 = tl.constexpr(2)
-
-
-@triton.jit
-def _pick(vec, lanes, i):
-    """Element ``i`` of a register vector (``lanes`` = its ``tl.arange``), exact for integers."""
-    return tl.sum(tl.where(lanes == i, vec, 0), axis=0)
 
 
 @triton.jit
@@ -127,8 +122,8 @@ def _pack_store_v2(
     nmw = (SRC_OFF + 4 - MOFF) // 4
     blk = tl.arange(0, NB)
     for r in tl.static_range(RP):
-        if _pick(offs, rr, r) >= 0:  # lanes past R hold -1
-            wp = _row_words(dest_table_ptr, _pick(addr, rr, r))
+        if pick(offs, rr, r) >= 0:  # lanes past R hold -1
+            wp = _row_words(dest_table_ptr, pick(addr, rr, r))
             if PAYLOAD == 0:
                 KSF: tl.constexpr = H // 16
                 tl.store(wp + blk, pw, mask=blk < KSF)
@@ -687,7 +682,7 @@ def _expert_acc(
         kk = tl.arange(0, KP)
         slots = tl.load(slot_map_ptr + n * K + kk, mask=kk < K, other=-1)
         for k in tl.static_range(K):
-            slot = _pick(slots, kk, k)
+            slot = pick(slots, kk, k)
             hit = slot >= 0
             w = tl.load(sw_ptr + slot, mask=hit, other=0.0)
             v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om & hit, other=0.0).to(tl.float32)
@@ -711,8 +706,8 @@ def _rank_rows(n, recv_end_ptr, row_shift_ptr, out_table_ptr, R, V2: tl.constexp
         rm = rr < R
         ends = tl.load(recv_end_ptr + rr, mask=rm, other=0)
         s = tl.sum((rm & (n >= ends)).to(tl.int32), axis=0)
-        row = n + _pick(tl.load(row_shift_ptr + rr, mask=rm, other=0), rr, s)
-        base = _pick(tl.load(out_table_ptr + rr, mask=rm, other=0), rr, s)
+        row = n + pick(tl.load(row_shift_ptr + rr, mask=rm, other=0), rr, s)
+        base = pick(tl.load(out_table_ptr + rr, mask=rm, other=0), rr, s)
     else:
         s = _source_of(n, recv_end_ptr, R)
         row = n + tl.load(row_shift_ptr + s)
@@ -821,8 +816,8 @@ def ep_combine_source_kernel(
         acc = tl.zeros((BLOCK_H,), tl.float32)
         if V2:
             for r in tl.static_range(RP):
-                hit = _pick(offs_r, rr, r) >= 0
-                src = _row_words(src_table_ptr, _pick(addr_r, rr, r))
+                hit = pick(offs_r, rr, r) >= 0
+                src = _row_words(src_table_ptr, pick(addr_r, rr, r))
                 v = tl.load(src.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm & hit, other=0.0).to(tl.float32)
                 acc = tl.where(hit, acc + v, acc)
         else:
@@ -840,8 +835,8 @@ def ep_combine_source_kernel(
         acc = tl.zeros((NB, BS), tl.float32)
         if V2:
             for r in tl.static_range(RP):
-                if _pick(offs_r, rr, r) >= 0:
-                    acc = acc + _load_row_f32(src_table_ptr, _pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF)
+                if pick(offs_r, rr, r) >= 0:
+                    acc = acc + _load_row_f32(src_table_ptr, pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF)
         else:
             r = 0
             while r < R:

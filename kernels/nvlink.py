@@ -15,8 +15,18 @@ Low-latency slots: a row for ``(source token t, top-k index k)`` routed to globa
 of ``(t', k')`` pairs before ``(t, k)`` (row-major) routed to ``e``: so slots of one
 (expert, source) hold that source's tokens in order, and the receiver's compaction is
 deterministic. In low-latency rows the message's ``src_index`` field holds ``t * K + k``.
-Flags carry ``(sequence << 32) | count`` (int64) and are never reset. Flags are written
-with release stores, never with atomics on peer memory (see ``sync.py``).
+Dispatch flags carry ``(sequence << 32) | (T << 16) | count`` (int64: ``T`` the source's token
+count, ``count`` its rows for the expert, both < 2^16) and are never reset. Flags are
+written with release stores, never with atomics on peer memory (see ``sync.py``).
+
+Low-latency combine reduces on the expert side first: the receive half leaves a token map
+(``(sequence << 32) | row`` for every ``(source, t * K + k)`` it laid out) and the sources'
+token counts; the combine send sums, per (source, token), the weighted outputs of the
+token's local experts (FP32, ``k`` ascending, no FMA) and stores one BF16 partial row (or
+its fp8 / nvfp4 encoding) into row ``rank * T_max + t`` of the source's buffer; the source
+adds the partials of the ranks its token went to (FP32, ranks ascending). The rounding
+order of the high-throughput combine, and one row per (token, rank) on the wire instead
+of one per (token, expert).
 """
 
 import triton
@@ -29,7 +39,9 @@ from .common import (
     nvfp4_dequantize_tile,
     nvfp4_global_scale,
     nvfp4_quantize_tile,
+    pick,
     swizzled_sf_offset,
+    to_bf16_rne,
 )
 from .sync import arrive_last, fence_sys, flag_store_release, report_timeout, spin_start, wait_flag_geq
 
@@ -163,14 +175,6 @@ def _load_row_f32(
 
 
 @triton.jit
-def _to_bf16_rne(x):
-    """FP32 -> BF16 round-to-nearest-even on GPUs and under the interpreter alike."""
-    bits = x.to(tl.int32, bitcast=True)
-    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, r).to(tl.bfloat16)
-
-
-@triton.jit
 def _expert_counts(ids_ptr, T, K, E, before, EP: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
     """Per-expert counts of the ids in ``[0, E)`` among ``ids [T * K]`` (one pass, ``CHUNK`` at a
     time) and, with ``BEFORE``, among the first ``before`` of them (else zeros) -> ``[EP]`` x 2."""
@@ -281,7 +285,8 @@ def ll_dispatch_send_kernel(
     EARLY_FLAGS: tl.constexpr = False,  # v2 (see below)
 ):
     """Quantize each token row once and store it into the slot of each of its top-k experts
-    on the owning rank, then publish ``(seq << 32) | count`` for every (expert, this source).
+    on the owning rank, then publish ``(seq << 32) | (T << 16) | count`` for every (expert,
+    this source).
 
     v1 (``EARLY_FLAGS=False``): programs stride over tokens; the position of ``(t, k)`` is a
     scan of every earlier id; the last program to arrive builds the expert histogram and
@@ -309,8 +314,9 @@ def ll_dispatch_send_kernel(
         # run: pairs routed to e before the next token
         tot, run = _expert_counts(ids_ptr, T, K, E, t_lo * K, EP, CHUNK, True)
         fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
+        head = (seq.to(tl.int64) << 32) | (tl.cast(T, tl.int64) << 16)
         if pid == 0:  # experts this source routes nothing to: no rows to order before the flag
-            zero = tl.zeros([EP], tl.int64) + (seq.to(tl.int64) << 32)
+            zero = tl.zeros([EP], tl.int64) + head
             flag_store_release(fptr, zero, (ex < E) & (tot == 0), sink_ptr, GPU)
             tl.store(epoch_ptr + 1, seq)
         mine = run
@@ -336,7 +342,7 @@ def ll_dispatch_send_kernel(
         old = tl.atomic_add(counter_ptr + ex, mine, mask=has, sem="acq_rel", scope="sys")
         full = has & (old + mine == tot)
         tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
-        val = (seq.to(tl.int64) << 32) | tl.minimum(tot, TMAX).to(tl.int64)
+        val = head | tl.minimum(tot, TMAX).to(tl.int64)
         flag_store_release(fptr, val, full, sink_ptr, GPU, RELAXED=True)  # barrier, one fence a thread, stores
     else:
         t = pid
@@ -366,7 +372,7 @@ def ll_dispatch_send_kernel(
             cnt, _ = _expert_counts(ids_ptr, T, K, E, 0, EP, CHUNK, False)
             cnt = tl.minimum(cnt, TMAX)
             fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
-            val = (seq.to(tl.int64) << 32) | cnt.to(tl.int64)
+            val = (seq.to(tl.int64) << 32) | (tl.cast(T, tl.int64) << 16) | cnt.to(tl.int64)
             # one fence a thread for its flags, then relaxed stores (RELAXED), not a
             # release store (a fence) per flag: EP4 4x H200, CUDA graph, v1 / v2 dispatch at
             # 128 tok 41.6 -> 39.4-39.9 / 44.0 -> 40.0-40.3 us, at 512 tok 103.9 -> 101.5-101.8
@@ -378,7 +384,7 @@ def ll_dispatch_send_kernel(
 @triton.jit
 def _copy_source(
     base, anchor, slot0, st, c_s, j, nsplit, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr,
-    out_w_ptr, MAXM, MT, KT,
+    out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
     RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
@@ -390,7 +396,7 @@ def _copy_source(
     while i < c_s:
         _copy_rows(
             base, anchor, slot0 + i, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
-            src_slot_ptr, out_w_ptr, MAXM, MT, KT,
+            src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
             RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
         )  # fmt: skip
         i += nsplit * RPI
@@ -399,12 +405,13 @@ def _copy_source(
 @triton.jit
 def _copy_rows(
     base, anchor, slot0, m0, nrows, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
-    MAXM, MT, KT,
+    tok_ptr, tag, MAXM, MT, KT, TOKS,
     RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` rows."""
+    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` rows; each row's
+    token-map entry ``tok[s * TOKS + t * K + k] = tag | row`` (``tag`` = sequence << 32)."""
     r = tl.arange(0, RPI)
     ok = r < nrows
     row_addr = base + (slot0 + r).to(tl.int64) * ROW_BYTES  # [RPI]
@@ -445,6 +452,7 @@ def _copy_rows(
     tl.store(src_rank_ptr + orow, tl.zeros([RPI], tl.int32) + s, mask=ok)
     tl.store(src_slot_ptr + orow, tk, mask=ok)
     tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + tk % K, mask=ok), mask=ok)
+    tl.store(tok_ptr + s * TOKS + tk.to(tl.int64), tag | orow, mask=ok)
 
 
 @triton.jit(do_not_specialize=["max_spins", "timeout_us"])
@@ -460,6 +468,8 @@ def ll_dispatch_recv_kernel(
     src_rank_ptr,  # [E_LOCAL, MAXM] int32
     src_slot_ptr,  # [E_LOCAL, MAXM] int32 (t * K + k on the source)
     out_w_ptr,  # [E_LOCAL, MAXM] fp32
+    tok_ptr,  # [R * TOKS] int64 token map: (seq << 32) | row of every (source, t * K + k) laid out
+    ntok_ptr,  # [R] int32: tokens each source dispatched
     SLOT_B,
     SLOT_E,
     SLOT_S,
@@ -470,6 +480,7 @@ def ll_dispatch_recv_kernel(
     MAXM,
     MT,
     KT,
+    TOKS,  # T_max * K
     max_spins,  # interpreter: reads before a wait gives up
     timeout_us,  # GPU: microseconds before the waits of a program give up
     R: tl.constexpr,
@@ -490,7 +501,8 @@ def ll_dispatch_recv_kernel(
     PIPELINE: tl.constexpr = False,  # v2: copy source s while later sources are still in flight
 ):
     """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, copy its slots
-    into the masked layout ordered by (source rank, source token).
+    into the masked layout ordered by (source rank, source token), and fill the token map
+    (and, program ``(0, 0)``, the sources' token counts) the combine send reads.
 
     v1 (``PIPELINE=False, RPI=1``): every flag first, then the copy, one row at a time.
     v2 (``PIPELINE=True``, ``RPI`` > 1): source ``s`` is copied as soon as its flag is in
@@ -502,19 +514,23 @@ def ll_dispatch_recv_kernel(
     seq = tl.load(epoch_ptr + 1)
     b = seq % NBUF
     base = slots_ptr.to(tl.int64)
+    tag = seq.to(tl.int64) << 32
     t0 = spin_start(GPU)
     if PIPELINE:
         st = 0
         for s in tl.static_range(R):
             fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-            v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
+            v, ok = wait_flag_geq(fptr, tag, max_spins, t0, timeout_us, GPU)
             if not ok:
                 report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
-            c_s = tl.minimum(tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0), TMAX)
+            v = tl.where(ok, v, 0)
+            c_s = tl.minimum((v & 0xFFFF).to(tl.int32), TMAX)
+            if (le == 0) & (j == 0):
+                tl.store(ntok_ptr + s, ((v >> 16) & 0xFFFF).to(tl.int32))
             _copy_source(
                 base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
-                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, MAXM, MT, KT,
-                RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
+                TOKS, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
             )  # fmt: skip
             st += c_s
         if j == 0:
@@ -524,11 +540,13 @@ def ll_dispatch_recv_kernel(
         cnt = tl.zeros([RP], dtype=tl.int32)
         for s in tl.static_range(R):
             fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-            v, ok = wait_flag_geq(fptr, seq.to(tl.int64) << 32, max_spins, t0, timeout_us, GPU)
+            v, ok = wait_flag_geq(fptr, tag, max_spins, t0, timeout_us, GPU)
             if not ok:
                 report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
-            c = tl.where(ok, (v & 0xFFFFFFFF).to(tl.int32), 0)
-            cnt = tl.where(rr == s, tl.minimum(c, TMAX), cnt)
+            v = tl.where(ok, v, 0)
+            cnt = tl.where(rr == s, tl.minimum((v & 0xFFFF).to(tl.int32), TMAX), cnt)
+            if (le == 0) & (j == 0):
+                tl.store(ntok_ptr + s, ((v >> 16) & 0xFFFF).to(tl.int32))
         start = tl.cumsum(cnt, axis=0) - cnt
         if j == 0:
             tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
@@ -537,8 +555,8 @@ def ll_dispatch_recv_kernel(
             st = tl.sum(tl.where(rr == s, start, 0), axis=0)
             _copy_source(
                 base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
-                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, MAXM, MT, KT,
-                RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
+                out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
+                TOKS, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
             )  # fmt: skip
     if (le == 0) & (j == 0):
         tl.store(epoch_ptr, seq)
@@ -546,23 +564,40 @@ def ll_dispatch_recv_kernel(
 
 # ----------------------------------------------------------------------------- low latency: combine
 @triton.jit
+def _partial_acc(y_ptr, w_ptr, rows, hit, kk, offs, om, acc, H: tl.constexpr, K: tl.constexpr):
+    """FP32 ``acc = acc + w[row_k] * float(y[row_k])`` over the ``k`` ascending with
+    ``hit[k]`` (``offs`` the tile's columns, ``om`` their mask). Every ``k``'s loads are issued
+    (masked) before the first sum; a missing ``k`` is skipped by a select, so the sum is that
+    of the branches-only loop bit for bit."""
+    for k in tl.static_range(K):
+        h = pick(hit.to(tl.int32), kk, k) > 0
+        row = pick(rows, kk, k)
+        w = tl.load(w_ptr + row, mask=h, other=0.0)
+        v = tl.load(y_ptr + row * H + offs, mask=om & h, other=0.0).to(tl.float32)
+        acc = tl.where(h, acc + w * v, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["NPROG"])
 def ll_combine_send_kernel(
-    y_ptr,  # [E_LOCAL, MAXM, H] bf16 (int64 view for the bf16 wire)
-    masked_m_ptr,
-    src_rank_ptr,
-    src_slot_ptr,
+    y_ptr,  # [E_LOCAL * MAXM, H] bf16 expert outputs
+    w_ptr,  # [E_LOCAL * MAXM] fp32 routing weight of each received row
+    tok_ptr,  # [R * TOKS] int64 token map of the dispatch (written by its receive half)
+    ntok_ptr,  # [R] int32 tokens each source dispatched
     rows_table,  # [R] int64: base of rank s's combine rows
     flags_table,  # [R] int64: base of rank s's combine flags
-    epoch_ptr,  # [4] int64: [2] last finished combine, [3] in flight
+    epoch_ptr,  # [4] int64: [0] last finished dispatch, [2] last finished combine, [3] in flight
     sink_ptr,
     counter_ptr,
-    SRC_SLOT,
+    SRC_SLOT,  # this rank's block in the source's rows (0 for the torch staging buffer)
     CB,  # rows per buffer parity
-    CS,  # rows per source-slot block (0 on NVLink, T_MAX*K for the torch staging buffer)
+    CS,  # rows per expert-rank block (T_max; 0 for the torch staging buffer)
     FLAG_B,
     FLAG_S,
-    MAXM,
+    TOKS,  # T_max * K
     H: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
     R: tl.constexpr,
     RP: tl.constexpr,
     NBUF: tl.constexpr,
@@ -570,49 +605,57 @@ def ll_combine_send_kernel(
     NB: tl.constexpr,
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
-    E_LOCAL: tl.constexpr,
     GPU: tl.constexpr,
-    NSPLIT,
-    RPI: tl.constexpr = 1,  # bf16 wire: rows a program moves at once (> 1: one [RPI, H] tile)
+    NPROG,  # grid size (persistent programs)
+    HC: tl.constexpr = 1024,  # bf16 wire: hidden elements a work item
 ):
-    """Grid ``(E_LOCAL, NSPLIT)``: send each valid expert-output row (quantized per token
-    for fp8 / nvfp4 wires) to slot ``t * K + k`` of its source rank; the last program
-    publishes ``seq`` to every rank. ``RPI > 1`` (bf16 wire only): ``RPI`` rows a step, their
-    loads all in flight before the peer stores."""
-    le = tl.program_id(0)
-    j = tl.program_id(1)
-    nsplit = NSPLIT
-    nprog = E_LOCAL * NSPLIT
+    """Expert side of combine: one partial row per (source ``s``, token ``t``) routed here.
+
+    Work items are ``(s, t, chunk of HC columns)`` (bf16 wire) or ``(s, t)`` (fp8 / nvfp4
+    wires: the whole row, whose per-row scale needs its amax), ``t`` below the token count
+    source ``s`` sent with its dispatch flags. An item reads the token map entries of its
+    ``K`` pairs; those tagged with this dispatch's sequence number name the rows laid out
+    here. FP32 ``acc = acc + w * float(out)`` over them (``k`` ascending, launched without
+    FMA contraction), one BF16 rounding (RNE), quantized per row for fp8 / nvfp4, stored
+    into row ``b * CB + SRC_SLOT * CS + t`` of the source. A token with no pair here sends
+    nothing. The last program to finish publishes ``seq`` to every rank."""
+    pid = tl.program_id(0)
+    nprog = NPROG
+    dseq = tl.load(epoch_ptr)
     seq = tl.load(epoch_ptr + 2) + 1
     b = seq % NBUF
-    n = tl.load(masked_m_ptr + le)
-    i = j * RPI
-    while i < n:
-        if RPI > 1:
-            tl.static_assert(CPAYLOAD == 2, "RPI > 1 needs the bf16 combine wire")
-            r = tl.arange(0, RPI)
-            ok = i + r < n
-            orow = le.to(tl.int64) * MAXM + i + r
-            s = tl.load(src_rank_ptr + orow, mask=ok, other=0)
-            slot = tl.load(src_slot_ptr + orow, mask=ok, other=0).to(tl.int64)
-            row_addr = tl.load(rows_table + s, mask=ok, other=0) + (b * CB + SRC_SLOT * CS + slot) * CROW_BYTES
-            w = tl.arange(0, NB * 4)
-            wm = ok[:, None] & (w < H // 4)[None, :]
-            v = tl.load(y_ptr + orow[:, None] * (H // 4) + w[None, :], mask=wm)
-            tl.store(_row_words(epoch_ptr, row_addr)[:, None] + w[None, :], v, mask=wm)
-        else:
-            orow = le.to(tl.int64) * MAXM + i
-            s = tl.load(src_rank_ptr + orow)
-            slot = tl.load(src_slot_ptr + orow).to(tl.int64)
-            row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + slot).to(tl.int64) * CROW_BYTES
+    NCH: tl.constexpr = (H + HC - 1) // HC if CPAYLOAD == 2 else 1
+    rr = tl.arange(0, RP)
+    nt = tl.load(ntok_ptr + rr, mask=rr < R, other=0) * NCH  # items of each source
+    ends = tl.cumsum(nt, axis=0)
+    total = tl.sum(nt, axis=0)
+    kk = tl.arange(0, KP)
+    item = pid
+    while item < total:
+        s = tl.sum((item >= ends).to(tl.int32), axis=0)
+        local = item - pick(ends - nt, rr, s)
+        t = local // NCH
+        ents = tl.load(tok_ptr + s.to(tl.int64) * TOKS + t * K + kk, mask=kk < K, other=0)
+        hit = (ents >> 32) == dseq
+        if tl.sum(hit.to(tl.int32), axis=0) > 0:
+            rows = ents & 0xFFFFFFFF
+            row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + t).to(tl.int64) * CROW_BYTES
             if CPAYLOAD == 2:
-                pw, sw, gs = _encode_row(y_ptr + orow * (H // 4), H, CPAYLOAD, NB)
+                h = (local % NCH) * HC + tl.arange(0, HC)
+                hm = h < H
+                acc = _partial_acc(y_ptr, w_ptr, rows, hit, kk, h, hm, tl.zeros([HC], tl.float32), H, K)
+                dst = _row_words(epoch_ptr, row_addr).to(tl.pointer_type(tl.bfloat16))
+                tl.store(dst + h, to_bf16_rne(acc), mask=hm)
             else:
-                pw, sw, gs = _encode_row(y_ptr + orow * H, H, CPAYLOAD, NB)
-            _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
-        i += nsplit * RPI
+                BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
+                blk = tl.arange(0, NB)
+                offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+                om = (blk < H // BS)[:, None]
+                acc = _partial_acc(y_ptr, w_ptr, rows, hit, kk, offs, om, tl.zeros([NB, BS], tl.float32), H, K)
+                pw, sw, gs = _encode_tile(to_bf16_rne(acc).to(tl.float32), H, CPAYLOAD, NB)
+                _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
+        item += nprog
     if arrive_last(counter_ptr, nprog, GPU):
-        rr = tl.arange(0, RP)
         fbase = tl.load(flags_table + rr, mask=rr < R, other=0)
         faddr = fbase + (b * FLAG_B + SRC_SLOT * FLAG_S).to(tl.int64) * 8
         fence_sys(GPU)
@@ -628,7 +671,6 @@ def ll_combine_recv_kernel(
     epoch_ptr,
     status_ptr,
     ids_ptr,  # [T, K] int32
-    w_ptr,  # [T, K] fp32
     out_ptr,  # [T, H] bf16
     T,
     CB,
@@ -639,26 +681,25 @@ def ll_combine_recv_kernel(
     timeout_us,
     H: tl.constexpr,
     K: tl.constexpr,
+    KP: tl.constexpr,
     E: tl.constexpr,
     E_LOCAL: tl.constexpr,
     R: tl.constexpr,
+    RP: tl.constexpr,
     NBUF: tl.constexpr,
     CPAYLOAD: tl.constexpr,
     NB: tl.constexpr,
-    BS: tl.constexpr,
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
     GPU: tl.constexpr,
     NPROG,
-    HC: tl.constexpr = 0,  # > 0 (bf16 wire): work items are (token, HC-element chunk)
+    HC: tl.constexpr = 1024,  # bf16 wire: hidden elements a work item
 ):
-    """Persistent over tokens: wait for every expert rank's flag, then
-    ``out[t] = sum_k w[t, k] * y(t, k)`` in FP32 (k ascending), rounded to BF16.
-
-    ``HC > 0`` (v2, bf16 wire): the work items are ``(token, chunk of HC hidden elements)``
-    (``T * cdiv(H, HC)`` of them, more programs busy at small T), and the K row loads of an
-    item carry no branch (unrouted ``k``: row 0 of its slot, masked out of the sum), so they
-    are all in flight together. Same FP32 operations per element, same order, as v1."""
+    """Source side, persistent over work items ``(token, HC-column chunk)`` (bf16 wire) or
+    tokens (fp8 / nvfp4): wait for every expert rank's flag, then ``out[t] = sum_r
+    partial(r, t)`` in FP32 over the ranks ``r`` the token's ids point to (ascending; a
+    quantized partial dequantized first), one BF16 rounding; a token routed nowhere gets
+    zeros. The bf16 wire issues every rank's loads (masked) before the first sum."""
     pid = tl.program_id(0)
     nprog = NPROG
     seq = tl.load(epoch_ptr + 3)
@@ -669,44 +710,36 @@ def ll_combine_recv_kernel(
         if not ok:
             report_timeout(status_ptr + ST_COMBINE_TIMEOUT, r + 1)
     base = rows_ptr.to(tl.int64)
-    if HC > 0:
-        tl.static_assert(CPAYLOAD == 2, "HC > 0 needs the bf16 combine wire")
-        NCH: tl.constexpr = (H + HC - 1) // HC
-        h = tl.arange(0, HC)
-        item = pid
-        while item < T * NCH:
-            t64 = (item // NCH).to(tl.int64)
-            hoff = (item % NCH) * HC + h
-            hm = hoff < H
+    NCH: tl.constexpr = (H + HC - 1) // HC if CPAYLOAD == 2 else 1
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    item = pid
+    while item < T * NCH:
+        t64 = (item // NCH).to(tl.int64)
+        ids = tl.load(ids_ptr + t64 * K + kk, mask=kk < K, other=-1)
+        dst = tl.where((ids >= 0) & (ids < E), ids // E_LOCAL, -1)
+        sent = tl.sum((dst[:, None] == rr[None, :]).to(tl.int32), axis=0)  # [RP] pairs per rank
+        row0 = base + (b * CB + t64) * CROW_BYTES
+        if CPAYLOAD == 2:
+            h = (item % NCH) * HC + tl.arange(0, HC)
+            hm = h < H
             acc = tl.zeros([HC], dtype=tl.float32)
-            for k in tl.static_range(K):  # k ascending, acc + w * row as v1; no branch
-                e = tl.load(ids_ptr + t64 * K + k)
-                w = tl.load(w_ptr + t64 * K + k)
-                ok = (e >= 0) & (e < E)
-                src = tl.where(ok, e // E_LOCAL, 0)
-                row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
-                rp = _row_words(epoch_ptr, row_addr).to(tl.pointer_type(tl.bfloat16))
-                v = tl.load(rp + hoff, mask=hm & ok, other=0.0).to(tl.float32)
-                acc = tl.where(ok, acc + w * v, acc)
-            tl.store(out_ptr + t64 * H + hoff, _to_bf16_rne(acc), mask=hm)
-            item += nprog
-    else:
-        blk = tl.arange(0, NB)
-        col = tl.arange(0, BS)
-        t = pid
-        while t < T:
-            t64 = t.to(tl.int64)
+            for r in tl.static_range(R):
+                hit = pick(sent, rr, r) > 0
+                rp = _row_words(epoch_ptr, row0 + r * CS * CROW_BYTES).to(tl.pointer_type(tl.bfloat16))
+                v = tl.load(rp + h, mask=hm & hit, other=0.0).to(tl.float32)
+                acc = tl.where(hit, acc + v, acc)
+            tl.store(out_ptr + t64 * H + h, to_bf16_rne(acc), mask=hm)
+        else:
+            BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
+            blk = tl.arange(0, NB)
             acc = tl.zeros([NB, BS], dtype=tl.float32)
-            for k in tl.static_range(K):
-                e = tl.load(ids_ptr + t64 * K + k)
-                if (e >= 0) & (e < E):
-                    w = tl.load(w_ptr + t64 * K + k)
-                    src = e // E_LOCAL  # (not `s`/`r`: a loop variable above is a constexpr)
-                    row_addr = base + (b * CB + src * CS + t64 * K + k).to(tl.int64) * CROW_BYTES
-                    acc = acc + w * _load_row_f32(epoch_ptr, row_addr, H, CPAYLOAD, NB, CSCALE_OFF)
-            offs = blk[:, None] * BS + col[None, :]
-            tl.store(out_ptr + t64 * H + offs, _to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
-            t += nprog
+            for r in tl.static_range(R):
+                if pick(sent, rr, r) > 0:
+                    acc = acc + _load_row_f32(epoch_ptr, row0 + r * CS * CROW_BYTES, H, CPAYLOAD, NB, CSCALE_OFF)
+            offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+            tl.store(out_ptr + t64 * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
+        item += nprog
     if pid == 0:
         tl.store(epoch_ptr + 2, seq)
 

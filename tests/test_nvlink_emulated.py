@@ -143,29 +143,33 @@ def check_combine(cfg, bufs, outs, ids, ws, R, seed):
 
 
 def expected_combine(cfg, eos, outs, ids, ws, R):
-    """Source-side reduction, FP32, k ascending, then BF16 (RNE)."""
+    """The combine's rounding order, from the dispatch outputs alone: per (source token,
+    expert rank), FP32 ``acc = acc + w_k * float(out)`` over the token's pairs on that rank
+    (``k`` ascending, product and sum rounded separately), one BF16 rounding, the wire's
+    round trip; on the source, FP32 sum of those partials over ranks ascending, then BF16
+    (RNE)."""
     EL = cfg.num_experts // R
     H = cfg.hidden
     res = []
-    # (dest rank, slot) -> row value after the wire
-    back = {}
+    # (source rank, t * K + k) -> (expert rank, expert output row) of the pair
+    where = {}
     for r in range(R):
         o = outs[r]
         for e in range(EL):
-            n = int(o.masked_m[e])
-            if n == 0:
-                continue
-            vals = wire_roundtrip(cfg.combine_payload, eos[r][e, :n])
-            for m in range(n):
-                back[(int(o.handle.src_rank[e, m]), int(o.handle.src_slot[e, m]))] = vals[m]
+            for m in range(int(o.masked_m[e])):
+                where[(int(o.handle.src_rank[e, m]), int(o.handle.src_slot[e, m]))] = (r, eos[r][e, m].float())
     for s in range(R):
         T, K = ids[s].shape
         y = torch.zeros(T, H, dtype=torch.float32)
         for t in range(T):
-            acc = torch.zeros(H, dtype=torch.float32)
+            parts = {}
             for k in range(K):
-                if int(ids[s][t, k]) >= 0:
-                    acc = acc + ws[s][t, k] * back[(s, t * K + k)]
+                if 0 <= int(ids[s][t, k]) < cfg.num_experts:
+                    r, row = where[(s, t * K + k)]
+                    parts[r] = parts.get(r, torch.zeros(H, dtype=torch.float32)) + ws[s][t, k] * row
+            acc = torch.zeros(H, dtype=torch.float32)
+            for r in sorted(parts):
+                acc = acc + wire_roundtrip(cfg.combine_payload, parts[r].bfloat16()[None])[0].float()
             y[t] = acc
         res.append(y.bfloat16())
     return res
@@ -331,11 +335,12 @@ def test_ll_undersized_outputs_are_refused():
     outs = [b.dispatch_recv(o) for b, o in zip(bufs, pend)]
     eo = torch.zeros(E // R, bufs[0].max_m, H, dtype=torch.bfloat16)
     h = outs[0].handle
-    good = h.src_rank
-    h.src_rank = good[:1, :1]
-    with pytest.raises(ValueError, match="handle: src_rank"):
-        bufs[0].combine_send(eo, h)
-    h.src_rank = good
+    for name in ("token_rows", "row_weights", "source_tokens"):
+        good = getattr(h, name)
+        setattr(h, name, good[:1])
+        with pytest.raises(ValueError, match=f"handle: {name}"):
+            bufs[0].combine_send(eo, h)
+        setattr(h, name, good)
     ys = run_combine(bufs, [eo, eo], outs)
     assert all(not bool(y.float().abs().sum()) for y in ys)
     for b in bufs:
@@ -389,9 +394,9 @@ def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
         last = 1 * g.slot_b + (EL - 1) * g.slot_e + (R - 1) * g.slot_s + (TMAX - 1)
         assert (last + 1) * RB == slots
         assert (1 * g.flag_b + (EL - 1) * g.flag_e + (R - 1) * g.flag_s + 1) * 8 == dflags
-        # combine: row b*CB + t*K + k of the source's buffer, flag b*FLAG_B + src
+        # combine: row b*CB + (expert rank)*CS + t of the source's buffer, flag b*FLAG_B + src
         c = b._cgeo
-        assert (1 * c["cb"] + (TMAX - 1) * K + (K - 1) + 1) * CRB == crows
+        assert (1 * c["cb"] + (R - 1) * c["cs"] + (TMAX - 1) + 1) * CRB == crows
         assert (1 * c["cflag_b"] + (R - 1) * c["cflag_s"] + 1) * 8 == cflags
         specs = b._out_specs()
         assert specs["x"][0][:2] == (EL, R * TMAX) and specs["src_rank"][0] == (EL, R * TMAX)

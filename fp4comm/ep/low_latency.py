@@ -16,9 +16,12 @@ one message row per ``(token, k)`` straight into the slot region
 the last program publishes one flag ``(seq << 32) | count`` per (expert, source). The
 receive kernel waits for its experts' flags (acquire, bounded spin) and compacts the slots
 into the masked layout ``[E_local, max_m, ...]`` ordered by (source rank, source token),
-so the result is deterministic. ``masked_m`` stays on the device. Combine goes back
-per row into slot ``t * K + k`` of the source rank's buffer and is reduced there with the
-top-k weights in FP32 (``k`` ascending).
+so the result is deterministic. ``masked_m`` stays on the device. Combine reduces on the
+expert side first: one partial row per (source token, expert rank), the weighted sum of
+the token's local experts (FP32, ``k`` ascending), into row ``rank * T_max + t`` of the
+source's buffer; the source adds the partials of its ranks (FP32, ranks ascending). That is
+the high-throughput combine's rounding order, and a row per (token, rank) on the wire, not
+per (token, expert): at EP4, top-8 of 256 experts, 3.6 rows a token instead of 8.
 
 Sequence numbers live in a device tensor (the send kernel reads "last finished + 1", the
 receive kernel advances it), so a captured graph replays correctly, flags never need
@@ -81,6 +84,8 @@ _INT32_MAX = (1 << 31) - 1
 #: tok 66.6-66.9 -> 61.1-63.6, 512 tok 235.5-238.8 -> 250.0-251.8. Neither wins everywhere:
 #: v1 stays the default, v2 is the choice for 512-token dispatches.
 VARIANTS = ("v1", "v2")
+#: largest ``max_tokens_per_rank``: dispatch flags carry token and row counts in 16 bits each
+MAX_TOKENS_LIMIT = (1 << 16) - 1
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,6 @@ class _V2Launch:
     warps: int
     split_max: int  # programs per local expert (receive / combine send), at most
     recv_words: int  # payload words (int64, padded) a receive program copies at once
-    csend_rows: int  # bf16 combine rows a send program moves at once (RPI)
-    crecv_chunk: int  # bf16 combine reduce: hidden elements a work item (HC)
     chunk: int  # ids a step of the dispatch send's histogram pass
 
 
@@ -100,19 +103,23 @@ def _v2_launch() -> _V2Launch:
     """Heuristics of the ``v2`` kernels, with the reasons (timed against v1: see
     :data:`VARIANTS`).
 
-    * The copies (receive compaction, combine send, combine reduce) are latency bound:
-      one row (4 KB NVFP4, 14 KB BF16) in flight per v1 program, 192 programs. v2 keeps
-      several rows' loads in flight per program (``recv_words``: 4 NVFP4 rows, 2 FP8 rows,
-      1 BF16 row a step; ``csend_rows``; K rows per reduce item) and runs 4 programs of 4
-      warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
-      ptxas at H = 7168: 56 / 64 / 48 registers, no spills), so the grid never exceeds
-      what the GPU runs at once (the receive programs spin on flags).
-    * ``crecv_chunk`` = 1024 BF16 elements: 7 items a token at H = 7168 (896 programs'
-      worth of work at T = 128 instead of 128), 16 bytes a thread a row with 4 warps.
+    * The receive compaction is latency bound: one row (4 KB NVFP4, 14 KB BF16) in flight
+      per v1 program, 192 programs. v2 keeps several rows' loads in flight per program
+      (``recv_words``: 4 NVFP4 rows, 2 FP8 rows, 1 BF16 row a step) and runs 4 programs of
+      4 warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
+      ptxas at H = 7168: 56 / 64 registers, no spills), so the grid never exceeds what the
+      GPU runs at once (the receive programs spin on flags).
     * ``chunk`` = 1024 ids: the send kernel's histogram pass takes <= 4 dependent steps at
       T * K = 4096 (v1's per-token scan with 256 took up to 16).
     """
-    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, csend_rows=2, crecv_chunk=1024, chunk=1024)
+    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, chunk=1024)
+
+
+#: combine (both variants): bf16-wire work items of this many hidden elements (7 an item
+#: row at H = 7168; 16 bytes a thread a row at 4 warps); fp8 / nvfp4 wires take whole rows
+COMBINE_CHUNK = 1024
+#: combine grids: persistent programs an SM (4-warp programs on the bf16 wire, co-resident)
+COMBINE_PROGS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -132,11 +139,11 @@ class LowLatencyConfig:
             :meth:`LowLatencyBuffer.check` raises ``TimeoutError`` (``None``: 60).
         timeout_spins: interpreter (CPU): flag reads before a wait gives up (``None``: a
             default by device).
-        variant: kernel variant, the same bits either way (see :data:`VARIANTS`): ``"v1"``
-            (default, the H200-measured one) or ``"v2"`` (per-expert flags published by
-            whichever program completes the expert, no serial tail; receive copies pipelined
-            per source with several rows in flight; combine with more programs, multi-row
-            bf16 stores and (token, hidden chunk) reduce items; see :func:`_v2_launch`).
+        variant: dispatch kernel variant, the same bits either way (see :data:`VARIANTS`):
+            ``"v1"`` (default, the H200-measured one) or ``"v2"`` (per-expert flags published
+            by whichever program completes the expert, no serial tail; receive copies
+            pipelined per source with several rows in flight; see :func:`_v2_launch`).
+            Combine is the same for both.
     """
 
     hidden: int
@@ -161,6 +168,10 @@ class LowLatencyConfig:
         check_choice("variant", self.variant, VARIANTS)
         if self.scale_layout == "swizzled" and self.payload != "nvfp4":
             raise ValueError(f"scale_layout: 'swizzled' needs payload='nvfp4', got payload={self.payload!r}")
+        if self.max_tokens_per_rank > MAX_TOKENS_LIMIT:  # counts travel in 16-bit flag fields
+            raise ValueError(
+                f"max_tokens_per_rank: at most {MAX_TOKENS_LIMIT} (low-latency mode), got {self.max_tokens_per_rank}"
+            )
         if self.timeout_s is not None and not (0 < float(self.timeout_s) <= 2000):
             raise ValueError(f"timeout_s: must be in (0, 2000] seconds, got {self.timeout_s!r}")
         if "fp8" in (self.payload, self.combine_payload) and self.hidden % 128:
@@ -175,6 +186,13 @@ class LowLatencyHandle:
         src_rank: ``[E_local, max_m]`` int32, source rank of each received row.
         src_slot: ``[E_local, max_m]`` int32, ``t * K + k`` of the row on its source.
         masked_m: ``[E_local]`` int32 (device), valid rows per local expert.
+        row_weights: ``[E_local, max_m]`` float32, the routing weight of each row (the
+            dispatch output's ``topk_weights``; combine applies them on this side).
+        token_rows: ``[R * T_max * K]`` int64 token map: entry ``s * T_max * K + t * K + k`` is
+            ``(sequence << 32) | (e * max_m + m)`` when the pair ``(t, k)`` of source ``s``
+            was laid out at row ``m`` of local expert ``e`` by the dispatch of that sequence
+            number (entries of older dispatches are ignored).
+        source_tokens: ``[R]`` int32, tokens each source dispatched.
         topk_ids: ``[T, K]`` int32, this rank's routing of the dispatch (source side).
         topk_weights: ``[T, K]`` float32.
         call: index of the dispatch on this buffer (a stale handle is refused).
@@ -183,6 +201,9 @@ class LowLatencyHandle:
     src_rank: torch.Tensor
     src_slot: torch.Tensor
     masked_m: torch.Tensor
+    row_weights: torch.Tensor
+    token_rows: torch.Tensor
+    source_tokens: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     call: int
@@ -315,7 +336,7 @@ class LowLatencyBuffer:
             nbuf = 2
             self._slots = mem.alloc((nbuf * EL * R * TMAX * RB // 8,), i64)
             self._dflags = mem.alloc((nbuf * EL * R,), i64)
-            self._crows = mem.alloc((nbuf * TMAX * K * CRB // 8,), i64)
+            self._crows = mem.alloc((nbuf * R * TMAX * CRB // 8,), i64)
             self._cflags = mem.alloc((nbuf * R,), i64)
             geo = _Geometry(EL * R * TMAX, R * TMAX, TMAX, EL * R, R, 1, self.rank)
             self._dsend = self._drecv = geo
@@ -323,7 +344,7 @@ class LowLatencyBuffer:
             self._drecv_bufs = (self._slots.local, self._dflags.local)
             self._csend_tables = (self._crows.peer_ptrs, self._cflags.peer_ptrs)
             self._crecv_bufs = (self._crows.local, self._cflags.local)
-            self._cgeo = dict(cb=TMAX * K, cs=0, cflag_b=R, cflag_s=1)
+            self._cgeo = dict(cb=R * TMAX, cs=TMAX, cflag_b=R, cflag_s=1)
         else:
             nbuf = 1
             self._stage = {
@@ -331,8 +352,8 @@ class LowLatencyBuffer:
                 "drecv": torch.zeros(R, EL * TMAX * RB // 8, dtype=i64, device=dev),
                 "dfsend": torch.zeros(R, EL, dtype=i64, device=dev),
                 "dfrecv": torch.zeros(R, EL, dtype=i64, device=dev),
-                "csend": torch.zeros(R, TMAX * K * CRB // 8, dtype=i64, device=dev),
-                "crecv": torch.zeros(R, TMAX * K * CRB // 8, dtype=i64, device=dev),
+                "csend": torch.zeros(R, TMAX * CRB // 8, dtype=i64, device=dev),
+                "crecv": torch.zeros(R, TMAX * CRB // 8, dtype=i64, device=dev),
                 "cfsend": torch.zeros(R, 1, dtype=i64, device=dev),
                 "cfrecv": torch.zeros(R, 1, dtype=i64, device=dev),
             }
@@ -347,7 +368,7 @@ class LowLatencyBuffer:
             self._drecv_bufs = (st["drecv"], st["dfrecv"])
             self._csend_tables = (table(st["csend"]), table(st["cfsend"]))
             self._crecv_bufs = (st["crecv"], st["cfrecv"])
-            self._cgeo = dict(cb=0, cs=TMAX * K, cflag_b=0, cflag_s=1, send_cs=0, send_flag_s=0)
+            self._cgeo = dict(cb=0, cs=TMAX, cflag_b=0, cflag_s=1, send_cs=0, send_flag_s=0)
         self.nbuf = nbuf
         # device-side state: sequence numbers, arrival counters, status codes
         self._epoch = torch.zeros(4, dtype=i64, device=dev)
@@ -531,9 +552,9 @@ class LowLatencyBuffer:
         args = (
             slots.data_ptr(), flags, self._epoch, self._status,
             out.x.view(torch.int64), sf, out.global_scale if out.global_scale is not None else self._dummy,
-            out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights,
-            geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
-            cdiv(MM, 128), cdiv(ksf, 4), self.timeout_spins, self._timeout_us,
+            out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights, out.handle.token_rows,
+            out.handle.source_tokens, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
+            cdiv(MM, 128), cdiv(ksf, 4), TMAX * K, self.timeout_spins, self._timeout_us,
         )  # fmt: skip
         kw = dict(
             R=R, RP=next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
@@ -544,57 +565,49 @@ class LowLatencyBuffer:
         )  # fmt: skip
         return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
 
+    def _combine_grid(self, items: int) -> tuple[dict, int]:
+        """``(kw, grid)`` shared by the combine halves: the bf16 wire in ``COMBINE_CHUNK``
+        items of 4-warp programs, quantized wires in whole rows of :meth:`_warps` programs;
+        at most ``COMBINE_PROGS_PER_SM`` programs an SM, at most ``items`` (at least 1)."""
+        cfg = self.config
+        bf16 = cfg.combine_payload == "bf16"
+        hc = min(COMBINE_CHUNK, next_pow2(cfg.hidden))
+        kw = dict(
+            H=cfg.hidden, K=cfg.num_topk, KP=next_pow2(cfg.num_topk), R=self.world_size,
+            RP=next_pow2(self.world_size), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
+            NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
+            GPU=self._gpu, HC=hc, num_warps=4 if bf16 else self._warps(), enable_fp_fusion=False,
+        )  # fmt: skip
+        per_item = cdiv(cfg.hidden, hc) if bf16 else 1
+        return kw, max(1, min(items * per_item, self._num_sms * COMBINE_PROGS_PER_SM))
+
     def _csend_args(self, expert_out, handle):
         from ..kernels.nvlink import ll_combine_send_kernel
 
-        cfg = self.config
-        H, R, EL, MM = cfg.hidden, self.world_size, self.num_local_experts, self.max_m
+        TMAX, K = self.config.max_tokens_per_rank, self.config.num_topk
         g = self._cgeo
         rows_t, flags_t = self._csend_tables
-        v2 = self._v2
-        wide = v2 is not None and cfg.combine_payload == "bf16"  # multi-row tiles: raw bf16 rows only
-        nsplit = self._split(v2 if wide else None)  # quantizing rows: v1's 8-warp programs
-        yin = expert_out.view(torch.int64) if cfg.combine_payload == "bf16" else expert_out
+        kw, nprog = self._combine_grid(self.world_size * TMAX)
         args = (
-            yin, handle.masked_m, handle.src_rank, handle.src_slot, rows_t, flags_t, self._epoch, self._sink,
-            self._counter[1:2],
-            self.rank if self.backend == "nvlink" else 0, g["cb"], g.get("send_cs", g["cs"]),
-            g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), MM,
+            expert_out, handle.row_weights, handle.token_rows, handle.source_tokens, rows_t, flags_t, self._epoch,
+            self._sink, self._counter[1:2], self.rank if self.backend == "nvlink" else 0, g["cb"],
+            g.get("send_cs", g["cs"]), g["cflag_b"], g.get("send_flag_s", g["cflag_s"]), TMAX * K,
         )  # fmt: skip
-        kw = dict(
-            H=H, R=R, RP=next_pow2(R), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
-            NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
-            E_LOCAL=EL, GPU=self._gpu, NSPLIT=nsplit, num_warps=v2.warps if wide else self._warps(),
-            RPI=v2.csend_rows if wide else 1,
-        )  # fmt: skip
-        return ll_combine_send_kernel, (EL, nsplit), args, kw
+        return ll_combine_send_kernel, (nprog,), args, dict(kw, NPROG=nprog)
 
-    def _crecv_args(self, y, ids, wts):
+    def _crecv_args(self, y, ids):
         from ..kernels.nvlink import ll_combine_recv_kernel
 
         cfg = self.config
-        H, K, E, R = cfg.hidden, cfg.num_topk, cfg.num_experts, self.world_size
-        T = ids.shape[0]
         rows, flags = self._crecv_bufs
         g = self._cgeo
-        v2 = self._v2
-        chunked = v2 is not None and cfg.combine_payload == "bf16"
-        if chunked:  # (token, hidden chunk) items
-            grid = (max(1, min(T * cdiv(H, min(v2.crecv_chunk, next_pow2(H))), self._num_sms * v2.progs_per_sm)),)
-        else:
-            grid = (max(1, min(T, 2 * self._num_sms)),)
+        kw, nprog = self._combine_grid(ids.shape[0])
         args = (
-            rows.data_ptr(), flags, self._epoch, self._status, ids, wts, y, T,
+            rows.data_ptr(), flags, self._epoch, self._status, ids, y, ids.shape[0],
             g["cb"], g["cs"], g["cflag_b"], g["cflag_s"], self.timeout_spins, self._timeout_us,
         )  # fmt: skip
-        kw = dict(
-            H=H, K=K, E=E, E_LOCAL=self.num_local_experts, R=R, NBUF=self.nbuf,
-            CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload], NB=self._nb(cfg.combine_payload),
-            BS=128 if cfg.combine_payload == "fp8" else 16, CROW_BYTES=self.crow_bytes,
-            CSCALE_OFF=self.clayout.scale_offset, GPU=self._gpu, NPROG=grid[0],
-            num_warps=v2.warps if chunked else self._warps(), HC=min(v2.crecv_chunk, next_pow2(H)) if chunked else 0,
-        )  # fmt: skip
-        return ll_combine_recv_kernel, grid, args, kw
+        kw = dict(kw, E=cfg.num_experts, E_LOCAL=self.num_local_experts, NPROG=nprog)
+        return ll_combine_recv_kernel, (nprog,), args, kw
 
     def _compile_all(self) -> None:
         """Compile (no launch) every kernel variant this buffer launches, then one barrier of
@@ -614,7 +627,7 @@ class LowLatencyBuffer:
         self._launch(*self._dsend_args(x, ids, wts), warmup=True)
         self._launch(*self._drecv_args(out), warmup=True)
         self._launch(*self._csend_args(eo, out.handle), warmup=True)
-        self._launch(*self._crecv_args(y, ids, wts), warmup=True)
+        self._launch(*self._crecv_args(y, ids), warmup=True)
         if self.backend == "nvlink":
             self.mem.barrier()
             if dev.type == "cuda":
@@ -634,11 +647,11 @@ class LowLatencyBuffer:
             sets = self._out_sets = [self._new_out_set() for _ in range(2)]
         t = sets[(self._calls + 1) % 2]
         handle = LowLatencyHandle(
-            src_rank=t["src_rank"], src_slot=t["src_slot"], masked_m=t["masked_m"],
-            topk_ids=None, topk_weights=None, call=0,  # type: ignore[arg-type]
+            src_rank=t["src_rank"], src_slot=t["src_slot"], masked_m=t["masked_m"], row_weights=t["row_weights"],
+            token_rows=t["token_rows"], source_tokens=t["source_tokens"], topk_ids=None, topk_weights=None, call=0,  # type: ignore[arg-type]
         )  # fmt: skip
         return LowLatencyDispatchOutput(
-            x=t["x"], scales=t["scales"], global_scale=t["gs"], masked_m=t["masked_m"], topk_weights=t["w"], handle=handle
+            x=t["x"], scales=t["scales"], global_scale=t["gs"], masked_m=t["masked_m"], topk_weights=t["row_weights"], handle=handle
         )
 
     def _out_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
@@ -659,9 +672,12 @@ class LowLatencyBuffer:
             x, scales, gs = ((EL, MM, H), f8), ((EL, MM, H // 128), f32), None
         else:
             x, scales, gs = ((EL, MM, H), torch.bfloat16), None, None
+        R, TMAX = self.world_size, cfg.max_tokens_per_rank
         self._specs = dict(
             x=x, scales=scales, gs=gs, masked_m=((EL,), i32), src_rank=((EL, MM), i32), src_slot=((EL, MM), i32),
-            w=((EL, MM), f32), y=((cfg.max_tokens_per_rank, H), torch.bfloat16),
+            row_weights=((EL, MM), f32), token_rows=((R * TMAX * cfg.num_topk,), torch.int64),
+            source_tokens=((R,), i32),
+            y=((TMAX, H), torch.bfloat16),
         )  # fmt: skip
         return self._specs
 
@@ -694,7 +710,8 @@ class LowLatencyBuffer:
         h = out.handle
         self._check_out_set("dispatch_recv", dict(
             x=out.x, scales=out.scales, gs=out.global_scale, masked_m=out.masked_m, src_rank=h.src_rank,
-            src_slot=h.src_slot, w=out.topk_weights,
+            src_slot=h.src_slot, row_weights=out.topk_weights, token_rows=h.token_rows,
+            source_tokens=h.source_tokens,
         ))  # fmt: skip
         self._launch(*self._drecv_args(out))
         self._phase = "dispatched"
@@ -707,8 +724,12 @@ class LowLatencyBuffer:
         self, expert_out: torch.Tensor, handle: LowLatencyHandle, *, async_finish: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """``expert_out`` BF16 ``[E_local, max_m, H]`` (rows ``< masked_m[e]`` are read) ->
-        BF16 ``[T, H]``: ``y[t] = sum_k w[t, k] * expert_out[row of (t, k)]`` (FP32, k ascending;
-        tokens with every id ``-1`` get zeros). ``async_finish=True``: ``(y, hook)``, see
+        BF16 ``[T, H]``: ``y[t] = sum_k w[t, k] * expert_out[row of (t, k)]``. Rounding order
+        (that of :meth:`fp4comm.ep.EPBuffer.combine`): on each expert rank, FP32 ``acc = acc +
+        w_k * float(out)`` over the token's pairs there, ``k`` ascending (no FMA), rounded
+        once to BF16 (and quantized per row for an fp8 / nvfp4 ``combine_payload``); on the
+        source, FP32 ``acc = acc + float(partial_r)`` over ranks ascending, rounded once to
+        BF16. Tokens with every id ``-1`` get zeros. ``async_finish=True``: ``(y, hook)``, see
         :meth:`dispatch`."""
         y = self.combine_send(expert_out, handle)
         if async_finish:
@@ -728,7 +749,9 @@ class LowLatencyBuffer:
         H, EL, MM = cfg.hidden, self.num_local_experts, self.max_m
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(EL, MM, H), device=self.device, contiguous=True)
         h = handle
-        self._check_out_set("handle", dict(masked_m=h.masked_m, src_rank=h.src_rank, src_slot=h.src_slot))
+        self._check_out_set("handle", dict(
+            row_weights=h.row_weights, token_rows=h.token_rows, source_tokens=h.source_tokens,
+        ))  # fmt: skip
         self._launch(*self._csend_args(expert_out, handle))
         if self.backend == "torch":
             self._a2a(self._stage["crecv"], self._stage["csend"])
@@ -742,7 +765,7 @@ class LowLatencyBuffer:
         self._check_alive()
         if self._phase != "combine_sent":
             raise RuntimeError(f"combine_recv: call it once, after combine_send (state {self._phase!r})")
-        self._launch(*self._crecv_args(y, handle.topk_ids, handle.topk_weights))
+        self._launch(*self._crecv_args(y, handle.topk_ids))
         self._phase = "idle"
         if self.sync_check and not self._capturing():
             self.check()
