@@ -374,7 +374,8 @@ class LowLatencyBuffer:
         self._epoch = torch.zeros(4, dtype=i64, device=dev)
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
-        # v2 dispatch send: rows stored per global expert this call (reset by the completer)
+        # dispatch send: pairs routed to each global expert this call (v1: counted by every
+        # program, read and reset by the last; v2: rows stored, reset by the expert's completer)
         ndone = max(next_pow2(cfg.num_experts + 1), 32 * self._warps())
         self._done = torch.zeros(ndone, dtype=torch.int32, device=dev)
         self._v2 = _v2_launch() if cfg.variant == "v2" else None
@@ -506,7 +507,7 @@ class LowLatencyBuffer:
         xin = x.view(torch.int64) if cfg.payload == "bf16" else x
         counter = self._counter[0:1] if v2 is None else self._done
         args = (
-            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, counter, self._status,
+            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, counter, self._done, self._status,
             geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
         )  # fmt: skip
         # v2: at least one expert lane a thread, so the per-lane atomic results (who completes
