@@ -203,25 +203,6 @@ def _load_row_f32(
     return v
 
 
-@triton.jit
-def _expert_counts(ids_ptr, T, K, E, before, EP: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
-    """Per-expert counts of the ids in ``[0, E)`` among ``ids [T * K]`` (one pass, ``CHUNK`` at a
-    time) and, with ``BEFORE``, among the first ``before`` of them (else zeros) -> ``[EP]`` x 2."""
-    tot = tl.zeros([EP], dtype=tl.int32)
-    run = tl.zeros([EP], dtype=tl.int32)
-    c = 0
-    while c < T * K:
-        offs = c + tl.arange(0, CHUNK)
-        v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-1)
-        ok = (v >= 0) & (v < E) & (offs < T * K)
-        tot += tl.histogram(tl.where(ok, v, 0), EP, mask=ok)
-        if BEFORE:
-            okp = ok & (offs < before)
-            run += tl.histogram(tl.where(okp, v, 0), EP, mask=okp)
-        c += CHUNK
-    return tot, run
-
-
 # ----------------------------------------------------------------------------- low latency: dispatch
 @triton.jit
 def _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K: tl.constexpr, E: tl.constexpr):
@@ -245,8 +226,7 @@ def _store_token_rows(
 ):  # fmt: skip
     """Store token ``t``'s encoded row into slot ``pos[k]`` of expert ``ids[k]`` (on its owner)
     for every routed ``k``, all ``K`` rows with one store a section (:func:`_store_rows`); a
-    position ``>= TMAX`` is dropped and reported (``ST_OVERFLOW``: 1 + its local expert).
-    Returns the mask of the rows stored."""
+    position ``>= TMAX`` is dropped and reported (``ST_OVERFLOW``: 1 + its local expert)."""
     routed = ids >= 0  # lanes past K and unrouted / bad ids hold -1
     over = routed & (pos >= TMAX)
     if tl.sum(over.to(tl.int32), axis=0) > 0:
@@ -263,7 +243,6 @@ def _store_token_rows(
     fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
     tl.store(fp[:, None] + kk[None, :], wts[None, :] + tl.zeros_like(kk).to(tl.float32)[:, None], mask=lanes)
     tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), (t * K + kk).to(tl.int32), mask=ok)
-    return ok
 
 
 @triton.jit
@@ -286,8 +265,8 @@ def ll_dispatch_send_kernel(
     flags_table,  # [R] int64: base address of rank d's int64 flags
     epoch_ptr,  # [4] int64 local: [0] last finished dispatch (written by recv), [1] in flight
     sink_ptr,  # int64 local scratch: masked-off flag stores land here (GPU)
-    counter_ptr,  # int32 local arrival counter (v1) / [EP] int32 per-expert row counters (v2)
-    hist_ptr,  # v1: [EP] int32 local per-expert pair counts of this call (zero between calls)
+    counter_ptr,  # int32 local arrival counter
+    hist_ptr,  # [EP] int32 local per-expert pair counts of this call (zero between calls)
     status_ptr,  # [4] int32 local
     SRC_SLOT,  # this rank's index along the slots' source axis
     SLOT_B,
@@ -314,108 +293,61 @@ def ll_dispatch_send_kernel(
     CHUNK: tl.constexpr,
     GPU: tl.constexpr,  # compiled for a GPU (inline PTX fences), False under the interpreter
     NPROG,  # grid size (tl.num_programs is not a scalar under the interpreter)
-    EARLY_FLAGS: tl.constexpr = False,  # v2 (see below)
 ):
     """Quantize each token row once and store it into the slot of each of its top-k experts
     on the owning rank, then publish ``(seq << 32) | (T << 16) | count`` for every (expert,
     this source).
 
-    v1 (``EARLY_FLAGS=False``): programs stride over tokens; the position of ``(t, k)`` is a
-    scan of every earlier id; each program adds its tokens' pairs to per-expert counters
-    (``hist_ptr``, atomics); the last program to arrive takes the counts (resetting them)
-    and publishes all flags.
-
-    v2 (``EARLY_FLAGS=True``): program ``p`` owns the contiguous tokens
-    ``[p * TPB, (p + 1) * TPB)``. One pass over the ids gives per-expert totals and the
-    counts before its block (two histograms), positions follow from a running per-expert
-    count (the same row-major order as v1, so the same slots). After its stores (one
-    fence) each program adds its per-expert row counts to local counters
-    (``counter_ptr[e]``, acq_rel); the program that completes expert ``e`` publishes its
-    flag and resets the counter. Program 0 publishes the experts nobody routes to. No
-    program waits for another."""
+    Programs stride over tokens; the position of ``(t, k)`` is a scan of every earlier id;
+    each program adds its tokens' pairs to per-expert counters (``hist_ptr``, atomics); the
+    last program to arrive takes the counts (resetting them) and publishes all flags.
+    (A variant that published each expert's flag from whichever program completed it, with
+    positions from per-program histograms of all ids, lost at every size once these counts
+    came from atomics: EP2 2x H200, dispatch 26 -> 18 us at 1 token, 34 -> 27 at 128,
+    98 -> 55 at 512.)"""
     pid = tl.program_id(0)
     nprog = NPROG
     seq = tl.load(epoch_ptr) + 1
     b = seq % NBUF
     kk = tl.arange(0, KP)
     XROW: tl.constexpr = H // 4 if PAYLOAD == 2 else H  # x elements (int64 words for bf16) a token
-    if EARLY_FLAGS:
+    t = pid
+    while t < T:
+        t64 = t.to(tl.int64)
+        pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
+        ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
+        # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
+        flat = t64 * K + kk
+        pos = tl.zeros([KP], dtype=tl.int32)
+        c = 0
+        while c < t * K + K:
+            offs = c + tl.arange(0, CHUNK)
+            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
+            hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
+            pos += tl.sum(hit.to(tl.int32), axis=1)
+            c += CHUNK
+        _store_token_rows(
+            epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
+            SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+            H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
+        )  # fmt: skip
+        tl.atomic_add(hist_ptr + tl.where(ids >= 0, ids, 0), 1, mask=ids >= 0, sem="relaxed", scope="gpu")
+        t += nprog
+    if arrive_last(counter_ptr, nprog, GPU):
+        # counts per global expert (read and reset at L2: every program's adds came before
+        # its arrival), then one flag per (expert, this source) on its owner. (Built by
+        # this program alone from the ids instead: EP2 2x H200, T = 512, 22 us of the
+        # send kernel's 58.)
         ex = tl.arange(0, EP)
-        tpb = (T + nprog - 1) // nprog
-        t_lo = pid * tpb
-        t_hi = tl.minimum(t_lo + tpb, T)
-        # run: pairs routed to e before the next token
-        tot, run = _expert_counts(ids_ptr, T, K, E, t_lo * K, EP, CHUNK, True)
+        cnt = tl.atomic_xchg(hist_ptr + ex, 0, mask=ex < E, sem="relaxed", scope="gpu")
+        cnt = tl.minimum(tl.where(ex < E, cnt, 0), TMAX)
         fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
-        head = (seq.to(tl.int64) << 32) | (tl.cast(T, tl.int64) << 16)
-        if pid == 0:  # experts this source routes nothing to: no rows to order before the flag
-            zero = tl.zeros([EP], tl.int64) + head
-            flag_store_release(fptr, zero, (ex < E) & (tot == 0), sink_ptr, GPU)
-            tl.store(epoch_ptr + 1, seq)
-        mine = run
-        t = t_lo
-        while t < t_hi:
-            t64 = t.to(tl.int64)
-            pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
-            ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
-            hit = ids[:, None] == ex[None, :]  # [KP, EP]; -1 matches nothing
-            dup = (ids[:, None] == ids[None, :]) & (kk[None, :] < kk[:, None])
-            pos = tl.sum(tl.where(hit, run[None, :], 0), axis=1) + tl.sum(dup.to(tl.int32), axis=1)
-            _store_token_rows(
-                epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
-                SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
-                H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
-            )  # fmt: skip
-            run += tl.sum(hit.to(tl.int32), axis=0)
-            t += 1
-        mine = run - mine
-        has = mine > 0
-        fence_sys(GPU)
-        tl.debug_barrier()
-        old = tl.atomic_add(counter_ptr + ex, mine, mask=has, sem="acq_rel", scope="sys")
-        full = has & (old + mine == tot)
-        tl.atomic_xchg(counter_ptr + ex, 0, mask=full, sem="relaxed", scope="gpu")
-        val = head | tl.minimum(tot, TMAX).to(tl.int64)
-        flag_store_release(fptr, val, full, sink_ptr, GPU, RELAXED=True)  # barrier, one fence a thread, stores
-    else:
-        t = pid
-        while t < T:
-            t64 = t.to(tl.int64)
-            pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
-            ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
-            # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
-            flat = t64 * K + kk
-            pos = tl.zeros([KP], dtype=tl.int32)
-            c = 0
-            while c < t * K + K:
-                offs = c + tl.arange(0, CHUNK)
-                v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
-                hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
-                pos += tl.sum(hit.to(tl.int32), axis=1)
-                c += CHUNK
-            _store_token_rows(
-                epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
-                SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
-                H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
-            )  # fmt: skip
-            tl.atomic_add(hist_ptr + tl.where(ids >= 0, ids, 0), 1, mask=ids >= 0, sem="relaxed", scope="gpu")
-            t += nprog
-        if arrive_last(counter_ptr, nprog, GPU):
-            # counts per global expert (read and reset at L2: every program's adds came before
-            # its arrival), then one flag per (expert, this source) on its owner. (Built by
-            # this program alone from the ids instead: EP2 2x H200, T = 512, 22 us of the
-            # send kernel's 58.)
-            ex = tl.arange(0, EP)
-            cnt = tl.atomic_xchg(hist_ptr + ex, 0, mask=ex < E, sem="relaxed", scope="gpu")
-            cnt = tl.minimum(tl.where(ex < E, cnt, 0), TMAX)
-            fptr = _expert_flag_ptrs(flags_table, ex, b, SRC_SLOT, FLAG_B, FLAG_E, FLAG_S, E, E_LOCAL)
-            val = (seq.to(tl.int64) << 32) | (tl.cast(T, tl.int64) << 16) | cnt.to(tl.int64)
-            # one fence a thread for its flags, then relaxed stores (RELAXED), not a
-            # release store (a fence) per flag: EP4 4x H200, CUDA graph, v1 / v2 dispatch at
-            # 128 tok 41.6 -> 39.4-39.9 / 44.0 -> 40.0-40.3 us, at 512 tok 103.9 -> 101.5-101.8
-            # / 93.8 -> 90.2-90.6 us
-            flag_store_release(fptr, val, ex < E, sink_ptr, GPU, RELAXED=True)
-            tl.store(epoch_ptr + 1, seq)
+        val = (seq.to(tl.int64) << 32) | (tl.cast(T, tl.int64) << 16) | cnt.to(tl.int64)
+        # one fence a thread for its flags, then relaxed stores (RELAXED), not a
+        # release store (a fence) per flag: EP4 4x H200, CUDA graph, the session-7 kernels'
+        # dispatch at 128 tok 41.6 -> 39.4-39.9 us, at 512 tok 103.9 -> 101.5-101.8 us
+        flag_store_release(fptr, val, ex < E, sink_ptr, GPU, RELAXED=True)
+        tl.store(epoch_ptr + 1, seq)
 
 
 @triton.jit

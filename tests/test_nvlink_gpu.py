@@ -222,7 +222,7 @@ def _ll_cuda_graph_and_cycles(pg, variant):
     e_buf.check()
     assert e_buf._epoch.tolist() == [1003] * 4  # 3 checks + 1000 cycles
     assert int(e_buf._counter.abs().sum()) == 0
-    assert int(e_buf._done.abs().sum()) == 0  # v2 per-expert row counters reset themselves
+    assert int(e_buf._hist.abs().sum()) == 0  # per-expert pair counts reset themselves
     leak = torch.cuda.memory_allocated() - (before or 0)
     assert leak < (64 << 20), leak
     _teardown(mem, g_buf, e_buf)

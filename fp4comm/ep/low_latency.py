@@ -77,12 +77,11 @@ DEFAULT_TIMEOUT_S = 60.0  # GPU: a peer silent this long is reported (TimeoutErr
 DEFAULT_TIMEOUT_SPINS = 1 << 24  # interpreter on a live multi-process group
 EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
 _INT32_MAX = (1 << 31) - 1
-#: kernel variants of :class:`LowLatencyConfig` (``variant``); equal results, different speed.
-#: 4x H200, EP4, H = 7168, top-8, 256 experts, NVFP4 dispatch / BF16 combine, CUDA-graph
-#: replays (us, v1 -> v2), two runs: dispatch 1 tok 22.6-22.8 -> 28.1-28.2, 128 tok 41.7-42.3
-#: -> 43.9-44.5, 512 tok 104.5-105.3 -> 94.9-95.1; combine 1 tok 17.9-18.3 -> 16.6-16.7, 128
-#: tok 66.6-66.9 -> 61.1-63.6, 512 tok 235.5-238.8 -> 250.0-251.8. Neither wins everywhere:
-#: v1 stays the default, v2 is the choice for 512-token dispatches.
+#: dispatch receive variants of :class:`LowLatencyConfig` (``variant``); equal results,
+#: different speed; the send and the combine are the same kernels. EP2 2x H200, H = 7168,
+#: top-8, 256 experts, NVFP4, CUDA-graph replays, dispatch v1 -> v2 (us): 1 tok 25.3 -> 17.6,
+#: 32 tok 21.1 -> 19.5, 128 tok 27.4 -> 26.5, 256 tok 40.6 -> 36.6, 512 tok 62.1 -> 54.6. v2
+#: is the default.
 VARIANTS = ("v1", "v2")
 #: largest ``max_tokens_per_rank``: dispatch flags carry token and row counts in 16 bits each
 MAX_TOKENS_LIMIT = (1 << 16) - 1
@@ -96,7 +95,6 @@ class _V2Launch:
     warps: int
     split_max: int  # programs per local expert (receive / combine send), at most
     recv_words: int  # payload words (int64, padded) a receive program copies at once
-    chunk: int  # ids a step of the dispatch send's histogram pass
 
 
 def _v2_launch() -> _V2Launch:
@@ -109,10 +107,8 @@ def _v2_launch() -> _V2Launch:
       4 warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
       ptxas at H = 7168: 56 / 64 registers, no spills), so the grid never exceeds what the
       GPU runs at once (the receive programs spin on flags).
-    * ``chunk`` = 1024 ids: the send kernel's histogram pass takes <= 4 dependent steps at
-      T * K = 4096 (v1's per-token scan with 256 took up to 16).
     """
-    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048, chunk=1024)
+    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048)
 
 
 #: combine (both variants): bf16-wire work items of this many hidden elements (7 an item
@@ -139,11 +135,9 @@ class LowLatencyConfig:
             :meth:`LowLatencyBuffer.check` raises ``TimeoutError`` (``None``: 60).
         timeout_spins: interpreter (CPU): flag reads before a wait gives up (``None``: a
             default by device).
-        variant: dispatch kernel variant, the same bits either way (see :data:`VARIANTS`):
-            ``"v1"`` (default, the H200-measured one) or ``"v2"`` (per-expert flags published
-            by whichever program completes the expert, no serial tail; receive copies
-            pipelined per source with several rows in flight; see :func:`_v2_launch`).
-            Combine is the same for both.
+        variant: dispatch receive variant, the same bits either way (see :data:`VARIANTS`):
+            ``"v2"`` (default: copies pipelined per source, several rows in flight, 4-warp
+            programs; see :func:`_v2_launch`) or ``"v1"`` (all flags first, one row at a time).
     """
 
     hidden: int
@@ -155,7 +149,7 @@ class LowLatencyConfig:
     combine_payload: str = "bf16"
     timeout_spins: int | None = None
     timeout_s: float | None = None
-    variant: str = "v1"
+    variant: str = "v2"
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=16)
@@ -374,10 +368,9 @@ class LowLatencyBuffer:
         self._epoch = torch.zeros(4, dtype=i64, device=dev)
         self._sink = torch.zeros(2, dtype=i64, device=dev)  # masked-off flag stores (GPU)
         self._counter = torch.zeros(2, dtype=torch.int32, device=dev)
-        # dispatch send: pairs routed to each global expert this call (v1: counted by every
-        # program, read and reset by the last; v2: rows stored, reset by the expert's completer)
-        ndone = max(next_pow2(cfg.num_experts + 1), 32 * self._warps())
-        self._done = torch.zeros(ndone, dtype=torch.int32, device=dev)
+        # dispatch send: pairs routed to each global expert this call (counted by every
+        # program, read and reset by the last)
+        self._hist = torch.zeros(next_pow2(cfg.num_experts + 1), dtype=torch.int32, device=dev)
         self._v2 = _v2_launch() if cfg.variant == "v2" else None
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
@@ -499,26 +492,17 @@ class LowLatencyBuffer:
         H, K, E, TMAX, EL = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank, self.num_local_experts
         T = x.shape[0]
         rows_t, flags_t = self._dsend_tables
-        v2 = self._v2
-        nprog = max(1, min(T, 2 * self._num_sms))
-        if v2 is not None and T > 0:  # contiguous token blocks: no program without tokens
-            nprog = cdiv(T, cdiv(T, nprog))
-        grid = (nprog,)
+        grid = (max(1, min(T, 2 * self._num_sms)),)
         xin = x.view(torch.int64) if cfg.payload == "bf16" else x
-        counter = self._counter[0:1] if v2 is None else self._done
         args = (
-            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, counter, self._done, self._status,
+            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, self._counter[0:1], self._hist, self._status,
             geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
         )  # fmt: skip
-        # v2: at least one expert lane a thread, so the per-lane atomic results (who completes
-        # expert e) live in exactly one thread each (no replicated lanes)
-        EP = next_pow2(E + 1) if v2 is None else max(next_pow2(E + 1), 32 * self._warps())
         kw = dict(
-            H=H, K=K, KP=next_pow2(K), E=E, EP=EP, E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=next_pow2(K), E=E, EP=next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
-            CHUNK=256 if v2 is None else v2.chunk, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
-            EARLY_FLAGS=v2 is not None,
+            CHUNK=256, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
