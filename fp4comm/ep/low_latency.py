@@ -13,15 +13,16 @@
 How it works (``kernels/nvlink.py``): the send kernel quantizes each token once and stores
 one message row per ``(token, k)`` straight into the slot region
 ``[buffer parity, local expert, source rank, position]`` of the rank owning the expert;
-the last program publishes one flag ``(seq << 32) | count`` per (expert, source). The
-receive kernel waits for its experts' flags (acquire, bounded spin) and compacts the slots
-into the masked layout ``[E_local, max_m, ...]`` ordered by (source rank, source token),
-so the result is deterministic. ``masked_m`` stays on the device. Combine reduces on the
-expert side first: one partial row per (source token, expert rank), the weighted sum of
-the token's local experts (FP32, ``k`` ascending), into row ``rank * T_max + t`` of the
-source's buffer; the source adds the partials of its ranks (FP32, ranks ascending). That is
-the high-throughput combine's rounding order, and a row per (token, rank) on the wire, not
-per (token, expert): at EP4, top-8 of 256 experts, 3.6 rows a token instead of 8.
+the last program publishes one flag ``(seq << 32) | (T << 16) | count`` per (expert,
+source). The receive kernel waits for its experts' flags (acquire, bounded spin) and
+compacts the slots into the masked layout ``[E_local, max_m, ...]`` ordered by (source
+rank, source token), so the result is deterministic. ``masked_m`` stays on the device.
+Combine reduces on the expert side first: one partial row per (source token, expert rank),
+the weighted sum of the token's local experts (FP32, ``k`` ascending), into row ``rank *
+T_max + t`` of the source's buffer; the source adds the partials of its ranks (FP32, ranks
+ascending). That is the high-throughput combine's rounding order, and a row per (token,
+rank) on the wire, not per (token, expert): at EP4, top-8 of 256 experts, 3.6 rows a
+token instead of 8.
 
 Sequence numbers live in a device tensor (the send kernel reads "last finished + 1", the
 receive kernel advances it), so a captured graph replays correctly, flags never need
@@ -93,7 +94,7 @@ class _V2Launch:
 
     progs_per_sm: int  # grid cap of the copy kernels: programs of `warps` warps an SM
     warps: int
-    split_max: int  # programs per local expert (receive / combine send), at most
+    split_max: int  # programs per local expert of the receive, at most
     recv_words: int  # payload words (int64, padded) a receive program copies at once
 
 
@@ -111,9 +112,14 @@ def _v2_launch() -> _V2Launch:
     return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048)
 
 
-#: combine (both variants): bf16-wire work items of this many hidden elements (7 an item
-#: row at H = 7168; 16 bytes a thread a row at 4 warps); fp8 / nvfp4 wires take whole rows
-COMBINE_CHUNK = 1024
+#: dispatch send: ids a step of the scan that gives each ``(t, k)`` its slot position. EP2 2x
+#: H200, v2, CUDA graph, dispatch at 1 / 128 / 512 tok (us): 256: 24.0-25.0 / 26.5-26.6 /
+#: 56.7-56.9; 512: 16.2 / 26.5 / 56.4; 1024: 16.3 / 27.5 / 56.5 (125 registers)
+SEND_SCAN_CHUNK = 512
+#: combine: bf16-wire work items of this many hidden elements (4 an item row at H = 7168,
+#: 32 bytes a thread a row at 4 warps, 126 registers); fp8 / nvfp4 wires take whole rows.
+#: EP2 2x H200, CUDA graph, combine at 128 / 512 tok: 1024: 24.7 / 61.5 us; 2048: 23.9 / 58.4
+COMBINE_CHUNK = 2048
 #: combine grids: persistent programs an SM (4-warp programs on the bf16 wire, co-resident)
 COMBINE_PROGS_PER_SM = 4
 
@@ -187,8 +193,8 @@ class LowLatencyHandle:
             was laid out at row ``m`` of local expert ``e`` by the dispatch of that sequence
             number (entries of older dispatches are ignored).
         source_tokens: ``[R]`` int32, tokens each source dispatched.
-        topk_ids: ``[T, K]`` int32, this rank's routing of the dispatch (source side).
-        topk_weights: ``[T, K]`` float32.
+        topk_ids: ``[T, K]`` int32, this rank's routing of the dispatch (source side: combine
+            adds the partials of the ranks these ids point to).
         call: index of the dispatch on this buffer (a stale handle is refused).
     """
 
@@ -199,7 +205,6 @@ class LowLatencyHandle:
     token_rows: torch.Tensor
     source_tokens: torch.Tensor
     topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
     call: int
 
 
@@ -471,7 +476,7 @@ class LowLatencyBuffer:
         if self.backend == "torch":
             self._a2a(self._stage["drecv"], self._stage["dsend"])
             self._a2a(self._stage["dfrecv"], self._stage["dfsend"])
-        out.handle.topk_ids, out.handle.topk_weights = ids, wts
+        out.handle.topk_ids = ids
         self._calls += 1
         out.handle.call = self._calls
         self._phase = "dispatch_sent"
@@ -502,12 +507,12 @@ class LowLatencyBuffer:
             H=H, K=K, KP=next_pow2(K), E=E, EP=next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
-            CHUNK=256, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+            CHUNK=SEND_SCAN_CHUNK, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
     def _split(self, v2: _V2Launch | None) -> int:
-        """Programs per local expert of the receive / combine-send grids ``(E_local, split)``
+        """Programs per local expert of the receive grid ``(E_local, split)``
         (``v2``: its 4-warp programs, several an SM; ``None``: v1's)."""
         EL = self.num_local_experts
         if v2 is None:
@@ -633,7 +638,7 @@ class LowLatencyBuffer:
         t = sets[(self._calls + 1) % 2]
         handle = LowLatencyHandle(
             src_rank=t["src_rank"], src_slot=t["src_slot"], masked_m=t["masked_m"], row_weights=t["row_weights"],
-            token_rows=t["token_rows"], source_tokens=t["source_tokens"], topk_ids=None, topk_weights=None, call=0,  # type: ignore[arg-type]
+            token_rows=t["token_rows"], source_tokens=t["source_tokens"], topk_ids=None, call=0,  # type: ignore[arg-type]
         )  # fmt: skip
         return LowLatencyDispatchOutput(
             x=t["x"], scales=t["scales"], global_scale=t["gs"], masked_m=t["masked_m"], topk_weights=t["row_weights"], handle=handle
