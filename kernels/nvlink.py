@@ -119,38 +119,15 @@ def _encode_row(x_ptr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr)
 
 
 @triton.jit
-def _store_row(
-    anchor, row_addr, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
-):
-    """Store payload + scales (+ gs at ``SCALE_OFF`` + scale bytes rounded to 16 for nvfp4,
-    i.e. the message's ``gs_offset``) of one row at byte address ``row_addr`` (int64);
-    ``anchor``: see :func:`_row_words`."""
-    wp = _row_words(anchor, row_addr)
-    blk = tl.arange(0, NB)
-    if PAYLOAD == 0:
-        KSF: tl.constexpr = H // 16
-        tl.store(wp + blk, pw, mask=blk < KSF)
-        sblk = tl.arange(0, NB // 8)
-        tl.store(wp + SCALE_OFF // 8 + sblk, sw, mask=sblk < (KSF + 7) // 8)
-        GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
-        tl.store((row_addr + GS_OFF).to(tl.pointer_type(tl.float32)), gs)
-    elif PAYLOAD == 1:
-        NBLK: tl.constexpr = H // 128
-        tl.store(wp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], pw, mask=(blk < NBLK)[:, None])
-        tl.store((row_addr + SCALE_OFF).to(tl.pointer_type(tl.int32)) + blk, sw, mask=blk < NBLK)
-    else:
-        w = tl.arange(0, NB * 4)
-        tl.store(wp + w, pw, mask=w < H // 4)
-
-
-@triton.jit
 def _store_rows(
     anchor, row_addr, ok, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     SCALE_OFF: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_store_row` of one encoded token into several rows at once: ``row_addr`` a
-    vector of byte addresses, ``ok`` which of them to write; one store instruction per
-    section for all rows (no per-row branch or scalar extraction)."""
+    """Store payload + scales (+ gs at ``SCALE_OFF`` + scale bytes rounded to 16 for nvfp4,
+    i.e. the message's ``gs_offset``) of one encoded token into several rows at once:
+    ``row_addr`` a vector of byte addresses (int64), ``ok`` which of them to write; one store
+    instruction per section for all rows (no per-row branch or scalar extraction).
+    ``anchor``: see :func:`_row_words`."""
     wp = _row_words(anchor, row_addr)[:, None]
     okc = ok[:, None]
     blk = tl.arange(0, NB)
@@ -170,6 +147,15 @@ def _store_rows(
     else:
         w = tl.arange(0, NB * 4)
         tl.store(wp + w[None, :], pw[None, :], mask=okc & (w < H // 4)[None, :])
+
+
+@triton.jit
+def _store_row(
+    anchor, row_addr, pw, sw, gs, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
+):
+    """:func:`_store_rows` into the one row at byte address ``row_addr``."""
+    one = tl.full([1], 1, tl.int1)
+    _store_rows(anchor, row_addr + tl.zeros([1], tl.int64), one, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
 
 
 @triton.jit
