@@ -837,7 +837,7 @@ def test_gpu_decode_variants(fmt):
     variants = mod.decode_variants(32, 8, 128, "fp8", True) + mod.decode_variants(32, 8, 128, "fp8", False)
     assert variants
     for name, tiles, splits in variants:
-        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits, stage_kv=stage), want, what=f"{fmt} {name}")
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
 
 
 @pytest.mark.gpu
@@ -854,7 +854,7 @@ def test_gpu_prefill_variants():
                          seed=42, q_fp8=q_fp8)
             cases[fmt, q_fp8, bs] = case, reference(case)
         case, want = cases[fmt, q_fp8, bs]
-        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits), want, what=f"{fmt} {name}")
+        assert_close_to_ref(run(case, tiles=tiles, num_kv_splits=splits, stage_kv=stage), want, what=f"{fmt} {name}")
 
 
 @pytest.mark.gpu
