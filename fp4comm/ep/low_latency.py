@@ -120,8 +120,11 @@ SEND_SCAN_CHUNK = 512
 #: 32 bytes a thread a row at 4 warps, 126 registers); fp8 / nvfp4 wires take whole rows.
 #: EP2 2x H200, CUDA graph, combine at 128 / 512 tok: 1024: 24.7 / 61.5 us; 2048: 23.9 / 58.4
 COMBINE_CHUNK = 2048
-#: combine grids: persistent programs an SM (4-warp programs on the bf16 wire, co-resident)
-COMBINE_PROGS_PER_SM = 4
+#: combine grids: warps an SM (4 programs of 4 warps on the bf16 wire, 2 of 8 on the
+#: quantized wires), so the receive half's grid, which spins on flags, is co-resident while
+#: a thread holds <= 128 registers (sm_90 ptxas, H = 7168: 32 / 80 / 126 on the bf16 / fp8 /
+#: nvfp4 wires; 4 programs of 8 warps an SM, as before this, left a third / half waiting)
+COMBINE_WARPS_PER_SM = 16
 
 
 @dataclass(frozen=True)
@@ -558,18 +561,19 @@ class LowLatencyBuffer:
     def _combine_grid(self, items: int) -> tuple[dict, int]:
         """``(kw, grid)`` shared by the combine halves: the bf16 wire in ``COMBINE_CHUNK``
         items of 4-warp programs, quantized wires in whole rows of :meth:`_warps` programs;
-        at most ``COMBINE_PROGS_PER_SM`` programs an SM, at most ``items`` (at least 1)."""
+        at most ``COMBINE_WARPS_PER_SM`` warps an SM, at most ``items`` (at least 1)."""
         cfg = self.config
         bf16 = cfg.combine_payload == "bf16"
+        warps = 4 if bf16 else self._warps()
         hc = min(COMBINE_CHUNK, next_pow2(cfg.hidden))
         kw = dict(
             H=cfg.hidden, K=cfg.num_topk, KP=next_pow2(cfg.num_topk), R=self.world_size,
             RP=next_pow2(self.world_size), NBUF=self.nbuf, CPAYLOAD=PAYLOAD_CODE[cfg.combine_payload],
             NB=self._nb(cfg.combine_payload), CROW_BYTES=self.crow_bytes, CSCALE_OFF=self.clayout.scale_offset,
-            GPU=self._gpu, HC=hc, num_warps=4 if bf16 else self._warps(), enable_fp_fusion=False,
+            GPU=self._gpu, HC=hc, num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
         per_item = cdiv(cfg.hidden, hc) if bf16 else 1
-        return kw, max(1, min(items * per_item, self._num_sms * COMBINE_PROGS_PER_SM))
+        return kw, max(1, min(items * per_item, self._num_sms * max(1, COMBINE_WARPS_PER_SM // warps)))
 
     def _csend_args(self, expert_out, handle):
         from ..kernels.nvlink import ll_combine_send_kernel
