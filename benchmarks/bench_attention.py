@@ -290,10 +290,7 @@ def run_prefill(dev, smoke, L, Hq, Hkv, D, bs, tune=False):
             rows.append(dict(section="prefill", name="sdpa (dense, causal)", format="bf16", batch=1, context=L,
                              us=sdpa_us, tflops=flops / sdpa_us / 1e6))
             del k, v
-        t = tiles or attention_tiles(D, Hq // Hkv, L, fmt, page)
-        staged = paged.stages_kv(stage, paged.runs_fa(t, splits) and t.fa_tma, fmt, page, bt.shape[1], L, 1, Hq, Hkv, D)
-        if staged and tiles is None:
-            t = attention_tiles(D, Hq // Hkv, L, fmt, paged.STAGE_PAGE)
+        t, staged = paged.launch_tiles(tiles, splits, stage, fmt, page, bt.shape[1], L, 1, Hq, Hkv, D, L)
         kv_page = paged.STAGE_PAGE if staged else page
         rows.append(dict(section=section, name="paged_attention" + suffix, format=fmt,
                          batch=1, context=L, us=us, tflops=flops / us / 1e6, speedup_vs_sdpa=sdpa_us / us,

@@ -40,7 +40,7 @@ from .common import (
     to_bf16_rne,
     unpack_pairs,
 )
-from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _store_row
+from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _rows_acc, _store_row
 from .sync import arrive_last
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
@@ -681,12 +681,7 @@ def _expert_acc(
     if V2:
         kk = tl.arange(0, KP)
         slots = tl.load(slot_map_ptr + n * K + kk, mask=kk < K, other=-1)
-        for k in tl.static_range(K):
-            slot = pick(slots, kk, k)
-            hit = slot >= 0
-            w = tl.load(sw_ptr + slot, mask=hit, other=0.0)
-            v = tl.load(eo_ptr + slot.to(tl.int64) * H + offs, mask=om & hit, other=0.0).to(tl.float32)
-            acc = tl.where(hit, acc + w * v, acc)
+        acc = _rows_acc(eo_ptr, sw_ptr, slots, kk, offs, om, acc, H, K)
     else:
         for k in tl.static_range(K):
             slot = tl.load(slot_map_ptr + n * K + k)

@@ -519,17 +519,18 @@ def ll_dispatch_recv_kernel(
 
 # ----------------------------------------------------------------------------- low latency: combine
 @triton.jit
-def _partial_acc(y_ptr, w_ptr, rows, hit, kk, offs, om, acc, H: tl.constexpr, K: tl.constexpr):
-    """FP32 ``acc = acc + w[row_k] * float(y[row_k])`` over the ``k`` ascending with
-    ``hit[k]`` (``offs`` the tile's columns, ``om`` their mask). Every ``k``'s loads are issued
-    (masked) before the first sum; a missing ``k`` is skipped by a select, so the sum is that
-    of the branches-only loop bit for bit."""
+def _rows_acc(y_ptr, w_ptr, rows, kk, offs, om, acc, H: tl.constexpr, K: tl.constexpr):
+    """FP32 ``acc = acc + w[row_k] * float(y[row_k])`` over ``k`` ascending, skipping the
+    lanes of ``rows`` (``[KP]``, ``kk`` its ``tl.arange``) that hold -1 (``offs``: the tile's
+    columns, ``om`` their mask). Every ``k``'s loads are issued (masked) before the first
+    sum; a missing ``k`` is skipped by a select, so the sum is that of the branches-only
+    loop bit for bit. Both combines' expert sides (here and ``dispatch.py``)."""
     for k in tl.static_range(K):
-        h = pick(hit.to(tl.int32), kk, k) > 0
         row = pick(rows, kk, k)
-        w = tl.load(w_ptr + row, mask=h, other=0.0)
-        v = tl.load(y_ptr + row * H + offs, mask=om & h, other=0.0).to(tl.float32)
-        acc = tl.where(h, acc + w * v, acc)
+        hit = row >= 0
+        w = tl.load(w_ptr + row, mask=hit, other=0.0)
+        v = tl.load(y_ptr + row.to(tl.int64) * H + offs, mask=om & hit, other=0.0).to(tl.float32)
+        acc = tl.where(hit, acc + w * v, acc)
     return acc
 
 
@@ -593,12 +594,12 @@ def ll_combine_send_kernel(
         ents = tl.load(tok_ptr + s.to(tl.int64) * TOKS + t * K + kk, mask=kk < K, other=0)
         hit = (ents >> 32) == dseq
         if tl.sum(hit.to(tl.int32), axis=0) > 0:
-            rows = ents & 0xFFFFFFFF
+            rows = tl.where(hit, ents & 0xFFFFFFFF, -1)
             row_addr = tl.load(rows_table + s) + (b * CB + SRC_SLOT * CS + t).to(tl.int64) * CROW_BYTES
             if CPAYLOAD == 2:
                 h = (local % NCH) * HC + tl.arange(0, HC)
                 hm = h < H
-                acc = _partial_acc(y_ptr, w_ptr, rows, hit, kk, h, hm, tl.zeros([HC], tl.float32), H, K)
+                acc = _rows_acc(y_ptr, w_ptr, rows, kk, h, hm, tl.zeros([HC], tl.float32), H, K)
                 dst = _row_words(epoch_ptr, row_addr).to(tl.pointer_type(tl.bfloat16))
                 tl.store(dst + h, to_bf16_rne(acc), mask=hm)
             else:
@@ -606,7 +607,7 @@ def ll_combine_send_kernel(
                 blk = tl.arange(0, NB)
                 offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
                 om = (blk < H // BS)[:, None]
-                acc = _partial_acc(y_ptr, w_ptr, rows, hit, kk, offs, om, tl.zeros([NB, BS], tl.float32), H, K)
+                acc = _rows_acc(y_ptr, w_ptr, rows, kk, offs, om, tl.zeros([NB, BS], tl.float32), H, K)
                 pw, sw, gs = _encode_tile(to_bf16_rne(acc).to(tl.float32), H, CPAYLOAD, NB)
                 _store_row(epoch_ptr, row_addr, pw, sw, gs, H, CPAYLOAD, NB, CSCALE_OFF)
         item += nprog

@@ -492,6 +492,23 @@ def stages_kv(stage_kv: bool | None, fa_tma: bool, kv_format: str, block_size: i
             and 2 * slots * num_kv_heads * head_dim * 2 <= STAGE_MAX_BYTES)  # bf16: 2 bytes a value
 
 
+def launch_tiles(tiles: AttentionTiles | None, num_kv_splits: int | None, stage_kv: bool | None, kv_format: str,
+                 block_size: int, max_blocks: int, T: int, num_seqs: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, max_seqlen_q: int, causal: bool = True,
+                 sliding_window: int | None = None) -> tuple[AttentionTiles, bool]:
+    """``(tiles, staged)`` of a :func:`paged_attention` call: the tiles it launches with
+    (``tiles`` None: :func:`attention_tiles` for the pages the kernel reads, which are
+    :data:`STAGE_PAGE`-key ones when staged) and :func:`stages_kv`'s decision."""
+    auto = tiles is None
+    if auto:
+        tiles = attention_tiles(head_dim, num_heads // num_kv_heads, max_seqlen_q, kv_format, block_size)
+    staged = stages_kv(stage_kv, runs_fa(tiles, num_kv_splits) and tiles.fa_tma, kv_format, block_size, max_blocks,
+                       T, num_seqs, num_heads, num_kv_heads, head_dim, causal, sliding_window)
+    if staged and auto:
+        tiles = attention_tiles(head_dim, num_heads // num_kv_heads, max_seqlen_q, kv_format, STAGE_PAGE)
+    return tiles, staged
+
+
 def stage_kv_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, page: int = STAGE_PAGE):
     """Copy each sequence's pages into fresh caches of ``page``-key pages, one sequence after
     the other: returns ``(k, v, block_table)`` with ``k, v [num_seqs * n, page, num_kv_heads,
@@ -654,20 +671,17 @@ def paged_attention(
 
     from fp4comm.kernels import attention as _k
 
-    auto_tiles = tiles is None
-    if auto_tiles:
-        tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format, bs)
-    elif tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
-        raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
-    if tiles.kernel not in PREFILL_KERNELS:
-        raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
-    fa = runs_fa(tiles, num_kv_splits)
-    if stages_kv(stage_kv, fa and tiles.fa_tma, kv_format, bs, block_table.shape[1], T, S, Hq, Hkv, D, causal,
-                 sliding_window):
+    if tiles is not None:
+        if tiles.block_m < max(16, tiles.group_pad) or tiles.group_pad < Hq // Hkv:
+            raise ValueError(f"tiles: block_m >= 16 and group_pad >= {Hq // Hkv} needed, got {tiles}")
+        if tiles.kernel not in PREFILL_KERNELS:
+            raise ValueError(f"tiles.kernel: must be one of {list(PREFILL_KERNELS)}, got {tiles.kernel!r}")
+    tiles, staged = launch_tiles(tiles, num_kv_splits, stage_kv, kv_format, bs, block_table.shape[1], T, S, Hq, Hkv,
+                                 D, max_seqlen_q, causal, sliding_window)
+    if staged:
         k_cache, v_cache, block_table = stage_kv_pages(k_cache, v_cache, block_table)
         bs = STAGE_PAGE
-        if auto_tiles:
-            tiles = attention_tiles(D, Hq // Hkv, max_seqlen_q, kv_format, bs)
+    fa = runs_fa(tiles, num_kv_splits)
     num_q_tiles = cdiv(max_seqlen_q, tiles.block_q)
     exact = triton_interpreting() and dev.type == "cpu"
     cvt = effective_convert_mode(tiles.kv_convert, kv_format, exact)

@@ -507,7 +507,7 @@ class LowLatencyBuffer:
             geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
         )  # fmt: skip
         kw = dict(
-            H=H, K=K, KP=next_pow2(K), E=E, EP=next_pow2(E + 1), E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=next_pow2(K), E=E, EP=self._hist.numel(), E_LOCAL=EL, NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
             CHUNK=SEND_SCAN_CHUNK, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
