@@ -15,7 +15,9 @@ every registered backend, ``torch`` first; each (backend, payload) case is isola
 error is recorded in ``skipped`` and the next case runs) and ``dispatch.json`` /
 ``dispatch.csv`` are rewritten after every case, so a backend that hangs (killed by the
 caller's ``timeout``) leaves the results of the cases before it on disk.
-``--combine-payloads bf16,fp8,nvfp4`` times combine once per combine wire format.
+``--combine-payloads bf16,fp8,nvfp4`` times combine once per combine wire format and reports
+each quantized wire's error against the bf16 wire on the same expert outputs (``wire SQNR
+dB``, ``wire max rel err``: largest error / largest output, over every rank).
 
 What is measured, per (backend, payload, tokens T per rank):
 * dispatch: ``EPBuffer.dispatch`` end to end: BF16 ``[T, H]`` in -> masked per-expert layout
@@ -37,6 +39,7 @@ Output: a table on stdout, and ``--out`` (default ``results/dispatch``) ``dispat
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -85,7 +88,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.token_list = [int(t) for t in str(args.tokens).split(",") if t]
     args.payload_list = [p for p in args.payloads.split(",") if p]
-    args.cpayload_list = [p for p in args.combine_payloads.split(",") if p]
+    # bf16 first: the quantized wires' error is measured against its output
+    args.cpayload_list = sorted((p for p in args.combine_payloads.split(",") if p), key=lambda p: p != "bf16")
     return args
 
 
@@ -156,6 +160,7 @@ def run(args) -> None:
     # ---- EPBuffer per backend, payload and combine wire (dispatch timed with the first wire)
     cases = [(b, p) for b in _backends(args.backend) for p in args.payload_list]
     for backend, payload in common.progress(cases, desc="bench_dispatch", enabled=lead and not args.no_progress):
+        bf16_y: dict = {}  # T -> this rank's combine output over the bf16 wire (quantized wires compare)
         for ci, cpayload in enumerate(args.cpayload_list):
             try:
                 get_backend_class(backend)
@@ -169,7 +174,8 @@ def run(args) -> None:
                 continue
             try:
                 with buf:
-                    _bench_case(args, buf, backend, payload, cpayload, ci == 0, tokens, timed, mean_over_ranks, results, gen, dev, rank)
+                    _bench_case(args, buf, backend, payload, cpayload, ci == 0, tokens, timed, mean_over_ranks, results,
+                                dev, rank, bf16_y)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
                 msg = f"failed backend={backend} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
                 skipped.append(msg)
@@ -183,8 +189,29 @@ def run(args) -> None:
     dist.destroy_process_group()
 
 
-def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, timed, mean_over_ranks, results, gen, dev, rank):
-    """Time one buffer over the token counts; append result rows."""
+def _wire_error(y, ref, dev) -> dict:
+    """Error of a quantized combine wire: its output ``y`` against the bf16 wire's ``ref``
+    (same inputs), over every rank: SQNR in dB and the largest error relative to the largest
+    output (``fp4comm.moe.accuracy``'s metrics)."""
+    import torch.distributed as dist
+
+    d = y.double() - ref.double()
+    sums = torch.stack([ref.double().pow(2).sum(), d.pow(2).sum()]).to(dev)
+    peaks = torch.stack([d.abs().max(), ref.double().abs().max()]).to(dev) if y.numel() else torch.zeros(2, device=dev)
+    dist.all_reduce(sums)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    signal, noise = sums.tolist()
+    err, top = peaks.tolist()
+    return dict(wire_sqnr_db=10 * math.log10(signal / noise) if noise else float("inf"),
+                wire_max_rel_err=err / top if top else 0.0)  # fmt: skip
+
+
+def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, timed, mean_over_ranks, results, dev, rank,
+                bf16_y):  # fmt: skip
+    """Time one buffer over the token counts; append result rows. Expert outputs are drawn
+    from a generator seeded by (seed, rank, T), so every combine wire of a dispatch payload
+    combines the same values: the bf16 wire's outputs go to ``bf16_y``, a quantized wire's
+    row carries its error against them."""
     from fp4comm.ep.message import CombineLayout, MessageLayout
 
     H = args.hidden
@@ -202,8 +229,16 @@ def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, ti
         else:
             do_dispatch()
         d = holder["d"]
-        eo = torch.randn(d.x.shape[0], d.max_m, H, generator=gen).bfloat16().to(dev)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 65_537 + T)
+        eo = torch.randn(d.x.shape[0], d.max_m, H, generator=g).bfloat16().to(dev)
         sc_ = timed(lambda d=d, eo=eo: buf.combine(eo, d.handle))
+        y = buf.combine(eo, d.handle)
+        if cpayload == "bf16":
+            err = {}
+            if len(args.cpayload_list) > 1:
+                bf16_y[T] = y
+        else:
+            err = _wire_error(y, bf16_y[T], dev) if T in bf16_y else {}
         plan = d.handle.plan
         peer_rows = mean_over_ranks(plan.num_send - plan.send_counts[rank])
         back_rows = mean_over_ranks(plan.num_recv - plan.recv_counts[rank])
@@ -215,8 +250,9 @@ def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, ti
                                 wire_bytes_per_token=msg_layout.wire_bytes, **sd))  # fmt: skip
         nb = back_rows * crow
         results.append(dict(**common_kw, op="combine", combine_payload=cpayload, bytes_per_rank=nb,
-                            gbps_per_rank=common.gbps(nb, sc_["mean_us"]), rows_to_peers=back_rows, row_bytes=crow, **sc_))  # fmt: skip
-        del d, eo, holder
+                            gbps_per_rank=common.gbps(nb, sc_["mean_us"]), rows_to_peers=back_rows, row_bytes=crow,
+                            **err, **sc_))  # fmt: skip
+        del d, eo, y, holder
 
 
 def _write_tables(args, results, skipped, env, R):
@@ -263,6 +299,7 @@ def _report(args, results, skipped, env, R):
         ("time_us", "us (mean +- std)"), ("median_us", "median us"), ("bytes_per_rank", "bytes to peers/rank"),
         ("gbps_per_rank", "GB/s/rank"),
         ("speedup_vs_bf16", "x vs bf16"), ("speedup_vs_raw_a2a", "x vs raw bf16 a2a"),
+        ("wire_sqnr_db", "wire SQNR dB"), ("wire_max_rel_err", "wire max rel err"),
     ]  # fmt: skip
     order = {"raw_a2a": 0}
     rows = sorted(results, key=lambda r: (r["op"], order.get(r["backend"], 1), r["backend"], r["payload"],

@@ -280,3 +280,25 @@ def test_unknown_backend_class():
     with pytest.raises(ValueError, match="^backend: "):
         get_backend_class("carrier-pigeon")
     assert get_backend_class("torch").name == "torch"
+
+
+def test_bench_dispatch_reports_combine_wire_error(tmp_path):
+    """``bench_dispatch.py --combine-payloads``: each quantized combine wire's row carries its
+    error against the bf16 wire on the same expert outputs (CPU, 2 gloo ranks): finite, FP8
+    closer than NVFP4, none on the bf16 row itself."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "bd"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_dispatch.py"), "--tokens", "16", "--payloads", "nvfp4",
+           "--combine-payloads", "nvfp4,fp8,bf16", "--iters", "1", "--warmup", "1", "--out", str(out), "--no-progress"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {x["combine_payload"]: x for x in json.loads((out / "dispatch.json").read_text())["results"]
+            if x["op"] == "combine"}  # fmt: skip
+    assert set(rows) == {"bf16", "fp8", "nvfp4"} and "wire_sqnr_db" not in rows["bf16"]
+    assert 25 < rows["fp8"]["wire_sqnr_db"] < 45 and 12 < rows["nvfp4"]["wire_sqnr_db"] < rows["fp8"]["wire_sqnr_db"]
+    assert 0 < rows["fp8"]["wire_max_rel_err"] < rows["nvfp4"]["wire_max_rel_err"] < 0.5
