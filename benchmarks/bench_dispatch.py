@@ -15,6 +15,9 @@ every registered backend, ``torch`` first; each (backend, payload) case is isola
 error is recorded in ``skipped`` and the next case runs) and ``dispatch.json`` /
 ``dispatch.csv`` are rewritten after every case, so a backend that hangs (killed by the
 caller's ``timeout``) leaves the results of the cases before it on disk.
+``--host-sync off`` (or ``both``): the nvlink buffer with ``host_sync=False`` (dispatch does not
+wait for the count exchange; ``max_m`` fixed to the largest per-expert count of the benchmark's
+routings, rounded up to 128), in rows labelled ``nvlink-nosync``.
 ``--combine-payloads bf16,fp8,nvfp4`` times combine once per combine wire format and reports
 each quantized wire's error against the bf16 wire on the same expert outputs (``wire SQNR
 dB``, ``wire max rel err``: largest error / largest output, over every rank).
@@ -72,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when started without a launcher")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--combine-payloads", type=str, default="bf16", help="combine wire formats: bf16,fp8,nvfp4")
+    p.add_argument("--host-sync", default="on", choices=["on", "off", "both"],
+                   help="nvlink: dispatch waits for the count exchange (on, the default), or not (off: EPBuffer("
+                        "host_sync=False) with max_m fixed from the benchmark's routing; rows labelled nvlink-nosync)")
     p.add_argument("--quick", action="store_true", help="tokens 128,1024,4096, 10 iterations, 3 warm-up")
     p.add_argument("--timeout-s", type=float, default=None,
                    help="nvlink flag-wait timeout (default: FP4COMM_NVLINK_TIMEOUT_S via launch/dist_env.py, else 60)")
@@ -158,26 +164,45 @@ def run(args) -> None:
                             gbps_per_rank=common.gbps(nbytes, st["mean_us"]), rows_to_peers=peer_rows, **st))  # fmt: skip
 
     # ---- EPBuffer per backend, payload and combine wire (dispatch timed with the first wire)
-    cases = [(b, p) for b in _backends(args.backend) for p in args.payload_list]
-    for backend, payload in common.progress(cases, desc="bench_dispatch", enabled=lead and not args.no_progress):
+    # host_sync=False needs a fixed max_m: the largest per-expert count of these routings, rounded up
+    # to 128 (what a user calibrates); the synced buffers derive theirs per call
+    counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    for T in args.token_list:
+        c = torch.bincount(tokens[T][1].flatten().long(), minlength=E)
+        dist.all_reduce(c)
+        counts = torch.maximum(counts, c)
+    fixed_max_m = -(-max(int(counts.max()), 1) // 128) * 128
+    cases = []
+    for b in _backends(args.backend):
+        for p in args.payload_list:
+            if b != "nvlink" or args.host_sync in ("on", "both"):
+                cases.append((b, p, True))
+            if b == "nvlink" and args.host_sync in ("off", "both"):
+                cases.append((b, p, False))
+    if lead and any(not c[2] for c in cases):
+        print(f"[bench_dispatch] nvlink-nosync: host_sync=False, max_m={fixed_max_m}", flush=True)
+    show = lead and not args.no_progress
+    for backend, payload, host_sync in common.progress(cases, desc="bench_dispatch", enabled=show):
         bf16_y: dict = {}  # T -> this rank's combine output over the bf16 wire (quantized wires compare)
+        label = backend if host_sync else backend + "-nosync"
         for ci, cpayload in enumerate(args.cpayload_list):
             try:
                 get_backend_class(backend)
+                extra = {} if host_sync else dict(host_sync=False, max_m=fixed_max_m)
                 buf = EPBuffer(None, H, E, K, Tmax, payload=payload, backend=backend, scale_layout=args.scale_layout,
-                               combine_payload=cpayload, timeout_s=args.timeout_s)  # fmt: skip
+                               combine_payload=cpayload, timeout_s=args.timeout_s, **extra)  # fmt: skip
             except (ImportError, RuntimeError, ValueError) as exc:
-                msg = f"skipped backend={backend} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                msg = f"skipped backend={label} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
                 skipped.append(msg)
                 if lead:
                     print(f"\n[bench_dispatch] {msg}", flush=True)
                 continue
             try:
                 with buf:
-                    _bench_case(args, buf, backend, payload, cpayload, ci == 0, tokens, timed, mean_over_ranks, results,
+                    _bench_case(args, buf, label, payload, cpayload, ci == 0, tokens, timed, mean_over_ranks, results,
                                 dev, rank, bf16_y)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
-                msg = f"failed backend={backend} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                msg = f"failed backend={label} payload={payload} combine={cpayload}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
                 skipped.append(msg)
                 print(f"\n[bench_dispatch] rank {rank}: {msg}", flush=True)
             if lead:
@@ -311,7 +336,7 @@ def _report(args, results, skipped, env, R):
     out: Path = args.out
     meta = dict(hidden=args.hidden, experts=args.experts, topk=args.topk, ranks=R, tokens=args.token_list,
                 payloads=args.payload_list, combine_payloads=args.cpayload_list, backend=args.backend,
-                iters=args.iters, warmup=args.warmup,
+                host_sync=args.host_sync, iters=args.iters, warmup=args.warmup,
                 scale_layout=args.scale_layout, launcher=env.launcher, dist_backend=env.backend,
                 env=common.environment())  # fmt: skip
     clean = [{k: v for k, v in r.items() if k != "time_us"} for r in rows]

@@ -421,6 +421,13 @@ def _chunk_hits(recv_ptr, n0, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K: tl
 
 
 @triton.jit
+def _rows_received(n_ptr, cap):
+    """Rows received, from the device (``*n_ptr`` int64), never more than the capacity ``cap``
+    (a receiver overflow stores no rows and raises on the host later)."""
+    return tl.minimum(tl.load(n_ptr), cap).to(tl.int32)
+
+
+@triton.jit
 def ep_permute_hist_kernel(
     recv_ptr,  # [N, ROW_BYTES] uint8 received rows
     hist_ptr,  # [C, ELP] int32 out: pairs of chunk c routed to local expert e
@@ -430,18 +437,22 @@ def ep_permute_hist_kernel(
     EXPERT_BASE,
     E_LOCAL,
     BLOCK_N,  # rows a chunk (a multiple of SUB)
+    n_ptr,  # N_DEV: int64 rows received, read on the device (N is then the capacity)
     K: tl.constexpr,
     KP: tl.constexpr,
     SUB: tl.constexpr,
     ELP: tl.constexpr,  # power of two >= E_LOCAL
     V2: tl.constexpr = False,
     HB: tl.constexpr = 1,  # V2: (row, k) pairs a step (power of two, a multiple of KP)
+    N_DEV: tl.constexpr = False,
 ):
     """Phase 1 of the slot assignment, grid ``(C,)``: per-chunk histogram of local experts
     (each received row's ids are read once). V1 sums one-hot tiles of ``SUB`` rows a step;
     V2 runs ``tl.histogram`` over ``HB // KP`` rows a step (usually the whole chunk: one
     round trip)."""
     c = tl.program_id(0)
+    if N_DEV:
+        N = _rows_received(n_ptr, N)
     cnt = tl.zeros((ELP,), tl.int32)
     n0 = c * BLOCK_N
     end = tl.minimum(n0 + BLOCK_N, N)
@@ -474,12 +485,14 @@ def ep_permute_index_kernel(
     MAX_M,
     BLOCK_N,
     NUM_CHUNKS,
+    n_ptr,  # N_DEV: int64 rows received, read on the device (N is then the capacity)
     K: tl.constexpr,
     KP: tl.constexpr,
     SUB: tl.constexpr,
     ELP: tl.constexpr,
     V2: tl.constexpr = False,
     SCANNED: tl.constexpr = False,  # V2 with C > 1: hist holds the carries (see below)
+    N_DEV: tl.constexpr = False,
 ):
     """Phase 2, grid ``(C,)``: chunk ``c`` starts each expert at the sum of the histograms of
     chunks ``< c`` (exclusive scan), then gives each ``(row, k)`` routed to a local expert the
@@ -497,8 +510,14 @@ def ep_permute_index_kernel(
     chunk in one step and builds no one-hot tile. A pair's slot is its expert's carry,
     gathered from this chunk's row of ``hist``, plus the pairs of the chunk before it routed
     to the same expert (a ``[SUB*KP, SUB*KP]`` comparison summed along one axis: no scan
-    through shared memory; H200, 14.8k rows: 11.4 us, the one-hot scan 22 us). Same slots."""
+    through shared memory; H200, 14.8k rows: 11.4 us, the one-hot scan 22 us). Same slots.
+
+    ``N_DEV`` (both phases): the row count is ``min(*n_ptr, N)``, read on the device (a
+    dispatch that does not wait for the count exchange; the grid covers the capacity ``N``
+    and chunks past the count store nothing but their zero histogram)."""
     c = tl.program_id(0)
+    if N_DEV:
+        N = _rows_received(n_ptr, N)
     if SCANNED:
         pn, pk, pmask, pel = _chunk_experts(recv_ptr, c * BLOCK_N, N, ROW_BYTES, IDS_OFF, EXPERT_BASE, E_LOCAL, K, KP,
                                             SUB)

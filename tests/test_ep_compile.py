@@ -37,6 +37,9 @@ def test_ep_kernels_compile_for_sm90():
                 B._ONE_CHUNK_ROWS = 0  # the multi-chunk path (histogram kernel) too
                 B.permute_rows(msg, torch.zeros(200, msg.row_bytes, dtype=torch.uint8), expert_base=0,
                                num_local_experts=El, max_m=256)
+                # host_sync=False: the row count read on the device (histogram + index phases)
+                B.permute_rows(msg, torch.zeros(200, msg.row_bytes, dtype=torch.uint8), expert_base=0,
+                               num_local_experts=El, max_m=256, num_rows=torch.zeros(1, dtype=torch.int64))
                 B._ONE_CHUNK_ROWS = 1024
             for dt in (torch.int32, torch.int64):
                 for t in (T, 1):  # one token: one program (NPROG = 1 crashed sm_90 codegen as a constexpr)
@@ -73,9 +76,10 @@ def test_ep_kernels_compile_for_sm90():
     # all payloads; the copy per nvfp4 layout / fp8 / bf16 at max_m 128 (4) and again at max_m 256 (3);
     # combine (expert + source) x 3 wires (6); layout (int32 / int64 ids, 2): 24 each, and v2's
     # column scan of the chunk histograms (1) and pack with a device plan per payload (3); the
-    # bf16 expert-side combine with the sources in turn (SPREAD, v1 and v2: 2)
+    # bf16 expert-side combine with the sources in turn (SPREAD, v1 and v2: 2); the histogram and
+    # index phases with the row count read on the device (host_sync=False, v1 and v2: 4)
     import collections
 
-    assert len(names) == 54, collections.Counter(names)
+    assert len(names) == 58, collections.Counter(names)
     assert {"ep_layout_kernel", "ep_pack_kernel", "ep_permute_hist_kernel", "ep_permute_index_kernel", "ep_permute_kernel",
             "ep_combine_expert_kernel", "ep_combine_source_kernel"} <= set(names), names

@@ -302,3 +302,29 @@ def test_bench_dispatch_reports_combine_wire_error(tmp_path):
     assert set(rows) == {"bf16", "fp8", "nvfp4"} and "wire_sqnr_db" not in rows["bf16"]
     assert 25 < rows["fp8"]["wire_sqnr_db"] < 45 and 12 < rows["nvfp4"]["wire_sqnr_db"] < rows["fp8"]["wire_sqnr_db"]
     assert 0 < rows["fp8"]["wire_max_rel_err"] < rows["nvfp4"]["wire_max_rel_err"] < 0.5
+
+
+def test_bench_dispatch_host_sync_both(tmp_path):
+    """``bench_dispatch.py --backend nvlink --host-sync both`` (CPU: 2 gloo ranks, emulated
+    NVLink under the interpreter): an ``nvlink`` and an ``nvlink-nosync`` row per op, moving
+    the same bytes."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "bd"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_dispatch.py"), "--backend", "nvlink", "--host-sync", "both",
+           "--hidden", "64", "--experts", "8", "--topk", "2", "--tokens", "8", "--payloads", "nvfp4", "--iters", "1",
+           "--warmup", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "nvlink-nosync: host_sync=False, max_m=128" in r.stdout
+    rows = json.loads((out / "dispatch.json").read_text())["results"]
+    got = {(x["backend"], x["op"]): x["bytes_per_rank"] for x in rows if x["backend"] != "raw_a2a"}
+    assert set(got) == {(b, op) for b in ("nvlink", "nvlink-nosync") for op in ("dispatch", "combine")}
+    assert got["nvlink", "dispatch"] == got["nvlink-nosync", "dispatch"] > 0
+    assert got["nvlink", "combine"] == got["nvlink-nosync", "combine"] > 0

@@ -557,11 +557,12 @@ def test_ll_torch_fallback_matches_emulated_nvlink():
 
 
 # ----------------------------------------------------------------------------- high throughput via EPBuffer
-def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", kernels="v1"):
+def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", kernels="v1", host_sync=True):
     """EPBuffer(backend="nvlink") (CPU: /dev/shm symmetric memory, interpreter kernels) vs
     EPBuffer(backend="torch") on the same inputs: every output bit equal (``variant``: the
     nvlink backend's host path, ``backend_nvlink.HOST_VARIANTS``; ``kernels``: the nvlink
-    buffer's ``fp4comm.ep.buffer.KERNELS``, the torch buffer always runs ``"v1"``)."""
+    buffer's ``fp4comm.ep.buffer.KERNELS``, the torch buffer always runs ``"v1"``;
+    ``host_sync=False``: the nvlink buffer's dispatch does not wait, both take ``max_m=128``)."""
     import fp4comm.ep.buffer as B
     from fp4comm.ep import EPBuffer
     from fp4comm.ep.backend_nvlink import set_host_variant
@@ -577,8 +578,10 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
 
     R, E, K = pg.world_size, 8, 3
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=max(T_list), payload=payload, scale_layout=layout)
+    if not host_sync:
+        kw["max_m"] = 128
     res = []
-    with EPBuffer(backend="nvlink", **kw) as nv, EPBuffer(backend="torch", **kw) as ref:
+    with EPBuffer(backend="nvlink", host_sync=host_sync, **kw) as nv, EPBuffer(backend="torch", **kw) as ref:
         for it in range(3):  # several calls: epochs advance, buffers reused
             xs, ids, ws = make_inputs(R, [T_list[(r + it) % R] for r in range(R)], H, E, K, seed=seed + it)
             x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
@@ -597,6 +600,8 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
             ya = on(kernels, nv.combine, eo, a.handle)
             yb = on("v1", ref.combine, eo, b.handle)
             assert torch.equal(ya, yb)
+            assert a.num_recv_tokens == b.num_recv_tokens
+            assert torch.equal(a.handle.slot_map, b.handle.slot_map)
             res.append(int(a.masked_m.sum()))
     return res
 
@@ -686,6 +691,114 @@ def test_ht_epbuffer_nvlink_host_variants_equal_torch(variant):
 
     out = run_distributed(_ht_compare, 2, "nvfp4", "swizzled", [5, 3], 11, 64, variant)
     assert len(out) == 2
+
+
+@pytest.mark.parametrize(
+    "payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear"), ("bf16", "linear")], ids=["nvfp4", "fp8", "bf16"]
+)
+def test_ht_nvlink_without_host_sync_equals_torch(payload, layout):
+    """``host_sync=False``: dispatch never waits (the permute reads the row count on the
+    device, over the whole receive buffer), the counts are checked and the plan built at
+    the combine: the same bits, slot map and received-row count as the torch backend."""
+    from tests.distributed import run_distributed
+
+    H = 128 if payload == "fp8" else 80
+    out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 9, H, "send_with_meta", "best", False)
+    assert len(out) == 2
+
+
+def _ht_no_host_sync_errors(pg):
+    """``host_sync=False``: a bad input raises in the bad rank's dispatch and, on every other
+    rank, at its next call (combine or dispatch) with the message the synced path gives;
+    counts errors (ids out of range, receive or ``max_m`` overflow) raise at the next call on
+    every rank; no rows of a bad call are stored; the buffer then works again."""
+    import torch.distributed as dist
+
+    from fp4comm.ep import EPBuffer
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant("send_with_meta")
+    R, E, K, H, T = pg.world_size, 8, 3, 64, 6
+    bad = pg.rank == 1
+    xs, ids, ws = make_inputs(R, [T] * R, H, E, K, seed=43)
+    x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
+    hot = torch.full_like(i, -1)
+    hot[:, 0] = 0  # every token of every rank to expert 0 (rank 0): R * T rows, R * T pairs
+    kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="nvfp4", host_sync=False)
+    cases = [  # (name, buffer kwargs, dispatch args, raises in dispatch?, message, next call)
+        ("dtype", dict(max_m=128), lambda: (x.float() if bad else x, i, w), bad,
+         r"^x: " if bad else r"^x: invalid on rank 1 .*output is invalid", "combine"),
+        ("range", dict(max_m=128), lambda: (x, torch.full_like(i, E) if bad else i, w), False,
+         r"^topk_ids: values outside .*that dispatch sent no rows", "dispatch"),
+        ("max_recv", dict(max_m=128, max_recv_tokens=R * T - 1), lambda: (x, hot, w), False,
+         r"^max_recv_tokens: receive overflow", "combine"),
+    ]  # fmt: skip
+    for name, extra, args, now, match, then in cases:
+        with EPBuffer(backend="nvlink", **kw, **extra) as nv:
+            recv = nv.backend._recv.local
+            recv.fill_(0x5A)
+            dist.barrier()
+            if now:
+                with pytest.raises((TypeError, ValueError), match=match):
+                    nv.dispatch(*args())
+            else:
+                d = nv.dispatch(*args())
+                assert isinstance(d.masked_m, torch.Tensor)
+            dist.barrier()  # every rank's pack ran (or not)
+            assert bool((recv == 0x5A).all()), name
+            if not now:
+                with pytest.raises(ValueError, match=match):
+                    if then == "combine":
+                        nv.combine(torch.zeros(E // R, 128, H, dtype=torch.bfloat16), d.handle)
+                    else:
+                        nv.dispatch(x, i, w)
+                with pytest.raises(RuntimeError, match="failed|no dispatch"):
+                    d.handle.plan  # noqa: B018 (the failed dispatch's plan)
+            d = nv.dispatch(x, i, w)  # in step again, correct
+            with EPBuffer(backend="torch", **{**kw, "host_sync": True}, **extra) as ref:
+                b = ref.dispatch(x, i, w)
+                assert torch.equal(d.masked_m, b.masked_m), name
+                assert torch.equal(d.scales.view(torch.uint8), b.scales.view(torch.uint8)), name
+                eo = torch.randn(d.x.shape[0], d.max_m, H, generator=torch.Generator().manual_seed(3)).bfloat16()
+                assert torch.equal(nv.combine(eo, d.handle), ref.combine(eo, b.handle)), name
+    # max_m overflow: stored (the pack does not know max_m), laid out up to max_m, raised next
+    with EPBuffer(backend="nvlink", **{**kw, "max_tokens_per_rank": 80}, max_m=128) as nv:
+        xs, ids, ws = make_inputs(R, [80] * R, H, E, K, seed=44)
+        hot = torch.full_like(ids[pg.rank], -1)
+        hot[:, 0] = 1  # 160 pairs to expert 1
+        d = nv.dispatch(xs[pg.rank], hot, ws[pg.rank])
+        if pg.rank == 0:
+            assert int(d.masked_m[1]) == 160  # the true count; grouped_gemm_masked clamps to max_m
+        with pytest.raises(ValueError, match=r"^max_m: receive overflow, expert 1 .* > max_m=128; that dispatch"):
+            nv.combine(torch.zeros(E // R, 128, H, dtype=torch.bfloat16), d.handle)
+        d = nv.dispatch(xs[pg.rank], ids[pg.rank], ws[pg.rank])
+        assert d.num_recv_tokens == int(d.handle.plan.num_recv) > 0
+    return len(cases)
+
+
+def test_ht_no_host_sync_errors_raise_at_the_next_call():
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_ht_no_host_sync_errors, 2) == [3, 3]
+
+
+def test_host_sync_false_needs_nvlink_and_max_m():
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_host_sync_config, 1) == [3]
+
+
+def _host_sync_config(pg):
+    from fp4comm.ep import EPBuffer
+
+    kw = dict(hidden=64, num_experts=8, num_topk=2, max_tokens_per_rank=4, host_sync=False)
+    with pytest.raises(ValueError, match="^host_sync: False needs backend='nvlink'"):
+        EPBuffer(backend="torch", max_m=128, **kw)
+    with pytest.raises(ValueError, match="^host_sync: False needs an int max_m"):
+        EPBuffer(backend="nvlink", **kw)
+    with pytest.raises(TypeError, match="^host_sync: expected a bool"):
+        EPBuffer(backend="nvlink", max_m=128, **{**kw, "host_sync": 0})
+    return 3
 
 
 # ----------------------------------------------------------------------------- sm_90 compile check

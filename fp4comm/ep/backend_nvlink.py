@@ -162,6 +162,7 @@ class NVLinkBackend(EPBackend):
         self._epoch_d = 0
         self._epoch_c = 0
         self._pending: int | None = None  # status slot to read in check()
+        self._unwaited: tuple | None = None  # (pending status slot,) of an exchange not waited for
         # the transfer plan's device rows, written by the dispatch flag kernel of the early send
         self._plan_vec = torch.zeros(len(PLAN_ROWS), R, dtype=torch.int64, device=device)
         self._meta_ready = torch.cuda.Event() if device.type == "cuda" else None
@@ -179,14 +180,17 @@ class NVLinkBackend(EPBackend):
     def sends_with_meta(self) -> bool:  # same on every rank (module knob, config)
         return SEND_WITH_META and META_EXCHANGE == "symmem"
 
-    def exchange_meta_and_send(self, meta: torch.Tensor, pack: PackFn | None) -> torch.Tensor:
+    def exchange_meta_and_send(self, meta: torch.Tensor, pack: PackFn | None, wait: bool = True) -> torch.Tensor | None:
         """The count exchange, then (stream order, no host sync in between) the pack into
         peers' receive buffers with row bases computed on the device from the exchanged
         vectors (:class:`~fp4comm.ep.backend.DevicePlan`: nothing is stored if any rank is
         bad or silent, or a receiver would overflow) and the dispatch flags; the host waits
         for the vectors alone (an event after their copy), so its checks, the plan and the
         permute launches overlap the send. Every rank launches the flags, also one whose
-        input is bad (``pack=None``), so epochs stay equal on every rank."""
+        input is bad (``pack=None``), so epochs stay equal on every rank.
+
+        ``wait=False``: return ``None`` at once (nothing waited for); :meth:`finish_exchange`
+        later waits for the vectors and returns them (before the next exchange)."""
         if meta.shape[0] != self._meta_w:
             raise ValueError(f"meta: {meta.shape[0]} words, the exchange carries {self._meta_w}")
         R, W = self.world_size, self._meta_w
@@ -197,7 +201,23 @@ class NVLinkBackend(EPBackend):
                 pack(RowTargets(None, self._recv.peer_ptrs, self._recv.peer_ptrs, dp))
             self._signal_dispatch(plan=True)
 
-        return self._exchange_symmem(meta, send)
+        return self._exchange_symmem(meta, send, wait)
+
+    def finish_exchange(self) -> torch.Tensor:
+        """The vectors of the latest ``exchange_meta_and_send(..., wait=False)``: waits for
+        their copy, raises a dispatch status left unread before that exchange, then a
+        timeout of the exchange (see :meth:`_exchange_symmem`)."""
+        if self._unwaited is None:
+            raise RuntimeError("finish_exchange: no exchange is waiting")
+        pending, self._unwaited = self._unwaited[0], None
+        return self._finish_exchange(pending)
+
+    def receive_capacity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole receive buffer ``[max_recv, row_bytes]`` uint8 and a 1-element int64
+        device view of the rows received in the latest early send (the plan's ``recv_end``
+        of the last source, written by its flag kernel): what a permute that does not wait
+        for the counts reads."""
+        return self._recv.local.view(-1, self.row_bytes)[: self.max_recv], self._plan_vec[3, -1:]
 
     @property
     def plan_rows(self) -> torch.Tensor:
@@ -261,12 +281,14 @@ class NVLinkBackend(EPBackend):
             return out
         return self._exchange_symmem(meta)
 
-    def _exchange_symmem(self, meta: torch.Tensor, send=None) -> torch.Tensor:
+    def _exchange_symmem(self, meta: torch.Tensor, send=None, wait: bool = True) -> torch.Tensor | None:
         """One :func:`~kernels.nvlink.meta_exchange_kernel` launch, the D2H copy of its output
         (vectors, timeout words, status words) and an event behind it; then ``send()``
         (kernels queued behind the exchange, before the host waits) and the wait for that
         event. A deferred dispatch status from the same copy raises first, then a timeout of
         the exchange."""
+        if self._unwaited is not None:
+            raise RuntimeError("exchange: the previous exchange was never finished (finish_exchange)")
         self._epoch_m += 1
         self._meta_kernel(meta.to(torch.int64).contiguous(), self._epoch_m)
         cuda = self.device.type == "cuda"
@@ -278,7 +300,13 @@ class NVLinkBackend(EPBackend):
             self._pending = None
         if send is not None:
             send()
-        if cuda:
+        if not wait:
+            self._unwaited = (pending,)
+            return None
+        return self._finish_exchange(pending)
+
+    def _finish_exchange(self, pending: int | None) -> torch.Tensor:
+        if self.device.type == "cuda":
             self._meta_ready.synchronize()
         if pending == ST_DISPATCH:
             self._raise_status(self._host_status, ST_DISPATCH)

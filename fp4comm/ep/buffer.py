@@ -128,6 +128,17 @@ class EPConfig:
         timeout_s: ``nvlink`` backend, GPU: seconds a flag wait spins before a silent peer
             raises ``TimeoutError`` (launchers may take it from the environment; the
             library never reads it there).
+        host_sync: ``True`` (default): ``dispatch`` waits for the count exchange and checks
+            every rank's counts before it returns (any error raises there, on every rank).
+            ``False`` (``nvlink`` backend, an int ``max_m``, Triton kernels): ``dispatch``
+            never waits for the device; the receive side reads the row count on the device,
+            and the checks of the exchanged counts (another rank's bad input, ids out of
+            range, receive or ``max_m`` overflow) run at this buffer's next ``combine`` or
+            ``dispatch``, which raises the same error on every rank before it launches
+            anything. The dispatch output of such a call is then invalid (no rows of a bad
+            call are sent; ``masked_m`` may exceed ``max_m`` after a ``max_m`` overflow, which
+            ``grouped_gemm_masked`` clamps). This rank's own bad input still raises in its
+            ``dispatch``. ``DispatchOutput.num_recv_tokens`` waits for the counts when read.
     """
 
     hidden: int
@@ -143,6 +154,7 @@ class EPConfig:
     impl: str = "auto"
     combine_payload: str = "bf16"
     timeout_s: float = 60.0
+    host_sync: bool = True
 
     def encode(self, world_size: int) -> list[int]:
         """Integers compared across ranks at construction (invalid values encode as -1)."""
@@ -165,6 +177,7 @@ class EPConfig:
             -2 if self.max_recv_tokens is None else num(self.max_recv_tokens),
             int(bool(self.fp8_ue8m0)),
             code(self.combine_payload, COMBINE_PAYLOADS),
+            code(self.host_sync, [True, False]),
             world_size,
         ]
 
@@ -180,6 +193,7 @@ class EPConfig:
         "max_recv_tokens",
         "fp8_ue8m0",
         "combine_payload",
+        "host_sync",
         "group (world size)",
     )
 
@@ -208,12 +222,38 @@ class EPHandle:
 
     buffer_id: int
     generation: int
-    plan: TransferPlan
+    plan_ref: TransferPlan | _DeferredPlan = field(repr=False)
     num_tokens: int
     rank_offset: torch.Tensor
-    slot_map: torch.Tensor
+    slot_map_all: torch.Tensor = field(repr=False)  # [>= N_recv, K]: rows past N_recv unused
     slot_weights: torch.Tensor
     max_m: int
+
+    @property
+    def plan(self) -> TransferPlan:
+        """The dispatch's :class:`TransferPlan` (with ``host_sync=False``: waits for the
+        count exchange and runs its checks, raising as the buffer's next call would)."""
+        p = self.plan_ref
+        return p.get() if isinstance(p, _DeferredPlan) else p
+
+    @property
+    def slot_map(self) -> torch.Tensor:
+        return self.slot_map_all[: self.plan.num_recv]
+
+
+class _DeferredPlan:
+    """The plan of a ``host_sync=False`` dispatch: built from the exchanged counts by the
+    buffer's resolver the first time it is asked for (at the latest by the next call)."""
+
+    def __init__(self, resolve) -> None:
+        self._resolve, self._plan = resolve, None
+
+    def get(self) -> TransferPlan:
+        if self._plan is None:
+            self._resolve()
+            if self._plan is None:
+                raise RuntimeError("handle: its dispatch failed (the error was raised by an earlier call)")
+        return self._plan
 
 
 @dataclass
@@ -234,7 +274,7 @@ class DispatchOutput:
             pair (padding 0).
         handle: :class:`EPHandle` for :meth:`EPBuffer.combine`.
         payload, scale_layout, hidden, ue8m0: formats of the above.
-        num_recv_tokens: message rows this rank received (one per (source token, this rank)).
+        num_recv_tokens: (property) message rows this rank received.
     """
 
     x: torch.Tensor
@@ -246,12 +286,17 @@ class DispatchOutput:
     payload: str
     scale_layout: str
     hidden: int
-    num_recv_tokens: int = field(default=0)
     ue8m0: bool = False
 
     @property
     def max_m(self) -> int:
         return self.x.shape[1]
+
+    @property
+    def num_recv_tokens(self) -> int:
+        """Message rows this rank received (one per (source token, this rank)); with
+        ``host_sync=False`` reading it waits for the count exchange."""
+        return self.handle.plan.num_recv
 
     @property
     def activations(self):
@@ -286,14 +331,19 @@ class _InputError:
         return 1 + self.ARGS.index(self.arg)
 
 
-def _raise_collective(codes: list[int], local: _InputError | None, rank: int, what: str) -> None:
-    """Raise on every rank if any rank reported an error code (this rank's own error first)."""
+_DID_NOTHING = "dispatch did nothing"
+
+
+def _raise_collective(codes: list[int], local: _InputError | None, rank: int, what: str, outcome: str = "") -> None:
+    """Raise on every rank if any rank reported an error code (this rank's own error first).
+    ``outcome``: what became of the call (default: ``{what} did nothing on any rank``)."""
     if local is not None:
         raise local.exc
     for r, c in enumerate(codes):
         if c:
             arg = _InputError.ARGS[c - 1]
-            raise ValueError(f"{arg}: invalid on rank {r} (see that rank's error); {what} did nothing on any rank")
+            outcome = outcome or f"{what} did nothing on any rank"
+            raise ValueError(f"{arg}: invalid on rank {r} (see that rank's error); {outcome}")
 
 
 # ----------------------------------------------------------------------------- launch heuristics
@@ -450,6 +500,7 @@ def permute_rows(
     scale_layout: str = "swizzled",
     slot_map: torch.Tensor | None = None,
     impl: str = "auto",
+    num_rows: torch.Tensor | None = None,
 ) -> PermuteResult:
     """Received message rows -> masked per-expert layout (see :class:`DispatchOutput`).
 
@@ -459,6 +510,10 @@ def permute_rows(
         max_m: rows per expert (multiple of 128).
         slot_map: optional ``[N, K]`` int32 output (a view of a fixed buffer); every entry
             is written.
+        num_rows: optional 1-element int64 device tensor, the rows actually received
+            (at most ``N``): then ``rows`` is the whole receive buffer (``N`` its capacity),
+            the count is read on the device (no host sync) and only the first
+            ``num_rows`` rows of ``slot_map`` are written.
 
     Each ``(row n, k)`` routed to a local expert takes the next slot of that expert in the
     order (n, k) ascending (two phases: per-chunk expert histograms, then each chunk's
@@ -469,6 +524,11 @@ def permute_rows(
     El, K, dev = num_local_experts, msg.num_topk, rows.device
     N = rows.shape[0]
     if not use_triton(dev, impl):
+        if num_rows is not None:  # the reference needs the count on the host
+            n = int(num_rows.reshape(-1)[0])
+            rows = rows[: min(n, N)]
+            if slot_map is not None:
+                slot_map = slot_map[: rows.shape[0]]
         ids = rows[:, msg.ids_offset : msg.ids_offset + 4 * K].contiguous().view(torch.int32)
         sm, masked_m = ref.permute_index_ref(ids, expert_base, El, max_m)
         lay = ref.permute_ref(msg, rows, sm, El, max_m, scale_layout)
@@ -511,10 +571,14 @@ def permute_rows(
     scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
     hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
+    n_ptr = masked_m  # unread unless N_DEV
+    if num_rows is not None:
+        n_ptr = num_rows
+        common["N_DEV"] = True
     if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
         hb = min(_ONEHOT_TILE, next_pow2(block_n * KP))
         launch(ep_permute_hist_kernel, (C,),
-            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, **common, num_warps=4,
+            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, n_ptr, **common, num_warps=4,
             **(dict(V2=True, HB=hb) if v2 else {}),
         )  # fmt: skip
         if v2:  # the chunk carries and masked_m: one program per expert column, one step up
@@ -522,7 +586,7 @@ def permute_rows(
             launch(ep_permute_scan_kernel, (ELP,), hist, masked_m, C, El, ELP=ELP, CB=_ONEHOT_TILE, num_warps=4)
     launch(ep_permute_index_kernel, (C,),
         rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
-        block_n, C, **common, num_warps=4, **(dict(V2=True, SCANNED=C > 1) if v2 else {}),
+        block_n, C, n_ptr, **common, num_warps=4, **(dict(V2=True, SCANNED=C > 1) if v2 else {}),
     )  # fmt: skip
     words = msg.payload_bytes // 4
     sf_words = v2 and msg.payload == "nvfp4" and ksf % 4 == 0 and msg.scale_offset % 4 == 0 and msg.row_bytes % 4 == 0
@@ -653,7 +717,8 @@ class EPBuffer:
     Args:
         group: ``torch.distributed`` process group (``None``: the default group).
         hidden, num_experts, num_topk, max_tokens_per_rank, payload, backend, scale_layout,
-        max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s: see :class:`EPConfig`.
+        max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s, host_sync: see
+            :class:`EPConfig`.
         device: where tensors live; default ``cuda:<current>`` for NCCL groups, else CPU.
 
     Construction is collective: one small all-gather checks that every rank passed the
@@ -679,6 +744,7 @@ class EPBuffer:
         device: torch.device | str | None = None,
         combine_payload: str = "bf16",
         timeout_s: float = 60.0,
+        host_sync: bool = True,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("group: torch.distributed is not initialized (call init_process_group first)")
@@ -691,7 +757,7 @@ class EPBuffer:
         self.device = torch.device(device)
         self.config = EPConfig(
             hidden, num_experts, num_topk, max_tokens_per_rank, payload, scale_layout, backend,
-            max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s,
+            max_m, max_recv_tokens, fp8_ue8m0, impl, combine_payload, timeout_s, host_sync,
         )  # fmt: skip
         self._check_config_across_ranks()
         self._validate_config()
@@ -704,6 +770,8 @@ class EPBuffer:
         self._id = next(_BUFFER_IDS)
         self._generation = 0
         self._handle: EPHandle | None = None  # latest dispatch (combine's transport plan)
+        # host_sync=False: the latest dispatch's checks not run yet (_resolve_deferred)
+        self._deferred: tuple[_DeferredPlan, bool] | None = None
         # fixed: the map back of the latest dispatch (handles hold views of it)
         self._slot_map = torch.empty(self.max_recv_tokens, cfg.num_topk, dtype=torch.int32, device=self.device)
         self.calls = {"dispatch": 0, "combine": 0}  # counters (tests, benchmarks)
@@ -747,7 +815,17 @@ class EPBuffer:
             check_positive_int("max_m", cfg.max_m, multiple_of=MAX_M_ALIGN)
         if cfg.max_recv_tokens is not None:
             check_positive_int("max_recv_tokens", cfg.max_recv_tokens)
-        use_triton(self.device, cfg.impl)  # raises for impl="triton" where it cannot run
+        triton = use_triton(self.device, cfg.impl)  # raises for impl="triton" where it cannot run
+        if not isinstance(cfg.host_sync, bool):
+            raise TypeError(f"host_sync: expected a bool, got {type(cfg.host_sync).__name__}")
+        if not cfg.host_sync:
+            why = (
+                "backend='nvlink'" if cfg.backend != "nvlink" else
+                "an int max_m (the output shape cannot wait for the counts)" if cfg.max_m is None else
+                "the Triton kernels (impl='auto' or 'triton')" if not triton else None
+            )  # fmt: skip
+            if why:
+                raise ValueError(f"host_sync: False needs {why}")
 
     # ---- lifecycle
     def destroy(self) -> None:
@@ -757,6 +835,7 @@ class EPBuffer:
             self.backend = None
         self._generation += 1
         self._handle = None
+        self._deferred = None
 
     def __enter__(self) -> EPBuffer:
         return self
@@ -827,7 +906,8 @@ class EPBuffer:
             receive buffers then, which the next dispatch overwrites).
         """
         backend = self._alive()
-        cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
+        self._resolve_deferred()
+        cfg, R, E = self.config, self.num_ranks, self.config.num_experts
         err = self._validate_dispatch(x, topk_ids, topk_weights, global_scale)
         ids = topk_ids.contiguous() if err is None else None
         if err is not None:
@@ -853,36 +933,27 @@ class EPBuffer:
             )  # fmt: skip
 
         early = self._triton and _v2("pack") and backend.sends_with_meta
+        if not cfg.host_sync:  # (_validate_config: nvlink, Triton, an int max_m)
+            if not early:
+                raise RuntimeError("host_sync: False needs the early send (backend_nvlink.SEND_WITH_META, v2 pack)")
+            # nothing waits: rows go out behind the exchange, the permute reads the row count
+            # on the device, the exchanged counts are checked by the next call
+            backend.exchange_meta_and_send(meta, pack if err is None else None, wait=False)
+            deferred = _DeferredPlan(self._resolve_deferred)
+            self._deferred = (deferred, err is not None)
+            self._generation += 1
+            self._handle = None
+            if err is not None:  # this rank's own input: raise now (its peers raise at their next call)
+                raise err.exc
+            recv, n_recv = backend.receive_capacity()
+            return self._lay_out(backend, recv, cfg.max_m, deferred, x.shape[0], rank_offset, n_recv)
         if early:
             # rows go out right after the exchange (offsets computed on the device); the host
             # checks below overlap the send; the received rows come from received_rows
             allm = backend.exchange_meta_and_send(meta, pack if err is None else None).numpy()
         else:
             allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
-        if allm[:, 0].any():
-            _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch")
-        if allm[:, 1].any():
-            bad = np.flatnonzero(allm[:, 1]).tolist()
-            raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; dispatch did nothing")
-        counts = allm[:, 2 : 2 + R]
-        experts = allm[:, 2 + R :].sum(0)
-        recv_rows = counts.sum(0)
-        if recv_rows.max() > self.max_recv_tokens:
-            r = int(np.argmax(recv_rows))
-            raise ValueError(
-                f"max_recv_tokens: receive overflow, rank {r} would receive {int(recv_rows[r])} rows "
-                f"> capacity {self.max_recv_tokens}; dispatch did nothing"
-            )
-        if cfg.max_m is not None and experts.max() > cfg.max_m:
-            e = int(np.argmax(experts))
-            raise ValueError(
-                f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
-                f"> max_m={cfg.max_m}; dispatch did nothing"
-            )
-        if cfg.max_m is not None:
-            max_m = cfg.max_m
-        else:
-            max_m = ref.round_max_m(experts[self.rank * El : (self.rank + 1) * El])
+        counts, max_m = self._check_exchanged(allm, err, _DID_NOTHING)
         counts_l = tuple(map(tuple, counts.tolist()))
         if early:  # the plan's device rows were computed on the device (backend.plan_rows)
             vec = backend.plan_rows
@@ -893,21 +964,78 @@ class EPBuffer:
         self._generation += 1
         self._handle = None
         recv = backend.received_rows(plan) if early else backend.dispatch_rows(plan, pack)
+        return self._lay_out(backend, recv, max_m, plan, x.shape[0], rank_offset)
+
+    def _lay_out(self, backend, recv, max_m, plan, T, rank_offset, n_recv=None) -> DispatchOutput:
+        """The permute of the received rows, the handle, the output (both dispatch paths)."""
+        cfg, El = self.config, self.num_local_experts
         p = permute_rows(
             self.msg, recv, expert_base=self.rank * El, num_local_experts=El, max_m=max_m,
-            scale_layout=cfg.scale_layout, slot_map=self._slot_map[: plan.num_recv], impl=impl,
+            scale_layout=cfg.scale_layout, slot_map=self._slot_map[: recv.shape[0]], impl=cfg.impl,
+            num_rows=n_recv,
         )  # fmt: skip
         backend.check("dispatch")  # nvlink: the flag status, read once every kernel is queued (or deferred)
         handle = EPHandle(
-            self._id, self._generation, plan, x.shape[0], rank_offset, p.slot_map,
-            p.topk_weights.reshape(-1), max_m,
+            self._id, self._generation, plan, T, rank_offset, p.slot_map, p.topk_weights.reshape(-1), max_m,
         )  # fmt: skip
         self._handle = handle
         self.calls["dispatch"] += 1
         return DispatchOutput(
             x=p.x, scales=p.scales, global_scale=p.global_scale, masked_m=p.masked_m, topk_weights=p.topk_weights,
             handle=handle, payload=cfg.payload, scale_layout=cfg.scale_layout, hidden=cfg.hidden,
-            num_recv_tokens=plan.num_recv, ue8m0=cfg.fp8_ue8m0,
+            ue8m0=cfg.fp8_ue8m0,
+        )  # fmt: skip
+
+    def _check_exchanged(self, allm: np.ndarray, err: _InputError | None, outcome: str) -> tuple[np.ndarray, int]:
+        """Host checks of the exchanged ``[R, 2 + R + E]`` vectors (identical on every rank, so
+        every rank raises the same error): ``(counts [R, R], max_m)``. ``outcome`` ends the
+        messages (what became of the call)."""
+        cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
+        if allm[:, 0].any():
+            tail = "" if outcome == _DID_NOTHING else outcome
+            _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch", tail)
+        if allm[:, 1].any():
+            bad = np.flatnonzero(allm[:, 1]).tolist()
+            raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; {outcome}")
+        counts = allm[:, 2 : 2 + R]
+        experts = allm[:, 2 + R :].sum(0)
+        recv_rows = counts.sum(0)
+        if recv_rows.max() > self.max_recv_tokens:
+            r = int(np.argmax(recv_rows))
+            raise ValueError(
+                f"max_recv_tokens: receive overflow, rank {r} would receive {int(recv_rows[r])} rows "
+                f"> capacity {self.max_recv_tokens}; {outcome}"
+            )
+        if cfg.max_m is not None and experts.max() > cfg.max_m:
+            e = int(np.argmax(experts))
+            raise ValueError(
+                f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
+                f"> max_m={cfg.max_m}; {outcome}"
+            )
+        if cfg.max_m is not None:
+            return counts, cfg.max_m
+        return counts, ref.round_max_m(experts[self.rank * El : (self.rank + 1) * El])
+
+    def _resolve_deferred(self) -> None:
+        """``host_sync=False``: wait for the latest dispatch's count exchange (long done when
+        the caller ran anything in between) and run its checks, raising on every rank; on
+        success its handle's plan is built. No-op when nothing is pending."""
+        if self._deferred is None:
+            return
+        deferred, raised = self._deferred
+        self._deferred = None
+        try:
+            allm = self.backend.finish_exchange().numpy()
+            if raised:  # this rank raised its own input error in that dispatch already
+                return
+            sent_nothing = allm[:, 0].any() or allm[:, 1].any()
+            outcome = ("that dispatch sent no rows, its " if sent_nothing else "that dispatch's ") + "output is invalid"
+            counts, _ = self._check_exchanged(allm, None, outcome)
+        except Exception:
+            self._handle = None
+            raise
+        deferred._plan = TransferPlan(
+            self.rank, tuple(map(tuple, counts.tolist())), self.msg.row_bytes, self.config.hidden, self.backend.plan_rows
         )  # fmt: skip
 
     # ---- combine
@@ -959,6 +1087,7 @@ class EPBuffer:
         codes; the nvlink backend's timeout status with them).
         """
         backend = self._alive()
+        self._resolve_deferred()  # host_sync=False: the dispatch's checks (raise on every rank)
         err = self._validate_combine(expert_out, handle)
         cur = self._handle
         if cur is None:  # no dispatch on this buffer: no rank can hold a valid handle
