@@ -131,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-iters", type=int, default=5)
     p.add_argument("--variants", default="", help="comma list (default: all of each backend)")
     p.add_argument("--timeout-s", type=float, default=20.0)
+    p.add_argument("--max-m", type=int, default=None, help="EPConfig.max_m (default: derived per call)")
+    p.add_argument("--no-host-sync", action="store_true",
+                   help="nvlink: EPBuffer(host_sync=False) (needs --max-m; the send_meta variant only)")
     p.add_argument("--out", default="results/profile_ep.json")
     return p.parse_args(argv)
 
@@ -228,8 +231,9 @@ def run(args) -> None:
         timer.wrap_launch(mod)
     results = []
     for backend in args.backends.split(","):
+        extra = dict(max_m=args.max_m, host_sync=not (args.no_host_sync and backend == "nvlink"))
         buf = EPBuffer(None, args.hidden, args.experts, args.topk, max(tokens), payload="nvfp4", backend=backend,
-                       timeout_s=args.timeout_s)  # fmt: skip
+                       timeout_s=args.timeout_s, **extra)  # fmt: skip
         for m in ("exchange_meta", "exchange_meta_and_send", "dispatch_rows", "combine_rows", "check"):  # this instance only
             timer.wrap(buf.backend, m, "be." + m)
         timer.wrap(buf, "_validate_dispatch", "validate_dispatch")

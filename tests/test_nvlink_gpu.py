@@ -397,17 +397,18 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
     import fp4comm.ep.buffer as B
 
     host, _, kernels = variant.partition("+")  # e.g. "symmem_defer+v2": host variant + EP kernels
-    set_host_variant(host)
+    nosync = host == "nosync"  # EPBuffer(host_sync=False) over the default host path, both max_m=512
+    set_host_variant("send_with_meta" if nosync else host)
     kernels = kernels or B.KERNELS
 
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")
     _watch(300)
     R, H, E, K, TMAX = pg.world_size, 7168, 256 if pg.world_size == 4 else 64, 8, 512
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, payload=payload,
-              combine_payload=cpayload, timeout_s=PEER_TIMEOUT_S)  # fmt: skip
+              combine_payload=cpayload, timeout_s=PEER_TIMEOUT_S, max_m=512 if nosync else None)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     # no `with`: on a failure this rank must not enter the collective frees (see module doc)
-    nv = EPBuffer(backend="nvlink", **kw)
+    nv = EPBuffer(backend="nvlink", host_sync=not nosync, **kw)
     ref = EPBuffer(backend="torch", **kw)
     # a few full input sets, sliced per cycle (making inputs on the CPU costs more than a cycle)
     sets = [_inputs(pg, TMAX, H, E, K, seed=s) for s in range(min(cycles, 4))]
@@ -433,6 +434,7 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
                 assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
             yb = ref.combine(eo, b.handle)
             assert torch.equal(ya, yb), it
+            assert a.num_recv_tokens == b.num_recv_tokens and torch.equal(a.handle.slot_map, b.handle.slot_map)
     torch.cuda.synchronize()
     leak = torch.cuda.memory_allocated() - (before or 0)
     assert leak < (256 << 20), leak
@@ -449,7 +451,7 @@ def _ht_vs_torch(pg, payload, cycles, cpayload="bf16", variant="baseline"):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("payload", ["nvfp4", "fp8", "bf16"])
 @pytest.mark.parametrize(
-    "variant", ["baseline", "symmem_defer", "symmem_defer+v2", "symmem_defer+best", "send_with_meta+best"]
+    "variant", ["baseline", "symmem_defer", "symmem_defer+v2", "symmem_defer+best", "send_with_meta+best", "nosync+best"]
 )
 def test_ht_nvlink_equals_torch(world, payload, variant):
     assert all(run_distributed(_ht_vs_torch, world, payload, 20, "bf16", variant, backend="nccl", timeout=300))
@@ -463,6 +465,6 @@ def test_ht_nvlink_combine_wire_equals_torch(world, cpayload):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2", "send_with_meta+best"])
+@pytest.mark.parametrize("variant", ["baseline", "symmem_defer", "symmem_defer+v2", "send_with_meta+best", "nosync+best"])
 def test_ht_1000_cycles(world, variant):
     assert all(run_distributed(_ht_vs_torch, world, "nvfp4", 1000, "bf16", variant, backend="nccl", timeout=600))
