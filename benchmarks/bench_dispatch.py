@@ -29,7 +29,9 @@ What is measured, per (backend, payload, tokens T per rank):
 * baseline: one ``all_to_all_single`` of the same message rows as plain BF16 tokens
   (``2H`` bytes a row, no metadata, no quantization, no permute; split sizes known).
 Each iteration: device sync + barrier, time the op, device sync; the per-iteration time is
-the slowest rank's; reported as mean +- std over iterations (us).
+the slowest rank's; reported as mean +- std over iterations (us). ``back-to-back us``
+(dispatch): ``iters`` dispatches in a row with one sync at the end, per call, slowest rank:
+what a call costs when the host may run ahead (``host_sync=False`` lets it).
 Bytes on the wire: message rows this rank sends to *other* ranks x row bytes (own-rank rows
 stay in local memory), averaged over ranks; GB/s per rank = those bytes / mean time.
 Speed-up columns: BF16-payload time / this payload's time (same backend, same op), and raw
@@ -157,7 +159,10 @@ def run(args) -> None:
         tokens[T] = (x, ids, w, sc, rc)
         send = x[order].contiguous().view(torch.uint8)
         recv = torch.empty(sum(rc), 2 * H, dtype=torch.uint8, device=dev)
-        st = timed(lambda send=send, recv=recv, sc=sc, rc=rc: dist.all_to_all_single(recv, send, rc, sc))
+        a2a = lambda send=send, recv=recv, sc=sc, rc=rc: dist.all_to_all_single(recv, send, rc, sc)  # noqa: E731
+        st = timed(a2a)
+        st["back_to_back_us"] = common.max_over_ranks(
+            [common.time_back_to_back(a2a, dev, iters=args.iters, warmup=1)], dev)[0]  # fmt: skip
         peer_rows = mean_over_ranks(sum(sc) - sc[rank])
         nbytes = peer_rows * 2 * H
         results.append(dict(backend="raw_a2a", payload="bf16", op="dispatch", tokens=T, bytes_per_rank=nbytes,
@@ -251,6 +256,8 @@ def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, ti
 
         if with_dispatch:
             sd = timed(do_dispatch)
+            b2b = common.time_back_to_back(do_dispatch, dev, iters=args.iters, warmup=1)
+            sd["back_to_back_us"] = common.max_over_ranks([b2b], dev)[0]
         else:
             do_dispatch()
         d = holder["d"]
@@ -321,7 +328,8 @@ def _report(args, results, skipped, env, R):
     _speedups(results)
     cols = [
         ("backend", "backend"), ("op", "op"), ("payload", "payload"), ("combine_payload", "wire"), ("tokens", "tok/rank"),
-        ("time_us", "us (mean +- std)"), ("median_us", "median us"), ("bytes_per_rank", "bytes to peers/rank"),
+        ("time_us", "us (mean +- std)"), ("median_us", "median us"), ("back_to_back_us", "back-to-back us"),
+        ("bytes_per_rank", "bytes to peers/rank"),
         ("gbps_per_rank", "GB/s/rank"),
         ("speedup_vs_bf16", "x vs bf16"), ("speedup_vs_raw_a2a", "x vs raw bf16 a2a"),
         ("wire_sqnr_db", "wire SQNR dB"), ("wire_max_rel_err", "wire max rel err"),

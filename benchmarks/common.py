@@ -84,6 +84,25 @@ def time_op(fn: Callable[[], object], device: torch.device, *, iters: int, warmu
     return out
 
 
+def time_back_to_back(fn: Callable[[], object], device: torch.device, *, iters: int, warmup: int, group=None) -> float:
+    """Microseconds per call of ``iters`` back-to-back calls of ``fn()`` on this rank (device
+    synchronized and ranks aligned once before, synchronized once after): the cost of a call
+    when the host may run ahead of the device, as in a model's forward pass."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e6 / max(iters, 1)
+
+
 def max_over_ranks(samples: list[float], device: torch.device, group=None) -> list[float]:
     """Per-iteration maximum over ranks (the slowest rank defines a collective's time)."""
     import torch.distributed as dist
