@@ -557,7 +557,7 @@ def test_ll_torch_fallback_matches_emulated_nvlink():
 
 
 # ----------------------------------------------------------------------------- high throughput via EPBuffer
-def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", kernels="v1", host_sync=True):
+def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", kernels="v1", host_sync=True, impl="auto"):
     """EPBuffer(backend="nvlink") (CPU: /dev/shm symmetric memory, interpreter kernels) vs
     EPBuffer(backend="torch") on the same inputs: every output bit equal (``variant``: the
     nvlink backend's host path, ``backend_nvlink.HOST_VARIANTS``; ``kernels``: the nvlink
@@ -581,7 +581,7 @@ def _ht_compare(pg, payload, layout, T_list, seed, H=64, variant="baseline", ker
     if not host_sync:
         kw["max_m"] = 128
     res = []
-    with EPBuffer(backend="nvlink", host_sync=host_sync, **kw) as nv, EPBuffer(backend="torch", **kw) as ref:
+    with EPBuffer(backend="nvlink", host_sync=host_sync, impl=impl, **kw) as nv, EPBuffer(backend="torch", **kw) as ref:
         for it in range(3):  # several calls: epochs advance, buffers reused
             xs, ids, ws = make_inputs(R, [T_list[(r + it) % R] for r in range(R)], H, E, K, seed=seed + it)
             x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
@@ -705,6 +705,15 @@ def test_ht_nvlink_without_host_sync_equals_torch(payload, layout):
     H = 128 if payload == "fp8" else 80
     out = run_distributed(_ht_compare, 2, payload, layout, [37, 3], 9, H, "send_with_meta", "best", False)
     assert len(out) == 2
+
+
+def test_ht_nvlink_reference_impl_equals_torch():
+    """``impl="reference"`` over emulated NVLink (the plain-torch steps write the peers'
+    buffers through per-call views, which the Triton path never builds): torch's bits."""
+    from tests.distributed import run_distributed
+
+    assert len(run_distributed(_ht_compare, 2, "nvfp4", "swizzled", [5, 3], 13, 64, "symmem_defer", "v1", True,
+                               "reference")) == 2  # fmt: skip
 
 
 def _ht_no_host_sync_errors(pg):

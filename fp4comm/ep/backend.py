@@ -189,7 +189,8 @@ class RowTargets:
 
     Attributes:
         views: ``R`` tensors, the block of each rank (the ``impl="reference"`` path writes them);
-            ``None`` with ``device_plan`` (the sizes are not known on the host yet).
+            ``None`` with ``device_plan`` (the sizes are not known on the host yet), and from
+            the ``nvlink`` combine when the kernels are Triton (they use ``table`` alone).
         table: ``[R]`` int64 device addresses; cached by the backend (fixed buffers).
         row_base: ``[R]`` int64 on the device (a row of ``TransferPlan.vec``); ignored with
             ``device_plan``.

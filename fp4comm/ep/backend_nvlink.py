@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .._launch import launch
-from .._runtime import next_pow2
+from .._runtime import next_pow2, use_triton
 from .backend import PLAN_ROWS, DevicePlan, EPBackend, PackFn, ReduceFn, RowTargets, TransferPlan
 from .message import MessageLayout, combine_row_bytes
 from .symmem import SymmetricMemory
@@ -132,6 +132,8 @@ class NVLinkBackend(EPBackend):
                     raise ValueError("backend: 'nvlink' on CPU needs TRITON_INTERPRET=1 (tests only)")
                 mem = ShmMemory(group, device)
         self.mem = mem
+        # the buffer's kernels are Triton (rows addressed through tables): no per-call views
+        self._kernels = use_triton(device, config.impl)
         R, H, TMAX = self.world_size, config.hidden, config.max_tokens_per_rank
         self.row_bytes = MessageLayout(config.payload, H, config.num_topk).row_bytes
         self.max_recv = config.max_recv_tokens or R * TMAX
@@ -256,15 +258,17 @@ class NVLinkBackend(EPBackend):
         if plan.num_send > self.max_send:
             raise ValueError(f"max_tokens_per_rank: {plan.num_send} combine rows exceed the buffer's {self.max_send}")
         if code == 0:
-            views = []
-            for s in range(R):
-                # on rank s, rows sent to rank r start at s's send offset for r
-                off = sum(plan.counts[s][r] for r in range(self.rank))
-                views.append(self._comb.peer(s).view(-1, CRB)[off : off + plan.recv_counts[s]])
+            views = None  # the Triton kernels address rows through the table alone
+            if not self._kernels:
+                views = []
+                for s in range(R):
+                    # on rank s, rows sent to rank r start at s's send offset for r
+                    off = sum(plan.counts[s][r] for r in range(self.rank))
+                    views.append(self._comb.peer(s).view(-1, CRB)[off : off + plan.recv_counts[s]])
             reduce(RowTargets(views, self._comb.peer_ptrs, plan.row("at_source_shift")))
         self._epoch_c += 1
         self._flags(self._cflags, self._epoch_c, ST_COMBINE, code)
-        views = list(self._comb.local.view(-1, CRB)[: plan.num_send].split(plan.send_counts))
+        views = None if self._kernels else list(self._comb.local.view(-1, CRB)[: plan.num_send].split(plan.send_counts))
         return RowTargets(views, self._comb_local, plan.row("send_start"))
 
     def exchange_meta(self, meta: torch.Tensor) -> torch.Tensor:
