@@ -246,13 +246,13 @@ class _DeferredPlan:
     buffer's resolver the first time it is asked for (at the latest by the next call)."""
 
     def __init__(self, resolve) -> None:
-        self._resolve, self._plan = resolve, None
+        self._resolve, self._plan, self.resolved = resolve, None, False
 
     def get(self) -> TransferPlan:
-        if self._plan is None:
+        if not self.resolved:  # still the buffer's pending dispatch
             self._resolve()
-            if self._plan is None:
-                raise RuntimeError("handle: its dispatch failed (the error was raised by an earlier call)")
+        if self._plan is None:
+            raise RuntimeError("handle: its dispatch failed (the error was raised by an earlier call)")
         return self._plan
 
 
@@ -1024,11 +1024,14 @@ class EPBuffer:
             return
         deferred, raised = self._deferred
         self._deferred = None
+        deferred.resolved = True
         try:
             allm = self.backend.finish_exchange().numpy()
             if raised:  # this rank raised its own input error in that dispatch already
                 return
-            sent_nothing = allm[:, 0].any() or allm[:, 1].any()
+            # the early send stores nothing on a bad input or a receiver overflow (DevicePlan)
+            R = self.num_ranks
+            sent_nothing = allm[:, 0].any() or allm[:, 1].any() or allm[:, 2 : 2 + R].sum(0).max() > self.max_recv_tokens
             outcome = ("that dispatch sent no rows, its " if sent_nothing else "that dispatch's ") + "output is invalid"
             counts, _ = self._check_exchanged(allm, None, outcome)
         except Exception:
