@@ -810,7 +810,7 @@ def ep_combine_source_kernel(
     H: tl.constexpr,
     CPAYLOAD: tl.constexpr,
     BLOCK_H: tl.constexpr,  # bf16 wire (grid (T, cdiv(H, BLOCK_H)))
-    NB: tl.constexpr,  # quantized wires (grid (T,))
+    NB: tl.constexpr,  # quantized wires: blocks a program (grid (T, cdiv(H / block, NB)))
     CROW_BYTES: tl.constexpr,
     CSCALE_OFF: tl.constexpr,
     V2: tl.constexpr = False,  # tables loaded once as [RP] vectors; bf16 rows read 16 bytes at a time
@@ -842,20 +842,21 @@ def ep_combine_source_kernel(
                     acc = acc + tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm, other=0.0).to(tl.float32)
                 r += 1
         tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
-    else:
+    else:  # blocks [b0, b0 + NB) of the row: the dequantization needs no whole-row value
         BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
-        blk = tl.arange(0, NB)
+        b0 = tl.program_id(1) * NB
+        blk = b0 + tl.arange(0, NB)
         offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
         acc = tl.zeros((NB, BS), tl.float32)
         if V2:
             for r in tl.static_range(RP):
                 if pick(offs_r, rr, r) >= 0:
-                    acc = acc + _load_row_f32(src_table_ptr, pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF)
+                    acc = acc + _load_row_f32(src_table_ptr, pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF, b0)
         else:
             r = 0
             while r < R:
                 sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
                 if sent:
-                    acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF)
+                    acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF, b0)
                 r += 1
         tl.store(y_ptr + t * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])

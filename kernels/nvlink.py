@@ -160,16 +160,17 @@ def _store_row(
 
 @triton.jit
 def _load_row_f32(
-    anchor, row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr
+    anchor, row_addr, H: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr, SCALE_OFF: tl.constexpr, B0=0
 ):
-    """Dequantize one row at byte address ``row_addr`` to an FP32 tile ``[NB, BS]``
-    (BS = 16 for nvfp4/bf16, 128 for fp8); blocks past ``H`` read as 0."""
+    """Dequantize blocks ``[B0, B0 + NB)`` of one row at byte address ``row_addr`` to an FP32
+    tile ``[NB, BS]`` (BS = 16 for nvfp4/bf16, 128 for fp8; nvfp4: ``B0`` a multiple of 8);
+    blocks past ``H`` read as 0."""
     wp = _row_words(anchor, row_addr)
-    blk = tl.arange(0, NB)
+    blk = B0 + tl.arange(0, NB)
     if PAYLOAD == 0:
         KSF: tl.constexpr = H // 16
         pw = tl.load(wp + blk, mask=blk < KSF, other=0)
-        sblk = tl.arange(0, NB // 8)
+        sblk = B0 // 8 + tl.arange(0, NB // 8)
         sw = tl.load(wp + SCALE_OFF // 8 + sblk, mask=sblk < (KSF + 7) // 8, other=0)
         sfb = tl.reshape(_words_to_bytes(sw), (NB,))
         sfb = tl.where(blk < KSF, sfb, 0)

@@ -188,11 +188,14 @@ def test_permute_no_rows(device):
     assert got.scales.shape == (4, 128, 4) and not bool(got.scales.view(torch.uint8).any())
 
 
-@pytest.mark.parametrize("wire,H", [("bf16", 64), ("bf16", 80), ("nvfp4", 80), ("fp8", 256)], ids=str)
+@pytest.mark.parametrize(
+    "wire,H", [("bf16", 64), ("bf16", 80), ("nvfp4", 80), ("fp8", 256), ("nvfp4", 2080), ("fp8", 1152)], ids=str
+)
 def test_combine_matches_reference(wire, H, device):
     """Both combine halves vs the reference, for every combine wire: the expert side's rows
     (BF16 partial, then per-row fp8 / nvfp4 quantization) byte for byte, stored at a row
-    shift per source as a peer-memory backend passes it; the source side's FP32 sum."""
+    shift per source as a peer-memory backend passes it; the source side's FP32 sum (H=2080
+    / 1152: quantized rows read by several column programs, the last one partial)."""
     from fp4comm.ep.message import CombineLayout
 
     R, El, max_m, K = 3, 4, 128, 4
