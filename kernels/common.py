@@ -166,6 +166,40 @@ def nvfp4_dequantize_tile(packed, sfb, gs):
 
 
 @triton.jit
+def nvfp4_dequantize_codes(codes, sfb, gs):
+    """E2M1 codes [NB, 16] (int32 0..15), scale bytes [NB] (int32), scalar encode scale ``gs``
+    -> FP32 [NB, 16], the bits of ``e2m1(q) * float(sf) / gs`` (:func:`nvfp4_dequantize_tile`)
+    with two divisions a block instead of one an element.
+
+    ``m * sf`` is exact for every E2M1 magnitude ``m`` (2 + 4 significant bits), so an element
+    is ``RN(m * sf / gs)``; ``m`` is ``2^k`` or ``1.5 * 2^k`` (k in -1..2), and rounding
+    commutes with a power-of-two scale while both quotients are normal. So with ``a =
+    RN(sf / gs)`` and ``b = RN(1.5 * sf / gs)`` per block, an element is ``a`` or ``b`` times
+    ``2^k`` exactly, whenever every nonzero ``a`` lies in ``[2^-120, 2^120]`` and ``b`` below
+    ``2^120``, no scale is NaN and ``gs`` is a positive finite number; otherwise (tiny,
+    huge or special values anywhere in the tile) every element is divided."""
+    sf = e4m3_decode(sfb)
+    gsv = gs + tl.zeros_like(sf)
+    a = tl.math.div_rn(sf, gsv)
+    b = tl.math.div_rn(sf * 1.5, gsv)
+    aa = tl.abs(a)
+    normal = (aa >= 7.52316384526264e-37) & (aa <= 1.329227995784916e36) & (tl.abs(b) <= 1.329227995784916e36)
+    ok = (aa == 0) | normal  # 2^-120 .. 2^120
+    ok = ok & ((sfb & 0x7F) != 0x7F) & (gsv > 0) & (gsv < float("inf"))
+    e = (codes >> 1) & 3
+    odd = (codes & 1) != 0
+    if tl.min(ok.to(tl.int32), axis=0) != 0:
+        base = tl.where(odd, b[:, None], a[:, None])
+        # code 1: a / 2; codes 2-7: a or b times 2^(e - 1); codes 0 / 8: zero with a's sign
+        pow2 = ((e + 126) << 23).to(tl.float32, bitcast=True)  # 2^(e - 1)
+        mag = tl.where(e == 0, a[:, None] * tl.where(odd, 0.5, 0.0), base * pow2)
+        v = flip_sign(mag, (codes & 8) << 28)
+    else:
+        v = tl.math.div_rn(e2m1_decode(codes) * sf[:, None], gsv[:, None])
+    return v
+
+
+@triton.jit
 def swizzled_sf_offset(e, m, k, MT, KT):
     """Byte offset of scale (m, k) of expert e in the 128x4 layout (MT = Mp/128, KT = Kp/4)."""
     return ((e * MT + m // 128) * KT + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4

@@ -36,7 +36,7 @@ from .common import (
     e4m3_decode,
     fp8_block_quantize_tile,
     nvfp4_block_stats,
-    nvfp4_dequantize_tile,
+    nvfp4_dequantize_codes,
     nvfp4_global_scale,
     nvfp4_quantize_tile,
     pick,
@@ -168,19 +168,23 @@ def _load_row_f32(
     wp = _row_words(anchor, row_addr)
     blk = B0 + tl.arange(0, NB)
     if PAYLOAD == 0:
+        # element j of a block is nibble j of the block's two little-endian 32-bit words
         KSF: tl.constexpr = H // 16
-        pw = tl.load(wp + blk, mask=blk < KSF, other=0)
-        sblk = B0 // 8 + tl.arange(0, NB // 8)
-        sw = tl.load(wp + SCALE_OFF // 8 + sblk, mask=sblk < (KSF + 7) // 8, other=0)
-        sfb = tl.reshape(_words_to_bytes(sw), (NB,))
-        sfb = tl.where(blk < KSF, sfb, 0)
+        kk = tl.arange(0, 16)
+        w32 = wp.to(tl.pointer_type(tl.int32))
+        bm = blk < KSF
+        pw = tl.load(w32 + blk[:, None] * 2 + (kk // 8)[None, :], mask=bm[:, None], other=0)
+        codes = (pw >> ((kk % 8) * 4)[None, :]) & 15
+        sfb = tl.load(wp.to(tl.pointer_type(tl.uint8)) + SCALE_OFF + blk, mask=bm, other=0).to(tl.int32)
         GS_OFF: tl.constexpr = (SCALE_OFF + KSF + 15) // 16 * 16
         gs = tl.load((row_addr + GS_OFF).to(tl.pointer_type(tl.float32)))
-        v = nvfp4_dequantize_tile(_words_to_bytes(pw), sfb, gs)
+        v = nvfp4_dequantize_codes(codes, sfb, gs)
     elif PAYLOAD == 1:
         NBLK: tl.constexpr = H // 128
-        pw = tl.load(wp + blk[:, None] * 16 + tl.arange(0, 16)[None, :], mask=(blk < NBLK)[:, None], other=0)
-        qb = tl.reshape(_words_to_bytes(tl.reshape(pw, (NB * 16,))), (NB, 128))
+        kk = tl.arange(0, 128)
+        w32 = wp.to(tl.pointer_type(tl.int32))
+        pw = tl.load(w32 + blk[:, None] * 32 + (kk // 4)[None, :], mask=(blk < NBLK)[:, None], other=0)
+        qb = (pw >> ((kk % 4) * 8)[None, :]) & 255
         s = tl.load((row_addr + SCALE_OFF).to(tl.pointer_type(tl.float32)) + blk, mask=blk < NBLK, other=0.0)
         v = e4m3_decode(qb) * s[:, None]
     else:

@@ -138,3 +138,48 @@ def test_prmt_packing_and_u16x2_maxima_match_the_portable_code(device):
     assert np.array_equal(o["mx"][0::2], want)
     if hw:
         assert np.array_equal(o["hw"], o["soft"]) and np.array_equal(o["mx"][1::2], want)
+
+
+@triton.jit
+def _dequant_codes(codes_ptr, sfb_ptr, gs_ptr, out_ptr, NB: tl.constexpr):
+    """One tile a program: ``NB`` blocks of 16 codes, their scale bytes, one ``gs``."""
+    p = tl.program_id(0)
+    b = tl.arange(0, NB)
+    o = (p * NB + b)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    v = C.nvfp4_dequantize_codes(tl.load(codes_ptr + o), tl.load(sfb_ptr + p * NB + b), tl.load(gs_ptr + p))
+    tl.store(out_ptr + o, v)
+
+
+def test_nvfp4_dequantize_codes_matches_the_division_bit_for_bit(device):
+    """The two-divisions-a-block decode (fast path) gives the bits of ``e2m1 * sf / gs`` per
+    element, and tiles with values it cannot scale exactly (quotients near the subnormal or
+    overflow range, NaN scales, non-positive or infinite ``gs``) take the division: every
+    scale byte, every code (with -0), and ``gs`` from 1e-38 to 3e38."""
+    g = torch.Generator().manual_seed(11)
+    NB = 16
+    gs_list = [1.0, 2688 / 3.7, 0.37, 1e-30, 1e30, 3e38, 1.2e-38, 1e-3, 5e3, float("inf"), 0.0, -2.0, 1e20, 1e-20]
+    tiles = []
+    for gs in gs_list:
+        for _ in range(3):
+            tiles.append((torch.randint(0, 16, (NB, 16), generator=g), torch.randint(0, 256, (NB,), generator=g), gs))
+    tiles.append((torch.arange(256).reshape(NB, 16) % 16, torch.arange(256)[:NB] + 0x30, 1.0))  # all codes, normal scales
+    tiles.append((torch.arange(256).reshape(NB, 16) % 16, torch.arange(NB) + 0x70, 1.0))  # 0x7F (NaN) among them
+    codes = torch.stack([t[0] for t in tiles]).int()
+    sfb = torch.stack([t[1] for t in tiles]).int()
+    gs = torch.tensor([t[2] for t in tiles], dtype=torch.float32)
+    out = torch.empty(len(tiles), NB, 16, dtype=torch.float32, device=device)
+    _dequant_codes[(len(tiles),)](codes.to(device), sfb.to(device), gs.to(device), out, NB=NB)
+    e2m1 = torch.tensor(oracles.E2M1, dtype=torch.float32)
+    mag = e2m1[codes & 7]
+    val = torch.where((codes & 8) != 0, -mag, mag)  # -0.0 for code 8
+    sf = torch.from_numpy(formats_e4m3(sfb.numpy()))
+    want = (val * sf[:, :, None]) / gs[:, None, None]
+    got = out.cpu()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def formats_e4m3(b: np.ndarray) -> np.ndarray:
+    """E4M3 byte -> float32 value (NaN for 0x7F / 0xFF)."""
+    return np.asarray(oracles.E4M3, dtype=np.float32)[b & 0x7F] * np.where(b & 0x80, -1.0, 1.0).astype(np.float32)
