@@ -314,9 +314,8 @@ class NVLinkBackend(EPBackend):
             self._meta_ready.synchronize()
         if pending == ST_DISPATCH:
             self._raise_status(self._host_status, ST_DISPATCH)
-        late = np.flatnonzero(self._host_late)
-        if late.size:
-            raise self._timeout("count exchange", int(late[0]))
+        if self._host_late.any():
+            raise self._timeout("count exchange", int(np.flatnonzero(self._host_late)[0]))
         return self._host_rows
 
     def check(self, what: str) -> list[int]:

@@ -17,6 +17,7 @@ rounding order is in :meth:`EPBuffer.combine` and ``fp4comm/reference/ep.py``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -407,7 +408,6 @@ def pack_rows(
         for d, part in zip(views, rows.split(counts)):
             d.view(-1, msg.row_bytes)[: part.shape[0]].copy_(part)
         return
-    from ..kernels.dispatch import ep_pack_kernel
 
     t = _targets(dests, dev, "pack")
     gs_mode, gs, gs_value = 2, topk_weights, 1.0  # gs pointer unused unless GS_MODE 0 / 1
@@ -432,7 +432,7 @@ def pack_rows(
     if dp is not None and not v2:
         raise ValueError("dests: a device plan needs the v2 pack kernel (fp4comm.ep.buffer.KERNELS)")
     plan_args = (t.table, 0, 0, 0) if dp is None else (dp.meta, dp.width, dp.rank, dp.max_recv)
-    launch(ep_pack_kernel, (T,),
+    launch(_kernels().ep_pack_kernel, (T,),
         x, topk_ids, topk_weights, gs, gs_value, rank_offset, t.table, t.row_base, R, H,
         msg.row_bytes, msg.scale_offset, msg.gs_offset, msg.ids_offset, msg.weights_offset, msg.src_offset,
         *plan_args, DEVICE_PLAN=dp is not None,
@@ -537,75 +537,120 @@ def permute_rows(
             sm = slot_map
         return PermuteResult(lay.x, lay.scales, lay.global_scale, lay.topk_weights, masked_m, sm)
 
-    from ..kernels.dispatch import (
-        ep_permute_hist_kernel,
-        ep_permute_index_kernel,
-        ep_permute_kernel,
-        ep_permute_scan_kernel,
-    )
+    kd = _kernels()
+    tuning = (_ONE_CHUNK_ROWS, _ONE_CHUNK_ROWS_V2, _MAX_CHUNKS, _PERMUTE_ROWS, _ONEHOT_TILE)  # module knobs (tests)
+    pl = _permute_plan(msg, N, El, max_m, scale_layout, _v2("permute"), num_rows is not None, tuning)
+    # every output but the payload is written in full by the kernels (padding included)
+    x = torch.empty(El, max_m, pl.pcols, dtype=pl.pdtype, device=dev)
+    scales = gs = None
+    if msg.payload == "nvfp4":
+        scales = torch.empty(El, max_m, pl.sf_cols, dtype=torch.uint8, device=dev)
+        gs = torch.empty(El, max_m, dtype=torch.float32, device=dev)
+    elif msg.payload == "fp8":
+        scales = torch.empty(El, max_m, pl.ksf, dtype=torch.float32, device=dev)
+    w = torch.empty(El, max_m, dtype=torch.float32, device=dev)
+    if slot_map is None:
+        slot_map = torch.empty(N, K, dtype=torch.int32, device=dev)
+    masked_m = torch.empty(El, dtype=torch.int32, device=dev)
+    # one int32 scratch: [C, ELP] chunk histograms, then [El * max_m] slot -> (n * K + k)
+    scratch = torch.empty(pl.n_hist + El * max_m, dtype=torch.int32, device=dev)
+    hist, slot_src = scratch[: pl.n_hist], scratch[pl.n_hist :]
+    n_ptr = masked_m if num_rows is None else num_rows  # read only with N_DEV
+    C, block_n, RB, IO = pl.C, pl.block_n, msg.row_bytes, msg.ids_offset
+    if pl.hist_kw is not None:  # a single chunk starts every expert at 0: no histograms to sum
+        launch(kd.ep_permute_hist_kernel, (C,), rows, hist, N, RB, IO, expert_base, El, block_n, n_ptr, **pl.hist_kw)
+        if pl.scan_kw is not None:  # the chunk carries and masked_m: one program per expert column
+            launch(kd.ep_permute_scan_kernel, (pl.ELP,), hist, masked_m, C, El, **pl.scan_kw)
+    launch(kd.ep_permute_index_kernel, (C,),
+        rows, hist, slot_map, slot_src, masked_m, N, RB, IO, expert_base, El, max_m, block_n, C, n_ptr, **pl.index_kw,
+    )  # fmt: skip
+    launch(kd.ep_permute_kernel, (pl.perm_grid,),
+        rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
+        w if scales is None else scales, w if gs is None else gs, w, RB, *pl.perm_args, **pl.perm_kw,
+    )  # fmt: skip
+    if msg.payload == "nvfp4":
+        scales = scales.view(torch.float8_e4m3fn)
+    return PermuteResult(x, scales, gs, w, masked_m, slot_map)
 
+
+@dataclass(frozen=True)
+class _PermutePlan:
+    """Launch parameters of :func:`permute_rows` for one shape (see :func:`_permute_plan`)."""
+
+    pdtype: torch.dtype
+    pcols: int
+    ksf: int
+    sf_cols: int
+    C: int
+    ELP: int
+    block_n: int
+    n_hist: int
+    hist_kw: dict | None
+    scan_kw: dict | None
+    index_kw: dict
+    perm_grid: int
+    perm_args: tuple
+    perm_kw: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _permute_plan(
+    msg: MessageLayout, N: int, El: int, max_m: int, scale_layout: str, v2: bool, n_dev: bool, tuning: tuple
+) -> _PermutePlan:
+    """Everything :func:`permute_rows` derives from the shapes alone, computed once per shape
+    (host time: a dispatch otherwise recomputes ~20 tile sizes per call). ``tuning``: the
+    module's tile constants, part of the key (tests change them). The dicts are shared
+    between calls and must not be modified."""
+    K = msg.num_topk
     pdtype, pcols = {
         "nvfp4": (torch.uint8, msg.hidden // 2),
         "fp8": (torch.float8_e4m3fn, msg.hidden),
         "bf16": (torch.bfloat16, msg.hidden),
     }[msg.payload]
-    # every output but the payload is written in full by the kernels (padding included)
-    x = torch.empty(El, max_m, pcols, dtype=pdtype, device=dev)
     ksf = msg.num_scales
-    scales = gs = None
     sf_cols = ksf
     if msg.payload == "nvfp4":
         sf_cols = round_up(ksf, 4) if scale_layout == "swizzled" else ksf
-        scales = torch.empty(El, max_m, sf_cols, dtype=torch.uint8, device=dev)
-        gs = torch.empty(El, max_m, dtype=torch.float32, device=dev)
-    elif msg.payload == "fp8":
-        scales = torch.empty(El, max_m, ksf, dtype=torch.float32, device=dev)
-    w = torch.empty(El, max_m, dtype=torch.float32, device=dev)
-    if slot_map is None:
-        slot_map = torch.empty(N, K, dtype=torch.int32, device=dev)
-    masked_m = torch.empty(El, dtype=torch.int32, device=dev)
-    v2 = _v2("permute")
     KP, ELP, SUB, block_n, C = _permute_index_params(N, K, El, v2)
     C = max(C, 1)  # N = 0: one program still writes masked_m (zeros)
-    # one int32 scratch: [C, ELP] chunk histograms, then [El * max_m] slot -> (n * K + k)
-    scratch = torch.empty(C * ELP + El * max_m, dtype=torch.int32, device=dev)
-    hist, slot_src = scratch[: C * ELP], scratch[C * ELP :]
     common = dict(K=K, KP=KP, SUB=SUB, ELP=ELP)
-    n_ptr = masked_m  # unread unless N_DEV
-    if num_rows is not None:
-        n_ptr = num_rows
+    if n_dev:
         common["N_DEV"] = True
-    if C > 1:  # a single chunk starts every expert at 0: no histograms to sum
+    hist_kw = scan_kw = None
+    if C > 1:
         hb = min(_ONEHOT_TILE, next_pow2(block_n * KP))
-        launch(ep_permute_hist_kernel, (C,),
-            rows, hist, N, msg.row_bytes, msg.ids_offset, expert_base, El, block_n, n_ptr, **common, num_warps=4,
-            **(dict(V2=True, HB=hb) if v2 else {}),
-        )  # fmt: skip
-        if v2:  # the chunk carries and masked_m: one program per expert column, one step up
-            # to 4096 chunks (H200, 1850 chunks: 16 experts a program in 8 steps took 14 us)
-            launch(ep_permute_scan_kernel, (ELP,), hist, masked_m, C, El, ELP=ELP, CB=_ONEHOT_TILE, num_warps=4)
-    launch(ep_permute_index_kernel, (C,),
-        rows, hist, slot_map, slot_src, masked_m, N, msg.row_bytes, msg.ids_offset, expert_base, El, max_m,
-        block_n, C, n_ptr, **common, num_warps=4, **(dict(V2=True, SCANNED=C > 1) if v2 else {}),
-    )  # fmt: skip
+        hist_kw = dict(**common, num_warps=4, **(dict(V2=True, HB=hb) if v2 else {}))
+        if v2:  # one step up to 4096 chunks (H200, 1850 chunks: 16 experts a program in 8 steps took 14 us)
+            scan_kw = dict(ELP=ELP, CB=_ONEHOT_TILE, num_warps=4)
+    index_kw = dict(**common, num_warps=4, **(dict(V2=True, SCANNED=C > 1) if v2 else {}))
     words = msg.payload_bytes // 4
     sf_words = v2 and msg.payload == "nvfp4" and ksf % 4 == 0 and msg.scale_offset % 4 == 0 and msg.row_bytes % 4 == 0
     rows_per = _PERMUTE_ROWS
     if v2:  # whole rows a load: ROWS * pow2(words) <= the tile (a power of two, divides 128)
         rows_per = max(1, min(_PERMUTE_ROWS, _ONEHOT_TILE // next_pow2(words)))
-    launch(ep_permute_kernel, (El * max_m // rows_per,),
-        rows, slot_src, masked_m, x.view(torch.uint8).view(torch.int32),
-        w if scales is None else scales, w if gs is None else gs, w,
-        msg.row_bytes, words, msg.scale_offset, msg.gs_offset, msg.weights_offset,
-        max(ksf, 1), max(sf_cols, 1), max_m, max_m // 128, cdiv(max(ksf, 1), 4),
+    perm_args = (
+        words, msg.scale_offset, msg.gs_offset, msg.weights_offset, max(ksf, 1), max(sf_cols, 1), max_m,
+        max_m // 128, cdiv(max(ksf, 1), 4),
+    )  # fmt: skip
+    perm_kw = dict(
         K=K, PAYLOAD=PAYLOADS.index(msg.payload), SWIZZLE=scale_layout == "swizzled", ROWS=rows_per,
         BLOCK_W=min(_ONEHOT_TILE // rows_per, next_pow2(words)), SF_BLOCK=next_pow2(max(sf_cols, 1)),
-        SF_WORDS=sf_words, QUAD=sf_words and scale_layout == "swizzled" and rows_per == 4,
-        num_warps=4,
+        SF_WORDS=sf_words, QUAD=sf_words and scale_layout == "swizzled" and rows_per == 4, num_warps=4,
     )  # fmt: skip
-    if msg.payload == "nvfp4":
-        scales = scales.view(torch.float8_e4m3fn)
-    return PermuteResult(x, scales, gs, w, masked_m, slot_map)
+    return _PermutePlan(pdtype, pcols, ksf, sf_cols, C, ELP, block_n, C * ELP, hist_kw, scan_kw, index_kw,
+                        El * max_m // rows_per, perm_args, perm_kw)  # fmt: skip
+
+
+def _kernels():
+    """``kernels.dispatch`` (imported on first use: ``import fp4comm`` does not import Triton)."""
+    if not _KERNELS_MOD:
+        from ..kernels import dispatch
+
+        _KERNELS_MOD.append(dispatch)
+    return _KERNELS_MOD[0]
+
+
+_KERNELS_MOD: list = []
 
 
 #: bf16 combine wire: (columns a program, warps) of both combine kernels. EP4, 4x H200,
@@ -671,7 +716,6 @@ def combine_expert(
         for d, blk in zip(dests.views, part.split([v.shape[0] for v in dests.views])):
             d.view(torch.uint8).view(-1, part.shape[1])[: blk.shape[0]].copy_(blk)
         return
-    from ..kernels.dispatch import ep_combine_expert_kernel
 
     kw = _combine_launch(wire, H)
     split = kw.pop("_split")
@@ -683,7 +727,7 @@ def combine_expert(
         rank, counts = spread
         grid = R * max(counts)
         kw.update(SPREAD=True, ROT=rank)
-    launch(ep_combine_expert_kernel, (grid, split),
+    launch(_kernels().ep_combine_expert_kernel, (grid, split),
         expert_out, slot_map, slot_weights, dests.table, dests.row_base, recv_end, R,
         H=H, K=K, enable_fp_fusion=False, **kw,
     )  # fmt: skip
@@ -708,7 +752,6 @@ def combine_source(
         rb = CombineLayout(wire, hidden).row_bytes
         views = [v if v.dtype == torch.bfloat16 else v.view(torch.uint8).view(-1, rb) for v in views]
         return ref.combine_source_ref(views, rank_offset, hidden, wire)
-    from ..kernels.dispatch import ep_combine_source_kernel
 
     t = _targets(parts, dev, "combine_source")
     y = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
@@ -722,7 +765,7 @@ def combine_source(
             split = cdiv(hidden // bs, nb)
         if _v2("combine_source"):
             kw.update(V2=True, RP=next_pow2(rank_offset.shape[1]))
-        launch(ep_combine_source_kernel, (T, split),
+        launch(_kernels().ep_combine_source_kernel, (T, split),
             t.table, t.row_base, rank_offset, y, rank_offset.shape[1], H=hidden, enable_fp_fusion=False, **kw,
         )  # fmt: skip
     return y
@@ -971,7 +1014,7 @@ class EPBuffer:
             allm = backend.exchange_meta_and_send(meta, pack if err is None else None).numpy()
         else:
             allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
-        counts, max_m = self._check_exchanged(allm, err, _DID_NOTHING)
+        counts, max_m = self._check_exchanged(allm, err)
         counts_l = tuple(map(tuple, counts.tolist()))
         if early:  # the plan's device rows were computed on the device (backend.plan_rows)
             vec = backend.plan_rows
@@ -1004,33 +1047,35 @@ class EPBuffer:
             ue8m0=cfg.fp8_ue8m0,
         )  # fmt: skip
 
-    def _check_exchanged(self, allm: np.ndarray, err: _InputError | None, outcome: str) -> tuple[np.ndarray, int]:
+    def _check_exchanged(self, allm: np.ndarray, err: _InputError | None, deferred: bool = False) -> tuple[np.ndarray, int]:
         """Host checks of the exchanged ``[R, 2 + R + E]`` vectors (identical on every rank, so
-        every rank raises the same error): ``(counts [R, R], max_m)``. ``outcome`` ends the
-        messages (what became of the call)."""
+        every rank raises the same error): ``(counts [R, R], max_m)``. ``deferred``: the checks
+        of a ``host_sync=False`` dispatch, run by a later call (the messages say what became
+        of that dispatch: the early send stores no rows on a bad input or a receive overflow)."""
         cfg, R, E, El = self.config, self.num_ranks, self.config.num_experts, self.num_local_experts
-        if allm[:, 0].any():
-            tail = "" if outcome == _DID_NOTHING else outcome
-            _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch", tail)
-        if allm[:, 1].any():
+        sent_none = "that dispatch sent no rows, its output is invalid" if deferred else _DID_NOTHING
+        if allm[:, :2].any():
+            if allm[:, 0].any():
+                _raise_collective(allm[:, 0].tolist(), err, self.rank, "dispatch", sent_none if deferred else "")
             bad = np.flatnonzero(allm[:, 1]).tolist()
-            raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; {outcome}")
+            raise ValueError(f"topk_ids: values outside [-1, {E}) on rank(s) {bad}; {sent_none}")
         counts = allm[:, 2 : 2 + R]
-        experts = allm[:, 2 + R :].sum(0)
         recv_rows = counts.sum(0)
         if recv_rows.max() > self.max_recv_tokens:
             r = int(np.argmax(recv_rows))
             raise ValueError(
                 f"max_recv_tokens: receive overflow, rank {r} would receive {int(recv_rows[r])} rows "
-                f"> capacity {self.max_recv_tokens}; {outcome}"
+                f"> capacity {self.max_recv_tokens}; {sent_none}"
             )
-        if cfg.max_m is not None and experts.max() > cfg.max_m:
-            e = int(np.argmax(experts))
-            raise ValueError(
-                f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
-                f"> max_m={cfg.max_m}; {outcome}"
-            )
+        experts = allm[:, 2 + R :].sum(0)
         if cfg.max_m is not None:
+            if experts.max() > cfg.max_m:
+                e = int(np.argmax(experts))
+                outcome = "that dispatch's output is invalid" if deferred else _DID_NOTHING
+                raise ValueError(
+                    f"max_m: receive overflow, expert {e} (rank {e // El}) would get {int(experts[e])} rows "
+                    f"> max_m={cfg.max_m}; {outcome}"
+                )
             return counts, cfg.max_m
         return counts, ref.round_max_m(experts[self.rank * El : (self.rank + 1) * El])
 
@@ -1047,11 +1092,7 @@ class EPBuffer:
             allm = self.backend.finish_exchange().numpy()
             if raised:  # this rank raised its own input error in that dispatch already
                 return
-            # the early send stores nothing on a bad input or a receiver overflow (DevicePlan)
-            R = self.num_ranks
-            sent_nothing = allm[:, 0].any() or allm[:, 1].any() or allm[:, 2 : 2 + R].sum(0).max() > self.max_recv_tokens
-            outcome = ("that dispatch sent no rows, its " if sent_nothing else "that dispatch's ") + "output is invalid"
-            counts, _ = self._check_exchanged(allm, None, outcome)
+            counts, _ = self._check_exchanged(allm, None, deferred=True)
         except Exception:
             self._handle = None
             raise
