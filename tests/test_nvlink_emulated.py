@@ -635,6 +635,21 @@ def test_ht_epbuffer_nvlink_kernels_v2_equal_torch_v1(payload, layout, kernels, 
     assert len(out) == 2
 
 
+def _error_case_inputs(pg, seed):
+    """Inputs of the early-send error tests (host path ``send_with_meta``): sizes, whether
+    this rank is the bad one (rank 1), its ``(x, ids, weights)``, and ids sending every
+    token of every rank to expert 0 (rank 0: ``R * T`` rows and pairs)."""
+    from fp4comm.ep.backend_nvlink import set_host_variant
+
+    set_host_variant("send_with_meta")
+    R, E, K, H, T = pg.world_size, 8, 3, 64, 6
+    xs, ids, ws = make_inputs(R, [T] * R, H, E, K, seed=seed)
+    i = ids[pg.rank]
+    hot = torch.full_like(i, -1)
+    hot[:, 0] = 0
+    return R, E, K, H, T, pg.rank == 1, (xs[pg.rank], i, ws[pg.rank]), hot
+
+
 def _ht_send_with_meta_errors(pg):
     """The early send (rows stored before the host sees the counts) stores nothing when any
     rank's input is bad or a receiver would overflow: every rank raises the same error, the
@@ -642,15 +657,8 @@ def _ht_send_with_meta_errors(pg):
     import torch.distributed as dist
 
     from fp4comm.ep import EPBuffer
-    from fp4comm.ep.backend_nvlink import set_host_variant
 
-    set_host_variant("send_with_meta")
-    R, E, K, H, T = pg.world_size, 8, 3, 64, 6
-    bad = pg.rank == 1
-    xs, ids, ws = make_inputs(R, [T] * R, H, E, K, seed=41)
-    x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
-    hot = torch.full_like(i, -1)
-    hot[:, 0] = 0  # every token of every rank to rank 0: R * T rows
+    R, E, K, H, T, bad, (x, i, w), hot = _error_case_inputs(pg, 41)
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="nvfp4")
     cases = [
         ("dtype", dict(), lambda: (x.float() if bad else x, i, w), r"^x: " if bad else r"^x: invalid on rank 1"),
@@ -724,15 +732,8 @@ def _ht_no_host_sync_errors(pg):
     import torch.distributed as dist
 
     from fp4comm.ep import EPBuffer
-    from fp4comm.ep.backend_nvlink import set_host_variant
 
-    set_host_variant("send_with_meta")
-    R, E, K, H, T = pg.world_size, 8, 3, 64, 6
-    bad = pg.rank == 1
-    xs, ids, ws = make_inputs(R, [T] * R, H, E, K, seed=43)
-    x, i, w = xs[pg.rank], ids[pg.rank], ws[pg.rank]
-    hot = torch.full_like(i, -1)
-    hot[:, 0] = 0  # every token of every rank to expert 0 (rank 0): R * T rows, R * T pairs
+    R, E, K, H, T, bad, (x, i, w), hot = _error_case_inputs(pg, 43)
     kw = dict(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=T, payload="nvfp4", host_sync=False)
     cases = [  # (name, buffer kwargs, dispatch args, raises in dispatch?, message, next call)
         ("dtype", dict(max_m=128), lambda: (x.float() if bad else x, i, w), bad,
