@@ -219,7 +219,8 @@ class NVLinkBackend(EPBackend):
         device view of the rows received in the latest early send (the plan's ``recv_end``
         of the last source, written by its flag kernel): what a permute that does not wait
         for the counts reads."""
-        return self._recv.local.view(-1, self.row_bytes)[: self.max_recv], self._plan_vec[3, -1:]
+        end = PLAN_ROWS.index("recv_end")
+        return self._recv.local.view(-1, self.row_bytes)[: self.max_recv], self._plan_vec[end, -1:]
 
     @property
     def plan_rows(self) -> torch.Tensor:
