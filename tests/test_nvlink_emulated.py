@@ -701,13 +701,13 @@ def test_ht_epbuffer_nvlink_host_variants_equal_torch(variant):
     assert len(out) == 2
 
 
-@pytest.mark.parametrize(
-    "payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear"), ("bf16", "linear")], ids=["nvfp4", "fp8", "bf16"]
-)
+@pytest.mark.parametrize("payload,layout", [("nvfp4", "swizzled"), ("fp8", "linear")], ids=["nvfp4", "fp8"])
 def test_ht_nvlink_without_host_sync_equals_torch(payload, layout):
     """``host_sync=False``: dispatch never waits (the permute reads the row count on the
     device, over the whole receive buffer), the counts are checked and the plan built at
-    the combine: the same bits, slot map and received-row count as the torch backend."""
+    the combine: the same bits, slot map and received-row count as the torch backend (37 + 3
+    tokens: a receive capacity of two index chunks, so the histogram and scan phases run on
+    the device count too; bf16 on GPUs: ``tests/test_nvlink_gpu.py``, variant ``nosync+best``)."""
     from tests.distributed import run_distributed
 
     H = 128 if payload == "fp8" else 80
