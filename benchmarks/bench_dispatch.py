@@ -139,9 +139,13 @@ def run(args) -> None:
         dist.all_reduce(t)
         return float(t) / R
 
-    def timed(fn):
-        s = common.max_over_ranks(common.time_op(fn, dev, iters=args.iters, warmup=args.warmup), dev)
-        return common.stats_us(s)
+    def timed(fn, back_to_back=False):
+        """Per-call stats (slowest rank); ``back_to_back``: also ``back_to_back_us``."""
+        st = common.stats_us(common.max_over_ranks(common.time_op(fn, dev, iters=args.iters, warmup=args.warmup), dev))
+        if back_to_back:
+            b2b = common.time_back_to_back(fn, dev, iters=args.iters, warmup=1)
+            st["back_to_back_us"] = common.max_over_ranks([b2b], dev)[0]
+        return st
 
     results: list[dict] = []
     skipped: list[str] = []
@@ -159,10 +163,7 @@ def run(args) -> None:
         tokens[T] = (x, ids, w, sc, rc)
         send = x[order].contiguous().view(torch.uint8)
         recv = torch.empty(sum(rc), 2 * H, dtype=torch.uint8, device=dev)
-        a2a = lambda send=send, recv=recv, sc=sc, rc=rc: dist.all_to_all_single(recv, send, rc, sc)  # noqa: E731
-        st = timed(a2a)
-        st["back_to_back_us"] = common.max_over_ranks(
-            [common.time_back_to_back(a2a, dev, iters=args.iters, warmup=1)], dev)[0]  # fmt: skip
+        st = timed(lambda send=send, recv=recv, sc=sc, rc=rc: dist.all_to_all_single(recv, send, rc, sc), True)
         peer_rows = mean_over_ranks(sum(sc) - sc[rank])
         nbytes = peer_rows * 2 * H
         results.append(dict(backend="raw_a2a", payload="bf16", op="dispatch", tokens=T, bytes_per_rank=nbytes,
@@ -255,9 +256,7 @@ def _bench_case(args, buf, backend, payload, cpayload, with_dispatch, tokens, ti
             holder["d"] = buf.dispatch(x, ids, w)
 
         if with_dispatch:
-            sd = timed(do_dispatch)
-            b2b = common.time_back_to_back(do_dispatch, dev, iters=args.iters, warmup=1)
-            sd["back_to_back_us"] = common.max_over_ranks([b2b], dev)[0]
+            sd = timed(do_dispatch, back_to_back=True)
         else:
             do_dispatch()
         d = holder["d"]

@@ -162,7 +162,14 @@ def nvfp4_dequantize_tile(packed, sfb, gs):
     nb: tl.constexpr = p.shape[0]
     codes = tl.reshape(tl.join(p & 15, p >> 4), (nb, 16))
     sf = e4m3_decode(sfb)
-    return tl.math.div_rn(e2m1_decode(codes) * sf[:, None], (gs + tl.zeros_like(sf))[:, None])
+    return _nvfp4_divide(codes, sf, gs + tl.zeros_like(sf))
+
+
+@triton.jit
+def _nvfp4_divide(codes, sf, gsv):
+    """The NVFP4 decode by definition: ``e2m1(q) * sf / gs`` per element, one division each
+    (codes [NB, 16], decoded scales [NB], ``gs`` broadcast to [NB])."""
+    return tl.math.div_rn(e2m1_decode(codes) * sf[:, None], gsv[:, None])
 
 
 @triton.jit
@@ -195,7 +202,7 @@ def nvfp4_dequantize_codes(codes, sfb, gs):
         mag = tl.where(e == 0, a[:, None] * tl.where(odd, 0.5, 0.0), base * pow2)
         v = flip_sign(mag, (codes & 8) << 28)
     else:
-        v = tl.math.div_rn(e2m1_decode(codes) * sf[:, None], gsv[:, None])
+        v = _nvfp4_divide(codes, sf, gsv)
     return v
 
 

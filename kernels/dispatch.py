@@ -40,7 +40,7 @@ from .common import (
     to_bf16_rne,
     unpack_pairs,
 )
-from .nvlink import _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _rows_acc, _store_row
+from .nvlink import _add_partial, _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _rows_acc, _store_row
 from .sync import arrive_last
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
@@ -825,38 +825,29 @@ def ep_combine_source_kernel(
     if V2:
         rr, rm, offs_r, addr_r = _token_rank_rows(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, CROW_BYTES, RP)
     if CPAYLOAD == 2:
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        hm = h < H
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cm = cols < H
         acc = tl.zeros((BLOCK_H,), tl.float32)
-        if V2:
-            for r in tl.static_range(RP):
-                hit = pick(offs_r, rr, r) >= 0
-                src = _row_words(src_table_ptr, pick(addr_r, rr, r))
-                v = tl.load(src.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm & hit, other=0.0).to(tl.float32)
-                acc = tl.where(hit, acc + v, acc)
-        else:
-            r = 0
-            while r < R:
-                sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
-                if sent:
-                    acc = acc + tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + h, mask=hm, other=0.0).to(tl.float32)
-                r += 1
-        tl.store(y_ptr + t * H + h, to_bf16_rne(acc), mask=hm)
+        b0 = 0
     else:  # blocks [b0, b0 + NB) of the row: the dequantization needs no whole-row value
         BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
         b0 = tl.program_id(1) * NB
         blk = b0 + tl.arange(0, NB)
-        offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        cols = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        cm = (blk < H // BS)[:, None]
         acc = tl.zeros((NB, BS), tl.float32)
-        if V2:
-            for r in tl.static_range(RP):
-                if pick(offs_r, rr, r) >= 0:
-                    acc = acc + _load_row_f32(src_table_ptr, pick(addr_r, rr, r), H, CPAYLOAD, NB, CSCALE_OFF, b0)
-        else:
-            r = 0
-            while r < R:
-                sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
-                if sent:
+    if V2:
+        for r in tl.static_range(RP):
+            acc = _add_partial(acc, src_table_ptr, pick(addr_r, rr, r), pick(offs_r, rr, r) >= 0, cols, cm, H,
+                               CPAYLOAD, NB, CSCALE_OFF, b0)  # fmt: skip
+    else:
+        r = 0
+        while r < R:
+            sent, addr = _rank_row(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, r, CROW_BYTES)
+            if sent:
+                if CPAYLOAD == 2:
+                    acc = acc + tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + cols, mask=cm, other=0.0).to(tl.float32)
+                else:
                     acc = acc + _load_row_f32(src_table_ptr, addr, H, CPAYLOAD, NB, CSCALE_OFF, b0)
-                r += 1
-        tl.store(y_ptr + t * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
+            r += 1
+    tl.store(y_ptr + t * H + cols, to_bf16_rne(acc), mask=cm)

@@ -197,6 +197,26 @@ def _load_row_f32(
     return v
 
 
+@triton.jit
+def _add_partial(
+    acc, anchor, addr, hit, cols, cmask, H: tl.constexpr, CPAYLOAD: tl.constexpr, NB: tl.constexpr,
+    CSCALE_OFF: tl.constexpr, B0=0,
+):  # fmt: skip
+    """``acc`` plus one rank's combine row at byte address ``addr`` if ``hit``, in FP32: the
+    bf16 wire's columns ``cols`` (mask ``cmask``) loaded masked and added by a select (no
+    branch: every rank's load can be in flight before the first sum), an fp8 / nvfp4 row's
+    blocks ``[B0, B0 + NB)`` dequantized (:func:`_load_row_f32`) behind a branch. The source
+    side of both combines."""
+    if CPAYLOAD == 2:
+        rp = _row_words(anchor, addr).to(tl.pointer_type(tl.bfloat16))
+        v = tl.load(rp + cols, mask=cmask & hit, other=0.0).to(tl.float32)
+        acc = tl.where(hit, acc + v, acc)
+    else:
+        if hit:
+            acc = acc + _load_row_f32(anchor, addr, H, CPAYLOAD, NB, CSCALE_OFF, B0)
+    return acc
+
+
 # ----------------------------------------------------------------------------- low latency: dispatch
 @triton.jit
 def _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K: tl.constexpr, E: tl.constexpr):
@@ -418,6 +438,21 @@ def _copy_rows(
     tl.store(tok_ptr + s * TOKS + tk.to(tl.int64), tag | orow, mask=ok)
 
 
+@triton.jit
+def _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeout_us, TMAX, GPU: tl.constexpr):
+    """Rows source ``s`` sent to this program's local expert: its flag ``fptr`` (acquire,
+    bounded; 0 rows after a timeout, which is reported), the count field capped at ``TMAX``;
+    program ``(0, 0)`` also records the source's token count (the flag's ``T`` field)."""
+    v, ok = wait_flag_geq(fptr, tag, max_spins, t0, timeout_us, GPU)
+    if not ok:
+        report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
+    v = tl.where(ok, v, 0)
+    c = tl.minimum((v & 0xFFFF).to(tl.int32), TMAX)
+    if (le == 0) & (j == 0):
+        tl.store(ntok_ptr + s, ((v >> 16) & 0xFFFF).to(tl.int32))
+    return c
+
+
 @triton.jit(do_not_specialize=["max_spins", "timeout_us"])
 def ll_dispatch_recv_kernel(
     slots_ptr,  # int64 address of this rank's slot rows (as an int64 tensor's data)
@@ -483,13 +518,7 @@ def ll_dispatch_recv_kernel(
         st = 0
         for s in tl.static_range(R):
             fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-            v, ok = wait_flag_geq(fptr, tag, max_spins, t0, timeout_us, GPU)
-            if not ok:
-                report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
-            v = tl.where(ok, v, 0)
-            c_s = tl.minimum((v & 0xFFFF).to(tl.int32), TMAX)
-            if (le == 0) & (j == 0):
-                tl.store(ntok_ptr + s, ((v >> 16) & 0xFFFF).to(tl.int32))
+            c_s = _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeout_us, TMAX, GPU)
             _copy_source(
                 base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
                 out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
@@ -503,19 +532,14 @@ def ll_dispatch_recv_kernel(
         cnt = tl.zeros([RP], dtype=tl.int32)
         for s in tl.static_range(R):
             fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
-            v, ok = wait_flag_geq(fptr, tag, max_spins, t0, timeout_us, GPU)
-            if not ok:
-                report_timeout(status_ptr + ST_DISPATCH_TIMEOUT, s + 1)
-            v = tl.where(ok, v, 0)
-            cnt = tl.where(rr == s, tl.minimum((v & 0xFFFF).to(tl.int32), TMAX), cnt)
-            if (le == 0) & (j == 0):
-                tl.store(ntok_ptr + s, ((v >> 16) & 0xFFFF).to(tl.int32))
+            c = _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeout_us, TMAX, GPU)
+            cnt = tl.where(rr == s, c, cnt)
         start = tl.cumsum(cnt, axis=0) - cnt
         if j == 0:
             tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
         for s in tl.static_range(R):
-            c_s = tl.sum(tl.where(rr == s, cnt, 0), axis=0)
-            st = tl.sum(tl.where(rr == s, start, 0), axis=0)
+            c_s = pick(cnt, rr, s)
+            st = pick(start, rr, s)
             _copy_source(
                 base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
                 out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
@@ -685,24 +709,20 @@ def ll_combine_recv_kernel(
         sent = tl.sum((dst[:, None] == rr[None, :]).to(tl.int32), axis=0)  # [RP] pairs per rank
         row0 = base + (b * CB + t64) * CROW_BYTES
         if CPAYLOAD == 2:
-            h = (item % NCH) * HC + tl.arange(0, HC)
-            hm = h < H
+            cols = (item % NCH) * HC + tl.arange(0, HC)
+            cm = cols < H
             acc = tl.zeros([HC], dtype=tl.float32)
-            for r in tl.static_range(R):
-                hit = pick(sent, rr, r) > 0
-                rp = _row_words(epoch_ptr, row0 + r * CS * CROW_BYTES).to(tl.pointer_type(tl.bfloat16))
-                v = tl.load(rp + h, mask=hm & hit, other=0.0).to(tl.float32)
-                acc = tl.where(hit, acc + v, acc)
-            tl.store(out_ptr + t64 * H + h, to_bf16_rne(acc), mask=hm)
         else:
             BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
             blk = tl.arange(0, NB)
+            cols = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+            cm = (blk < H // BS)[:, None]
             acc = tl.zeros([NB, BS], dtype=tl.float32)
-            for r in tl.static_range(R):
-                if pick(sent, rr, r) > 0:
-                    acc = acc + _load_row_f32(epoch_ptr, row0 + r * CS * CROW_BYTES, H, CPAYLOAD, NB, CSCALE_OFF)
-            offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]
-            tl.store(out_ptr + t64 * H + offs, to_bf16_rne(acc), mask=(blk < H // BS)[:, None])
+        for r in tl.static_range(R):
+            acc = _add_partial(
+                acc, epoch_ptr, row0 + r * CS * CROW_BYTES, pick(sent, rr, r) > 0, cols, cm, H, CPAYLOAD, NB, CSCALE_OFF
+            )  # fmt: skip
+        tl.store(out_ptr + t64 * H + cols, to_bf16_rne(acc), mask=cm)
         item += nprog
     if pid == 0:
         tl.store(epoch_ptr + 2, seq)

@@ -167,6 +167,11 @@ class NVLinkBackend(EPBackend):
         self._unwaited: tuple | None = None  # (pending status slot,) of an exchange not waited for
         # the transfer plan's device rows, written by the dispatch flag kernel of the early send
         self._plan_vec = torch.zeros(len(PLAN_ROWS), R, dtype=torch.int64, device=device)
+        # what a dispatch that does not wait for the counts permutes (receive_capacity)
+        self._capacity = (
+            self._recv.local.view(-1, self.row_bytes)[: self.max_recv],
+            self._plan_vec[PLAN_ROWS.index("recv_end"), -1:],
+        )
         self._meta_ready = torch.cuda.Event() if device.type == "cuda" else None
         self.timeout_spins = CPU_TIMEOUT_SPINS
         self.timeout_s = float(getattr(config, "timeout_s", None) or DEFAULT_TIMEOUT_S)
@@ -219,8 +224,7 @@ class NVLinkBackend(EPBackend):
         device view of the rows received in the latest early send (the plan's ``recv_end``
         of the last source, written by its flag kernel): what a permute that does not wait
         for the counts reads."""
-        end = PLAN_ROWS.index("recv_end")
-        return self._recv.local.view(-1, self.row_bytes)[: self.max_recv], self._plan_vec[end, -1:]
+        return self._capacity
 
     @property
     def plan_rows(self) -> torch.Tensor:

@@ -641,16 +641,12 @@ def _permute_plan(
                         El * max_m // rows_per, perm_args, perm_kw)  # fmt: skip
 
 
+@functools.cache
 def _kernels():
     """``kernels.dispatch`` (imported on first use: ``import fp4comm`` does not import Triton)."""
-    if not _KERNELS_MOD:
-        from ..kernels import dispatch
+    from ..kernels import dispatch
 
-        _KERNELS_MOD.append(dispatch)
-    return _KERNELS_MOD[0]
-
-
-_KERNELS_MOD: list = []
+    return dispatch
 
 
 #: bf16 combine wire: (columns a program, warps) of both combine kernels. EP4, 4x H200,
