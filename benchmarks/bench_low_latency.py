@@ -67,16 +67,8 @@ def _result(buf, T, ids, ev):
     buf.check()
     td = torch.tensor([a.elapsed_time(b) * 1e3 for a, b, _ in ev]).median().item()
     tc = torch.tensor([b.elapsed_time(c) * 1e3 for _, b, c in ev]).median().item()
-    owner = torch.where(ids >= 0, ids.long() // buf.num_local_experts, -1)
-    remote = (owner >= 0) & (owner != buf.rank)
-    remote_pairs = int(remote.sum())
-    # combine: one partial row per (token, remote rank it went to)
-    hit = torch.zeros(T, buf.world_size, dtype=torch.bool, device=ids.device)
-    hit.scatter_(1, torch.where(remote, owner, buf.rank), remote)  # every write to a column agrees
-    return dict(
-        tokens=T, dispatch_us=td, combine_us=tc,
-        dispatch_bytes=remote_pairs * buf.layout.row_bytes, combine_bytes=int(hit.sum()) * buf.crow_bytes,
-    )  # fmt: skip
+    wire = buf.wire_bytes(ids)  # to peers: one row per (token, rank) each way + dispatch index entries
+    return dict(tokens=T, dispatch_us=td, combine_us=tc, dispatch_bytes=wire["dispatch"], combine_bytes=wire["combine"])
 
 
 def _events(iters):

@@ -231,32 +231,80 @@ def _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K: tl.constexpr, E: tl.c
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _positions(
+    ids_ptr, t, ids, dst, kk, K: tl.constexpr, E: tl.constexpr, E_LOCAL: tl.constexpr, RP: tl.constexpr,
+    TC: tl.constexpr,
+):  # fmt: skip
+    """Where token ``t``'s pairs go: ``pos[k]`` = pairs ``(t', k')`` before ``(t, k)``
+    (row-major) routed to expert ``ids[k]``, ``rpos[k]`` = tokens ``t' < t`` with a pair on
+    rank ``dst[k]`` (``[KP]`` each; lanes of unrouted ids hold garbage). One scan over the
+    earlier tokens, ``[TC, KP]`` ids a step; ids outside ``[-1, E)`` count as unrouted."""
+    pos = tl.zeros_like(kk)
+    rr = tl.arange(0, RP)
+    rcnt = tl.zeros([RP], dtype=tl.int32)  # earlier tokens with a pair on rank r
+    tt = tl.arange(0, TC)
+    t0 = 0
+    while t0 < t:
+        tok = t0 + tt
+        vm = (tok < t)[:, None] & (kk < K)[None, :]
+        v = tl.load(ids_ptr + tok.to(tl.int64)[:, None] * K + kk[None, :], mask=vm, other=-1)
+        vd = tl.where((v >= 0) & (v < E), v // E_LOCAL, -1)  # [TC, KP] owner ranks
+        v1 = tl.reshape(v, (TC * kk.shape[0],))
+        pos += tl.sum((v1[None, :] == ids[:, None]).to(tl.int32), axis=1)
+        if RP <= 64:  # the ranks each token reaches as a bit mask
+            bits = tl.reduce(tl.where(vd >= 0, tl.full([1], 1, tl.int64) << vd.to(tl.int64), 0), 1, _bit_or)
+            rcnt += tl.sum(((bits[:, None] >> rr[None, :].to(tl.int64)) & 1).to(tl.int32), axis=0)
+        else:
+            rcnt += tl.sum(tl.max((vd[:, :, None] == rr[None, None, :]).to(tl.int32), axis=1), axis=0)
+        t0 += TC
+    before = kk[None, :] < kk[:, None]  # [k, k']: k' < k
+    pos += tl.sum(((ids[None, :] == ids[:, None]) & before).to(tl.int32), axis=1)
+    rpos = tl.sum(tl.where(dst[:, None] == rr[None, :], rcnt[None, :], 0), axis=1)
+    return pos, rpos
+
+
+@triton.jit
 def _store_token_rows(
-    anchor, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
-    SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+    anchor, rows_table, idx_table, status_ptr, t, ids, wts, pos, rpos, dst, pw, sw, gs, b, kk,
+    SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, ROW_B, ROW_S, TMAX,
     H: tl.constexpr, K: tl.constexpr, E_LOCAL: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, IDS_OFF: tl.constexpr, W_OFF: tl.constexpr,
     SRC_OFF: tl.constexpr,
 ):  # fmt: skip
-    """Store token ``t``'s encoded row into slot ``pos[k]`` of expert ``ids[k]`` (on its owner)
-    for every routed ``k``, all ``K`` rows with one store a section (:func:`_store_rows`); a
-    position ``>= TMAX`` is dropped and reported (``ST_OVERFLOW``: 1 + its local expert)."""
+    """Store token ``t``'s encoded row once per destination rank, into row ``rpos`` of this
+    source's row region there (the lane of the rank's first ``k``; all such rows with one
+    store a section, :func:`_store_rows`), and for every routed ``k`` the index entry
+    ``(rpos << 8) | k`` into slot ``pos[k]`` of expert ``ids[k]``'s entry region on its
+    owner; a position ``>= TMAX`` is dropped and reported (``ST_OVERFLOW``: 1 + its local
+    expert)."""
     routed = ids >= 0  # lanes past K and unrouted / bad ids hold -1
     over = routed & (pos >= TMAX)
     if tl.sum(over.to(tl.int32), axis=0) > 0:
         report_timeout(status_ptr + ST_OVERFLOW, 1 + tl.max(tl.where(over, ids % E_LOCAL, -1), axis=0))
-    ok = routed & (pos < TMAX)
-    le = tl.where(ok, ids % E_LOCAL, 0)
-    slot = b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + pos
-    base = tl.load(rows_table + tl.where(ok, ids // E_LOCAL, 0), mask=ok, other=0)
-    row_addr = tl.where(ok, base + slot.to(tl.int64) * ROW_BYTES, anchor.to(tl.int64))
-    _store_rows(anchor, row_addr, ok, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
-    lanes = ok[:, None] & (kk < K)[None, :]
+    before = kk[None, :] < kk[:, None]
+    again = tl.sum(((dst[None, :] == dst[:, None]) & before).to(tl.int32), axis=1) > 0
+    first = routed & ~again  # one row per (token, destination rank)
+    owner = tl.where(routed, dst, 0)
+    rbase = tl.load(rows_table + owner, mask=first, other=0)
+    row = (b * ROW_B + SRC_SLOT * ROW_S + rpos).to(tl.int64)
+    row_addr = tl.where(first, rbase + row * ROW_BYTES, anchor.to(tl.int64))
+    _store_rows(anchor, row_addr, first, pw, sw, gs, H, PAYLOAD, NB, SCALE_OFF)
+    lanes = first[:, None] & (kk < K)[None, :]
     ip = (row_addr + IDS_OFF).to(tl.pointer_type(tl.int32))
     tl.store(ip[:, None] + kk[None, :], ids[None, :] + tl.zeros_like(kk)[:, None], mask=lanes)
     fp = (row_addr + W_OFF).to(tl.pointer_type(tl.float32))
     tl.store(fp[:, None] + kk[None, :], wts[None, :] + tl.zeros_like(kk).to(tl.float32)[:, None], mask=lanes)
-    tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), (t * K + kk).to(tl.int32), mask=ok)
+    tl.store((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), tl.zeros_like(kk) + t * K, mask=first)
+    ok = routed & (pos < TMAX)
+    le = tl.where(ok, ids % E_LOCAL, 0)
+    ebase = tl.load(idx_table + owner, mask=ok, other=0)
+    slot = (b * SLOT_B + le * SLOT_E + SRC_SLOT * SLOT_S + pos).to(tl.int64)
+    tl.store((ebase + slot * 4).to(tl.pointer_type(tl.int32)), (rpos << 8) | kk, mask=ok)
 
 
 @triton.jit
@@ -275,7 +323,8 @@ def ll_dispatch_send_kernel(
     ids_ptr,  # [T, K] int32
     w_ptr,  # [T, K] fp32
     T,
-    rows_table,  # [R] int64: base address of rank d's slot rows
+    rows_table,  # [R] int64: base address of rank d's message rows
+    idx_table,  # [R] int64: base address of rank d's int32 index entries
     flags_table,  # [R] int64: base address of rank d's int64 flags
     epoch_ptr,  # [4] int64 local: [0] last finished dispatch (written by recv), [1] in flight
     sink_ptr,  # int64 local scratch: masked-off flag stores land here (GPU)
@@ -289,6 +338,8 @@ def ll_dispatch_send_kernel(
     FLAG_B,
     FLAG_E,
     FLAG_S,
+    ROW_B,
+    ROW_S,
     TMAX,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -296,6 +347,7 @@ def ll_dispatch_send_kernel(
     E: tl.constexpr,
     EP: tl.constexpr,  # power of two > E
     E_LOCAL: tl.constexpr,
+    RP: tl.constexpr,  # power of two >= the number of ranks
     NBUF: tl.constexpr,
     PAYLOAD: tl.constexpr,
     NB: tl.constexpr,
@@ -308,11 +360,15 @@ def ll_dispatch_send_kernel(
     GPU: tl.constexpr,  # compiled for a GPU (inline PTX fences), False under the interpreter
     NPROG,  # grid size (tl.num_programs is not a scalar under the interpreter)
 ):
-    """Quantize each token row once and store it into the slot of each of its top-k experts
-    on the owning rank, then publish ``(seq << 32) | (T << 16) | count`` for every (expert,
-    this source).
+    """Quantize each token row once and store it once into every rank that owns one of its
+    top-k experts (row ``rpos`` of this source's row region there), plus a 4-byte index
+    entry per ``(token, expert)`` into that expert's entry region; then publish
+    ``(seq << 32) | (T << 16) | count`` for every (expert, this source).
 
-    Programs stride over tokens; the position of ``(t, k)`` is a scan of every earlier id;
+    One row per (token, rank), not per (token, expert): EP4, top-8 of 256 experts, about 3.6 rows
+    a token (2.7 to peers) instead of 8 (6 to peers); the receive expands rows to experts
+    through the entries. Programs stride over tokens; the positions of ``(t, k)`` come from
+    a scan of every earlier id (:func:`_positions`);
     each program adds its tokens' pairs to per-expert counters (``hist_ptr``, atomics); the
     last program to arrive takes the counts (resetting them) and publishes all flags.
     (A variant that published each expert's flag from whichever program completed it, with
@@ -330,19 +386,11 @@ def ll_dispatch_send_kernel(
         t64 = t.to(tl.int64)
         pw, sw, gs = _encode_row(x_ptr + t64 * XROW, H, PAYLOAD, NB)
         ids, wts = _token_routing(ids_ptr, w_ptr, status_ptr, t64, kk, K, E)
-        # pos[k] = pairs (t', k') before (t, k), row-major, routed to the same expert
-        flat = t64 * K + kk
-        pos = tl.zeros([KP], dtype=tl.int32)
-        c = 0
-        while c < t * K + K:
-            offs = c + tl.arange(0, CHUNK)
-            v = tl.load(ids_ptr + offs, mask=offs < T * K, other=-2)
-            hit = (v[None, :] == ids[:, None]) & (offs[None, :] < flat[:, None])
-            pos += tl.sum(hit.to(tl.int32), axis=1)
-            c += CHUNK
+        dst = tl.where(ids >= 0, ids // E_LOCAL, -1)
+        pos, rpos = _positions(ids_ptr, t, ids, dst, kk, K, E, E_LOCAL, RP, CHUNK // KP)
         _store_token_rows(
-            epoch_ptr, rows_table, status_ptr, t, ids, wts, pos, pw, sw, gs, b, kk,
-            SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, TMAX,
+            epoch_ptr, rows_table, idx_table, status_ptr, t, ids, wts, pos, rpos, dst, pw, sw, gs, b, kk,
+            SRC_SLOT, SLOT_B, SLOT_E, SLOT_S, ROW_B, ROW_S, TMAX,
             H, K, E_LOCAL, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, IDS_OFF, W_OFF, SRC_OFF,
         )  # fmt: skip
         tl.atomic_add(hist_ptr + tl.where(ids >= 0, ids, 0), 1, mask=ids >= 0, sem="relaxed", scope="gpu")
@@ -366,19 +414,20 @@ def ll_dispatch_send_kernel(
 
 @triton.jit
 def _copy_source(
-    base, anchor, slot0, st, c_s, j, nsplit, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr,
+    rbase, ebase, anchor, st, c_s, j, nsplit, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr,
     out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
     RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
 ):  # fmt: skip
-    """Program ``j`` of ``nsplit``'s share of the ``c_s`` slot rows of source ``s`` (slots
-    ``slot0 ..``, local byte address ``base``): copied into rows ``st ..`` of local expert
-    ``le``'s masked layout, ``[RPI, ...]`` tiles (``RPI`` rows of loads in flight a step)."""
+    """Program ``j`` of ``nsplit``'s share of the ``c_s`` index entries of source ``s`` for
+    local expert ``le`` (int32 pointer ``ebase``; that source's rows at local byte address
+    ``rbase``): copied into rows ``st ..`` of ``le``'s masked layout, ``[RPI, ...]`` tiles
+    (``RPI`` rows of loads in flight a step)."""
     i = j * RPI
     while i < c_s:
         _copy_rows(
-            base, anchor, slot0 + i, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
+            rbase, ebase + i, anchor, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
             src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
             RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
         )  # fmt: skip
@@ -387,17 +436,20 @@ def _copy_source(
 
 @triton.jit
 def _copy_rows(
-    base, anchor, slot0, m0, nrows, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
+    rbase, eptr, anchor, m0, nrows, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
     tok_ptr, tag, MAXM, MT, KT, TOKS,
     RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` rows; each row's
-    token-map entry ``tok[s * TOKS + t * K + k] = tag | row`` (``tag`` = sequence << 32)."""
+    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` index entries at
+    ``eptr`` (``(row << 8) | k``), each entry's row copied out and its token-map entry
+    ``tok[s * TOKS + t * K + k] = tag | row`` set (``tag`` = sequence << 32)."""
     r = tl.arange(0, RPI)
     ok = r < nrows
-    row_addr = base + (slot0 + r).to(tl.int64) * ROW_BYTES  # [RPI]
+    ent = tl.load(eptr + r, mask=ok, other=0)
+    kx = ent & 255
+    row_addr = rbase + (ent >> 8).to(tl.int64) * ROW_BYTES  # [RPI]
     wp = _row_words(anchor, row_addr)[:, None]
     m = (m0 + r).to(tl.int64)
     orow = le.to(tl.int64) * MAXM + m
@@ -431,10 +483,10 @@ def _copy_rows(
         w = tl.arange(0, NB * 4)
         wm = ok[:, None] & (w < PW2)[None, :]
         tl.store(out_x_ptr + orow[:, None] * PW2 + w[None, :], tl.load(wp + w[None, :], mask=wm), mask=wm)
-    tk = tl.load((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), mask=ok, other=0)
+    tk = tl.load((row_addr + SRC_OFF).to(tl.pointer_type(tl.int32)), mask=ok, other=0) + kx
     tl.store(src_rank_ptr + orow, tl.zeros([RPI], tl.int32) + s, mask=ok)
     tl.store(src_slot_ptr + orow, tk, mask=ok)
-    tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + tk % K, mask=ok), mask=ok)
+    tl.store(out_w_ptr + orow, tl.load((row_addr + W_OFF).to(tl.pointer_type(tl.float32)) + kx, mask=ok), mask=ok)
     tl.store(tok_ptr + s * TOKS + tk.to(tl.int64), tag | orow, mask=ok)
 
 
@@ -455,7 +507,8 @@ def _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeo
 
 @triton.jit(do_not_specialize=["max_spins", "timeout_us"])
 def ll_dispatch_recv_kernel(
-    slots_ptr,  # int64 address of this rank's slot rows (as an int64 tensor's data)
+    slots_ptr,  # int64 address of this rank's message rows (as an int64 tensor's data)
+    idx_ptr,  # [..] int32 local index entries
     flags_ptr,  # [..] int64 local flags
     epoch_ptr,
     status_ptr,
@@ -474,6 +527,8 @@ def ll_dispatch_recv_kernel(
     FLAG_B,
     FLAG_E,
     FLAG_S,
+    ROW_B,
+    ROW_S,
     TMAX,
     MAXM,
     MT,
@@ -498,8 +553,9 @@ def ll_dispatch_recv_kernel(
     RPI: tl.constexpr = 1,  # rows a program copies at once
     PIPELINE: tl.constexpr = False,  # v2: copy source s while later sources are still in flight
 ):
-    """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, copy its slots
-    into the masked layout ordered by (source rank, source token), and fill the token map
+    """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, copy the rows
+    its index entries name into the masked layout ordered by (source rank, source token),
+    and fill the token map
     (and, program ``(0, 0)``, the sources' token counts) the combine send reads.
 
     v1 (``PIPELINE=False, RPI=1``): every flag first, then the copy, one row at a time.
@@ -520,7 +576,8 @@ def ll_dispatch_recv_kernel(
             fptr = flags_ptr + b * FLAG_B + le * FLAG_E + s * FLAG_S
             c_s = _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeout_us, TMAX, GPU)
             _copy_source(
-                base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
+                base + (b * ROW_B + s * ROW_S).to(tl.int64) * ROW_BYTES,
+                idx_ptr + b * SLOT_B + le * SLOT_E + s * SLOT_S, epoch_ptr, st, c_s, j, nsplit, le, s,
                 out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
                 TOKS, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
             )  # fmt: skip
@@ -541,7 +598,8 @@ def ll_dispatch_recv_kernel(
             c_s = pick(cnt, rr, s)
             st = pick(start, rr, s)
             _copy_source(
-                base, epoch_ptr, b * SLOT_B + le * SLOT_E + s * SLOT_S, st, c_s, j, nsplit, le, s,
+                base + (b * ROW_B + s * ROW_S).to(tl.int64) * ROW_BYTES,
+                idx_ptr + b * SLOT_B + le * SLOT_E + s * SLOT_S, epoch_ptr, st, c_s, j, nsplit, le, s,
                 out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
                 TOKS, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
             )  # fmt: skip

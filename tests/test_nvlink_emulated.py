@@ -373,12 +373,10 @@ class _MetaMemory:
 
 @pytest.mark.parametrize("payload,cpayload", [("nvfp4", "bf16"), ("bf16", "bf16"), ("nvfp4", "nvfp4")])
 def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
-    """The 4x H200 bench shape (H=7168, E=256, R=4, top-8, T_max=512): every slot / combine
-    row / flag the kernels can address (their index formulas at the largest indices) lies
-    inside its buffer (no more, no less), and with the bf16 payload the largest byte
-    offsets pass 2^31, i.e. the kernels must (and do, see ``kernels/nvlink.py``: slot and
-    row indices become int64 before ``* ROW_BYTES``) compute them in int64. Output sets
-    hold ``E_local * max_m`` rows (``max_m = R * T_max``)."""
+    """The 4x H200 bench shape (H=7168, E=256, R=4, top-8, T_max=512): every message row /
+    index entry / combine row / flag the kernels can address (their index formulas at the
+    largest indices) lies inside its buffer (no more, no less). Output sets hold
+    ``E_local * max_m`` rows (``max_m = R * T_max``)."""
     R, E, K, H, TMAX = 4, 256, 8, 7168, 512
     cfg = LowLatencyConfig(
         hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=TMAX, payload=payload, combine_payload=cpayload
@@ -388,11 +386,14 @@ def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
         b = LowLatencyBuffer(cfg, mem=mem)
         EL, RB, CRB = b.num_local_experts, b.layout.row_bytes, b.crow_bytes
         assert (EL, b.max_m) == (64, R * TMAX)
-        slots, dflags, crows, cflags = (math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in mem.allocs)
+        sizes = (math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in mem.allocs)
+        rows, sidx, dflags, crows, cflags = sizes
         g = b._dsend
-        # dispatch: the last slot (b=1, last local expert, last source, position T_max-1)
-        last = 1 * g.slot_b + (EL - 1) * g.slot_e + (R - 1) * g.slot_s + (TMAX - 1)
-        assert (last + 1) * RB == slots
+        # dispatch: the last message row (b=1, last source, position T_max-1: one row per
+        # (token, rank)) and the last index entry (b=1, last local expert, last source, T_max-1)
+        last = 1 * g.row_b + (R - 1) * g.row_s + (TMAX - 1)
+        assert (last + 1) * RB == rows
+        assert (1 * g.slot_b + (EL - 1) * g.slot_e + (R - 1) * g.slot_s + (TMAX - 1) + 1) * 4 == sidx
         assert (1 * g.flag_b + (EL - 1) * g.flag_e + (R - 1) * g.flag_s + 1) * 8 == dflags
         # combine: row b*CB + (expert rank)*CS + t of the source's buffer, flag b*FLAG_B + src
         c = b._cgeo
@@ -400,8 +401,6 @@ def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
         assert (1 * c["cflag_b"] + (R - 1) * c["cflag_s"] + 1) * 8 == cflags
         specs = b._out_specs()
         assert specs["x"][0][:2] == (EL, R * TMAX) and specs["src_rank"][0] == (EL, R * TMAX)
-        if payload == "bf16":  # byte offsets past int32: an int32 product would wrap
-            assert last * RB > 2**31
         b.destroy()
 
 

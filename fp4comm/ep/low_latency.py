@@ -11,18 +11,21 @@
     ...; hook()                                      # out's tensors are valid after this
 
 How it works (``kernels/nvlink.py``): the send kernel quantizes each token once and stores
-one message row per ``(token, k)`` straight into the slot region
-``[buffer parity, local expert, source rank, position]`` of the rank owning the expert;
-the last program publishes one flag ``(seq << 32) | (T << 16) | count`` per (expert,
-source). The receive kernel waits for its experts' flags (acquire, bounded spin) and
-compacts the slots into the masked layout ``[E_local, max_m, ...]`` ordered by (source
-rank, source token), so the result is deterministic. ``masked_m`` stays on the device.
+one message row per ``(token, destination rank)`` straight into the row region
+``[buffer parity, source rank, position]`` of each rank owning one of its experts, and
+per ``(token, k)`` a 4-byte index entry (that row, ``k``) into the entry region
+``[buffer parity, local expert, source rank, position]`` of the expert's owner; the last
+program publishes one flag ``(seq << 32) | (T << 16) | count`` per (expert, source). The
+receive kernel waits for its experts' flags (acquire, bounded spin) and copies the rows the
+entries name into the masked layout ``[E_local, max_m, ...]`` ordered by (source rank,
+source token), so the result is deterministic. ``masked_m`` stays on the device. Rows per
+(token, rank) rather than per (token, expert): at EP4, top-8 of 256 experts, about 2.7
+rows a token cross NVLink instead of 6.
 Combine reduces on the expert side first: one partial row per (source token, expert rank),
 the weighted sum of the token's local experts (FP32, ``k`` ascending), into row ``rank *
 T_max + t`` of the source's buffer; the source adds the partials of its ranks (FP32, ranks
 ascending). That is the high-throughput combine's rounding order, and a row per (token,
-rank) on the wire, not per (token, expert): at EP4, top-8 of 256 experts, 3.6 rows a
-token instead of 8.
+rank) on the wire, not per (token, expert), as for the dispatch.
 
 Sequence numbers live in a device tensor (the send kernel reads "last finished + 1", the
 receive kernel advances it), so a captured graph replays correctly, flags never need
@@ -112,10 +115,16 @@ def _v2_launch() -> _V2Launch:
     return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048)
 
 
-#: dispatch send: ids a step of the scan that gives each ``(t, k)`` its slot position. EP2 2x
-#: H200, v2, CUDA graph, dispatch at 1 / 128 / 512 tok (us): 256: 24.0-25.0 / 26.5-26.6 /
-#: 56.7-56.9; 512: 16.2 / 26.5 / 56.4; 1024: 16.3 / 27.5 / 56.5 (125 registers)
+#: dispatch send: ids a step (``CHUNK // KP`` tokens) of the scan that gives each ``(t, k)``
+#: its entry position and each (token, rank) its row. Swept with the per-(token, expert)
+#: rows of session 11 (EP2 2x H200, v2, CUDA graph, dispatch at 1 / 128 / 512 tok, us): 256:
+#: 24.0-25.0 / 26.5-26.6 / 56.7-56.9; 512: 16.2 / 26.5 / 56.4; 1024: 16.3 / 27.5 / 56.5; not
+#: swept again for the per-(token, rank) rows
 SEND_SCAN_CHUNK = 512
+#: dispatch send: register cap (ptxas ``.maxnreg``) so that 2 programs of 8 warps fit an SM;
+#: uncapped, ptxas takes 161 / 170 registers for the nvfp4 / fp8 payloads at H = 7168 (sm_90,
+#: no spills either way; capped: 127 / 128, no spills)
+SEND_MAXNREG = 128
 #: combine: bf16-wire work items of this many hidden elements (4 an item row at H = 7168,
 #: 32 bytes a thread a row at 4 warps, 126 registers); fp8 / nvfp4 wires take whole rows.
 #: EP2 2x H200, CUDA graph, combine at 128 / 512 tok: 1024: 24.7 / 61.5 us; 2048: 23.9 / 58.4
@@ -164,6 +173,8 @@ class LowLatencyConfig:
         check_positive_int("hidden", self.hidden, multiple_of=16)
         check_positive_int("num_experts", self.num_experts)
         check_positive_int("num_topk", self.num_topk)
+        if self.num_topk > 256:  # index entries carry k in 8 bits
+            raise ValueError(f"num_topk: at most 256 (low-latency mode), got {self.num_topk}")
         check_positive_int("max_tokens_per_rank", self.max_tokens_per_rank)
         check_choice("payload", self.payload, tuple(PAYLOAD_CODE))
         check_choice("combine_payload", self.combine_payload, tuple(PAYLOAD_CODE))
@@ -246,7 +257,8 @@ class LowLatencyDispatchOutput:
 
 @dataclass
 class _Geometry:
-    """Strides (in rows / flag words) the kernels index with, for one direction."""
+    """Strides (in index entries / flag words / message rows) the kernels index with, for one
+    direction."""
 
     slot_b: int
     slot_e: int
@@ -255,6 +267,8 @@ class _Geometry:
     flag_e: int
     flag_s: int
     src_slot: int
+    row_b: int = 0  # message rows (one per (token, rank)): buffer, source strides
+    row_s: int = 0
 
 
 class LowLatencyBuffer:
@@ -336,22 +350,25 @@ class LowLatencyBuffer:
         i64 = torch.int64
         if backend == "nvlink":
             nbuf = 2
-            self._slots = mem.alloc((nbuf * EL * R * TMAX * RB // 8,), i64)
+            self._slots = mem.alloc((nbuf * R * TMAX * RB // 8,), i64)
+            self._sidx = mem.alloc((nbuf * EL * R * TMAX,), torch.int32)
             self._dflags = mem.alloc((nbuf * EL * R,), i64)
             self._crows = mem.alloc((nbuf * R * TMAX * CRB // 8,), i64)
             self._cflags = mem.alloc((nbuf * R,), i64)
-            geo = _Geometry(EL * R * TMAX, R * TMAX, TMAX, EL * R, R, 1, self.rank)
+            geo = _Geometry(EL * R * TMAX, R * TMAX, TMAX, EL * R, R, 1, self.rank, R * TMAX, TMAX)
             self._dsend = self._drecv = geo
-            self._dsend_tables = (self._slots.peer_ptrs, self._dflags.peer_ptrs)
-            self._drecv_bufs = (self._slots.local, self._dflags.local)
+            self._dsend_tables = (self._slots.peer_ptrs, self._sidx.peer_ptrs, self._dflags.peer_ptrs)
+            self._drecv_bufs = (self._slots.local, self._sidx.local, self._dflags.local)
             self._csend_tables = (self._crows.peer_ptrs, self._cflags.peer_ptrs)
             self._crecv_bufs = (self._crows.local, self._cflags.local)
             self._cgeo = dict(cb=R * TMAX, cs=TMAX, cflag_b=R, cflag_s=1)
         else:
             nbuf = 1
             self._stage = {
-                "dsend": torch.zeros(R, EL * TMAX * RB // 8, dtype=i64, device=dev),
-                "drecv": torch.zeros(R, EL * TMAX * RB // 8, dtype=i64, device=dev),
+                "dsend": torch.zeros(R, TMAX * RB // 8, dtype=i64, device=dev),
+                "drecv": torch.zeros(R, TMAX * RB // 8, dtype=i64, device=dev),
+                "disend": torch.zeros(R, EL * TMAX, dtype=torch.int32, device=dev),
+                "direcv": torch.zeros(R, EL * TMAX, dtype=torch.int32, device=dev),
                 "dfsend": torch.zeros(R, EL, dtype=i64, device=dev),
                 "dfrecv": torch.zeros(R, EL, dtype=i64, device=dev),
                 "csend": torch.zeros(R, TMAX * CRB // 8, dtype=i64, device=dev),
@@ -364,10 +381,10 @@ class LowLatencyBuffer:
             def table(t: torch.Tensor) -> torch.Tensor:
                 return torch.tensor([t[r].data_ptr() for r in range(R)], dtype=i64, device=dev)
 
-            self._dsend = _Geometry(0, TMAX, 0, 0, 1, 0, 0)
-            self._drecv = _Geometry(0, TMAX, EL * TMAX, 0, 1, EL, 0)
-            self._dsend_tables = (table(st["dsend"]), table(st["dfsend"]))
-            self._drecv_bufs = (st["drecv"], st["dfrecv"])
+            self._dsend = _Geometry(0, TMAX, 0, 0, 1, 0, 0, 0, 0)
+            self._drecv = _Geometry(0, TMAX, EL * TMAX, 0, 1, EL, 0, 0, TMAX)
+            self._dsend_tables = (table(st["dsend"]), table(st["disend"]), table(st["dfsend"]))
+            self._drecv_bufs = (st["drecv"], st["direcv"], st["dfrecv"])
             self._csend_tables = (table(st["csend"]), table(st["cfsend"]))
             self._crecv_bufs = (st["crecv"], st["cfrecv"])
             self._cgeo = dict(cb=0, cs=TMAX, cflag_b=0, cflag_s=1, send_cs=0, send_flag_s=0)
@@ -478,6 +495,7 @@ class LowLatencyBuffer:
         self._launch(*self._dsend_args(x, ids, wts))
         if self.backend == "torch":
             self._a2a(self._stage["drecv"], self._stage["dsend"])
+            self._a2a(self._stage["direcv"], self._stage["disend"])
             self._a2a(self._stage["dfrecv"], self._stage["dfsend"])
         out.handle.topk_ids = ids
         self._calls += 1
@@ -499,18 +517,21 @@ class LowLatencyBuffer:
         cfg, L, geo = self.config, self.layout, self._dsend
         H, K, E, TMAX, EL = cfg.hidden, cfg.num_topk, cfg.num_experts, cfg.max_tokens_per_rank, self.num_local_experts
         T = x.shape[0]
-        rows_t, flags_t = self._dsend_tables
+        rows_t, idx_t, flags_t = self._dsend_tables
         grid = (max(1, min(T, 2 * self._num_sms)),)
         xin = x.view(torch.int64) if cfg.payload == "bf16" else x
         args = (
-            xin, ids, wts, T, rows_t, flags_t, self._epoch, self._sink, self._counter[0:1], self._hist, self._status,
-            geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX,
+            xin, ids, wts, T, rows_t, idx_t, flags_t, self._epoch, self._sink, self._counter[0:1], self._hist,
+            self._status, geo.src_slot, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s,
+            geo.row_b, geo.row_s, TMAX,
         )  # fmt: skip
         kw = dict(
-            H=H, K=K, KP=next_pow2(K), E=E, EP=self._hist.numel(), E_LOCAL=EL, NBUF=self.nbuf,
+            H=H, K=K, KP=next_pow2(K), E=E, EP=self._hist.numel(), E_LOCAL=EL, RP=next_pow2(self.world_size),
+            NBUF=self.nbuf,
             PAYLOAD=PAYLOAD_CODE[cfg.payload], NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes,
             SCALE_OFF=L.scale_offset, IDS_OFF=L.ids_offset, W_OFF=L.weights_offset, SRC_OFF=L.src_offset,
             CHUNK=SEND_SCAN_CHUNK, GPU=self._gpu, NPROG=grid[0], num_warps=self._warps(),
+            maxnreg=SEND_MAXNREG,
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
@@ -529,7 +550,7 @@ class LowLatencyBuffer:
         H, K, TMAX = cfg.hidden, cfg.num_topk, cfg.max_tokens_per_rank
         EL, R, MM = self.num_local_experts, self.world_size, self.max_m
         L, geo = self.layout, self._drecv
-        slots, flags = self._drecv_bufs
+        slots, idx, flags = self._drecv_bufs
         v2 = self._v2
         nsplit = self._split(v2)
         rpi = 1
@@ -543,10 +564,11 @@ class LowLatencyBuffer:
         else:
             sf = out.scales if out.scales is not None else self._dummy
         args = (
-            slots.data_ptr(), flags, self._epoch, self._status,
+            slots.data_ptr(), idx, flags, self._epoch, self._status,
             out.x.view(torch.int64), sf, out.global_scale if out.global_scale is not None else self._dummy,
             out.masked_m, out.handle.src_rank, out.handle.src_slot, out.topk_weights, out.handle.token_rows,
-            out.handle.source_tokens, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s, TMAX, MM,
+            out.handle.source_tokens, geo.slot_b, geo.slot_e, geo.slot_s, geo.flag_b, geo.flag_e, geo.flag_s,
+            geo.row_b, geo.row_s, TMAX, MM,
             cdiv(MM, 128), cdiv(ksf, 4), TMAX * K, self.timeout_spins, self._timeout_us,
         )  # fmt: skip
         kw = dict(
@@ -771,12 +793,23 @@ class LowLatencyBuffer:
 
         dist.all_to_all_single(out, inp, group=self.group)
 
-    def wire_bytes(self, num_tokens: int, routed_pairs: int | None = None) -> dict[str, int]:
-        """Bytes a rank puts on the wire for ``routed_pairs`` (token, expert) pairs
-        (default ``num_tokens * K``): dispatch rows and combine rows (to all ranks, self
-        included)."""
-        n = num_tokens * self.config.num_topk if routed_pairs is None else routed_pairs
-        return {"dispatch": n * self.layout.row_bytes, "combine": n * self.crow_bytes}
+    def wire_bytes(self, topk_ids: torch.Tensor, peers_only: bool = True) -> dict[str, int]:
+        """Bytes this rank puts on the wire for the routing ``topk_ids`` ``[T, K]``: the
+        dispatch's message rows (one per (token, rank)) and index entries (4 bytes per
+        (token, expert)), the combine's partial rows (one per (token, rank)); to peers only
+        (``peers_only``) or to every rank, self included. Flags are not counted."""
+        check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64), ndim=2)
+        E, EL = self.config.num_experts, self.num_local_experts
+        ids = topk_ids.long()
+        routed = (ids >= 0) & (ids < E)
+        owner = torch.where(routed, ids // EL, -1)
+        if peers_only:
+            routed &= owner != self.rank
+        pairs = int(routed.sum())
+        hit = torch.zeros(ids.shape[0], self.world_size + 1, dtype=torch.bool, device=ids.device)
+        hit.scatter_(1, torch.where(routed, owner, self.world_size), routed)  # column R: a sink
+        rows = int(hit[:, : self.world_size].sum())
+        return {"dispatch": rows * self.layout.row_bytes + 4 * pairs, "combine": rows * self.crow_bytes}
 
     def destroy(self) -> None:
         """Free the symmetric buffers (collective on NVSHMEM: every rank must call it, also
@@ -786,7 +819,7 @@ class LowLatencyBuffer:
             return
         self._destroyed = True
         if self.mem is not None:
-            for t in (self._slots, self._dflags, self._crows, self._cflags):
+            for t in (self._slots, self._sidx, self._dflags, self._crows, self._cflags):
                 self.mem.free(t)
         self._stage = None
 
