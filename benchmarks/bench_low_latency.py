@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows of the nvlink backend")
     ap.add_argument("--graph-only", action="store_true", help="nvlink backend: only the CUDA-graph rows")
-    ap.add_argument("--variants", default="v2", help="dispatch receive variants to time side by side, e.g. v1,v2")
+    ap.add_argument("--variants", default="v1", help="dispatch receive variants to time side by side, e.g. v1,v2")
     args = ap.parse_args(argv)
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "16G")  # launch edge
     dist.init_process_group("nccl")

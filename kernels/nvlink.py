@@ -424,11 +424,12 @@ def _copy_source(
     local expert ``le`` (int32 pointer ``ebase``; that source's rows at local byte address
     ``rbase``): copied into rows ``st ..`` of ``le``'s masked layout, ``[RPI, ...]`` tiles
     (``RPI`` rows of loads in flight a step)."""
+    r = tl.arange(0, RPI)
     i = j * RPI
     while i < c_s:
         _copy_rows(
-            rbase, ebase + i, anchor, st + i, c_s - i, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr,
-            src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
+            rbase, ebase + i + r, i + r < c_s, st + i + r, le, s, anchor, out_x_ptr, out_sf_ptr, out_gs_ptr,
+            src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT, TOKS,
             RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
         )  # fmt: skip
         i += nsplit * RPI
@@ -436,22 +437,22 @@ def _copy_source(
 
 @triton.jit
 def _copy_rows(
-    rbase, eptr, anchor, m0, nrows, le, s, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
+    rbase, eptrs, ok, m, le, s, anchor, out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr,
     tok_ptr, tag, MAXM, MT, KT, TOKS,
     RPI: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAYLOAD: tl.constexpr, NB: tl.constexpr,
     ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, W_OFF: tl.constexpr, SRC_OFF: tl.constexpr,
     SWIZZLE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[RPI, ...]`` tile of :func:`_copy_source`: ``min(nrows, RPI)`` index entries at
-    ``eptr`` (``(row << 8) | k``), each entry's row copied out and its token-map entry
-    ``tok[s * TOKS + t * K + k] = tag | row`` set (``tag`` = sequence << 32)."""
-    r = tl.arange(0, RPI)
-    ok = r < nrows
-    ent = tl.load(eptr + r, mask=ok, other=0)
+    """One ``[RPI, ...]`` tile of copies into local expert ``le``'s masked layout: where
+    ``ok``, the index entry at ``eptrs`` (``(row << 8) | k``) names a row of the source
+    region at byte address ``rbase`` (source ``s``; each of these a scalar or ``[RPI]``),
+    copied to row ``m``, and the token-map entry ``tok[s * TOKS + t * K + k] = tag | row``
+    is set (``tag`` = sequence << 32)."""
+    ent = tl.load(eptrs, mask=ok, other=0)
     kx = ent & 255
     row_addr = rbase + (ent >> 8).to(tl.int64) * ROW_BYTES  # [RPI]
     wp = _row_words(anchor, row_addr)[:, None]
-    m = (m0 + r).to(tl.int64)
+    m = m.to(tl.int64)
     orow = le.to(tl.int64) * MAXM + m
     blk = tl.arange(0, NB)
     if PAYLOAD == 0:
@@ -558,10 +559,10 @@ def ll_dispatch_recv_kernel(
     and fill the token map
     (and, program ``(0, 0)``, the sources' token counts) the combine send reads.
 
-    v1 (``PIPELINE=False, RPI=1``): every flag first, then the copy, one row at a time.
-    v2 (``PIPELINE=True``, ``RPI`` > 1): source ``s`` is copied as soon as its flag is in
-    (its rows start after those of sources ``< s``, whose counts are known by then), ``RPI``
-    rows a step."""
+    v1 (``PIPELINE=False``): every flag first, then one pass over the rows of all sources,
+    ``RPI`` rows a step (one chain of loads for few rows an expert).
+    v2 (``PIPELINE=True``): source ``s`` is copied as soon as its flag is in (its rows start
+    after those of sources ``< s``, whose counts are known by then), ``RPI`` rows a step."""
     le = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = NSPLIT
@@ -592,17 +593,24 @@ def ll_dispatch_recv_kernel(
             c = _source_rows(fptr, tag, s, le, j, ntok_ptr, status_ptr, max_spins, t0, timeout_us, TMAX, GPU)
             cnt = tl.where(rr == s, c, cnt)
         start = tl.cumsum(cnt, axis=0) - cnt
+        total = tl.sum(cnt, axis=0)
         if j == 0:
-            tl.store(masked_m_ptr + le, tl.sum(cnt, axis=0))
-        for s in tl.static_range(R):
-            c_s = pick(cnt, rr, s)
-            st = pick(start, rr, s)
-            _copy_source(
-                base + (b * ROW_B + s * ROW_S).to(tl.int64) * ROW_BYTES,
-                idx_ptr + b * SLOT_B + le * SLOT_E + s * SLOT_S, epoch_ptr, st, c_s, j, nsplit, le, s,
+            tl.store(masked_m_ptr + le, total)
+        # one pass over the rows of every source (a tile may span sources): row m of the
+        # expert belongs to the last source whose rows start at or before m
+        r = tl.arange(0, RPI)
+        i = j * RPI
+        while i < total:
+            m = i + r
+            sm = tl.sum(((start[None, :] <= m[:, None]) & (rr < R)[None, :]).to(tl.int32), axis=1) - 1
+            off = m - tl.sum(tl.where(rr[None, :] == sm[:, None], start[None, :], 0), axis=1)
+            _copy_rows(
+                base + (b * ROW_B + sm * ROW_S).to(tl.int64) * ROW_BYTES,
+                idx_ptr + b * SLOT_B + le * SLOT_E + sm * SLOT_S + off, m < total, m, le, sm, epoch_ptr,
                 out_x_ptr, out_sf_ptr, out_gs_ptr, src_rank_ptr, src_slot_ptr, out_w_ptr, tok_ptr, tag, MAXM, MT, KT,
                 TOKS, RPI, H, K, PAYLOAD, NB, ROW_BYTES, SCALE_OFF, W_OFF, SRC_OFF, SWIZZLE,
             )  # fmt: skip
+            i += nsplit * RPI
     if (le == 0) & (j == 0):
         tl.store(epoch_ptr, seq)
 

@@ -82,10 +82,13 @@ DEFAULT_TIMEOUT_SPINS = 1 << 24  # interpreter on a live multi-process group
 EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
 _INT32_MAX = (1 << 31) - 1
 #: dispatch receive variants of :class:`LowLatencyConfig` (``variant``); equal results,
-#: different speed; the send and the combine are the same kernels. EP2 2x H200, H = 7168,
-#: top-8, 256 experts, NVFP4, CUDA-graph replays, dispatch v1 -> v2 (us): 1 tok 25.3 -> 17.6,
-#: 32 tok 21.1 -> 19.5, 128 tok 27.4 -> 26.5, 256 tok 40.6 -> 36.6, 512 tok 62.1 -> 54.6. v2
-#: is the default.
+#: different speed; the send and the combine are the same kernels, and both receives run the
+#: same grid (:func:`_v2_launch`). ``v1`` (default): every flag first, then one pass over the
+#: rows of all sources; ``v2``: each source's rows copied as soon as its flag is in. EP4 4x
+#: H200, H = 7168, top-8, 256 experts, NVFP4, CUDA-graph replays, dispatch v1 / v2 (us, two
+#: runs): 1 tok 17.5-18.4 / 18.5-18.6, 32 tok 19.8 / 23.7, 128 tok 25.9-26.0 / 29.9-30.1,
+#: 256 tok 35.6-35.7 / 39.3-39.7, 512 tok 50.7-50.8 / 53.2-53.4 (v2 was the default while v1
+#: copied one row at a time, per source).
 VARIANTS = ("v1", "v2")
 #: largest ``max_tokens_per_rank``: dispatch flags carry token and row counts in 16 bits each
 MAX_TOKENS_LIMIT = (1 << 16) - 1
@@ -102,11 +105,15 @@ class _V2Launch:
 
 
 def _v2_launch() -> _V2Launch:
-    """Heuristics of the ``v2`` kernels, with the reasons (timed against v1: see
-    :data:`VARIANTS`).
+    """Heuristics of the receive grid (both variants since session 13; first built for
+    ``v2``), with the reasons.
 
-    * The receive compaction is latency bound: one row (4 KB NVFP4, 14 KB BF16) in flight
-      per v1 program, 192 programs. v2 keeps several rows' loads in flight per program
+    * Launching the receive with programmatic dependent launch (``griddepcontrol``: the
+      send lets it launch once every send program started, the receive waits for the send
+      grid) was slower: EP4 4x H200, CUDA graph, 128 / 512 tok, v1 26.0 -> 27.2-27.5 /
+      51.5-51.7 -> 52.9-53.1 us, v2 30 -> 45 / 53 -> 67 us (its programs sit on SM slots).
+    * The receive copy is latency bound: one row (4 KB NVFP4, 14 KB BF16) in flight per
+      program of the old v1, 192 programs. This keeps several rows' loads in flight per program
       (``recv_words``: 4 NVFP4 rows, 2 FP8 rows, 1 BF16 row a step) and runs 4 programs of
       4 warps an SM: 16 warps, co-resident while a thread holds <= 128 registers (sm_90
       ptxas at H = 7168: 56 / 64 registers, no spills), so the grid never exceeds what the
@@ -154,8 +161,9 @@ class LowLatencyConfig:
         timeout_spins: interpreter (CPU): flag reads before a wait gives up (``None``: a
             default by device).
         variant: dispatch receive variant, the same bits either way (see :data:`VARIANTS`):
-            ``"v2"`` (default: copies pipelined per source, several rows in flight, 4-warp
-            programs; see :func:`_v2_launch`) or ``"v1"`` (all flags first, one row at a time).
+            ``"v1"`` (default: all flags first, then one pass over every source's rows) or
+            ``"v2"`` (each source's rows copied as soon as its flag is in); both keep several
+            rows in flight per 4-warp program (:func:`_v2_launch`).
     """
 
     hidden: int
@@ -167,7 +175,7 @@ class LowLatencyConfig:
     combine_payload: str = "bf16"
     timeout_spins: int | None = None
     timeout_s: float | None = None
-    variant: str = "v2"
+    variant: str = "v1"
 
     def __post_init__(self) -> None:
         check_positive_int("hidden", self.hidden, multiple_of=16)
@@ -396,7 +404,7 @@ class LowLatencyBuffer:
         # dispatch send: pairs routed to each global expert this call (counted by every
         # program, read and reset by the last)
         self._hist = torch.zeros(next_pow2(cfg.num_experts + 1), dtype=torch.int32, device=dev)
-        self._v2 = _v2_launch() if cfg.variant == "v2" else None
+        self._rlaunch = _v2_launch()  # the receive grid of both variants
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
         self._calls = 0
@@ -535,12 +543,10 @@ class LowLatencyBuffer:
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
-    def _split(self, v2: _V2Launch | None) -> int:
-        """Programs per local expert of the receive grid ``(E_local, split)``
-        (``v2``: its 4-warp programs, several an SM; ``None``: v1's)."""
+    def _split(self, v2: _V2Launch) -> int:
+        """Programs per local expert of the receive grid ``(E_local, split)`` (4-warp
+        programs, several an SM)."""
         EL = self.num_local_experts
-        if v2 is None:
-            return max(1, min(cdiv(self._num_sms, EL), 8))
         return max(1, min(self._num_sms * v2.progs_per_sm // EL, v2.split_max))
 
     def _drecv_args(self, out):
@@ -551,13 +557,11 @@ class LowLatencyBuffer:
         EL, R, MM = self.num_local_experts, self.world_size, self.max_m
         L, geo = self.layout, self._drecv
         slots, idx, flags = self._drecv_bufs
-        v2 = self._v2
+        v2 = self._rlaunch
         nsplit = self._split(v2)
-        rpi = 1
-        if v2 is not None:  # rows a step: the padded payload words of a row fill v2.recv_words
-            nb = self._nb(cfg.payload)
-            row_words = nb * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
-            rpi = next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
+        # rows a step: the padded payload words of a row fill v2.recv_words
+        row_words = self._nb(cfg.payload) * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
+        rpi = next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
         ksf = H // 16
         if cfg.payload == "nvfp4":
             sf = out.scales.view(torch.uint8)
@@ -575,8 +579,7 @@ class LowLatencyBuffer:
             R=R, RP=next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
             NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
             SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
-            num_warps=self._warps() if v2 is None else v2.warps, RPI=rpi,
-            PIPELINE=v2 is not None,
+            num_warps=v2.warps, RPI=rpi, PIPELINE=cfg.variant == "v2",
         )  # fmt: skip
         return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
 
