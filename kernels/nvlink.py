@@ -236,6 +236,13 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _equal_before(v, kk):
+    """``[KP]``: for each lane ``k`` of ``v``, how many lanes ``k' < k`` hold the same value."""
+    before = kk[None, :] < kk[:, None]  # [k, k']: k' < k
+    return tl.sum(((v[None, :] == v[:, None]) & before).to(tl.int32), axis=1)
+
+
+@triton.jit
 def _positions(
     ids_ptr, t, ids, dst, kk, K: tl.constexpr, E: tl.constexpr, E_LOCAL: tl.constexpr, RP: tl.constexpr,
     TC: tl.constexpr,
@@ -243,7 +250,8 @@ def _positions(
     """Where token ``t``'s pairs go: ``pos[k]`` = pairs ``(t', k')`` before ``(t, k)``
     (row-major) routed to expert ``ids[k]``, ``rpos[k]`` = tokens ``t' < t`` with a pair on
     rank ``dst[k]`` (``[KP]`` each; lanes of unrouted ids hold garbage). One scan over the
-    earlier tokens, ``[TC, KP]`` ids a step; ids outside ``[-1, E)`` count as unrouted."""
+    earlier tokens, ``[TC, KP]`` ids a step; ids outside ``[-1, E)`` count as unrouted.
+    ``RP <= 64`` (the buffer refuses more ranks): each token's ranks as one bit mask."""
     pos = tl.zeros_like(kk)
     rr = tl.arange(0, RP)
     rcnt = tl.zeros([RP], dtype=tl.int32)  # earlier tokens with a pair on rank r
@@ -256,14 +264,10 @@ def _positions(
         vd = tl.where((v >= 0) & (v < E), v // E_LOCAL, -1)  # [TC, KP] owner ranks
         v1 = tl.reshape(v, (TC * kk.shape[0],))
         pos += tl.sum((v1[None, :] == ids[:, None]).to(tl.int32), axis=1)
-        if RP <= 64:  # the ranks each token reaches as a bit mask
-            bits = tl.reduce(tl.where(vd >= 0, tl.full([1], 1, tl.int64) << vd.to(tl.int64), 0), 1, _bit_or)
-            rcnt += tl.sum(((bits[:, None] >> rr[None, :].to(tl.int64)) & 1).to(tl.int32), axis=0)
-        else:
-            rcnt += tl.sum(tl.max((vd[:, :, None] == rr[None, None, :]).to(tl.int32), axis=1), axis=0)
+        bits = tl.reduce(tl.where(vd >= 0, tl.full([1], 1, tl.int64) << vd.to(tl.int64), 0), 1, _bit_or)
+        rcnt += tl.sum(((bits[:, None] >> rr[None, :].to(tl.int64)) & 1).to(tl.int32), axis=0)
         t0 += TC
-    before = kk[None, :] < kk[:, None]  # [k, k']: k' < k
-    pos += tl.sum(((ids[None, :] == ids[:, None]) & before).to(tl.int32), axis=1)
+    pos += _equal_before(ids, kk)
     rpos = tl.sum(tl.where(dst[:, None] == rr[None, :], rcnt[None, :], 0), axis=1)
     return pos, rpos
 
@@ -286,9 +290,7 @@ def _store_token_rows(
     over = routed & (pos >= TMAX)
     if tl.sum(over.to(tl.int32), axis=0) > 0:
         report_timeout(status_ptr + ST_OVERFLOW, 1 + tl.max(tl.where(over, ids % E_LOCAL, -1), axis=0))
-    before = kk[None, :] < kk[:, None]
-    again = tl.sum(((dst[None, :] == dst[:, None]) & before).to(tl.int32), axis=1) > 0
-    first = routed & ~again  # one row per (token, destination rank)
+    first = routed & (_equal_before(dst, kk) == 0)  # one row per (token, destination rank)
     owner = tl.where(routed, dst, 0)
     rbase = tl.load(rows_table + owner, mask=first, other=0)
     row = (b * ROW_B + SRC_SLOT * ROW_S + rpos).to(tl.int64)
@@ -556,8 +558,8 @@ def ll_dispatch_recv_kernel(
 ):
     """Grid ``(E_LOCAL, NSPLIT)``: wait for the R flags of local expert ``le``, copy the rows
     its index entries name into the masked layout ordered by (source rank, source token),
-    and fill the token map
-    (and, program ``(0, 0)``, the sources' token counts) the combine send reads.
+    and fill the token map (and, program ``(0, 0)``, the sources' token counts) the combine
+    send reads.
 
     v1 (``PIPELINE=False``): every flag first, then one pass over the rows of all sources,
     ``RPI`` rows a step (one chain of loads for few rows an expert).

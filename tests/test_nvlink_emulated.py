@@ -404,6 +404,24 @@ def test_ll_buffer_sizes_at_bench_shape(payload, cpayload):
         b.destroy()
 
 
+def test_ll_wire_bytes_count_rows_per_token_and_rank():
+    """``wire_bytes``: one dispatch row and one combine row per (token, rank) the token's
+    valid ids reach, plus a 4-byte dispatch index entry per (token, expert); to peers only
+    by default. Counted here from the ids by hand."""
+    R, E, K, H = 4, 16, 4, 64
+    cfg = LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=4, payload="nvfp4")
+    b = LowLatencyBuffer(cfg, mem=_MetaMemory(1, R))  # rank 1 owns experts 4..7
+    ids = torch.tensor([[0, 1, 5, -1], [4, 5, 6, 7], [8, 12, 13, -1], [-1, -1, -1, -1]], dtype=torch.int32)
+    # peers (ranks 0, 2, 3): token 0 -> rank 0 (2 pairs); token 1 -> none; token 2 -> ranks 2, 3 (1 + 2 pairs)
+    RB, CRB = b.layout.row_bytes, b.crow_bytes
+    assert b.wire_bytes(ids) == {"dispatch": 3 * RB + 4 * 5, "combine": 3 * CRB}
+    # self included: token 0 -> ranks 0, 1; token 1 -> rank 1 (4 pairs); token 2 -> ranks 2, 3
+    assert b.wire_bytes(ids, peers_only=False) == {"dispatch": 5 * RB + 4 * 10, "combine": 5 * CRB}
+    with pytest.raises(TypeError, match="topk_ids"):
+        b.wire_bytes(ids.float())
+    b.destroy()
+
+
 def test_ll_async_hook_and_combine_identity():
     """Send halves first (async hook), receive later; identity experts give
     ``sum_k w_k * dequant(quant(x_t))``."""
@@ -459,6 +477,10 @@ def test_ll_bad_input():
         LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=3, payload="int4")
     with pytest.raises(ValueError, match="swizzled"):
         LowLatencyConfig(hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=3, payload="fp8", scale_layout="swizzled")
+    with pytest.raises(ValueError, match="num_topk: at most 256"):  # k travels in 8 bits of an index entry
+        LowLatencyConfig(hidden=H, num_experts=512, num_topk=257, max_tokens_per_rank=3)
+    with pytest.raises(ValueError, match="at most 64 ranks"):  # a token's ranks travel as a 64-bit mask
+        LowLatencyBuffer(LowLatencyConfig(hidden=H, num_experts=130, num_topk=K, max_tokens_per_rank=3), mem=_MetaMemory(0, 65))
 
 
 def test_symmetric_allocation_order_checked():

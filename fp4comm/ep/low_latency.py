@@ -90,6 +90,9 @@ _INT32_MAX = (1 << 31) - 1
 #: 256 tok 35.6-35.7 / 39.3-39.7, 512 tok 50.7-50.8 / 53.2-53.4 (v2 was the default while v1
 #: copied one row at a time, per source).
 VARIANTS = ("v1", "v2")
+#: most ranks of a low-latency buffer: the dispatch send tracks the ranks a token reaches as
+#: one 64-bit mask
+MAX_RANKS = 64
 #: largest ``max_tokens_per_rank``: dispatch flags carry token and row counts in 16 bits each
 MAX_TOKENS_LIMIT = (1 << 16) - 1
 
@@ -334,6 +337,8 @@ class LowLatencyBuffer:
             if not triton_interpreting():
                 raise ValueError("device: the low-latency kernels need CUDA, or TRITON_INTERPRET=1 on CPU")
         R = self.world_size
+        if R > MAX_RANKS:
+            raise ValueError(f"world size: at most {MAX_RANKS} ranks in the low-latency mode, got {R}")
         if cfg.num_experts % R:
             raise ValueError(f"num_experts: must be a multiple of the number of ranks {R}, got {cfg.num_experts}")
         self.num_local_experts = EL = cfg.num_experts // R
