@@ -480,7 +480,8 @@ def test_ll_bad_input():
     with pytest.raises(ValueError, match="num_topk: at most 256"):  # k travels in 8 bits of an index entry
         LowLatencyConfig(hidden=H, num_experts=512, num_topk=257, max_tokens_per_rank=3)
     with pytest.raises(ValueError, match="at most 64 ranks"):  # a token's ranks travel as a 64-bit mask
-        LowLatencyBuffer(LowLatencyConfig(hidden=H, num_experts=130, num_topk=K, max_tokens_per_rank=3), mem=_MetaMemory(0, 65))
+        cfg65 = LowLatencyConfig(hidden=H, num_experts=130, num_topk=K, max_tokens_per_rank=3)
+        LowLatencyBuffer(cfg65, mem=_MetaMemory(0, 65))
 
 
 def test_symmetric_allocation_order_checked():
