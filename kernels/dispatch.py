@@ -40,7 +40,16 @@ from .common import (
     to_bf16_rne,
     unpack_pairs,
 )
-from .nvlink import _add_partial, _bytes_to_words, _encode_tile, _load_row_f32, _row_words, _rows_acc, _store_row
+from .nvlink import (
+    _add_partial,
+    _bytes_to_words,
+    _encode_tile,
+    _load_row_f32,
+    _partial_tile,
+    _row_words,
+    _rows_acc,
+    _store_row,
+)
 from .sync import arrive_last
 
 PAYLOAD_NVFP4 = tl.constexpr(0)
@@ -824,18 +833,8 @@ def ep_combine_source_kernel(
     t = tl.program_id(0).to(tl.int64)
     if V2:
         rr, rm, offs_r, addr_r = _token_rank_rows(rank_offset_ptr, src_table_ptr, row_base_ptr, t, R, CROW_BYTES, RP)
-    if CPAYLOAD == 2:
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        cm = cols < H
-        acc = tl.zeros((BLOCK_H,), tl.float32)
-        b0 = 0
-    else:  # blocks [b0, b0 + NB) of the row: the dequantization needs no whole-row value
-        BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
-        b0 = tl.program_id(1) * NB
-        blk = b0 + tl.arange(0, NB)
-        cols = blk[:, None] * BS + tl.arange(0, BS)[None, :]
-        cm = (blk < H // BS)[:, None]
-        acc = tl.zeros((NB, BS), tl.float32)
+    # quantized wires: blocks [b0, b0 + NB) of the row (the dequantization needs no whole-row value)
+    cols, cm, acc, b0 = _partial_tile(tl.program_id(1), H, CPAYLOAD, BLOCK_H, NB)
     if V2:
         for r in tl.static_range(RP):
             acc = _add_partial(acc, src_table_ptr, pick(addr_r, rr, r), pick(offs_r, rr, r) >= 0, cols, cm, H,

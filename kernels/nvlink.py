@@ -198,6 +198,27 @@ def _load_row_f32(
 
 
 @triton.jit
+def _partial_tile(c, H: tl.constexpr, CPAYLOAD: tl.constexpr, BLOCK_H: tl.constexpr, NB: tl.constexpr):
+    """Column program ``c`` of a combine output row, for :func:`_add_partial`: ``(cols,
+    cmask, acc, b0)``, the bf16 wire's ``BLOCK_H`` columns or a quantized wire's scale blocks
+    ``[b0, b0 + NB)`` (``b0 = c * NB``) as ``[NB, block]`` columns, and a zero FP32 tile.
+    The source side of both combines."""
+    if CPAYLOAD == 2:
+        cols = c * BLOCK_H + tl.arange(0, BLOCK_H)
+        cm = cols < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        b0 = 0
+    else:
+        BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
+        b0 = c * NB
+        blk = b0 + tl.arange(0, NB)
+        cols = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        cm = (blk < H // BS)[:, None]
+        acc = tl.zeros([NB, BS], dtype=tl.float32)
+    return cols, cm, acc, b0
+
+
+@triton.jit
 def _add_partial(
     acc, anchor, addr, hit, cols, cmask, H: tl.constexpr, CPAYLOAD: tl.constexpr, NB: tl.constexpr,
     CSCALE_OFF: tl.constexpr, B0=0,
@@ -776,16 +797,7 @@ def ll_combine_recv_kernel(
         dst = tl.where((ids >= 0) & (ids < E), ids // E_LOCAL, -1)
         sent = tl.sum((dst[:, None] == rr[None, :]).to(tl.int32), axis=0)  # [RP] pairs per rank
         row0 = base + (b * CB + t64) * CROW_BYTES
-        if CPAYLOAD == 2:
-            cols = (item % NCH) * HC + tl.arange(0, HC)
-            cm = cols < H
-            acc = tl.zeros([HC], dtype=tl.float32)
-        else:
-            BS: tl.constexpr = 16 if CPAYLOAD == 0 else 128
-            blk = tl.arange(0, NB)
-            cols = blk[:, None] * BS + tl.arange(0, BS)[None, :]
-            cm = (blk < H // BS)[:, None]
-            acc = tl.zeros([NB, BS], dtype=tl.float32)
+        cols, cm, acc, _b0 = _partial_tile(item % NCH, H, CPAYLOAD, HC, NB)  # quantized wires: whole rows
         for r in tl.static_range(R):
             acc = _add_partial(
                 acc, epoch_ptr, row0 + r * CS * CROW_BYTES, pick(sent, rr, r) > 0, cols, cm, H, CPAYLOAD, NB, CSCALE_OFF

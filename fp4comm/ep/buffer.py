@@ -660,10 +660,12 @@ COMBINE_BF16_TILE = (1024, 4)
 COMBINE_SOURCE_COLS = 1024
 
 
-def _combine_launch(wire: str, H: int) -> dict:
+def _combine_launch(wire: str, H: int, source: bool = False) -> dict:
     """Tile of the combine kernels: the bf16 wire splits a row over programs of
     :data:`COMBINE_BF16_TILE` columns; fp8 / nvfp4 wires hold the whole row in one program
-    (the per-row scale needs its amax)."""
+    on the expert side (the per-row scale needs its amax) and split it into programs of
+    :data:`COMBINE_SOURCE_COLS` columns (whole scale blocks, 4 warps) on the ``source``
+    side (the dequantization needs no whole-row value)."""
     lay = CombineLayout(wire, H)
     if wire == "bf16":
         cols, warps = COMBINE_BF16_TILE
@@ -671,8 +673,13 @@ def _combine_launch(wire: str, H: int) -> dict:
         return dict(CPAYLOAD=2, BLOCK_H=bh, NB=1, CROW_BYTES=lay.row_bytes, CSCALE_OFF=lay.scale_offset,
                     num_warps=warps, _split=cdiv(H, bh))  # fmt: skip
     nb = next_pow2(max(H // NVFP4_BLOCK, 8)) if wire == "nvfp4" else next_pow2(H // FP8_BLOCK)
+    warps, split = _row_warps(H), 1
+    if source:
+        bs = NVFP4_BLOCK if wire == "nvfp4" else FP8_BLOCK
+        nb, warps = min(nb, max(8, COMBINE_SOURCE_COLS // bs)), 4
+        split = cdiv(H // bs, nb)
     return dict(CPAYLOAD=0 if wire == "nvfp4" else 1, BLOCK_H=16, NB=nb, CROW_BYTES=lay.row_bytes,
-                CSCALE_OFF=lay.scale_offset, num_warps=_row_warps(H), _split=1)  # fmt: skip
+                CSCALE_OFF=lay.scale_offset, num_warps=warps, _split=split)  # fmt: skip
 
 
 def combine_expert(
@@ -752,13 +759,8 @@ def combine_source(
     t = _targets(parts, dev, "combine_source")
     y = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
     if T:
-        kw = _combine_launch(wire, hidden)
+        kw = _combine_launch(wire, hidden, source=True)
         split = kw.pop("_split")
-        if wire != "bf16":  # quantized rows: the source side splits them too (see the constant)
-            bs = NVFP4_BLOCK if wire == "nvfp4" else FP8_BLOCK
-            nb = min(kw["NB"], max(8, COMBINE_SOURCE_COLS // bs))
-            kw.update(NB=nb, num_warps=4)
-            split = cdiv(hidden // bs, nb)
         if _v2("combine_source"):
             kw.update(V2=True, RP=next_pow2(rank_offset.shape[1]))
         launch(_kernels().ep_combine_source_kernel, (T, split),
@@ -1011,12 +1013,11 @@ class EPBuffer:
         else:
             allm = backend.exchange_meta(meta).numpy()  # [R, 2 + R + E] on the host
         counts, max_m = self._check_exchanged(allm, err)
-        counts_l = tuple(map(tuple, counts.tolist()))
         if early:  # the plan's device rows were computed on the device (backend.plan_rows)
             vec = backend.plan_rows
         else:
             vec = self._plan_stager.put(plan_array(counts, self.rank))  # one async copy, fixed buffers
-        plan = TransferPlan(self.rank, counts_l, self.msg.row_bytes, cfg.hidden, vec)
+        plan = self._transfer_plan(counts, vec)
 
         self._generation += 1
         self._handle = None
@@ -1092,9 +1093,11 @@ class EPBuffer:
         except Exception:
             self._handle = None
             raise
-        deferred._plan = TransferPlan(
-            self.rank, tuple(map(tuple, counts.tolist())), self.msg.row_bytes, self.config.hidden, self.backend.plan_rows
-        )  # fmt: skip
+        deferred._plan = self._transfer_plan(counts, self.backend.plan_rows)
+
+    def _transfer_plan(self, counts: np.ndarray, vec: torch.Tensor) -> TransferPlan:
+        """The plan of exchanged ``counts`` ``[R, R]`` whose device rows are ``vec``."""
+        return TransferPlan(self.rank, tuple(map(tuple, counts.tolist())), self.msg.row_bytes, self.config.hidden, vec)
 
     # ---- combine
     def _validate_combine(self, expert_out, handle) -> _InputError | None:

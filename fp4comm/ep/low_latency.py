@@ -83,7 +83,7 @@ EMULATED_TIMEOUT_SPINS = 2  # emulation runs every send before any receive
 _INT32_MAX = (1 << 31) - 1
 #: dispatch receive variants of :class:`LowLatencyConfig` (``variant``); equal results,
 #: different speed; the send and the combine are the same kernels, and both receives run the
-#: same grid (:func:`_v2_launch`). ``v1`` (default): every flag first, then one pass over the
+#: same grid (:func:`_recv_launch`). ``v1`` (default): every flag first, then one pass over the
 #: rows of all sources; ``v2``: each source's rows copied as soon as its flag is in. EP4 4x
 #: H200, H = 7168, top-8, 256 experts, NVFP4, CUDA-graph replays, dispatch v1 / v2 (us, two
 #: runs): 1 tok 17.5-18.4 / 18.5-18.6, 32 tok 19.8 / 23.7, 128 tok 25.9-26.0 / 29.9-30.1,
@@ -98,8 +98,8 @@ MAX_TOKENS_LIMIT = (1 << 16) - 1
 
 
 @dataclass(frozen=True)
-class _V2Launch:
-    """Launch shape of the ``v2`` kernels (:func:`_v2_launch`)."""
+class _RecvLaunch:
+    """Launch shape of the dispatch receive kernel, both variants (:func:`_recv_launch`)."""
 
     progs_per_sm: int  # grid cap of the copy kernels: programs of `warps` warps an SM
     warps: int
@@ -107,7 +107,7 @@ class _V2Launch:
     recv_words: int  # payload words (int64, padded) a receive program copies at once
 
 
-def _v2_launch() -> _V2Launch:
+def _recv_launch() -> _RecvLaunch:
     """Heuristics of the receive grid (both variants since session 13; first built for
     ``v2``), with the reasons.
 
@@ -122,7 +122,7 @@ def _v2_launch() -> _V2Launch:
       ptxas at H = 7168: 56 / 64 registers, no spills), so the grid never exceeds what the
       GPU runs at once (the receive programs spin on flags).
     """
-    return _V2Launch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048)
+    return _RecvLaunch(progs_per_sm=4, warps=4, split_max=16, recv_words=2048)
 
 
 #: dispatch send: ids a step (``CHUNK // KP`` tokens) of the scan that gives each ``(t, k)``
@@ -166,7 +166,7 @@ class LowLatencyConfig:
         variant: dispatch receive variant, the same bits either way (see :data:`VARIANTS`):
             ``"v1"`` (default: all flags first, then one pass over every source's rows) or
             ``"v2"`` (each source's rows copied as soon as its flag is in); both keep several
-            rows in flight per 4-warp program (:func:`_v2_launch`).
+            rows in flight per 4-warp program (:func:`_recv_launch`).
     """
 
     hidden: int
@@ -409,7 +409,7 @@ class LowLatencyBuffer:
         # dispatch send: pairs routed to each global expert this call (counted by every
         # program, read and reset by the last)
         self._hist = torch.zeros(next_pow2(cfg.num_experts + 1), dtype=torch.int32, device=dev)
-        self._rlaunch = _v2_launch()  # the receive grid of both variants
+        self._rlaunch = _recv_launch()  # the receive grid of both variants
         self._status = torch.zeros(4, dtype=torch.int32, device=dev)
         self._dummy = torch.zeros(16, dtype=torch.float32, device=dev)
         self._calls = 0
@@ -548,11 +548,11 @@ class LowLatencyBuffer:
         )  # fmt: skip
         return ll_dispatch_send_kernel, grid, args, kw
 
-    def _split(self, v2: _V2Launch) -> int:
+    def _split(self) -> int:
         """Programs per local expert of the receive grid ``(E_local, split)`` (4-warp
         programs, several an SM)."""
-        EL = self.num_local_experts
-        return max(1, min(self._num_sms * v2.progs_per_sm // EL, v2.split_max))
+        rl = self._rlaunch
+        return max(1, min(self._num_sms * rl.progs_per_sm // self.num_local_experts, rl.split_max))
 
     def _drecv_args(self, out):
         from ..kernels.nvlink import ll_dispatch_recv_kernel
@@ -562,11 +562,11 @@ class LowLatencyBuffer:
         EL, R, MM = self.num_local_experts, self.world_size, self.max_m
         L, geo = self.layout, self._drecv
         slots, idx, flags = self._drecv_bufs
-        v2 = self._rlaunch
-        nsplit = self._split(v2)
-        # rows a step: the padded payload words of a row fill v2.recv_words
+        rl = self._rlaunch
+        nsplit = self._split()
+        # rows a step: the padded payload words of a row fill rl.recv_words
         row_words = self._nb(cfg.payload) * {"nvfp4": 1, "fp8": 16, "bf16": 4}[cfg.payload]
-        rpi = next_pow2(min(max(1, v2.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
+        rpi = next_pow2(min(max(1, rl.recv_words // row_words), 8) + 1) // 2  # largest power of 2 <=
         ksf = H // 16
         if cfg.payload == "nvfp4":
             sf = out.scales.view(torch.uint8)
@@ -584,7 +584,7 @@ class LowLatencyBuffer:
             R=R, RP=next_pow2(R), H=H, K=K, NBUF=self.nbuf, PAYLOAD=PAYLOAD_CODE[cfg.payload],
             NB=self._nb(cfg.payload), ROW_BYTES=L.row_bytes, SCALE_OFF=L.scale_offset, W_OFF=L.weights_offset,
             SRC_OFF=L.src_offset, SWIZZLE=cfg.scale_layout == "swizzled", GPU=self._gpu, NSPLIT=nsplit,
-            num_warps=v2.warps, RPI=rpi, PIPELINE=cfg.variant == "v2",
+            num_warps=rl.warps, RPI=rpi, PIPELINE=cfg.variant == "v2",
         )  # fmt: skip
         return ll_dispatch_recv_kernel, (EL, nsplit), args, kw
 
